@@ -1,0 +1,7 @@
+"""The hlkeras custom layers. Each family lives in its own module."""
+
+from hlkeras.layers.residual import ConvResidualBlock
+from hlkeras.layers.residual import DropPath
+from hlkeras.layers.residual import ResidualBlock
+
+__all__ = ["ConvResidualBlock", "DropPath", "ResidualBlock"]

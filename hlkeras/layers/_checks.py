@@ -1,0 +1,84 @@
+"""Argument checks shared by the hlkeras layers.
+
+Every check raises a `ValueError` that names the argument, the value it got
+and what is allowed, so a user mistake never surfaces later as a shape error
+deep inside a backend.
+"""
+
+import keras
+
+# Activations whose variance-preserving init is He (Kaiming), not Glorot.
+RELU_FAMILY = frozenset(
+    {"relu", "relu6", "leaky_relu", "elu", "gelu", "silu", "swish", "selu"}
+)
+
+
+def check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"Argument `{name}` must be a positive integer. "
+            f"Received: {name}={value!r}"
+        )
+    return value
+
+
+def check_rate(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        0.0 <= value < 1.0
+    ):
+        raise ValueError(
+            f"Argument `{name}` must be a float in [0, 1). "
+            f"Received: {name}={value!r}"
+        )
+    return float(value)
+
+
+def check_non_negative(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(
+            f"Argument `{name}` must be a number >= 0. Received: {name}={value!r}"
+        )
+    return float(value)
+
+
+def check_choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(
+            f"Argument `{name}` must be one of {sorted(allowed, key=str)}. "
+            f"Received: {name}={value!r}"
+        )
+    return value
+
+
+def check_activation(name, value):
+    """Returns the activation's serializable name after checking it exists."""
+    try:
+        keras.activations.get(value)
+    except (ValueError, TypeError):
+        raise ValueError(
+            f"Argument `{name}` must name a Keras activation such as 'relu', "
+            f"'gelu' or 'silu'. Received: {name}={value!r}"
+        ) from None
+    return value
+
+
+def kernel_initializer_for(activation):
+    """He-normal for the relu family, Glorot-uniform (Keras' default) otherwise."""
+    return "he_normal" if activation in RELU_FAMILY else "glorot_uniform"
+
+
+def check_min_rank(layer_name, input_shape, min_rank):
+    if len(input_shape) < min_rank:
+        raise ValueError(
+            f"{layer_name} expects inputs of rank >= {min_rank}, i.e. shape "
+            f"(batch, ..., features). Received input_shape={tuple(input_shape)}"
+        )
+
+
+def check_feature_dim(layer_name, input_shape):
+    if input_shape[-1] is None:
+        raise ValueError(
+            f"{layer_name} needs a known last (feature) dimension. "
+            f"Received input_shape={tuple(input_shape)}"
+        )
+    return input_shape[-1]
