@@ -6,8 +6,12 @@ line to stderr and exit with status 2, without a traceback.
 
 import argparse
 import importlib
+import os
 import platform
 import sys
+
+# TensorFlow's C++ start-up logging drowns the CLI's own output.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 class UsageError(Exception):
