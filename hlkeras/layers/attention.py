@@ -51,14 +51,15 @@ def rotary_embedding(x, max_wavelength=10000):
     Returns:
         A tensor of the same shape and dtype as `x`.
     """
+    x = ops.convert_to_tensor(x)
     half_dim = x.shape[-1] // 2
     positions = ops.cast(ops.arange(ops.shape(x)[1]), "float32")
     exponents = ops.cast(ops.arange(half_dim), "float32") / half_dim
     inverse_frequencies = ops.power(float(max_wavelength), -exponents)
-    angles = positions[:, None] * inverse_frequencies[None, :]
+    angles = ops.expand_dims(positions, -1) * inverse_frequencies
     # (length, 1, dim): both halves of a pair share one angle; the head axis
     # broadcasts.
-    angles = ops.concatenate([angles, angles], axis=-1)[:, None, :]
+    angles = ops.expand_dims(ops.concatenate([angles, angles], axis=-1), 1)
     cos = ops.cast(ops.cos(angles), x.dtype)
     sin = ops.cast(ops.sin(angles), x.dtype)
     first_half, second_half = x[..., :half_dim], x[..., half_dim:]
@@ -68,9 +69,11 @@ def rotary_embedding(x, max_wavelength=10000):
 
 def causal_mask(query_length, key_length):
     """Boolean `(1, 1, query_length, key_length)`: query `t` sees keys `<= t`."""
-    rows = ops.arange(query_length)[:, None]
-    columns = ops.arange(key_length)[None, :]
-    return ops.greater_equal(rows, columns)[None, None, :, :]
+    # Reshapes, not `[None, ...]` indexing: TFLite has no builtin for a
+    # new-axis strided slice of a dynamic boolean tensor.
+    rows = ops.reshape(ops.arange(query_length), (1, 1, -1, 1))
+    columns = ops.reshape(ops.arange(key_length), (1, 1, 1, -1))
+    return ops.greater_equal(rows, columns)
 
 
 def attention_mask_to_4d(attention_mask, target_shape):
@@ -98,10 +101,8 @@ def attention_mask_to_4d(attention_mask, target_shape):
         if mask_size not in (None, 1) and target_size not in (None, mask_size):
             raise _mask_shape_error(mask_shape, target_shape)
     attention_mask = ops.cast(attention_mask, "bool")
-    if len(mask_shape) == 3:
-        return attention_mask[:, None, :, :]
-    if len(mask_shape) == 2:
-        return attention_mask[None, None, :, :]
+    for _ in range(4 - len(mask_shape)):
+        attention_mask = ops.expand_dims(attention_mask, -3)
     return attention_mask
 
 
@@ -124,10 +125,10 @@ def padding_mask(query_mask, value_mask, key_mask):
     """
     merged = None
     if query_mask is not None:
-        merged = ops.cast(query_mask, "bool")[:, None, :, None]
+        merged = ops.expand_dims(ops.cast(query_mask, "bool"), (1, 3))
     for key_side_mask in (value_mask, key_mask):
         if key_side_mask is not None:
-            mask = ops.cast(key_side_mask, "bool")[:, None, None, :]
+            mask = ops.expand_dims(ops.cast(key_side_mask, "bool"), (1, 2))
             merged = mask if merged is None else ops.logical_and(merged, mask)
     return merged
 
@@ -185,7 +186,9 @@ def einsum_attention(query, key, value, mask, scale, dropout_layer=None,
         dropped, (batch, num_kv_heads, group_size * query_length, key_length)
     )
     output = ops.matmul(dropped, value)
-    output = ops.reshape(output, (batch, num_heads, query_length, -1))
+    output = ops.reshape(
+        output, (batch, num_heads, query_length, value.shape[-1])
+    )
     return ops.transpose(output, (0, 2, 1, 3)), probabilities
 
 
@@ -456,25 +459,37 @@ class MultiHeadAttention(keras.layers.Layer):
         query_size = self.num_heads * self.key_dim
         key_size = self.num_kv_heads * self.key_dim
         return (
-            self._split_heads(fused[..., :query_size], self.num_heads),
             self._split_heads(
-                fused[..., query_size : query_size + key_size], self.num_kv_heads
+                fused[..., :query_size], self.num_heads, self.key_dim
             ),
             self._split_heads(
-                fused[..., query_size + key_size :], self.num_kv_heads
+                fused[..., query_size : query_size + key_size],
+                self.num_kv_heads,
+                self.key_dim,
+            ),
+            self._split_heads(
+                fused[..., query_size + key_size :],
+                self.num_kv_heads,
+                self.value_dim,
             ),
         )
 
     def _project_cross(self, query, key, value):
         return (
             self._split_heads(
-                self._apply_dense(self.query_dense, query), self.num_heads
+                self._apply_dense(self.query_dense, query),
+                self.num_heads,
+                self.key_dim,
             ),
             self._split_heads(
-                self._apply_dense(self.key_dense, key), self.num_kv_heads
+                self._apply_dense(self.key_dense, key),
+                self.num_kv_heads,
+                self.key_dim,
             ),
             self._split_heads(
-                self._apply_dense(self.value_dense, value), self.num_kv_heads
+                self._apply_dense(self.value_dense, value),
+                self.num_kv_heads,
+                self.value_dim,
             ),
         )
 
@@ -491,8 +506,8 @@ class MultiHeadAttention(keras.layers.Layer):
         return ops.cast(dense.bias, self.compute_dtype)
 
     @staticmethod
-    def _split_heads(x, heads):
-        return ops.reshape(x, _dynamic_shape(x)[:2] + (heads, -1))
+    def _split_heads(x, heads, head_dim):
+        return ops.reshape(x, _dynamic_shape(x)[:2] + (heads, head_dim))
 
     def _check_call_features(self, query, value, key):
         built_features = {
@@ -604,7 +619,7 @@ class FeedForward(keras.layers.Layer):
 
     Example:
 
-    >>> FeedForward(64)(keras.ops.ones((2, 5, 16))).shape
+    >>> tuple(FeedForward(64)(keras.ops.ones((2, 5, 16))).shape)
     (2, 5, 16)
     """
 
