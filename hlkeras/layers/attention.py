@@ -4,16 +4,20 @@ position embeddings and a fused QKV projection), the pre-LayerNorm
 `TransformerBlock`, and its dense `FeedForward` sublayer.
 
 The attention core is one of two implementations, picked per backend by
-`ATTENTION_CORE` (measured in `benchmarks/attention.py`):
+`attention_core()`:
 - `"dot_product_attention"`: `keras.ops.dot_product_attention`, the backend's
-  fused kernel (SDPA on torch, `jax.nn.dot_product_attention` on JAX);
+  fused kernel: SDPA on torch, flash/cuDNN through
+  `jax.nn.dot_product_attention` on a JAX GPU or TPU;
 - `"einsum"`: head-major batched matmuls and a float32 softmax, written so
   grouped-query attention never copies the key/value heads.
+On CPU the choice per backend is `ATTENTION_CORE`, measured by
+`benchmarks/attention.py` (forward + backward, jit where the backend has it).
 The einsum core also serves the cases the fused kernel cannot: attention
 dropout in training, `return_attention_scores=True` and
 `value_dim != key_dim`.
 """
 
+import functools
 import math
 
 import keras
@@ -22,14 +26,33 @@ from keras import ops
 from hlkeras.layers import _checks
 from hlkeras.layers.residual import DropPath
 
-# Measured with `benchmarks/attention.py` (forward + backward, jit where the
-# backend has it); the benchmark prints the TF comparison in every run.
+# The faster core on CPU, measured with `benchmarks/attention.py`, which
+# prints both cores' ratios in every run. On JAX CPU, XLA runs
+# `jax.nn.dot_product_attention` as the same einsums but with a
+# time-major layout, which measured 10-20% slower.
 ATTENTION_CORE = {
     "tensorflow": "einsum",
-    "jax": "dot_product_attention",
+    "jax": "einsum",
     "torch": "dot_product_attention",
 }
 ATTENTION_CORES = ("einsum", "dot_product_attention")
+
+
+def attention_core():
+    """The attention core for the active backend and device.
+
+    On a JAX GPU or TPU the fused kernel (cuDNN / splash flash attention) is
+    the fast path; everywhere else it is `ATTENTION_CORE[backend]`.
+    """
+    backend = keras.backend.backend()
+    if backend == "jax" and _jax_has_accelerator():
+        return "dot_product_attention"
+    return ATTENTION_CORE[backend]
+
+
+@functools.cache
+def _jax_has_accelerator():
+    return not keras.distribution.list_devices()[0].lower().startswith("cpu")
 
 # Added to masked logits before the float32 softmax. Finite, so a fully
 # masked row becomes a uniform distribution (as in Keras) and never NaN.
@@ -394,7 +417,7 @@ class MultiHeadAttention(keras.layers.Layer):
             or use_dropout
             # JAX's fused kernel needs value heads as wide as key heads.
             or self.value_dim != self.key_dim
-            or ATTENTION_CORE[keras.backend.backend()] == "einsum"
+            or attention_core() == "einsum"
         ):
             if is_causal:
                 explicit_mask = _and_masks(
