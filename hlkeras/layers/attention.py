@@ -481,20 +481,15 @@ class MultiHeadAttention(keras.layers.Layer):
             )
         query_size = self.num_heads * self.key_dim
         key_size = self.num_kv_heads * self.key_dim
+        # One split, not three slices: torch's slice backward writes each
+        # gradient into a zero tensor of the full fused width.
+        query, key, value = ops.split(
+            fused, [query_size, query_size + key_size], axis=-1
+        )
         return (
-            self._split_heads(
-                fused[..., :query_size], self.num_heads, self.key_dim
-            ),
-            self._split_heads(
-                fused[..., query_size : query_size + key_size],
-                self.num_kv_heads,
-                self.key_dim,
-            ),
-            self._split_heads(
-                fused[..., query_size + key_size :],
-                self.num_kv_heads,
-                self.value_dim,
-            ),
+            self._split_heads(query, self.num_heads, self.key_dim),
+            self._split_heads(key, self.num_kv_heads, self.key_dim),
+            self._split_heads(value, self.num_kv_heads, self.value_dim),
         )
 
     def _project_cross(self, query, key, value):
