@@ -5,3 +5,8 @@ from hlkeras.layers.residual import DropPath
 from hlkeras.layers.residual import ResidualBlock
 
 __all__ = ["ConvResidualBlock", "DropPath", "ResidualBlock"]
+
+from hlkeras.layers.attention import MultiHeadAttention  # noqa: E402
+from hlkeras.layers.attention import TransformerBlock  # noqa: E402
+
+__all__ += ["MultiHeadAttention", "TransformerBlock"]

@@ -1,0 +1,857 @@
+"""Attention layers: `MultiHeadAttention` (a drop-in for
+`keras.layers.MultiHeadAttention` with grouped-query attention, rotary
+position embeddings and a fused QKV projection), the pre-LayerNorm
+`TransformerBlock`, and its dense `FeedForward` sublayer.
+
+The attention core is one of two implementations, picked per backend by
+`attention_core()`:
+- `"dot_product_attention"`: `keras.ops.dot_product_attention`, the backend's
+  fused kernel: SDPA on torch, flash/cuDNN through
+  `jax.nn.dot_product_attention` on a JAX GPU or TPU;
+- `"einsum"`: head-major batched matmuls and a float32 softmax, written so
+  grouped-query attention never copies the key/value heads.
+On CPU the choice per backend is `ATTENTION_CORE`, measured by
+`benchmarks/attention.py` (forward + backward, jit where the backend has it).
+The einsum core also serves the cases the fused kernel cannot: attention
+dropout in training, `return_attention_scores=True` and
+`value_dim != key_dim`.
+"""
+
+import functools
+import math
+
+import keras
+from keras import ops
+
+from hlkeras.layers import _checks
+from hlkeras.layers.residual import DropPath
+
+# The faster core on CPU, measured with `benchmarks/attention.py`, which
+# prints both cores' ratios in every run. On JAX CPU, XLA runs
+# `jax.nn.dot_product_attention` as the same einsums but with a
+# time-major layout, which measured 10-20% slower.
+ATTENTION_CORE = {
+    "tensorflow": "einsum",
+    "jax": "einsum",
+    "torch": "dot_product_attention",
+}
+ATTENTION_CORES = ("einsum", "dot_product_attention")
+
+
+def attention_core():
+    """The attention core for the active backend and device.
+
+    On a JAX GPU or TPU the fused kernel (cuDNN / splash flash attention) is
+    the fast path; everywhere else it is `ATTENTION_CORE[backend]`.
+    """
+    backend = keras.backend.backend()
+    if backend == "jax" and _jax_has_accelerator():
+        return "dot_product_attention"
+    return ATTENTION_CORE[backend]
+
+
+@functools.cache
+def _jax_has_accelerator():
+    return not keras.distribution.list_devices()[0].lower().startswith("cpu")
+
+# Added to masked logits before the float32 softmax. Finite, so a fully
+# masked row becomes a uniform distribution (as in Keras) and never NaN.
+MASKED_LOGIT = -1e9
+
+
+def rotary_embedding(x, max_wavelength=10000):
+    """Rotates `x` of shape `(batch, length, heads, dim)` by its positions.
+
+    Rotary position embedding (Su et al., 2021) in the "rotate half" layout
+    used by GPT-NeoX, Llama and KerasHub: feature `i` is paired with feature
+    `i + dim / 2`, and the pair at position `p` is rotated by the angle
+    `p * max_wavelength ** (-2 i / dim)`. Positions are `0 .. length - 1`.
+
+    Args:
+        x: Tensor of shape `(batch, length, heads, dim)` with an even `dim`.
+        max_wavelength: The longest wavelength of the rotation frequencies.
+
+    Returns:
+        A tensor of the same shape and dtype as `x`.
+    """
+    x = ops.convert_to_tensor(x)
+    half_dim = x.shape[-1] // 2
+    positions = ops.cast(ops.arange(ops.shape(x)[1]), "float32")
+    exponents = ops.cast(ops.arange(half_dim), "float32") / half_dim
+    inverse_frequencies = ops.power(float(max_wavelength), -exponents)
+    angles = ops.expand_dims(positions, -1) * inverse_frequencies
+    # (length, 1, dim): both halves of a pair share one angle; the head axis
+    # broadcasts.
+    angles = ops.expand_dims(ops.concatenate([angles, angles], axis=-1), 1)
+    cos = ops.cast(ops.cos(angles), x.dtype)
+    sin = ops.cast(ops.sin(angles), x.dtype)
+    first_half, second_half = x[..., :half_dim], x[..., half_dim:]
+    rotated_half = ops.concatenate([-second_half, first_half], axis=-1)
+    return x * cos + rotated_half * sin
+
+
+def causal_mask(query_length, key_length):
+    """Boolean `(1, 1, query_length, key_length)`: query `t` sees keys `<= t`."""
+    # Reshapes, not `[None, ...]` indexing: TFLite has no builtin for a
+    # new-axis strided slice of a dynamic boolean tensor.
+    rows = ops.reshape(ops.arange(query_length), (1, 1, -1, 1))
+    columns = ops.reshape(ops.arange(key_length), (1, 1, 1, -1))
+    return ops.greater_equal(rows, columns)
+
+
+def attention_mask_to_4d(attention_mask, target_shape):
+    """Expands a user mask to rank 4 and checks it broadcasts to the logits.
+
+    Like Keras, a rank-3 `(batch, query, key)` mask gains the head axis and a
+    rank-2 `(query, key)` mask gains the batch and head axes.
+
+    Args:
+        attention_mask: Boolean-like tensor of rank 2, 3 or 4.
+        target_shape: The logits shape `(batch, heads, query_length,
+            key_length)`; `None` entries are unknown and not checked.
+
+    Returns:
+        A boolean tensor of rank 4.
+    """
+    mask_shape = tuple(attention_mask.shape)
+    if len(mask_shape) not in (2, 3, 4):
+        raise _mask_shape_error(mask_shape, target_shape)
+    if len(mask_shape) == 3:
+        expanded_shape = (mask_shape[0], 1) + mask_shape[1:]
+    else:
+        expanded_shape = (1,) * (4 - len(mask_shape)) + mask_shape
+    for mask_size, target_size in zip(expanded_shape, target_shape):
+        if mask_size not in (None, 1) and target_size not in (None, mask_size):
+            raise _mask_shape_error(mask_shape, target_shape)
+    attention_mask = ops.cast(attention_mask, "bool")
+    for _ in range(4 - len(mask_shape)):
+        attention_mask = ops.expand_dims(attention_mask, -3)
+    return attention_mask
+
+
+def _mask_shape_error(mask_shape, target_shape):
+    return ValueError(
+        "Argument `attention_mask` must broadcast to the attention logits of "
+        "shape (batch, heads, query_length, key_length) = "
+        f"{tuple(target_shape)}; a rank-3 mask is (batch, query_length, "
+        "key_length), a rank-2 mask (query_length, key_length). "
+        f"Received: attention_mask.shape={mask_shape}"
+    )
+
+
+def padding_mask(query_mask, value_mask, key_mask):
+    """Merges Keras padding masks into a boolean `(batch, 1, T|1, S|1)` mask.
+
+    As in `keras.layers.MultiHeadAttention`, a padded query attends to
+    nothing (its row is fully masked, hence uniform after the softmax) and no
+    query attends to a padded key or value.
+    """
+    merged = None
+    if query_mask is not None:
+        merged = ops.expand_dims(ops.cast(query_mask, "bool"), (1, 3))
+    for key_side_mask in (value_mask, key_mask):
+        if key_side_mask is not None:
+            mask = ops.expand_dims(ops.cast(key_side_mask, "bool"), (1, 2))
+            merged = mask if merged is None else ops.logical_and(merged, mask)
+    return merged
+
+
+def _and_masks(*masks):
+    present = [mask for mask in masks if mask is not None]
+    if not present:
+        return None
+    merged = present[0]
+    for mask in present[1:]:
+        merged = ops.logical_and(merged, mask)
+    return merged
+
+
+def einsum_attention(query, key, value, mask, scale, dropout_layer=None,
+                     training=None):
+    """Grouped scaled dot-product attention with a float32 softmax.
+
+    Args:
+        query: `(batch, T, num_heads, key_dim)`.
+        key: `(batch, S, num_kv_heads, key_dim)`.
+        value: `(batch, S, num_kv_heads, value_dim)`.
+        mask: Optional boolean mask broadcastable to `(batch, num_heads, T, S)`.
+        scale: Python float multiplied into the logits.
+        dropout_layer: Optional dropout applied to the probabilities.
+        training: Passed to `dropout_layer`.
+
+    Returns:
+        `(output, probabilities)`: output `(batch, T, num_heads, value_dim)`
+        and the attention probabilities `(batch, num_heads, T, S)` before
+        dropout.
+    """
+    batch, query_length, num_heads, key_dim = _dynamic_shape(query)
+    key_length, num_kv_heads = ops.shape(key)[1], key.shape[2]
+    group_size = num_heads // num_kv_heads
+    # Query heads k*G .. k*G+G-1 share kv head k. Head-major layout lets each
+    # kv head serve its G query heads as G*T rows of one matmul, so K and V
+    # are never repeated.
+    query = ops.transpose(query * ops.cast(scale, query.dtype), (0, 2, 1, 3))
+    query = ops.reshape(
+        query, (batch, num_kv_heads, group_size * query_length, key_dim)
+    )
+    key = ops.transpose(key, (0, 2, 3, 1))
+    value = ops.transpose(value, (0, 2, 1, 3))
+    logits = ops.matmul(query, key)
+    logits = ops.reshape(logits, (batch, num_heads, query_length, key_length))
+    logits = ops.cast(logits, "float32")
+    if mask is not None:
+        logits = ops.where(mask, logits, MASKED_LOGIT)
+    probabilities = ops.cast(ops.softmax(logits, axis=-1), value.dtype)
+    dropped = probabilities
+    if dropout_layer is not None:
+        dropped = dropout_layer(probabilities, training=training)
+    dropped = ops.reshape(
+        dropped, (batch, num_kv_heads, group_size * query_length, key_length)
+    )
+    output = ops.matmul(dropped, value)
+    output = ops.reshape(
+        output, (batch, num_heads, query_length, value.shape[-1])
+    )
+    return ops.transpose(output, (0, 2, 1, 3)), probabilities
+
+
+def _dynamic_shape(x):
+    """Static sizes where known, scalar tensors where not (e.g. TF's None)."""
+    dynamic = ops.shape(x)
+    return tuple(
+        static if static is not None else dynamic[i]
+        for i, static in enumerate(x.shape)
+    )
+
+
+@keras.saving.register_keras_serializable(package="hlkeras")
+class MultiHeadAttention(keras.layers.Layer):
+    """Multi-head attention: a faster drop-in for `keras.layers.MultiHeadAttention`.
+
+    It takes the call signature of `keras.layers.MultiHeadAttention`, so
+    existing code switches by changing the import, and adds:
+    - grouped-query attention: `num_kv_heads < num_heads` query heads share
+      each key/value head (Ainslie et al., 2023); `num_kv_heads=1` is
+      multi-query attention;
+    - rotary position embeddings on queries and keys (`rope=True`);
+    - self-attention (`value is query`, `key` omitted or the same tensor)
+      fuses the query, key and value projections into one matmul. The
+      projections stay three named `Dense` sublayers (`query_dense`,
+      `key_dense`, `value_dense`), so self- and cross-attention use the same
+      weights.
+
+    The inputs are sequences `(batch, length, features)`. Keras padding masks
+    (e.g. from `Embedding(mask_zero=True)`) are honoured exactly as Keras
+    does: no query attends to a padded key, and the output carries the
+    query's mask.
+
+    Args:
+        num_heads: Positive int, number of query heads.
+        key_dim: Positive int, size of each query and key head.
+        num_kv_heads: Positive int dividing `num_heads`, number of key/value
+            heads. Defaults to `num_heads` (standard multi-head attention).
+        value_dim: Positive int, size of each value head. Defaults to
+            `key_dim`.
+        output_dim: Positive int, the output feature size. Defaults to the
+            query's feature size.
+        dropout: Float in [0, 1), dropout on the attention probabilities.
+        use_bias: Whether the projections have biases.
+        causal: Whether every call masks the future (query `t` sees keys
+            `<= t`). A call can also ask for it with `use_causal_mask=True`.
+        rope: Whether to apply rotary position embeddings to the projected
+            queries and keys. Needs an even `key_dim`.
+        rope_max_wavelength: Positive int, the longest rotary wavelength.
+        seed: Optional int seed for the attention dropout.
+        **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
+
+    Call arguments:
+        query: Tensor `(batch, T, query_features)`.
+        value: Tensor `(batch, S, value_features)`.
+        key: Optional tensor `(batch, S, key_features)`; defaults to `value`.
+        query_mask, value_mask, key_mask: Optional boolean padding masks
+            `(batch, T)` / `(batch, S)`. Keras fills them from the inputs'
+            Keras masks; you rarely pass them yourself.
+        attention_mask: Optional boolean mask, `True` where a query may attend
+            to a key, broadcastable to `(batch, num_heads, T, S)`: shape
+            `(batch, T, S)`, `(T, S)` or rank 4.
+        return_attention_scores: If `True`, also return the attention
+            probabilities `(batch, num_heads, T, S)`.
+        training: Python boolean, enables attention dropout.
+        use_causal_mask: Whether this call masks the future (in addition to
+            `causal`).
+
+    Returns:
+        The attention output `(batch, T, output_dim)`, and the attention
+        probabilities if `return_attention_scores=True`.
+
+    Example:
+
+    >>> tokens = keras.Input(shape=(None, 32))
+    >>> attention = MultiHeadAttention(8, 4, num_kv_heads=2, rope=True)
+    >>> keras.Model(tokens, attention(tokens, tokens)).output_shape
+    (None, None, 32)
+    """
+
+    def __init__(
+        self,
+        num_heads,
+        key_dim,
+        *,
+        num_kv_heads=None,
+        value_dim=None,
+        output_dim=None,
+        dropout=0.0,
+        use_bias=True,
+        causal=False,
+        rope=False,
+        rope_max_wavelength=10000,
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_heads = _checks.check_positive_int("num_heads", num_heads)
+        self.key_dim = _checks.check_positive_int("key_dim", key_dim)
+        self.num_kv_heads = _check_num_kv_heads(num_kv_heads, num_heads)
+        self.value_dim = (
+            self.key_dim
+            if value_dim is None
+            else _checks.check_positive_int("value_dim", value_dim)
+        )
+        self.output_dim = (
+            None
+            if output_dim is None
+            else _checks.check_positive_int("output_dim", output_dim)
+        )
+        self.dropout = _checks.check_rate("dropout", dropout)
+        self.use_bias = bool(use_bias)
+        self.causal = bool(causal)
+        self.rope = bool(rope)
+        if self.rope and key_dim % 2:
+            raise ValueError(
+                "With `rope=True`, argument `key_dim` must be even (rotary "
+                "embeddings rotate pairs of features). "
+                f"Received: key_dim={key_dim}"
+            )
+        self.rope_max_wavelength = _checks.check_positive_int(
+            "rope_max_wavelength", rope_max_wavelength
+        )
+        self.seed = seed
+        self.supports_masking = True
+
+    def build(self, query_shape, value_shape, key_shape=None):
+        key_shape = value_shape if key_shape is None else key_shape
+        for name, shape in (
+            ("query", query_shape), ("value", value_shape), ("key", key_shape)
+        ):
+            _check_sequence_shape(name, shape)
+        if tuple(value_shape[:-1]) != tuple(key_shape[:-1]):
+            raise ValueError(
+                "Arguments `value` and `key` must have the same batch and "
+                f"sequence sizes. Received: value.shape={tuple(value_shape)}, "
+                f"key.shape={tuple(key_shape)}"
+            )
+        self.query_dense = self._projection(self.num_heads * self.key_dim, "query")
+        self.key_dense = self._projection(self.num_kv_heads * self.key_dim, "key")
+        self.value_dense = self._projection(
+            self.num_kv_heads * self.value_dim, "value"
+        )
+        self.output_dense = self._projection(
+            self.output_dim or query_shape[-1], "attention_output"
+        )
+        self.attention_dropout = keras.layers.Dropout(
+            self.dropout, seed=self.seed, dtype=self.dtype_policy
+        )
+        self.query_dense.build(query_shape)
+        self.key_dense.build(key_shape)
+        self.value_dense.build(value_shape)
+        self.output_dense.build(
+            tuple(query_shape[:-1]) + (self.num_heads * self.value_dim,)
+        )
+
+    def _projection(self, units, name):
+        """Every projection is made here, so an adapter (e.g. LoRA) has one
+        place to change. `call` reads only its `kernel` and `bias`."""
+        return keras.layers.Dense(
+            units, use_bias=self.use_bias, dtype=self.dtype_policy, name=name
+        )
+
+    def call(
+        self,
+        query,
+        value,
+        key=None,
+        query_mask=None,
+        value_mask=None,
+        key_mask=None,
+        attention_mask=None,
+        return_attention_scores=False,
+        training=None,
+        use_causal_mask=False,
+    ):
+        is_self_attention = value is query and (key is None or key is value)
+        key = value if key is None else key
+        self._check_call_features(query, value, key)
+        if is_self_attention:
+            query_heads, key_heads, value_heads = self._project_self(query)
+        else:
+            query_heads, key_heads, value_heads = self._project_cross(
+                query, key, value
+            )
+        if self.rope:
+            query_heads = rotary_embedding(query_heads, self.rope_max_wavelength)
+            key_heads = rotary_embedding(key_heads, self.rope_max_wavelength)
+
+        is_causal = self.causal or use_causal_mask
+        logits_shape = (
+            query.shape[0], self.num_heads, query.shape[1], value.shape[1]
+        )
+        explicit_mask = _and_masks(
+            padding_mask(query_mask, value_mask, key_mask),
+            None
+            if attention_mask is None
+            else attention_mask_to_4d(attention_mask, logits_shape),
+        )
+        use_dropout = bool(training) and self.dropout > 0.0
+        if (
+            return_attention_scores
+            or use_dropout
+            # JAX's fused kernel needs value heads as wide as key heads.
+            or self.value_dim != self.key_dim
+            or attention_core() == "einsum"
+        ):
+            if is_causal:
+                explicit_mask = _and_masks(
+                    explicit_mask,
+                    causal_mask(ops.shape(query)[1], ops.shape(value)[1]),
+                )
+            attended, scores = einsum_attention(
+                query_heads,
+                key_heads,
+                value_heads,
+                explicit_mask,
+                1.0 / math.sqrt(self.key_dim),
+                self.attention_dropout if use_dropout else None,
+                training,
+            )
+        else:
+            attended = self._fused_kernel_attention(
+                query_heads, key_heads, value_heads, explicit_mask, is_causal
+            )
+            scores = None
+        attended = ops.reshape(
+            attended,
+            _dynamic_shape(query)[:2] + (self.num_heads * self.value_dim,),
+        )
+        output = self._apply_dense(self.output_dense, attended)
+        if return_attention_scores:
+            return output, scores
+        return output
+
+    def _fused_kernel_attention(self, query, key, value, mask, is_causal):
+        if is_causal and mask is not None:
+            # Backends differ in how they combine `is_causal` with a mask;
+            # one explicit mask means the same thing everywhere.
+            mask = ops.logical_and(
+                mask, causal_mask(ops.shape(query)[1], ops.shape(key)[1])
+            )
+            is_causal = False
+        if self.num_kv_heads == 1 and self.num_heads > 1:
+            # Backends repeat kv heads only when there are several of them.
+            key = ops.repeat(key, self.num_heads, axis=2)
+            value = ops.repeat(value, self.num_heads, axis=2)
+        return ops.dot_product_attention(
+            query,
+            key,
+            value,
+            mask=mask,
+            scale=1.0 / math.sqrt(self.key_dim),
+            is_causal=is_causal,
+        )
+
+    def _project_self(self, inputs):
+        """Q, K and V heads of one input from a single fused matmul."""
+        projections = (self.query_dense, self.key_dense, self.value_dense)
+        kernel = ops.concatenate(
+            [self._kernel_of(dense) for dense in projections], axis=-1
+        )
+        fused = ops.matmul(inputs, kernel)
+        if self.use_bias:
+            fused = fused + ops.concatenate(
+                [self._bias_of(dense) for dense in projections], axis=-1
+            )
+        query_size = self.num_heads * self.key_dim
+        key_size = self.num_kv_heads * self.key_dim
+        # One split, not three slices: torch's slice backward writes each
+        # gradient into a zero tensor of the full fused width.
+        query, key, value = ops.split(
+            fused, [query_size, query_size + key_size], axis=-1
+        )
+        return (
+            self._split_heads(query, self.num_heads, self.key_dim),
+            self._split_heads(key, self.num_kv_heads, self.key_dim),
+            self._split_heads(value, self.num_kv_heads, self.value_dim),
+        )
+
+    def _project_cross(self, query, key, value):
+        return (
+            self._split_heads(
+                self._apply_dense(self.query_dense, query),
+                self.num_heads,
+                self.key_dim,
+            ),
+            self._split_heads(
+                self._apply_dense(self.key_dense, key),
+                self.num_kv_heads,
+                self.key_dim,
+            ),
+            self._split_heads(
+                self._apply_dense(self.value_dense, value),
+                self.num_kv_heads,
+                self.value_dim,
+            ),
+        )
+
+    def _apply_dense(self, dense, inputs):
+        outputs = ops.matmul(inputs, self._kernel_of(dense))
+        if self.use_bias:
+            outputs = outputs + self._bias_of(dense)
+        return outputs
+
+    def _kernel_of(self, dense):
+        return ops.cast(dense.kernel, self.compute_dtype)
+
+    def _bias_of(self, dense):
+        return ops.cast(dense.bias, self.compute_dtype)
+
+    @staticmethod
+    def _split_heads(x, heads, head_dim):
+        return ops.reshape(x, _dynamic_shape(x)[:2] + (heads, head_dim))
+
+    def _check_call_features(self, query, value, key):
+        built_features = {
+            "query": self.query_dense.kernel.shape[0],
+            "value": self.value_dense.kernel.shape[0],
+            "key": self.key_dense.kernel.shape[0],
+        }
+        for name, tensor in (("query", query), ("value", value), ("key", key)):
+            _check_sequence_shape(name, tensor.shape)
+            if tensor.shape[-1] != built_features[name]:
+                raise ValueError(
+                    f"Argument `{name}` has {tensor.shape[-1]} features but "
+                    f"this layer's `{name}` projection was built for "
+                    f"{built_features[name]}; a built layer cannot project "
+                    f"other sizes. Received: {name}.shape={tuple(tensor.shape)}"
+                )
+        if value.shape[1] is not None and key.shape[1] is not None and (
+            value.shape[1] != key.shape[1]
+        ):
+            raise ValueError(
+                "Arguments `value` and `key` must have the same sequence "
+                f"length. Received: value.shape={tuple(value.shape)}, "
+                f"key.shape={tuple(key.shape)}"
+            )
+
+    def compute_output_shape(self, query_shape, value_shape, key_shape=None):
+        return tuple(query_shape[:-1]) + (self.output_dim or query_shape[-1],)
+
+    def compute_output_spec(
+        self,
+        query,
+        value,
+        key=None,
+        query_mask=None,
+        value_mask=None,
+        key_mask=None,
+        attention_mask=None,
+        return_attention_scores=False,
+        training=None,
+        use_causal_mask=False,
+    ):
+        output = keras.KerasTensor(
+            self.compute_output_shape(query.shape, value.shape),
+            dtype=self.compute_dtype,
+        )
+        if not return_attention_scores:
+            return output
+        scores_shape = (
+            query.shape[0], self.num_heads, query.shape[1], value.shape[1]
+        )
+        return output, keras.KerasTensor(scores_shape, dtype=self.compute_dtype)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_heads": self.num_heads,
+                "key_dim": self.key_dim,
+                "num_kv_heads": self.num_kv_heads,
+                "value_dim": self.value_dim,
+                "output_dim": self.output_dim,
+                "dropout": self.dropout,
+                "use_bias": self.use_bias,
+                "causal": self.causal,
+                "rope": self.rope,
+                "rope_max_wavelength": self.rope_max_wavelength,
+                "seed": self.seed,
+            }
+        )
+        return config
+
+
+def _check_num_kv_heads(num_kv_heads, num_heads):
+    if num_kv_heads is None:
+        return num_heads
+    _checks.check_positive_int("num_kv_heads", num_kv_heads)
+    if num_heads % num_kv_heads:
+        raise ValueError(
+            "Argument `num_kv_heads` must divide `num_heads` (each key/value "
+            f"head serves num_heads // num_kv_heads query heads). "
+            f"Received: num_kv_heads={num_kv_heads}, num_heads={num_heads}"
+        )
+    return num_kv_heads
+
+
+def _check_sequence_shape(name, shape):
+    if len(shape) != 3 or shape[-1] is None:
+        raise ValueError(
+            f"Argument `{name}` must be a sequence of shape (batch, length, "
+            f"features) with known features. Received: {name}.shape="
+            f"{tuple(shape)}"
+        )
+
+
+@keras.saving.register_keras_serializable(package="hlkeras")
+class FeedForward(keras.layers.Layer):
+    """The position-wise MLP of a Transformer: `Dense(ffn_units, activation)`,
+    dropout, then `Dense` back to the input width.
+
+    Args:
+        ffn_units: Positive int, the hidden width.
+        activation: Name of a Keras activation for the hidden layer.
+        dropout: Float in [0, 1), dropout on the hidden activations.
+        **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
+
+    Call arguments:
+        inputs: Tensor `(batch, ..., d)`.
+        training: Python boolean, enables dropout.
+
+    Example:
+
+    >>> tuple(FeedForward(64)(keras.ops.ones((2, 5, 16))).shape)
+    (2, 5, 16)
+    """
+
+    def __init__(self, ffn_units, *, activation="gelu", dropout=0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.ffn_units = _checks.check_positive_int("ffn_units", ffn_units)
+        self.activation = _checks.check_activation("activation", activation)
+        self.dropout = _checks.check_rate("dropout", dropout)
+        self.supports_masking = True
+
+    def build(self, input_shape):
+        input_dim = _checks.check_feature_dim("FeedForward", input_shape)
+        policy = self.dtype_policy
+        self.hidden_dense = keras.layers.Dense(
+            self.ffn_units,
+            activation=self.activation,
+            kernel_initializer=_checks.kernel_initializer_for(self.activation),
+            dtype=policy,
+            name="hidden_dense",
+        )
+        self.hidden_dropout = keras.layers.Dropout(self.dropout, dtype=policy)
+        self.output_dense = keras.layers.Dense(
+            input_dim, dtype=policy, name="output_dense"
+        )
+        self.hidden_dense.build(input_shape)
+        self.output_dense.build(tuple(input_shape[:-1]) + (self.ffn_units,))
+
+    def call(self, inputs, training=None):
+        hidden = self.hidden_dropout(self.hidden_dense(inputs), training=training)
+        return self.output_dense(hidden)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "ffn_units": self.ffn_units,
+                "activation": self.activation,
+                "dropout": self.dropout,
+            }
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="hlkeras")
+class TransformerBlock(keras.layers.Layer):
+    """Pre-LayerNorm Transformer block for sequences `(batch, length, d)`.
+
+    Computes `x = x + drop_path(dropout(MHA(LN(x))))`, then
+    `x = x + drop_path(dropout(FFN(LN(x))))` (Xiong et al., 2020), with
+    self-attention from `hlkeras.layers.MultiHeadAttention` and the
+    `FeedForward` MLP. Padding masks propagate to the attention and to the
+    output.
+
+    Args:
+        num_heads: Positive int, number of attention heads.
+        ffn_units: Positive int, hidden width of the feed-forward network.
+        key_dim: Positive int, size of each attention head. Defaults to
+            `d // num_heads`, which then must divide exactly.
+        num_kv_heads: Positive int dividing `num_heads`, for grouped-query
+            attention. Defaults to `num_heads`.
+        dropout: Float in [0, 1): attention-probability dropout, FFN hidden
+            dropout and dropout on both branch outputs.
+        drop_path: Float in [0, 1), stochastic-depth rate of both branches.
+        causal: Whether the attention masks the future.
+        activation: Name of a Keras activation for the FFN.
+        num_experts: Int >= 0. With `num_experts > 0` the FFN becomes a
+            `MixtureOfExperts`; not available yet (raises
+            `NotImplementedError`).
+        top_k: Positive int, experts per token when `num_experts > 0`.
+        **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
+
+    Call arguments:
+        inputs: Tensor `(batch, length, d)`, optionally with a Keras padding
+            mask.
+        training: Python boolean, enables dropout and drop path.
+
+    Example:
+
+    >>> tokens = keras.Input(shape=(None, 32))
+    >>> block = TransformerBlock(4, 64, dropout=0.1, causal=True)
+    >>> keras.Model(tokens, block(tokens)).output_shape
+    (None, None, 32)
+    """
+
+    def __init__(
+        self,
+        num_heads,
+        ffn_units,
+        *,
+        key_dim=None,
+        num_kv_heads=None,
+        dropout=0.0,
+        drop_path=0.0,
+        causal=False,
+        activation="gelu",
+        num_experts=0,
+        top_k=2,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_heads = _checks.check_positive_int("num_heads", num_heads)
+        self.ffn_units = _checks.check_positive_int("ffn_units", ffn_units)
+        self.key_dim = (
+            None if key_dim is None else _checks.check_positive_int("key_dim", key_dim)
+        )
+        self.num_kv_heads = _check_num_kv_heads(num_kv_heads, num_heads)
+        self.dropout = _checks.check_rate("dropout", dropout)
+        self.drop_path = _checks.check_rate("drop_path", drop_path)
+        self.causal = bool(causal)
+        self.activation = _checks.check_activation("activation", activation)
+        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or (
+            num_experts < 0
+        ):
+            raise ValueError(
+                "Argument `num_experts` must be an integer >= 0 (0 means a "
+                f"dense FFN). Received: num_experts={num_experts!r}"
+            )
+        self.num_experts = num_experts
+        self.top_k = _checks.check_positive_int("top_k", top_k)
+        if num_experts:
+            raise NotImplementedError(
+                f"TransformerBlock(num_experts={num_experts}) needs "
+                "hlkeras.layers.MixtureOfExperts, which is not available yet. "
+                "Use num_experts=0 for a dense FFN."
+            )
+        self.supports_masking = True
+
+    def build(self, input_shape):
+        _check_sequence_shape("inputs", input_shape)
+        model_dim = input_shape[-1]
+        key_dim = self.key_dim
+        if key_dim is None:
+            if model_dim % self.num_heads:
+                raise ValueError(
+                    "Argument `num_heads` must divide the input feature size "
+                    "when `key_dim` is not given (key_dim = d // num_heads). "
+                    f"Received: num_heads={self.num_heads}, input feature "
+                    f"size d={model_dim}"
+                )
+            key_dim = model_dim // self.num_heads
+        policy = self.dtype_policy
+        self.attention_norm = keras.layers.LayerNormalization(
+            epsilon=1e-5, dtype=policy, name="attention_norm"
+        )
+        self.attention = MultiHeadAttention(
+            self.num_heads,
+            key_dim,
+            num_kv_heads=self.num_kv_heads,
+            dropout=self.dropout,
+            causal=self.causal,
+            dtype=policy,
+            name="attention",
+        )
+        self.ffn_norm = keras.layers.LayerNormalization(
+            epsilon=1e-5, dtype=policy, name="ffn_norm"
+        )
+        self.ffn = self._build_ffn()
+        self.attention_output_dropout = keras.layers.Dropout(
+            self.dropout, dtype=policy
+        )
+        self.ffn_output_dropout = keras.layers.Dropout(self.dropout, dtype=policy)
+        self.attention_drop_path = DropPath(self.drop_path, dtype=policy)
+        self.ffn_drop_path = DropPath(self.drop_path, dtype=policy)
+        self.attention_norm.build(input_shape)
+        self.attention.build(input_shape, input_shape)
+        self.ffn_norm.build(input_shape)
+        self.ffn.build(input_shape)
+
+    def _build_ffn(self):
+        """The feed-forward sublayer `(..., d) -> (..., d)`: the one place the
+        dense FFN would become a `MixtureOfExperts`."""
+        return FeedForward(
+            self.ffn_units,
+            activation=self.activation,
+            dropout=self.dropout,
+            dtype=self.dtype_policy,
+            name="ffn",
+        )
+
+    def call(self, inputs, training=None, mask=None):
+        normed = self.attention_norm(inputs)
+        branch = self.attention(
+            normed,
+            normed,
+            query_mask=mask,
+            value_mask=mask,
+            training=training,
+        )
+        branch = self.attention_output_dropout(branch, training=training)
+        x = inputs + self.attention_drop_path(branch, training=training)
+        branch = self.ffn(self.ffn_norm(x), training=training)
+        branch = self.ffn_output_dropout(branch, training=training)
+        return x + self.ffn_drop_path(branch, training=training)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_heads": self.num_heads,
+                "ffn_units": self.ffn_units,
+                "key_dim": self.key_dim,
+                "num_kv_heads": self.num_kv_heads,
+                "dropout": self.dropout,
+                "drop_path": self.drop_path,
+                "causal": self.causal,
+                "activation": self.activation,
+                "num_experts": self.num_experts,
+                "top_k": self.top_k,
+            }
+        )
+        return config

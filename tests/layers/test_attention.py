@@ -1,0 +1,483 @@
+import doctest
+
+import keras
+import numpy as np
+import pytest
+from layer_testing import run_layer_test
+
+from hlkeras.layers import MultiHeadAttention
+from hlkeras.layers import TransformerBlock
+from hlkeras.layers import attention
+
+BACKEND = keras.backend.backend()
+RNG = np.random.default_rng(0)
+BATCH, QUERY_LENGTH, KEY_LENGTH, FEATURES = 2, 5, 7, 16
+QUERY = RNG.normal(size=(BATCH, QUERY_LENGTH, FEATURES)).astype("float32")
+VALUE = RNG.normal(size=(BATCH, KEY_LENGTH, FEATURES)).astype("float32")
+VALUE_12 = RNG.normal(size=(BATCH, KEY_LENGTH, 12)).astype("float32")
+MASK = RNG.random((BATCH, QUERY_LENGTH, KEY_LENGTH)) > 0.3
+SELF_MASK = RNG.random((BATCH, QUERY_LENGTH, QUERY_LENGTH)) > 0.3
+
+
+def to_numpy(x):
+    return keras.ops.convert_to_numpy(x)
+
+
+def randomize_biases(layer):
+    """Zero-initialized biases would hide a bias that is never added."""
+    for dense in (layer.query_dense, layer.key_dense, layer.value_dense,
+                  layer.output_dense):
+        dense.bias.assign(RNG.normal(size=dense.bias.shape).astype("float32"))
+
+
+def weights_of(layer):
+    """(kernel, bias) of q, k, v, output as NumPy, 2D kernels (in, out)."""
+    return {
+        name: (to_numpy(dense.kernel), to_numpy(dense.bias))
+        for name, dense in (
+            ("query", layer.query_dense), ("key", layer.key_dense),
+            ("value", layer.value_dense), ("output", layer.output_dense),
+        )
+    }
+
+
+def copy_into_keras(ours, reference):
+    """Copies hlkeras weights into a built keras.layers.MultiHeadAttention,
+    whose EinsumDense kernels are (in, heads, dim) and (heads, dim, out)."""
+    for name, (kernel, bias) in weights_of(ours).items():
+        dense = getattr(reference, f"{name}_dense")
+        dense.kernel.assign(kernel.reshape(dense.kernel.shape))
+        dense.bias.assign(bias.reshape(dense.bias.shape))
+
+
+def numpy_softmax(logits):
+    logits = logits - logits.max(axis=-1, keepdims=True)
+    weights = np.exp(logits)
+    return weights / weights.sum(axis=-1, keepdims=True)
+
+
+def numpy_rope(x, max_wavelength=10000):
+    """Rotates each feature pair (i, i + dim/2) of `x` (batch, length, heads,
+    dim) at position p by p * max_wavelength ** (-2i/dim), one 2x2 rotation
+    matrix at a time."""
+    _, length, _, dim = x.shape
+    half = dim // 2
+    rotated = np.empty_like(x, dtype="float64")
+    for position in range(length):
+        for i in range(half):
+            angle = position * max_wavelength ** (-2.0 * i / dim)
+            rotation = np.array(
+                [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+            )
+            pair = np.stack([x[:, position, :, i], x[:, position, :, i + half]], -1)
+            turned = pair @ rotation.T
+            rotated[:, position, :, i] = turned[..., 0]
+            rotated[:, position, :, i + half] = turned[..., 1]
+    return rotated
+
+
+def numpy_attention(layer, query, value, mask=None, causal=False):
+    """Reference grouped-query attention in float64 NumPy, from the layer's
+    weights: kv head k serves query heads k*G .. k*G+G-1."""
+    weights = weights_of(layer)
+    heads, kv_heads = layer.num_heads, layer.num_kv_heads
+
+    def project(x, name, num):
+        kernel, bias = weights[name]
+        out = x.astype("float64") @ kernel + bias
+        return out.reshape(out.shape[:2] + (num, -1))
+
+    q = project(query, "query", heads)
+    k = project(value, "key", kv_heads)
+    v = project(value, "value", kv_heads)
+    if layer.rope:
+        q, k = numpy_rope(q), numpy_rope(k)
+    group = heads // kv_heads
+    k = np.repeat(k, group, axis=2)
+    v = np.repeat(v, group, axis=2)
+    logits = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(layer.key_dim)
+    allowed = np.ones(logits.shape, bool)
+    if mask is not None:
+        allowed &= mask[:, None]
+    if causal:
+        allowed &= np.tril(np.ones(logits.shape[-2:], bool))
+    probabilities = numpy_softmax(np.where(allowed, logits, -1e9))
+    attended = np.einsum("bnts,bsnh->btnh", probabilities, v)
+    attended = attended.reshape(attended.shape[:2] + (-1,))
+    kernel, bias = weights["output"]
+    return attended @ kernel + bias
+
+
+# --- the layer contract (shared helper) -------------------------------------
+
+
+@pytest.mark.parametrize(
+    "init_kwargs, input_data, expected_shape",
+    [
+        ({"num_heads": 4, "key_dim": 8}, [QUERY, VALUE], (2, 5, 16)),
+        (
+            {"num_heads": 4, "key_dim": 8, "num_kv_heads": 2, "rope": True,
+             "causal": True},
+            [QUERY, VALUE],
+            (2, 5, 16),
+        ),
+        (
+            {"num_heads": 2, "key_dim": 6, "value_dim": 4, "output_dim": 10,
+             "num_kv_heads": 1, "use_bias": False, "dropout": 0.2, "seed": 3},
+            [QUERY, VALUE_12],
+            (2, 5, 10),
+        ),
+    ],
+    ids=["cross", "gqa-rope-causal", "mqa-dims-dropout"],
+)
+def test_multi_head_attention_contract(init_kwargs, input_data, expected_shape):
+    # `export.run_tflite` feeds inputs by interpreter index, which LiteRT
+    # orders differently from the model (input_1 first), so two-input
+    # parity is checked here by input name instead.
+    model = run_layer_test(
+        MultiHeadAttention, init_kwargs, input_data,
+        expected_output_shape=expected_shape, run_tflite_check=False,
+    )
+    if BACKEND == "tensorflow":
+        check_tflite_parity_by_input_name(model, input_data)
+
+
+def check_tflite_parity_by_input_name(model, inputs, atol=1e-4):
+    from ai_edge_litert.interpreter import Interpreter
+
+    from hlkeras import export
+
+    runner = Interpreter(
+        model_content=export.model_to_tflite(model)
+    ).get_signature_runner("serving_default")
+    named = {tensor.name: array for tensor, array in zip(model.inputs, inputs)}
+    (output,) = runner(**named).values()
+    np.testing.assert_allclose(
+        output, to_numpy(model(inputs, training=False)), rtol=0, atol=atol
+    )
+
+
+@pytest.mark.parametrize(
+    "init_kwargs",
+    [
+        {"num_heads": 4, "ffn_units": 32},
+        {"num_heads": 4, "ffn_units": 24, "num_kv_heads": 2, "causal": True,
+         "dropout": 0.1, "drop_path": 0.2, "activation": "silu", "key_dim": 6},
+    ],
+    ids=["default", "gqa-causal-dropout"],
+)
+def test_transformer_block_contract(init_kwargs):
+    # A single input: the attention inside runs the fused self-attention path.
+    run_layer_test(
+        TransformerBlock, init_kwargs, QUERY, expected_output_shape=QUERY.shape
+    )
+
+
+# --- oracle: keras.layers.MultiHeadAttention with the same weights -------------
+
+
+@pytest.mark.parametrize(
+    "call_kwargs",
+    [{}, {"attention_mask": MASK}, {"use_causal_mask": True},
+     {"attention_mask": MASK, "use_causal_mask": True}],
+    ids=["plain", "attention-mask", "causal", "mask-and-causal"],
+)
+def test_cross_attention_equals_keras(call_kwargs):
+    ours = MultiHeadAttention(4, 8)
+    ours(QUERY, VALUE)
+    randomize_biases(ours)
+    reference = keras.layers.MultiHeadAttention(4, 8)
+    reference(QUERY, VALUE)
+    copy_into_keras(ours, reference)
+    np.testing.assert_allclose(
+        to_numpy(ours(QUERY, VALUE, **call_kwargs)),
+        to_numpy(reference(QUERY, VALUE, **call_kwargs)),
+        rtol=1e-5, atol=1e-5,
+    )
+
+
+@pytest.mark.parametrize(
+    "call_kwargs",
+    [{}, {"attention_mask": SELF_MASK}, {"use_causal_mask": True}],
+    ids=["plain", "attention-mask", "causal"],
+)
+def test_fused_self_attention_equals_keras(call_kwargs):
+    ours = MultiHeadAttention(4, 8, output_dim=12)
+    ours(QUERY, QUERY)
+    randomize_biases(ours)
+    reference = keras.layers.MultiHeadAttention(4, 8, output_shape=12)
+    reference(QUERY, QUERY)
+    copy_into_keras(ours, reference)
+    np.testing.assert_allclose(
+        to_numpy(ours(QUERY, QUERY, **call_kwargs)),
+        to_numpy(reference(QUERY, QUERY, **call_kwargs)),
+        rtol=1e-5, atol=1e-5,
+    )
+
+
+def test_causal_constructor_argument_equals_keras_use_causal_mask():
+    ours = MultiHeadAttention(2, 8, causal=True)
+    ours(QUERY, QUERY)
+    randomize_biases(ours)
+    reference = keras.layers.MultiHeadAttention(2, 8)
+    reference(QUERY, QUERY)
+    copy_into_keras(ours, reference)
+    np.testing.assert_allclose(
+        to_numpy(ours(QUERY, QUERY)),
+        to_numpy(reference(QUERY, QUERY, use_causal_mask=True)),
+        rtol=1e-5, atol=1e-5,
+    )
+
+
+def test_attention_scores_equal_keras():
+    ours = MultiHeadAttention(4, 8)
+    ours(QUERY, VALUE)
+    reference = keras.layers.MultiHeadAttention(4, 8)
+    reference(QUERY, VALUE)
+    copy_into_keras(ours, reference)
+    output, scores = ours(QUERY, VALUE, attention_mask=MASK,
+                          return_attention_scores=True)
+    ref_output, ref_scores = reference(QUERY, VALUE, attention_mask=MASK,
+                                       return_attention_scores=True)
+    assert tuple(scores.shape) == (BATCH, 4, QUERY_LENGTH, KEY_LENGTH)
+    np.testing.assert_allclose(to_numpy(scores), to_numpy(ref_scores),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(to_numpy(output), to_numpy(ref_output),
+                               rtol=1e-5, atol=1e-5)
+
+
+def _masked_model(layer, vocabulary=10):
+    """Embedding(mask_zero) -> layer(x, x) -> masked average pooling: the
+    pooling only agrees with Keras if the output mask propagates too."""
+    tokens = keras.Input(shape=(None,), dtype="int32")
+    embedded = keras.layers.Embedding(vocabulary, FEATURES, mask_zero=True)(tokens)
+    attended = layer(embedded, embedded)
+    pooled = keras.layers.GlobalAveragePooling1D()(attended)
+    return keras.Model(tokens, [attended, pooled])
+
+
+def test_padding_masks_propagate_like_keras():
+    tokens = np.array([[3, 4, 5, 0, 0], [1, 2, 3, 4, 0]], dtype="int32")
+    ours = _masked_model(MultiHeadAttention(4, 8))
+    reference = _masked_model(keras.layers.MultiHeadAttention(4, 8))
+    reference.layers[1].set_weights(ours.layers[1].get_weights())
+    randomize_biases(ours.layers[2])
+    copy_into_keras(ours.layers[2], reference.layers[2])
+    attended, pooled = (to_numpy(x) for x in ours(tokens))
+    ref_attended, ref_pooled = (to_numpy(x) for x in reference(tokens))
+    np.testing.assert_allclose(attended, ref_attended, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(pooled, ref_pooled, rtol=1e-5, atol=1e-5)
+    # The padding matters: without it the valid positions would differ.
+    embedded = to_numpy(ours.layers[1](tokens))  # NumPy: no mask attached
+    unmasked = to_numpy(ours.layers[2](embedded, embedded))
+    assert np.abs(unmasked[0, :3] - attended[0, :3]).max() > 1e-3
+
+
+# --- oracle: NumPy references ----------------------------------------------------
+
+
+@pytest.mark.parametrize("self_attention", [True, False], ids=["self", "cross"])
+@pytest.mark.parametrize("num_kv_heads", [1, 2], ids=["mqa", "gqa2"])
+def test_grouped_query_equals_mha_with_repeated_kv_heads(num_kv_heads, self_attention):
+    value = QUERY if self_attention else VALUE
+    grouped = MultiHeadAttention(4, 8, num_kv_heads=num_kv_heads)
+    grouped(QUERY, value)
+    randomize_biases(grouped)
+    full = MultiHeadAttention(4, 8)
+    full(QUERY, value)
+    group = 4 // num_kv_heads
+    for name, (kernel, bias) in weights_of(grouped).items():
+        dense = getattr(full, f"{name}_dense")
+        if name in ("key", "value"):
+            # kv head k serves query heads k*G .. k*G+G-1: repeat each head.
+            kernel = np.repeat(kernel.reshape(FEATURES, num_kv_heads, 8), group,
+                               axis=1).reshape(FEATURES, -1)
+            bias = np.repeat(bias.reshape(num_kv_heads, 8), group, axis=0).ravel()
+        dense.kernel.assign(kernel)
+        dense.bias.assign(bias)
+    for kwargs in ({}, {"attention_mask": MASK[:, :, : value.shape[1]]},
+                   {"use_causal_mask": True}):
+        np.testing.assert_allclose(
+            to_numpy(grouped(QUERY, value, **kwargs)),
+            to_numpy(full(QUERY, value, **kwargs)),
+            rtol=1e-5, atol=1e-5,
+        )
+
+
+def test_rotary_embedding_equals_numpy_rotation():
+    x = RNG.normal(size=(2, 6, 3, 8)).astype("float32")
+    np.testing.assert_allclose(
+        to_numpy(attention.rotary_embedding(x)), numpy_rope(x),
+        rtol=1e-5, atol=1e-5,
+    )
+
+
+def test_rope_logits_depend_only_on_relative_position():
+    # The defining property of RoPE: <rot(q, i), rot(k, j)> depends on i - j.
+    q = np.tile(RNG.normal(size=(1, 1, 1, 8)), (1, 6, 1, 1)).astype("float32")
+    k = np.tile(RNG.normal(size=(1, 1, 1, 8)), (1, 6, 1, 1)).astype("float32")
+    rq, rk = to_numpy(attention.rotary_embedding(q)), to_numpy(attention.rotary_embedding(k))
+    logits = np.einsum("btnh,bsnh->ts", rq, rk)
+    for offset in range(-5, 6):
+        diagonal = np.diagonal(logits, offset)
+        np.testing.assert_allclose(diagonal, diagonal[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "init_kwargs, self_attention, mask",
+    [
+        ({"num_kv_heads": 2, "rope": True}, True, None),
+        ({"num_kv_heads": 2, "rope": True, "causal": True}, True, SELF_MASK),
+        ({"num_kv_heads": 1, "rope": True, "value_dim": 6}, False, MASK),
+    ],
+    ids=["self-gqa-rope", "self-gqa-rope-causal-mask", "cross-mqa-rope-value-dim"],
+)
+def test_layer_equals_numpy_reference(init_kwargs, self_attention, mask):
+    value = QUERY if self_attention else VALUE
+    layer = MultiHeadAttention(4, 8, **init_kwargs)
+    layer(QUERY, value)
+    randomize_biases(layer)
+    call_kwargs = {} if mask is None else {"attention_mask": mask}
+    np.testing.assert_allclose(
+        to_numpy(layer(QUERY, value, **call_kwargs)),
+        numpy_attention(layer, QUERY, value, mask, causal=layer.causal),
+        rtol=1e-4, atol=1e-4,
+    )
+
+
+def test_attention_dropout_only_in_training():
+    layer = MultiHeadAttention(4, 8, dropout=0.5, seed=1)
+    inference = to_numpy(layer(QUERY, VALUE, training=False))
+    np.testing.assert_allclose(inference, numpy_attention(layer, QUERY, VALUE),
+                               rtol=1e-4, atol=1e-4)
+    assert np.abs(to_numpy(layer(QUERY, VALUE, training=True)) - inference).max() > 1e-3
+
+
+def test_transformer_block_equals_its_sublayers_composed():
+    block = TransformerBlock(4, 24, num_kv_heads=2, causal=True)
+    output = to_numpy(block(QUERY))
+    hidden_kernel, hidden_bias = (to_numpy(w) for w in block.ffn.hidden_dense.weights)
+    output_kernel, output_bias = (to_numpy(w) for w in block.ffn.output_dense.weights)
+
+    def layer_norm(x):
+        mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+        return (x - mean) / np.sqrt(var + 1e-5)
+
+    def gelu(x):
+        return to_numpy(keras.activations.gelu(x.astype("float32")))
+
+    normed = layer_norm(QUERY.astype("float64")).astype("float32")
+    x = QUERY + numpy_attention(block.attention, normed, normed, causal=True)
+    ffn = gelu(layer_norm(x) @ hidden_kernel + hidden_bias) @ output_kernel + output_bias
+    np.testing.assert_allclose(output, x + ffn, rtol=1e-4, atol=1e-4)
+
+
+# --- variable sequence length ------------------------------------------------------
+
+
+def test_variable_length_input_matches_fixed_length_layer():
+    layer = MultiHeadAttention(4, 8, num_kv_heads=2, rope=True, causal=True)
+    tokens = keras.Input(shape=(None, FEATURES))
+    model = keras.Model(tokens, layer(tokens, tokens))
+    assert model.output_shape == (None, None, FEATURES)
+    for length in (3, 6):
+        x = QUERY[:, :length] if length <= QUERY_LENGTH else np.concatenate(
+            [QUERY, QUERY[:, : length - QUERY_LENGTH]], axis=1)
+        np.testing.assert_allclose(
+            to_numpy(model.predict(x, verbose=0)),
+            numpy_attention(layer, x, x, causal=True), rtol=1e-4, atol=1e-4,
+        )
+
+
+@pytest.mark.backends("tensorflow")
+def test_variable_length_transformer_block_converts_to_tflite():
+    from hlkeras import export
+
+    tokens = keras.Input(shape=(None, FEATURES))
+    model = keras.Model(tokens, TransformerBlock(4, 32, causal=True)(tokens))
+    tflite_model = export.model_to_tflite(model)
+    for length in (3, 6):
+        x = np.concatenate([QUERY, QUERY], axis=1)[:, :length]
+        np.testing.assert_allclose(
+            export.run_tflite(tflite_model, x),
+            to_numpy(model.predict(x, verbose=0)), rtol=0, atol=1e-4,
+        )
+
+
+# --- bad input -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make_layer, pattern",
+    [
+        (lambda: MultiHeadAttention(4, 8, num_kv_heads=3), r"`num_kv_heads`.*=3.*num_heads=4"),
+        (lambda: MultiHeadAttention(4, 7, rope=True), r"`key_dim`.*even.*key_dim=7"),
+        (lambda: MultiHeadAttention(0, 8), r"`num_heads`.*num_heads=0"),
+        (lambda: MultiHeadAttention(4, 8, dropout=1.0), r"`dropout`.*1.0"),
+        (lambda: MultiHeadAttention(4, 8, value_dim=-2), r"`value_dim`.*-2"),
+        (lambda: MultiHeadAttention(4, 8, num_kv_heads=0), r"`num_kv_heads`.*=0"),
+        (lambda: TransformerBlock(4, 0), r"`ffn_units`.*0"),
+        (lambda: TransformerBlock(4, 8, num_kv_heads=3), r"`num_kv_heads`.*=3"),
+        (lambda: TransformerBlock(4, 8, drop_path=1.5), r"`drop_path`.*1.5"),
+        (lambda: TransformerBlock(4, 8, activation="nope"), r"`activation`.*'nope'"),
+        (lambda: TransformerBlock(4, 8, num_experts=-1), r"`num_experts`.*-1"),
+    ],
+)
+def test_bad_constructor_arguments_name_the_argument(make_layer, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        make_layer()
+
+
+def test_mixture_of_experts_ffn_is_not_implemented_yet():
+    with pytest.raises(NotImplementedError, match=r"num_experts=4.*MixtureOfExperts"):
+        TransformerBlock(4, 8, num_experts=4)
+
+
+def test_feature_mismatch_that_cannot_be_projected():
+    layer = MultiHeadAttention(4, 8)
+    layer(QUERY, VALUE)
+    with pytest.raises(ValueError, match=r"`value` has 12 features.*built for 16"):
+        layer(QUERY, VALUE_12)
+    with pytest.raises(ValueError, match=r"`query` has 12 features.*built for 16"):
+        layer(VALUE_12, VALUE)
+
+
+def test_value_and_key_lengths_must_agree():
+    with pytest.raises(ValueError, match=r"`value` and `key`.*\(2, 7, 16\).*\(2, 5, 16\)"):
+        MultiHeadAttention(4, 8)(QUERY, VALUE, key=QUERY)
+
+
+def test_inputs_must_be_sequences():
+    with pytest.raises(ValueError, match=r"`query`.*\(batch, length, features\).*\(2, 16\)"):
+        MultiHeadAttention(4, 8)(QUERY[:, 0], VALUE)
+
+
+@pytest.mark.parametrize(
+    "mask_shape",
+    [(BATCH, QUERY_LENGTH, 3), (3, QUERY_LENGTH, KEY_LENGTH), (BATCH, 3, QUERY_LENGTH, KEY_LENGTH),
+     (KEY_LENGTH,)],
+)
+def test_mask_that_cannot_broadcast_shows_both_shapes(mask_shape):
+    layer = MultiHeadAttention(4, 8)
+    expected = (
+        r"`attention_mask`.*" + _escaped((BATCH, 4, QUERY_LENGTH, KEY_LENGTH))
+        + r".*attention_mask\.shape=" + _escaped(mask_shape)
+    )
+    with pytest.raises(ValueError, match=expected):
+        layer(QUERY, VALUE, attention_mask=np.ones(mask_shape, bool))
+
+
+def _escaped(shape):
+    return str(tuple(shape)).replace("(", r"\(").replace(")", r"\)")
+
+
+def test_transformer_block_needs_heads_to_divide_width_without_key_dim():
+    with pytest.raises(ValueError, match=r"`num_heads`.*num_heads=3.*d=16"):
+        TransformerBlock(3, 8)(QUERY)
+
+
+def test_docstring_examples_run():
+    failures, tried = doctest.testmod(
+        attention, extraglobs={"keras": keras}, optionflags=doctest.ELLIPSIS
+    )
+    assert tried > 0 and failures == 0
