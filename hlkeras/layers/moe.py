@@ -56,12 +56,16 @@ def route_top_k(router_logits, top_k):
         logits) and `(tokens, experts)` softmax over all logits.
     """
     top_logits, expert_index = ops.top_k(router_logits, k=top_k)
-    # Softmax by hand: `ops.softmax` warns on the size-1 axis of top_k=1,
-    # where this still gives 1 (or NaN for NaN logits, as it should).
-    shifted = ops.exp(top_logits - ops.max(top_logits, axis=-1, keepdims=True))
-    gates = shifted / ops.sum(shifted, axis=-1, keepdims=True)
-    router_probs = ops.softmax(router_logits, axis=-1)
+    gates = _softmax(top_logits)
+    router_probs = _softmax(router_logits)
     return ops.cast(expert_index, "int32"), gates, router_probs
+
+
+def _softmax(logits):
+    # By hand: `ops.softmax` warns on a size-1 axis (top_k=1 or one expert),
+    # where this still gives 1, or NaN for NaN logits, as it should.
+    shifted = ops.exp(logits - ops.max(logits, axis=-1, keepdims=True))
+    return shifted / ops.sum(shifted, axis=-1, keepdims=True)
 
 
 def load_balance_loss(router_probs, expert_index, num_experts):
