@@ -95,12 +95,11 @@ def randomize_biases(layer):
         # different (both correct) routings.
         ({"num_experts": 4, "hidden_units": 8, "capacity_factor": 2.0},
          SEQUENCES, (4, 5, 6)),
-        ({"num_experts": 4, "hidden_units": 8, "capacity_factor": None,
-          "output_units": 3, "dropout": 0.1}, SEQUENCES, (4, 5, 3)),
-        ({"num_experts": 3, "hidden_units": 8, "top_k": 1, "activation": "relu",
-          "capacity_factor": 4.0, "router_jitter": 0.1}, VECTORS, (8, 6)),
+        ({"num_experts": 3, "hidden_units": 8, "capacity_factor": None,
+          "top_k": 1, "activation": "relu", "output_units": 3, "dropout": 0.1,
+          "router_jitter": 0.1}, VECTORS, (8, 3)),
     ],
-    ids=["capacity", "dropless-projection", "top1-vectors-jitter"],
+    ids=["capacity-sequences", "dropless-top1-vectors-projection-jitter"],
 )
 def test_moe_contract(init_kwargs, inputs, expected_shape):
     run_layer_test(
@@ -113,14 +112,14 @@ def test_moe_contract(init_kwargs, inputs, expected_shape):
 
 @pytest.mark.parametrize(
     "capacity_factor, top_k, activation, output_units",
-    [(100.0, 2, "gelu", None), (None, 2, "relu", 4), (None, 3, "gelu", None)],
+    [(100.0, 2, "gelu", None), (None, 2, "relu", 3), (None, 3, "gelu", None)],
     ids=["capacity-no-drops", "dropless-relu-projection", "dropless-top3"],
 )
 def test_equals_naive_all_experts_reference_when_nothing_drops(
     capacity_factor, top_k, activation, output_units
 ):
     layer = MixtureOfExperts(
-        5, 7, top_k=top_k, capacity_factor=capacity_factor,
+        4, 8, top_k=top_k, capacity_factor=capacity_factor,
         activation=activation, output_units=output_units,
     )
     layer.build(SEQUENCES.shape)
@@ -134,11 +133,11 @@ def test_equals_naive_all_experts_reference_when_nothing_drops(
 
 
 def test_tiny_capacity_drops_exactly_the_numpy_slot_rule():
-    num_experts, top_k, capacity_factor = 3, 2, 0.5
+    num_experts, top_k, capacity_factor = 4, 2, 0.5
     layer = MixtureOfExperts(
-        num_experts, 6, top_k=top_k, capacity_factor=capacity_factor, activation="relu"
+        num_experts, 8, top_k=top_k, capacity_factor=capacity_factor, activation="relu"
     )
-    tokens = RNG.normal(size=(24, 6)).astype("float32")
+    tokens = SEQUENCES.reshape(-1, 6)
     layer.build(tokens.shape)
     # A router biased towards expert 0 makes its queue overflow.
     router = RNG.normal(size=(6, num_experts)).astype("float32")
@@ -270,25 +269,31 @@ def test_gradients_reach_router_and_exactly_the_experts_that_got_tokens(capacity
 
 
 def test_nan_router_logits_give_nan_outputs_for_exactly_those_tokens():
-    num_tokens, num_experts, top_k, capacity = 6, 3, 2, 2  # some drops
-    tokens = keras.ops.convert_to_tensor(RNG.normal(size=(num_tokens, 4)).astype("float32"))
+    num_tokens, num_experts, top_k, capacity = 20, 4, 2, 5  # some drops
+    tokens = keras.ops.convert_to_tensor(SEQUENCES.reshape(num_tokens, 6))
     logits = RNG.normal(size=(num_tokens, num_experts)).astype("float32")
-    logits[[1, 4]] = np.nan
+    logits[:, 0] += 2.0  # expert 0 overflows: some choices are dropped
+    logits[[1, 19]] = np.nan
     expert_index, gates, _ = moe.route_top_k(keras.ops.convert_to_tensor(logits), top_k)
     positions = moe.expert_positions(expert_index, num_experts)
     row, kept, row_token, row_valid, block_expert, block_size = moe.capacity_layout(
         *positions, num_tokens, capacity
     )
     buffer = moe.dispatch_tokens(tokens, row_token, row_valid, block_size)
-    w1 = RNG.normal(size=(num_experts, 4, 5)).astype("float32")
-    w2 = RNG.normal(size=(num_experts, 5, 4)).astype("float32")
+    w1 = RNG.normal(size=(num_experts, 6, 8)).astype("float32")
+    w2 = RNG.normal(size=(num_experts, 8, 6)).astype("float32")
     expert_outputs = moe.expert_ffn(
-        buffer, w1, np.zeros((num_experts, 5), "float32"), w2,
-        np.zeros((num_experts, 4), "float32"), keras.activations.relu,
+        buffer, w1, np.zeros((num_experts, 8), "float32"), w2,
+        np.zeros((num_experts, 6), "float32"), keras.activations.relu,
     )
     output = to_numpy(moe.combine_expert_outputs(expert_outputs, row, kept, gates))
-    assert np.isnan(output[[1, 4]]).all()
-    assert np.isfinite(output[[0, 2, 3, 5]]).all()
+    # Which experts a NaN token picks is backend-specific; here token 19, the
+    # last in every queue, loses at least one choice on every backend, so
+    # the test covers a dropped NaN assignment too.
+    assert not to_numpy(kept).reshape(top_k, num_tokens)[:, 19].all()
+    assert np.isnan(output[[1, 19]]).all()
+    finite_tokens = [t for t in range(num_tokens) if t not in (1, 19)]
+    assert np.isfinite(output[finite_tokens]).all()
 
 
 def test_nan_router_weights_make_the_output_and_loss_nan_and_stop_fit():
@@ -314,11 +319,11 @@ def test_nan_router_weights_make_the_output_and_loss_nan_and_stop_fit():
 
 @pytest.mark.backends("tensorflow", "torch")
 def test_fit_logs_routing_metrics_matching_the_numpy_slot_rule():
-    num_experts, top_k, capacity_factor = 3, 2, 0.5
-    tokens = RNG.normal(size=(24, 6)).astype("float32")
+    num_experts, top_k, capacity_factor = 4, 2, 0.5
+    tokens = SEQUENCES.reshape(-1, 6)
     inputs = keras.Input(shape=(6,))
     layer = MixtureOfExperts(
-        num_experts, 6, top_k=top_k, capacity_factor=capacity_factor, name="moe"
+        num_experts, 8, top_k=top_k, capacity_factor=capacity_factor, name="moe"
     )
     model = keras.Model(inputs, layer(inputs))
     router = RNG.normal(size=(6, num_experts)).astype("float32")
@@ -327,7 +332,7 @@ def test_fit_logs_routing_metrics_matching_the_numpy_slot_rule():
     # A learning rate of 0 keeps the routing fixed, so the one-batch
     # statistics are exactly those of the NumPy rule.
     model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
-    history = model.fit(tokens, tokens, batch_size=24, epochs=1, verbose=0).history
+    history = model.fit(tokens, tokens, batch_size=20, epochs=1, verbose=0).history
 
     expert_index, _ = np_route(tokens @ router, top_k)
     capacity = math.ceil(capacity_factor * len(tokens) * top_k / num_experts)
@@ -352,8 +357,8 @@ def test_variable_sequence_length_in_a_functional_model():
     layer = MixtureOfExperts(4, 8, capacity_factor=100.0)
     model = keras.Model(inputs, layer(inputs))
     assert model.output_shape == (None, None, 6)
-    for length in (3, 7):
-        data = RNG.normal(size=(2, length, 6)).astype("float32")
+    for length in (5, 3):
+        data = RNG.normal(size=(4, length, 6)).astype("float32")
         reference = np_moe(data.reshape(-1, 6), layer_weights(layer), 2, "gelu")
         output = to_numpy(model(data)).reshape(-1, 6)
         np.testing.assert_allclose(output, reference, rtol=1e-5, atol=1e-5)
