@@ -151,7 +151,8 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-jit", action="store_true", help="eager TF / JAX")
     parser.add_argument("--dropless-methods", action="store_true",
-                        help="also time the padded dropless alternative")
+                        help="also time the padded dropless alternative (at the "
+                        "--all-experts-at sizes: it is as slow as all experts)")
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args(argv)
 
@@ -196,7 +197,7 @@ def main(argv=None):
                 f"ratio_vs_active_dense={row['ratio_vs_active_dense']:.2f} "
                 f"dropless_ms={row['dropless_ms']:.1f} "
                 f"dropless_ratio_vs_active_dense={row['dropless_ratio_vs_active_dense']:.2f}")
-        if args.dropless_methods:
+        if args.dropless_methods and num_experts in all_experts_at:
             padded_seconds = time_layer(
                 MixtureOfExperts(num_experts, args.hidden, top_k=args.top_k,
                                  capacity_factor=num_experts / args.top_k),
