@@ -362,8 +362,10 @@ class MixtureOfExperts(keras.layers.Layer):
     calls: `<name>_dropped_fraction` (fraction of assignments dropped) and
     `<name>_max_expert_load` (largest expert share of the assignments times
     E: 1.0 is perfectly balanced, E means one expert gets everything). The
-    per-expert shares are in `<name>_expert_load` (a vector). `fit` shows
-    them on the TensorFlow and torch backends. On JAX, `fit` runs the model
+    per-expert shares are in `<name>_expert_load` (a vector; the progress
+    bar shows its mean, the `History` the vector). `fit` shows them on the
+    TensorFlow and torch backends; before any training call (e.g. in
+    `evaluate`) they read NaN, meaning "not measured". On JAX, `fit` runs the model
     statelessly and Keras 3.15 drops metric updates made inside a layer
     (keras-team/keras#21639), so there the metrics are not updated.
 
@@ -585,13 +587,18 @@ class MixtureOfExperts(keras.layers.Layer):
         return config
 
 
-class _VectorMean(keras.metrics.Metric):
-    """Running mean of a fixed-size vector (the per-expert load)."""
+class _RoutingMean(keras.metrics.Metric):
+    """Running mean of a routing statistic (a scalar or a vector).
 
-    def __init__(self, size, name=None, dtype=None):
+    Before any training call it reads NaN, not 0: the statistics are
+    collected in training only, and an `evaluate` log of 0 dropped tokens
+    would be a claim nobody measured.
+    """
+
+    def __init__(self, shape=(), name=None, dtype=None):
         super().__init__(name=name, dtype=dtype)
-        self.size = size
-        self.total = self.add_variable(shape=(size,), initializer="zeros", name="total")
+        self.shape = tuple(shape)
+        self.total = self.add_variable(shape=self.shape, initializer="zeros", name="total")
         self.count = self.add_variable(shape=(), initializer="zeros", name="count")
 
     def update_state(self, values):
@@ -599,10 +606,11 @@ class _VectorMean(keras.metrics.Metric):
         self.count.assign_add(ops.cast(1, self.dtype))
 
     def result(self):
-        return self.total / ops.maximum(self.count, 1.0)
+        mean = self.total / ops.maximum(self.count, 1.0)
+        return ops.where(self.count > 0, mean, ops.full_like(mean, float("nan")))
 
     def get_config(self):
-        return {"size": self.size, "name": self.name, "dtype": self.dtype}
+        return {"shape": self.shape, "name": self.name, "dtype": self.dtype}
 
 
 def _routing_metrics(layer_name, num_experts):
@@ -611,9 +619,9 @@ def _routing_metrics(layer_name, num_experts):
     if keras.backend.backend() == "jax":
         return []
     return [
-        keras.metrics.Mean(name=f"{layer_name}_dropped_fraction"),
-        keras.metrics.Mean(name=f"{layer_name}_max_expert_load"),
-        _VectorMean(num_experts, name=f"{layer_name}_expert_load"),
+        _RoutingMean(name=f"{layer_name}_dropped_fraction"),
+        _RoutingMean(name=f"{layer_name}_max_expert_load"),
+        _RoutingMean((num_experts,), name=f"{layer_name}_expert_load"),
     ]
 
 

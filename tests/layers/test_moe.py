@@ -343,6 +343,9 @@ def test_fit_logs_routing_metrics_matching_the_numpy_slot_rule():
     np.testing.assert_allclose(
         history["moe_max_expert_load"][0], load.max() * num_experts, rtol=1e-6
     )
+    # Inference calls do not measure routing: evaluate reports NaN, not 0.
+    evaluated = model.evaluate(tokens, tokens, verbose=0, return_dict=True)
+    assert np.isnan(evaluated["moe_dropped_fraction"])
 
 
 @pytest.mark.backends("jax")
