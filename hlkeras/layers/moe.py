@@ -502,8 +502,8 @@ class MixtureOfExperts(keras.layers.Layer):
         self._add_aux_losses(router_logits, router_probs, expert_index)
 
         positions = expert_positions(expert_index, self.num_experts)
-        layout = self._layout(positions, num_tokens)
-        assignment_row, assignment_kept, row_token, row_valid, block_expert, block_size = layout
+        (assignment_row, assignment_kept, row_token, row_valid, block_expert,
+         block_size) = self._layout(positions, num_tokens)
 
         expert_inputs = dispatch_tokens(tokens, row_token, row_valid, block_size)
         expert_outputs = expert_ffn(

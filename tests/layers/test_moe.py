@@ -172,7 +172,9 @@ def test_dropless_layout_places_every_assignment_in_its_experts_block():
     logits = RNG.normal(size=(num_tokens, num_experts)).astype("float32")
     logits[:, 2] += 2.0  # a skewed load, so block counts differ per expert
     expert_index, _ = np_route(logits, top_k)
-    positions = moe.expert_positions(keras.ops.convert_to_tensor(expert_index, "int32"), num_experts)
+    positions = moe.expert_positions(
+        keras.ops.convert_to_tensor(expert_index, "int32"), num_experts
+    )
     num_assignments = num_tokens * top_k
     block_size = moe.dropless_block_size(num_assignments, num_experts)
     num_blocks = moe.dropless_num_blocks(num_assignments, num_experts, block_size)
@@ -195,11 +197,11 @@ def test_aux_losses_equal_numpy_formulas():
     layer = MixtureOfExperts(
         4, 8, top_k=2, load_balance_weight=0.3, router_z_weight=0.07
     )
-    output_before = layer(SEQUENCES)  # builds
+    layer.build(SEQUENCES.shape)
+    # Large logits, so the z-loss is far from its value at zero logits.
     layer.router.kernel.assign(3.0 * RNG.normal(size=(6, 4)).astype("float32"))
     layer(SEQUENCES)
     load_balance, z_loss = (float(to_numpy(loss)) for loss in layer.losses)
-    del output_before
 
     logits = SEQUENCES.reshape(-1, 6) @ to_numpy(layer.router.kernel)
     expert_index, _ = np_route(logits, 2)
@@ -338,7 +340,9 @@ def test_fit_logs_routing_metrics_matching_the_numpy_slot_rule():
     capacity = math.ceil(capacity_factor * len(tokens) * top_k / num_experts)
     kept = np_kept(expert_index, num_experts, capacity)
     load = np.bincount(expert_index.ravel(), minlength=num_experts) / expert_index.size
-    np.testing.assert_allclose(history["moe_dropped_fraction"][0], 1 - kept.mean(), rtol=1e-6)
+    np.testing.assert_allclose(
+        history["moe_dropped_fraction"][0], 1 - kept.mean(), rtol=1e-6
+    )
     np.testing.assert_allclose(history["moe_expert_load"][0], load, rtol=1e-6)
     np.testing.assert_allclose(
         history["moe_max_expert_load"][0], load.max() * num_experts, rtol=1e-6
