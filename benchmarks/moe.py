@@ -113,7 +113,9 @@ def make_step(layer, inputs, jit_compile):
                 )
             return tape.gradient(loss, layer.trainable_variables)
 
-        return lambda: [g.numpy() for g in grad_fn(inputs)][0]
+        # Dropless mode gathers the expert weights, so some gradients are
+        # IndexedSlices; converting them is part of the backward pass.
+        return lambda: [tf.convert_to_tensor(g).numpy() for g in grad_fn(inputs)]
 
     def torch_step():
         for variable in layer.trainable_variables:
