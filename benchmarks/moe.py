@@ -111,11 +111,13 @@ def make_step(layer, inputs, jit_compile):
                 loss = tf.reduce_mean(tf.square(y)) + tf.add_n(
                     [tf.constant(0.0)] + list(layer.losses)
                 )
-            return tape.gradient(loss, layer.trainable_variables)
+            grads = tape.gradient(loss, layer.trainable_variables)
+            # One scalar that depends on every gradient: fetching it waits
+            # for the whole backward pass without copying the gradients out.
+            # (Dropless mode gathers expert weights: some are IndexedSlices.)
+            return tf.add_n([tf.reduce_sum(tf.convert_to_tensor(g)) for g in grads])
 
-        # Dropless mode gathers the expert weights, so some gradients are
-        # IndexedSlices; converting them is part of the backward pass.
-        return lambda: [tf.convert_to_tensor(g).numpy() for g in grad_fn(inputs)]
+        return lambda: grad_fn(inputs).numpy()
 
     def torch_step():
         for variable in layer.trainable_variables:
