@@ -1,12 +1,17 @@
 """The hlkeras custom layers. Each family lives in its own module."""
 
+from hlkeras.layers.attention import MultiHeadAttention
+from hlkeras.layers.attention import TransformerBlock
+from hlkeras.layers.moe import MixtureOfExperts
 from hlkeras.layers.residual import ConvResidualBlock
 from hlkeras.layers.residual import DropPath
 from hlkeras.layers.residual import ResidualBlock
 
-__all__ = ["ConvResidualBlock", "DropPath", "ResidualBlock"]
-
-from hlkeras.layers.attention import MultiHeadAttention  # noqa: E402
-from hlkeras.layers.attention import TransformerBlock  # noqa: E402
-
-__all__ += ["MultiHeadAttention", "TransformerBlock"]
+__all__ = [
+    "ConvResidualBlock",
+    "DropPath",
+    "MixtureOfExperts",
+    "MultiHeadAttention",
+    "ResidualBlock",
+    "TransformerBlock",
+]

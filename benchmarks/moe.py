@@ -1,0 +1,233 @@
+"""Benchmark: sparse MixtureOfExperts against its anchors, on the active backend.
+
+Forward + backward (gradients of a mean-square loss plus the aux losses with
+respect to every trainable weight) at tokens 4096, d 256, hidden 512, top_k 2,
+for E in {8, 32, 64}; median of repeats after warm-up. Every number is a
+ratio to an anchor measured in the same process:
+
+- ratio_vs_active_dense: MoE time / a dense FFN with hidden top_k*hidden
+  (the same active FLOPs per token). Target <= 1.5 at E=32.
+- speedup_vs_all_experts: a KerasHub-style MoE that runs every expert on
+  every token (einsum) and weights by the gates / MoE time. Target >= 6 at
+  E=32.
+- scaling_64_vs_8: MoE time at E=64 / at E=8. Target <= 1.3.
+
+Dropless mode (capacity_factor=None, block-sparse grouped matmul) is measured
+too, and, with --dropless-methods, the padded alternative (capacity = all
+tokens, i.e. every expert's buffer holds every token).
+
+Usage:
+    KERAS_BACKEND=jax PYTHONPATH=. python benchmarks/moe.py --json out.json
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import keras
+import numpy as np
+from keras import ops
+
+from hlkeras.layers import MixtureOfExperts
+
+BACKEND = keras.backend.backend()
+
+
+class DenseFFN(keras.layers.Layer):
+    """The FLOP-matched anchor: d -> hidden -> d."""
+
+    def __init__(self, hidden_units, activation="gelu", **kwargs):
+        super().__init__(**kwargs)
+        self.hidden = keras.layers.Dense(hidden_units, activation=activation)
+        self.out = None
+
+    def build(self, input_shape):
+        self.hidden.build(input_shape)
+        self.out = keras.layers.Dense(input_shape[-1])
+        self.out.build(tuple(input_shape[:-1]) + (self.hidden.units,))
+
+    def call(self, inputs, training=None):
+        return self.out(self.hidden(inputs))
+
+
+class AllExpertsMoE(keras.layers.Layer):
+    """KerasHub-style (Mixtral / Qwen-MoE) MoE: every expert computes every
+    token with one einsum; the top-k gates weight the results."""
+
+    def __init__(self, num_experts, hidden_units, top_k=2, **kwargs):
+        super().__init__(**kwargs)
+        self.num_experts = num_experts
+        self.hidden_units = hidden_units
+        self.top_k = top_k
+
+    def build(self, input_shape):
+        d, e, h = input_shape[-1], self.num_experts, self.hidden_units
+        self.router = self.add_weight(shape=(d, e), name="router")
+        self.w1 = self.add_weight(shape=(e, d, h), name="w1")
+        self.b1 = self.add_weight(shape=(e, h), initializer="zeros", name="b1")
+        self.w2 = self.add_weight(shape=(e, h, d), name="w2")
+        self.b2 = self.add_weight(shape=(e, d), initializer="zeros", name="b2")
+
+    def call(self, inputs, training=None):
+        logits = ops.matmul(inputs, self.router)
+        top_logits, top_index = ops.top_k(logits, k=self.top_k)
+        gates = ops.softmax(top_logits, axis=-1)
+        dense_gates = ops.sum(
+            ops.one_hot(top_index, self.num_experts) * gates[..., None], axis=1
+        )
+        hidden = ops.gelu(ops.einsum("td,edh->teh", inputs, self.w1) + self.b1)
+        outputs = ops.einsum("teh,ehd->ted", hidden, self.w2) + self.b2
+        return ops.einsum("ted,te->td", outputs, dense_gates)
+
+
+def make_step(layer, inputs, jit_compile):
+    """A zero-argument function running one forward + backward, synchronised."""
+    layer(inputs)  # build
+    if BACKEND == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        trainable = [v.value for v in layer.trainable_variables]
+        non_trainable = [v.value for v in layer.non_trainable_variables]
+
+        def loss_fn(trainable, x):
+            y, _, losses = layer.stateless_call(
+                trainable, non_trainable, x, training=True, return_losses=True
+            )
+            return jnp.mean(jnp.square(y)) + sum(losses)
+
+        grad_fn = jax.grad(loss_fn)
+        if jit_compile:
+            grad_fn = jax.jit(grad_fn)
+        return lambda: jax.block_until_ready(grad_fn(trainable, inputs))
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        @tf.function(jit_compile=jit_compile)
+        def grad_fn(x):
+            with tf.GradientTape() as tape:
+                y = layer(x, training=True)
+                loss = tf.reduce_mean(tf.square(y)) + tf.add_n(
+                    [tf.constant(0.0)] + list(layer.losses)
+                )
+            grads = tape.gradient(loss, layer.trainable_variables)
+            # One scalar that depends on every gradient: fetching it waits
+            # for the whole backward pass without copying the gradients out.
+            # (Dropless mode gathers expert weights: some are IndexedSlices.)
+            return tf.add_n([tf.reduce_sum(tf.convert_to_tensor(g)) for g in grads])
+
+        return lambda: grad_fn(inputs).numpy()
+
+    def torch_step():
+        for variable in layer.trainable_variables:
+            variable.value.grad = None
+        y = layer(inputs, training=True)
+        loss = ops.mean(ops.square(y)) + sum(layer.losses)
+        loss.backward()
+
+    return torch_step
+
+
+def median_seconds(step, warmup, repeats):
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--experts", default="8,32,64")
+    parser.add_argument(
+        "--all-experts-at", default="32",
+        help="E values at which to time the all-experts anchor (it is slow)",
+    )
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--no-jit", action="store_true", help="eager TF / JAX")
+    parser.add_argument("--dropless-methods", action="store_true",
+                        help="also time the padded dropless alternative (at the "
+                        "--all-experts-at sizes: it is as slow as all experts)")
+    parser.add_argument("--json", help="write the results to this file")
+    args = parser.parse_args(argv)
+
+    jit_compile = BACKEND in ("tensorflow", "jax") and not args.no_jit
+    experts = [int(e) for e in args.experts.split(",")]
+    all_experts_at = {int(e) for e in args.all_experts_at.split(",") if e}
+    inputs = ops.convert_to_tensor(
+        np.random.default_rng(0).normal(size=(args.tokens, args.dim)).astype("float32")
+    )
+
+    def time_layer(layer, repeats=args.repeats):
+        step = make_step(layer, inputs, jit_compile)
+        return median_seconds(step, args.warmup, repeats)
+
+    keras.utils.set_random_seed(0)
+    results = {"backend": BACKEND, "jit_compile": jit_compile, "tokens": args.tokens,
+               "dim": args.dim, "hidden": args.hidden, "top_k": args.top_k,
+               "experts": {}}
+    print(f"moe benchmark backend={BACKEND} jit_compile={jit_compile} "
+          f"tokens={args.tokens} d={args.dim} hidden={args.hidden} k={args.top_k}")
+    dense_seconds = time_layer(DenseFFN(args.top_k * args.hidden))
+    results["dense_ms"] = 1e3 * dense_seconds
+    for num_experts in experts:
+        row = {}
+        moe_seconds = time_layer(
+            MixtureOfExperts(num_experts, args.hidden, top_k=args.top_k)
+        )
+        # The dense anchor again, so slow drift of the shared machine
+        # cancels out in the ratio.
+        dense_seconds = time_layer(DenseFFN(args.top_k * args.hidden))
+        row["moe_ms"] = 1e3 * moe_seconds
+        row["dense_ms"] = 1e3 * dense_seconds
+        row["ratio_vs_active_dense"] = moe_seconds / dense_seconds
+        dropless_seconds = time_layer(
+            MixtureOfExperts(num_experts, args.hidden, top_k=args.top_k,
+                             capacity_factor=None)
+        )
+        row["dropless_ms"] = 1e3 * dropless_seconds
+        row["dropless_ratio_vs_active_dense"] = dropless_seconds / dense_seconds
+        line = (f"E={num_experts} moe_ms={row['moe_ms']:.1f} "
+                f"dense_ms={row['dense_ms']:.1f} "
+                f"ratio_vs_active_dense={row['ratio_vs_active_dense']:.2f} "
+                f"dropless_ms={row['dropless_ms']:.1f} "
+                f"dropless_ratio_vs_active_dense={row['dropless_ratio_vs_active_dense']:.2f}")
+        if args.dropless_methods and num_experts in all_experts_at:
+            padded_seconds = time_layer(
+                MixtureOfExperts(num_experts, args.hidden, top_k=args.top_k,
+                                 capacity_factor=num_experts / args.top_k),
+                repeats=max(1, args.repeats // 2),
+            )
+            row["padded_dropless_ms"] = 1e3 * padded_seconds
+            line += f" padded_dropless_ms={row['padded_dropless_ms']:.1f}"
+        if num_experts in all_experts_at:
+            all_seconds = time_layer(
+                AllExpertsMoE(num_experts, args.hidden, top_k=args.top_k),
+                repeats=max(1, args.repeats // 2),
+            )
+            row["all_experts_ms"] = 1e3 * all_seconds
+            row["speedup_vs_all_experts"] = all_seconds / moe_seconds
+            line += (f" all_experts_ms={row['all_experts_ms']:.1f} "
+                     f"speedup_vs_all_experts={row['speedup_vs_all_experts']:.2f}")
+        print(line, flush=True)
+        results["experts"][str(num_experts)] = row
+    if 8 in experts and 64 in experts:
+        scaling = results["experts"]["64"]["moe_ms"] / results["experts"]["8"]["moe_ms"]
+        results["scaling_64_vs_8"] = scaling
+        print(f"scaling_64_vs_8={scaling:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

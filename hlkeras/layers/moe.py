@@ -1,0 +1,692 @@
+"""Sparse Mixture-of-Experts: a router picks `top_k` of `num_experts` FFN
+experts per token, and each expert computes only the tokens sent to it.
+
+The layer is built from small pure functions (keras.ops only), in the order
+the data moves:
+
+1. `route_top_k`: router logits -> chosen experts, gates, router probabilities.
+2. `expert_positions`: each (token, choice) assignment's position in its
+   expert's queue, and the assignments sorted by expert.
+3. `capacity_layout` / `dropless_layout`: which buffer row each assignment
+   goes to (or that it is dropped), and which token fills each buffer row.
+4. `dispatch_tokens`: gathers the tokens into the expert buffer.
+5. `expert_ffn`: every expert's FFN as one batched matmul over the buffer.
+6. `combine_expert_outputs`: gathers each assignment's row back and sums the
+   gate-weighted results per token.
+
+Tokens move only by gathers (`ops.take`), never by a dense
+`[tokens, experts, capacity]` one-hot einsum (quadratic in tokens) nor by
+`ops.scatter` (a Python loop on torch). Priority in the expert queues is
+"choice-major": every token's first choice is queued before any second
+choice, and within a choice earlier tokens come first (Switch/GShard). Sorting
+uses unique keys, so the order is deterministic on every backend even where
+argsort is unstable.
+
+`expert_parallel_layout` is a `keras.distribution.LayoutMap` recipe that
+shards the expert weights over a device-mesh axis (expert parallelism on JAX).
+"""
+
+import math
+
+import keras
+from keras import ops
+
+from hlkeras.layers import _checks
+
+# Rows per block in dropless mode, as a fraction of the average expert load:
+# a block of `ceil(assignments / (experts * DROPLESS_BLOCKS_PER_EXPERT))`
+# rows wastes at most one partial block per expert, so the buffer holds at
+# most `(1 + 1 / DROPLESS_BLOCKS_PER_EXPERT)` times the assignments.
+DROPLESS_BLOCKS_PER_EXPERT = 2
+
+
+# --- 1. routing --------------------------------------------------------------
+
+
+def route_top_k(router_logits, top_k):
+    """Chooses `top_k` experts per token.
+
+    Args:
+        router_logits: `(tokens, experts)` float32 logits.
+        top_k: Number of experts per token.
+
+    Returns:
+        `(expert_index, gates, router_probs)`: `(tokens, top_k)` int32 chosen
+        experts (best first), `(tokens, top_k)` gates (softmax over the chosen
+        logits) and `(tokens, experts)` softmax over all logits.
+    """
+    top_logits, expert_index = ops.top_k(router_logits, k=top_k)
+    gates = _softmax(top_logits)
+    router_probs = _softmax(router_logits)
+    return ops.cast(expert_index, "int32"), gates, router_probs
+
+
+def _softmax(logits):
+    # By hand: `ops.softmax` warns on a size-1 axis (top_k=1 or one expert),
+    # where this still gives 1, or NaN for NaN logits, as it should.
+    shifted = ops.exp(logits - ops.max(logits, axis=-1, keepdims=True))
+    return shifted / ops.sum(shifted, axis=-1, keepdims=True)
+
+
+def load_balance_loss(router_probs, expert_index, num_experts):
+    """Switch Transformer load-balance loss (without its weight).
+
+    `E * sum_i f_i * P_i`, where `f_i` is the fraction of the
+    `tokens * top_k` assignments that chose expert i (before any capacity
+    drop) and `P_i` the mean router probability of expert i. It is 1 for a
+    perfectly uniform router and grows as routing concentrates.
+    """
+    chosen = ops.one_hot(ops.reshape(expert_index, (-1,)), num_experts)
+    assignment_fraction = ops.mean(chosen, axis=0)
+    mean_probability = ops.mean(router_probs, axis=0)
+    return num_experts * ops.sum(assignment_fraction * mean_probability)
+
+
+def router_z_loss(router_logits):
+    """ST-MoE router z-loss (without its weight): `mean(logsumexp(logits)^2)`.
+
+    It keeps the logits small, which keeps the router softmax stable in low
+    precision.
+    """
+    return ops.mean(ops.square(ops.logsumexp(router_logits, axis=-1)))
+
+
+# --- 2. queue positions ------------------------------------------------------
+
+
+def expert_positions(expert_index, num_experts):
+    """Places every (token, choice) assignment in its expert's queue.
+
+    Assignments are numbered choice-major: `a = choice * tokens + token`.
+
+    Args:
+        expert_index: `(tokens, top_k)` int32 chosen experts.
+        num_experts: Number of experts.
+
+    Returns:
+        `(assignment_expert, position_in_expert, tokens_per_expert,
+        sorted_assignments)`: `(A,)` expert of each assignment, `(A,)` its
+        0-based position in that expert's queue, `(E,)` queue lengths, and the
+        `(A,)` assignment numbers sorted by (expert, assignment).
+    """
+    assignment_expert = ops.reshape(ops.transpose(expert_index), (-1,))
+    num_assignments = ops.shape(assignment_expert)[0]
+    chosen = ops.one_hot(assignment_expert, num_experts, dtype="int32")
+    # Running count per expert column: the n-th assignment to an expert sees n.
+    position_in_expert = ops.sum(ops.cumsum(chosen, axis=0) * chosen, axis=-1) - 1
+    tokens_per_expert = ops.sum(chosen, axis=0)
+    # Unique keys make the sort order independent of argsort stability.
+    sort_keys = assignment_expert * num_assignments + ops.arange(
+        num_assignments, dtype="int32"
+    )
+    sorted_assignments = ops.cast(ops.argsort(sort_keys), "int32")
+    return assignment_expert, position_in_expert, tokens_per_expert, sorted_assignments
+
+
+# --- 3. buffer layouts -------------------------------------------------------
+# A layout cuts the expert buffer into `num_blocks` blocks of `block_size`
+# rows; every block belongs to one expert (`block_expert`), and an expert's
+# queue fills its blocks in order from `first_block[e]`.
+
+
+def _rows_to_tokens(
+    block_expert, first_block, block_size, tokens_per_expert, sorted_assignments,
+    num_tokens, max_position,
+):
+    """The token that fills each buffer row, and whether the row is used."""
+    num_blocks = ops.shape(block_expert)[0]
+    row_in_block = ops.arange(block_size, dtype="int32")
+    block_offset = (
+        ops.arange(num_blocks, dtype="int32") - ops.take(first_block, block_expert, axis=0)
+    ) * block_size
+    position = ops.reshape(block_offset[:, None] + row_in_block[None, :], (-1,))
+    row_expert = ops.repeat(block_expert, block_size)
+    queue_length = ops.minimum(
+        ops.take(tokens_per_expert, row_expert, axis=0), max_position
+    )
+    row_valid = position < queue_length
+    queue_start = ops.cumsum(tokens_per_expert) - tokens_per_expert
+    sorted_slot = ops.take(queue_start, row_expert, axis=0) + position
+    num_assignments = ops.shape(sorted_assignments)[0]
+    # Unused rows point at a valid index; `row_valid` masks them out later.
+    sorted_slot = ops.where(row_valid, sorted_slot, 0)
+    sorted_slot = ops.minimum(sorted_slot, num_assignments - 1)
+    row_token = ops.take(sorted_assignments, sorted_slot, axis=0) % num_tokens
+    return row_token, row_valid
+
+
+def capacity_layout(
+    assignment_expert, position_in_expert, tokens_per_expert, sorted_assignments,
+    num_tokens, expert_capacity,
+):
+    """One block of `expert_capacity` rows per expert; overflow is dropped.
+
+    Returns:
+        `(assignment_row, assignment_kept, row_token, row_valid, block_expert,
+        block_size)`. `block_expert` is `None`: block e is expert e, so the
+        expert weights need no gather.
+    """
+    num_experts = ops.shape(tokens_per_expert)[0]
+    assignment_kept = position_in_expert < expert_capacity
+    assignment_row = ops.where(
+        assignment_kept, assignment_expert * expert_capacity + position_in_expert, 0
+    )
+    block_expert = ops.arange(num_experts, dtype="int32")
+    row_token, row_valid = _rows_to_tokens(
+        block_expert, block_expert, expert_capacity, tokens_per_expert,
+        sorted_assignments, num_tokens, expert_capacity,
+    )
+    return assignment_row, assignment_kept, row_token, row_valid, None, expert_capacity
+
+
+def dropless_block_size(num_assignments, num_experts):
+    """Rows per block: the average expert load / DROPLESS_BLOCKS_PER_EXPERT.
+
+    `num_assignments` may be a tensor (dynamic batch); the result then is one.
+    """
+    blocks = num_experts * DROPLESS_BLOCKS_PER_EXPERT
+    if isinstance(num_assignments, int):
+        return max(1, -(-num_assignments // blocks))
+    return ops.maximum(1, (num_assignments + blocks - 1) // blocks)
+
+
+def dropless_num_blocks(num_assignments, num_experts, block_size):
+    """Upper bound on the blocks needed: each expert wastes < one block."""
+    return num_assignments // block_size + num_experts
+
+
+def dropless_layout(
+    assignment_expert, position_in_expert, tokens_per_expert, sorted_assignments,
+    num_tokens, block_size, num_blocks,
+):
+    """Every assignment kept: each expert gets `ceil(load / block_size)` blocks.
+
+    This is a block-sparse grouped matmul (as in MegaBlocks): the buffer has a
+    static size of `num_blocks * block_size` rows, so it jits, while no token
+    is ever dropped.
+
+    Returns:
+        Like `capacity_layout`, with `block_expert` the `(num_blocks,)` expert
+        of every block (unused trailing blocks point at expert 0, all rows
+        invalid).
+    """
+    num_experts = ops.shape(tokens_per_expert)[0]
+    blocks_per_expert = (tokens_per_expert + block_size - 1) // block_size
+    block_end = ops.cumsum(blocks_per_expert)
+    first_block = block_end - blocks_per_expert
+    block_index = ops.arange(num_blocks, dtype="int32")
+    # Block j belongs to the first expert whose blocks end after j.
+    block_expert = ops.sum(
+        ops.cast(block_end[None, :] <= block_index[:, None], "int32"), axis=-1
+    )
+    block_expert = ops.minimum(block_expert, num_experts - 1)
+    row_token, row_valid = _rows_to_tokens(
+        block_expert, first_block, block_size, tokens_per_expert,
+        sorted_assignments, num_tokens, num_tokens,
+    )
+    # Trailing spare blocks were clamped onto the last expert: mask them.
+    spare_block = block_index >= block_end[-1]
+    row_valid = ops.logical_and(
+        row_valid, ops.logical_not(ops.repeat(spare_block, block_size))
+    )
+    assignment_row = (
+        ops.take(first_block, assignment_expert, axis=0) * block_size
+        + position_in_expert
+    )
+    assignment_kept = ops.ones_like(position_in_expert, dtype="bool")
+    return assignment_row, assignment_kept, row_token, row_valid, block_expert, block_size
+
+
+# --- 4.-6. dispatch, experts, combine -----------------------------------------
+
+
+def dispatch_tokens(tokens, row_token, row_valid, block_size):
+    """Gathers `(tokens, d)` into the `(blocks, block_size, d)` expert buffer."""
+    rows = ops.take(tokens, row_token, axis=0)
+    rows = ops.where(row_valid[:, None], rows, ops.zeros_like(rows))
+    return ops.reshape(rows, (-1, block_size, ops.shape(tokens)[-1]))
+
+
+def expert_ffn(
+    expert_inputs, hidden_kernel, hidden_bias, output_kernel, output_bias,
+    activation, block_expert=None, hidden_dropout=None, training=None,
+):
+    """Runs every block of the buffer through its expert's FFN.
+
+    Args:
+        expert_inputs: `(blocks, rows, d)` buffer.
+        hidden_kernel, hidden_bias, output_kernel, output_bias: The stacked
+            expert weights `(E, d, h)`, `(E, h)`, `(E, h, o)`, `(E, o)`.
+        activation: Activation function.
+        block_expert: `None` when block e is expert e, else `(blocks,)`
+            expert of every block (the weights are gathered per block).
+        hidden_dropout: Optional dropout layer for the hidden activations.
+        training: Passed to the dropout layer.
+
+    Returns:
+        `(blocks, rows, o)` expert outputs.
+    """
+    if block_expert is not None:
+        hidden_kernel = ops.take(hidden_kernel, block_expert, axis=0)
+        hidden_bias = ops.take(hidden_bias, block_expert, axis=0)
+        output_kernel = ops.take(output_kernel, block_expert, axis=0)
+        output_bias = ops.take(output_bias, block_expert, axis=0)
+    hidden = ops.matmul(expert_inputs, hidden_kernel) + hidden_bias[:, None, :]
+    hidden = activation(hidden)
+    if hidden_dropout is not None:
+        hidden = hidden_dropout(hidden, training=training)
+    return ops.matmul(hidden, output_kernel) + output_bias[:, None, :]
+
+
+def combine_expert_outputs(expert_outputs, assignment_row, assignment_kept, gates):
+    """Sums each token's gate-weighted expert outputs.
+
+    A dropped assignment contributes zero (the residual around the block
+    carries the token). The gate multiplies last, so a NaN gate (from NaN
+    router logits) makes that token's output NaN even when it was dropped:
+    NaN routing never passes silently.
+
+    Args:
+        expert_outputs: `(blocks, rows, o)`.
+        assignment_row: `(A,)` buffer row of each choice-major assignment.
+        assignment_kept: `(A,)` bool.
+        gates: `(tokens, top_k)`.
+
+    Returns:
+        `(tokens, o)`.
+    """
+    output_dim = ops.shape(expert_outputs)[-1]
+    flat_outputs = ops.reshape(expert_outputs, (-1, output_dim))
+    gathered = ops.take(flat_outputs, assignment_row, axis=0)
+    gathered = ops.where(assignment_kept[:, None], gathered, ops.zeros_like(gathered))
+    top_k = ops.shape(gates)[-1]
+    num_tokens = ops.shape(gates)[0]
+    gathered = ops.reshape(gathered, (top_k, num_tokens, output_dim))
+    choice_major_gates = ops.cast(ops.transpose(gates), gathered.dtype)
+    return ops.sum(gathered * choice_major_gates[:, :, None], axis=0)
+
+
+def expert_capacity_for(num_tokens, num_experts, top_k, capacity_factor):
+    """`min(ceil(capacity_factor * tokens * top_k / E), tokens)`.
+
+    An expert never holds more than `tokens` assignments (a token picks
+    distinct experts), so the cap costs nothing. `num_tokens` may be a tensor
+    (a dynamic batch in an exported model); the result then is one too.
+    """
+    if isinstance(num_tokens, int):
+        capacity = math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+        return max(1, min(capacity, num_tokens))
+    scaled = ops.cast(num_tokens, "float32") * (capacity_factor * top_k / num_experts)
+    capacity = ops.cast(ops.ceil(scaled), "int32")
+    return ops.maximum(1, ops.minimum(capacity, num_tokens))
+
+
+def _in_stateless_scope():
+    # There is no public accessor; JAX training runs the layer in a
+    # StatelessScope where metric variables are not mapped.
+    from keras.src.backend import in_stateless_scope
+
+    return in_stateless_scope()
+
+
+# --- the layer ----------------------------------------------------------------
+
+
+@keras.saving.register_keras_serializable(package="hlkeras")
+class MixtureOfExperts(keras.layers.Layer):
+    """Sparse Mixture-of-Experts FFN: each token runs only its `top_k` experts.
+
+    Maps `(..., d)` to `(..., output_units or d)`. Every expert is an FFN
+    `d -> hidden_units -> out`. A float32 linear router (float32 even under a
+    mixed-precision policy) picks the `top_k` experts of each token; their
+    gates are the softmax over the chosen logits.
+
+    With `capacity_factor` set, each expert takes at most
+    `C = min(ceil(capacity_factor * tokens * top_k / E), tokens)` assignments
+    per call; later ones (every token's first choice is queued before any
+    second choice) are dropped and contribute zero, so the residual around the
+    block carries the token. Shapes are static: it jits and converts to TFLite
+    with builtin ops only.
+
+    With `capacity_factor=None` the layer is dropless: the assignments are
+    grouped by expert into blocks, and a block-sparse grouped matmul computes
+    every one of them. Its cost is at most 1.5x the routed FLOPs plus a gather
+    of the expert weights per block. It also has static shapes and jits.
+
+    Two auxiliary losses are added with `add_loss` in every call:
+    `load_balance_weight * E * sum_i f_i P_i` (Switch Transformer, `f_i` the
+    fraction of assignments to expert i, `P_i` its mean router probability)
+    and `router_z_weight * mean(logsumexp(logits)^2)` (ST-MoE).
+
+    Routing statistics are Keras metrics of the layer, updated in training
+    calls: `<name>_dropped_fraction` (fraction of assignments dropped) and
+    `<name>_max_expert_load` (largest expert share of the assignments times
+    E: 1.0 is perfectly balanced, E means one expert gets everything). The
+    per-expert shares are in `<name>_expert_load` (a vector; the progress
+    bar shows its mean, the `History` the vector). `fit` shows them on the
+    TensorFlow and torch backends; before any training call (e.g. in
+    `evaluate`) they read NaN, meaning "not measured". On JAX, `fit` runs the model
+    statelessly and Keras 3.15 drops metric updates made inside a layer
+    (keras-team/keras#21639), so there the metrics are not updated.
+
+    NaN router logits (e.g. from NaN inputs) are not routed silently: the
+    output of those tokens is NaN, and so are the auxiliary losses, so
+    `keras.callbacks.TerminateOnNaN` stops training.
+
+    Args:
+        num_experts: Positive int, the number of experts E.
+        hidden_units: Positive int, the hidden width of every expert.
+        top_k: Int in [1, num_experts], experts per token.
+        capacity_factor: Float > 0 (capacity mode) or `None` (dropless).
+        output_units: Positive int, output width. Defaults to the input width.
+        activation: Name of a Keras activation for the expert hidden layer.
+        load_balance_weight: Float >= 0, weight of the load-balance loss.
+        router_z_weight: Float >= 0, weight of the router z-loss.
+        router_jitter: Float in [0, 1). In training, the router input is
+            multiplied by noise uniform in `[1 - jitter, 1 + jitter]`.
+        dropout: Float in [0, 1), dropout on the expert hidden activations.
+        **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
+
+    Call arguments:
+        inputs: Tensor of shape `(batch, ..., d)`; every position is a token.
+        training: Python boolean: enables jitter, dropout and metric updates.
+
+    Example:
+
+    >>> inputs = keras.Input(shape=(None, 16))
+    >>> moe = MixtureOfExperts(4, 32, top_k=2)
+    >>> outputs = moe(inputs)
+    >>> keras.Model(inputs, outputs).output_shape
+    (None, None, 16)
+    """
+
+    def __init__(
+        self,
+        num_experts,
+        hidden_units,
+        *,
+        top_k=2,
+        capacity_factor=1.25,
+        output_units=None,
+        activation="gelu",
+        load_balance_weight=1e-2,
+        router_z_weight=1e-3,
+        router_jitter=0.0,
+        dropout=0.0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_experts = _checks.check_positive_int("num_experts", num_experts)
+        self.hidden_units = _checks.check_positive_int("hidden_units", hidden_units)
+        self.top_k = _checks.check_positive_int("top_k", top_k)
+        if self.top_k > self.num_experts:
+            raise ValueError(
+                "Argument `top_k` must be in [1, num_experts]. "
+                f"Received: top_k={top_k!r} with num_experts={num_experts}"
+            )
+        if capacity_factor is not None:
+            if isinstance(capacity_factor, bool) or not isinstance(
+                capacity_factor, (int, float)
+            ) or not capacity_factor > 0:
+                raise ValueError(
+                    "Argument `capacity_factor` must be a number > 0, or None "
+                    f"for dropless routing. Received: capacity_factor={capacity_factor!r}"
+                )
+            capacity_factor = float(capacity_factor)
+        self.capacity_factor = capacity_factor
+        self.output_units = (
+            None
+            if output_units is None
+            else _checks.check_positive_int("output_units", output_units)
+        )
+        self.activation = _checks.check_activation("activation", activation)
+        self.load_balance_weight = _checks.check_non_negative(
+            "load_balance_weight", load_balance_weight
+        )
+        self.router_z_weight = _checks.check_non_negative(
+            "router_z_weight", router_z_weight
+        )
+        self.router_jitter = _checks.check_rate("router_jitter", router_jitter)
+        self.dropout = _checks.check_rate("dropout", dropout)
+        self.activation_fn = keras.activations.get(self.activation)
+        self.jitter_seed = (
+            keras.random.SeedGenerator() if self.router_jitter > 0 else None
+        )
+        self.routing_metrics = _routing_metrics(self.name, self.num_experts)
+
+    @property
+    def is_dropless(self):
+        """True when `capacity_factor=None`: no token is ever dropped."""
+        return self.capacity_factor is None
+
+    def build(self, input_shape):
+        _checks.check_min_rank("MixtureOfExperts", input_shape, 2)
+        input_dim = _checks.check_feature_dim("MixtureOfExperts", input_shape)
+        output_dim = self.output_units or input_dim
+        experts, hidden = self.num_experts, self.hidden_units
+        # Router logits in float32 even under mixed precision: the top-k
+        # choice and the z-loss are sensitive to rounding.
+        self.router = keras.layers.Dense(
+            experts, use_bias=False, dtype="float32", name="router"
+        )
+        self.router.build(tuple(input_shape[:-1]) + (input_dim,))
+        self.expert_hidden_kernel = self.add_weight(
+            name="expert_hidden_kernel",
+            shape=(experts, input_dim, hidden),
+            initializer=_per_expert_initializer(self.activation, experts),
+        )
+        self.expert_hidden_bias = self.add_weight(
+            name="expert_hidden_bias", shape=(experts, hidden), initializer="zeros"
+        )
+        self.expert_output_kernel = self.add_weight(
+            name="expert_output_kernel",
+            shape=(experts, hidden, output_dim),
+            initializer=_per_expert_initializer(None, experts),
+        )
+        self.expert_output_bias = self.add_weight(
+            name="expert_output_bias", shape=(experts, output_dim), initializer="zeros"
+        )
+        self.hidden_dropout = (
+            keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
+            if self.dropout
+            else None
+        )
+
+    def call(self, inputs, training=None):
+        input_shape = ops.shape(inputs)
+        tokens = ops.reshape(inputs, (-1, input_shape[-1]))
+        num_tokens = _num_tokens(inputs)
+
+        router_logits = self._router_logits(tokens, training)
+        expert_index, gates, router_probs = route_top_k(router_logits, self.top_k)
+        self._add_aux_losses(router_logits, router_probs, expert_index)
+
+        positions = expert_positions(expert_index, self.num_experts)
+        (assignment_row, assignment_kept, row_token, row_valid, block_expert,
+         block_size) = self._layout(positions, num_tokens)
+
+        expert_inputs = dispatch_tokens(tokens, row_token, row_valid, block_size)
+        expert_outputs = expert_ffn(
+            expert_inputs,
+            self.expert_hidden_kernel,
+            self.expert_hidden_bias,
+            self.expert_output_kernel,
+            self.expert_output_bias,
+            self.activation_fn,
+            block_expert=block_expert,
+            hidden_dropout=self.hidden_dropout,
+            training=training,
+        )
+        outputs = combine_expert_outputs(
+            expert_outputs, assignment_row, assignment_kept, gates
+        )
+        if training and self.routing_metrics and not _in_stateless_scope():
+            self._update_routing_metrics(positions[2], assignment_kept)
+        output_dim = ops.shape(outputs)[-1]
+        return ops.reshape(outputs, tuple(input_shape[:-1]) + (output_dim,))
+
+    def _router_logits(self, tokens, training):
+        router_inputs = ops.cast(tokens, "float32")
+        if training and self.router_jitter > 0:
+            router_inputs = router_inputs * keras.random.uniform(
+                ops.shape(router_inputs),
+                minval=1.0 - self.router_jitter,
+                maxval=1.0 + self.router_jitter,
+                seed=self.jitter_seed,
+            )
+        return self.router(router_inputs)
+
+    def _add_aux_losses(self, router_logits, router_probs, expert_index):
+        if self.load_balance_weight:
+            self.add_loss(
+                self.load_balance_weight
+                * load_balance_loss(router_probs, expert_index, self.num_experts)
+            )
+        if self.router_z_weight:
+            self.add_loss(self.router_z_weight * router_z_loss(router_logits))
+
+    def _layout(self, positions, num_tokens):
+        num_assignments = num_tokens * self.top_k
+        if self.capacity_factor is not None:
+            capacity = expert_capacity_for(
+                num_tokens, self.num_experts, self.top_k, self.capacity_factor
+            )
+            return capacity_layout(*positions, num_tokens, capacity)
+        block_size = dropless_block_size(num_assignments, self.num_experts)
+        num_blocks = dropless_num_blocks(num_assignments, self.num_experts, block_size)
+        return dropless_layout(*positions, num_tokens, block_size, num_blocks)
+
+    def _update_routing_metrics(self, tokens_per_expert, assignment_kept):
+        load = ops.cast(tokens_per_expert, "float32")
+        load = load / ops.sum(load)
+        kept = ops.cast(assignment_kept, "float32")
+        dropped, max_load, expert_load = self.routing_metrics
+        dropped.update_state(1.0 - ops.mean(kept))
+        max_load.update_state(ops.max(load) * self.num_experts)
+        expert_load.update_state(load)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (self.output_units or input_shape[-1],)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_experts": self.num_experts,
+                "hidden_units": self.hidden_units,
+                "top_k": self.top_k,
+                "capacity_factor": self.capacity_factor,
+                "output_units": self.output_units,
+                "activation": self.activation,
+                "load_balance_weight": self.load_balance_weight,
+                "router_z_weight": self.router_z_weight,
+                "router_jitter": self.router_jitter,
+                "dropout": self.dropout,
+            }
+        )
+        return config
+
+
+class _RoutingMean(keras.metrics.Metric):
+    """Running mean of a routing statistic (a scalar or a vector).
+
+    Before any training call it reads NaN, not 0: the statistics are
+    collected in training only, and an `evaluate` log of 0 dropped tokens
+    would be a claim nobody measured.
+    """
+
+    def __init__(self, shape=(), name=None, dtype=None):
+        super().__init__(name=name, dtype=dtype)
+        self.shape = tuple(shape)
+        self.total = self.add_variable(shape=self.shape, initializer="zeros", name="total")
+        self.count = self.add_variable(shape=(), initializer="zeros", name="count")
+
+    def update_state(self, values):
+        self.total.assign_add(ops.cast(values, self.dtype))
+        self.count.assign_add(ops.cast(1, self.dtype))
+
+    def result(self):
+        mean = self.total / ops.maximum(self.count, 1.0)
+        return ops.where(self.count > 0, mean, ops.full_like(mean, float("nan")))
+
+    def get_config(self):
+        return {"shape": self.shape, "name": self.name, "dtype": self.dtype}
+
+
+def _routing_metrics(layer_name, num_experts):
+    """The layer's routing metrics, or `[]` on JAX where `fit` cannot update
+    them (a metric that always shows 0 would be worse than none)."""
+    if keras.backend.backend() == "jax":
+        return []
+    return [
+        _RoutingMean(name=f"{layer_name}_dropped_fraction"),
+        _RoutingMean(name=f"{layer_name}_max_expert_load"),
+        _RoutingMean((num_experts,), name=f"{layer_name}_expert_load"),
+    ]
+
+
+def _num_tokens(inputs):
+    """Product of all but the last dimension: a Python int when static."""
+    static = inputs.shape[:-1]
+    if all(isinstance(dim, int) for dim in static):
+        return math.prod(static)
+    dynamic = ops.shape(inputs)[:-1]
+    num_tokens = 1
+    for dim in dynamic:
+        num_tokens = num_tokens * dim
+    return num_tokens
+
+
+def _per_expert_initializer(activation, num_experts):
+    """He-normal or Glorot-uniform as if each expert were its own Dense.
+
+    Keras computes the fans of an `(E, d, h)` kernel as `(E*d, E*h)`;
+    scaling by E restores the per-expert `(d, h)` fans.
+    """
+    if _checks.kernel_initializer_for(activation) == "he_normal":
+        return keras.initializers.VarianceScaling(
+            scale=2.0 * num_experts, mode="fan_in", distribution="untruncated_normal"
+        )
+    return keras.initializers.VarianceScaling(
+        scale=1.0 * num_experts, mode="fan_avg", distribution="uniform"
+    )
+
+
+# --- expert parallelism ----------------------------------------------------------
+
+
+def expert_parallel_layout(device_mesh, expert_axis="model"):
+    """A `LayoutMap` that shards every MoE expert weight over `expert_axis`.
+
+    The stacked expert weights have the experts first (`(E, d, h)`,
+    `(E, h)`, ...); this map splits that axis over the mesh axis, so each
+    device holds `E / devices` experts, and replicates the router. Add your
+    own entries for other layers, then pass it to
+    `keras.distribution.ModelParallel` (functional on the JAX backend).
+
+    Args:
+        device_mesh: A `keras.distribution.DeviceMesh`.
+        expert_axis: Name of the mesh axis to shard the experts over. E must
+            be divisible by its size.
+
+    Returns:
+        A `keras.distribution.LayoutMap`.
+
+    Example:
+
+    ```python
+    mesh = keras.distribution.DeviceMesh((2, 4), ["data", "model"])
+    layout_map = expert_parallel_layout(mesh, expert_axis="model")
+    keras.distribution.set_distribution(keras.distribution.ModelParallel(
+        layout_map=layout_map, batch_dim_name="data"))
+    ```
+    """
+    if expert_axis not in device_mesh.axis_names:
+        raise ValueError(
+            f"Argument `expert_axis` must be one of the mesh axes "
+            f"{list(device_mesh.axis_names)}. Received: expert_axis={expert_axis!r}"
+        )
+    layout_map = keras.distribution.LayoutMap(device_mesh)
+    layout_map[r".*expert_(hidden|output)_kernel"] = (expert_axis, None, None)
+    layout_map[r".*expert_(hidden|output)_bias"] = (expert_axis, None)
+    return layout_map

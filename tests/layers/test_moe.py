@@ -1,0 +1,427 @@
+import math
+
+import keras
+import numpy as np
+import pytest
+from layer_testing import run_layer_test
+
+from hlkeras.layers import MixtureOfExperts
+from hlkeras.layers import moe
+
+BACKEND = keras.backend.backend()
+RNG = np.random.default_rng(0)
+SEQUENCES = RNG.normal(size=(4, 5, 6)).astype("float32")
+VECTORS = RNG.normal(size=(8, 6)).astype("float32")
+
+
+def to_numpy(x):
+    return keras.ops.convert_to_numpy(x)
+
+
+# --- NumPy oracles -------------------------------------------------------------
+
+
+def np_activation(name, x):
+    if name == "relu":
+        return np.maximum(x, 0.0)
+    if name == "gelu":  # exact (erf) gelu, Keras' default
+        erf = np.vectorize(math.erf)
+        return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
+    raise NotImplementedError(name)
+
+
+def np_route(logits, top_k):
+    """Top-k experts (best first) and softmax over the chosen logits."""
+    expert_index = np.argsort(-logits, axis=1, kind="stable")[:, :top_k]
+    chosen = np.take_along_axis(logits, expert_index, axis=1)
+    gates = np.exp(chosen - chosen.max(axis=1, keepdims=True))
+    return expert_index, gates / gates.sum(axis=1, keepdims=True)
+
+
+def np_kept(expert_index, num_experts, capacity):
+    """The slot rule: first choices of all tokens queue before second
+    choices, earlier tokens first; an expert keeps its first `capacity`."""
+    num_tokens, top_k = expert_index.shape
+    kept = np.zeros((num_tokens, top_k), dtype=bool)
+    queue_length = np.zeros(num_experts, dtype=int)
+    for choice in range(top_k):
+        for token in range(num_tokens):
+            expert = expert_index[token, choice]
+            kept[token, choice] = queue_length[expert] < capacity
+            queue_length[expert] += 1
+    return kept
+
+
+def layer_weights(layer):
+    return {
+        "router": to_numpy(layer.router.kernel),
+        "w1": to_numpy(layer.expert_hidden_kernel),
+        "b1": to_numpy(layer.expert_hidden_bias),
+        "w2": to_numpy(layer.expert_output_kernel),
+        "b2": to_numpy(layer.expert_output_bias),
+    }
+
+
+def np_moe(tokens, weights, top_k, activation, kept=None):
+    """Naive MoE: runs every expert on every token, then weights by the gates
+    of the chosen (and kept) experts."""
+    logits = tokens @ weights["router"]
+    expert_index, gates = np_route(logits, top_k)
+    if kept is not None:
+        gates = gates * kept
+    hidden = np_activation(
+        activation, np.einsum("td,edh->teh", tokens, weights["w1"]) + weights["b1"]
+    )
+    all_outputs = np.einsum("teh,eho->teo", hidden, weights["w2"]) + weights["b2"]
+    chosen = np.take_along_axis(all_outputs, expert_index[:, :, None], axis=1)
+    return np.sum(chosen * gates[:, :, None], axis=1)
+
+
+def randomize_biases(layer):
+    # Zero-initialized biases would let a missing bias pass the oracle.
+    for variable in (layer.expert_hidden_bias, layer.expert_output_bias):
+        variable.assign(RNG.normal(size=variable.shape).astype("float32"))
+
+
+# --- the layer contract -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "init_kwargs, inputs, expected_shape",
+    [
+        # capacity_factor=2 keeps every token here: with drops, a bfloat16
+        # rounding that flips one routing choice can change which later
+        # token is dropped, and the bfloat16 parity check would compare two
+        # different (both correct) routings.
+        ({"num_experts": 4, "hidden_units": 8, "capacity_factor": 2.0},
+         SEQUENCES, (4, 5, 6)),
+        ({"num_experts": 3, "hidden_units": 8, "capacity_factor": None,
+          "top_k": 1, "activation": "relu", "output_units": 3, "dropout": 0.1,
+          "router_jitter": 0.1}, VECTORS, (8, 3)),
+    ],
+    ids=["capacity-sequences", "dropless-top1-vectors-projection-jitter"],
+)
+def test_moe_contract(init_kwargs, inputs, expected_shape):
+    run_layer_test(
+        MixtureOfExperts, init_kwargs, inputs, expected_output_shape=expected_shape
+    )
+
+
+# --- oracle tests ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "capacity_factor, top_k, activation, output_units",
+    [(100.0, 2, "gelu", None), (None, 2, "relu", 3), (None, 3, "gelu", None)],
+    ids=["capacity-no-drops", "dropless-relu-projection", "dropless-top3"],
+)
+def test_equals_naive_all_experts_reference_when_nothing_drops(
+    capacity_factor, top_k, activation, output_units
+):
+    layer = MixtureOfExperts(
+        4, 8, top_k=top_k, capacity_factor=capacity_factor,
+        activation=activation, output_units=output_units,
+    )
+    layer.build(SEQUENCES.shape)
+    randomize_biases(layer)
+    output = to_numpy(layer(SEQUENCES))
+    tokens = SEQUENCES.reshape(-1, 6)
+    reference = np_moe(tokens, layer_weights(layer), top_k, activation)
+    np.testing.assert_allclose(
+        output.reshape(len(tokens), -1), reference, rtol=1e-5, atol=1e-5
+    )
+
+
+def test_tiny_capacity_drops_exactly_the_numpy_slot_rule():
+    num_experts, top_k, capacity_factor = 4, 2, 0.5
+    layer = MixtureOfExperts(
+        num_experts, 8, top_k=top_k, capacity_factor=capacity_factor, activation="relu"
+    )
+    tokens = SEQUENCES.reshape(-1, 6)
+    layer.build(tokens.shape)
+    # A router biased towards expert 0 makes its queue overflow.
+    router = RNG.normal(size=(6, num_experts)).astype("float32")
+    router[:, 0] += 1.0
+    layer.router.kernel.assign(router)
+    randomize_biases(layer)
+    output = to_numpy(layer(tokens))
+
+    weights = layer_weights(layer)
+    expert_index, _ = np_route(tokens @ weights["router"], top_k)
+    capacity = math.ceil(capacity_factor * len(tokens) * top_k / num_experts)
+    kept = np_kept(expert_index, num_experts, capacity)
+    assert 0 < (~kept).sum() < kept.size, "the setup must drop some, not all"
+    reference = np_moe(tokens, weights, top_k, "relu", kept=kept)
+    np.testing.assert_allclose(output, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_capacity_layout_keeps_the_numpy_slot_rule_assignments():
+    expert_index = RNG.integers(0, 4, size=(30, 1))
+    expert_index = np.concatenate([expert_index, (expert_index + 1) % 4], axis=1)
+    capacity = 9
+    positions = moe.expert_positions(keras.ops.convert_to_tensor(expert_index, "int32"), 4)
+    layout = moe.capacity_layout(*positions, 30, capacity)
+    assignment_kept = to_numpy(layout[1]).reshape(2, 30).T
+    np.testing.assert_array_equal(
+        assignment_kept, np_kept(expert_index, 4, capacity)
+    )
+
+
+def test_dropless_layout_places_every_assignment_in_its_experts_block():
+    num_tokens, num_experts, top_k = 37, 5, 2
+    logits = RNG.normal(size=(num_tokens, num_experts)).astype("float32")
+    logits[:, 2] += 2.0  # a skewed load, so block counts differ per expert
+    expert_index, _ = np_route(logits, top_k)
+    positions = moe.expert_positions(
+        keras.ops.convert_to_tensor(expert_index, "int32"), num_experts
+    )
+    num_assignments = num_tokens * top_k
+    block_size = moe.dropless_block_size(num_assignments, num_experts)
+    num_blocks = moe.dropless_num_blocks(num_assignments, num_experts, block_size)
+    row, kept, row_token, row_valid, block_expert, _ = (
+        to_numpy(t) if t is not None else None
+        for t in moe.dropless_layout(*positions, num_tokens, block_size, num_blocks)
+    )
+    assert kept.all()
+    assert len(set(row.tolist())) == num_assignments, "two assignments share a row"
+    assignment_token = np.arange(num_assignments) % num_tokens
+    assignment_expert = expert_index.T.reshape(-1)
+    # Each assignment's row holds its token, in a block of its expert.
+    np.testing.assert_array_equal(row_token[row], assignment_token)
+    assert row_valid[row].all()
+    np.testing.assert_array_equal(block_expert[row // block_size], assignment_expert)
+    assert row_valid.sum() == num_assignments
+
+
+def test_aux_losses_equal_numpy_formulas():
+    layer = MixtureOfExperts(
+        4, 8, top_k=2, load_balance_weight=0.3, router_z_weight=0.07
+    )
+    layer.build(SEQUENCES.shape)
+    # Large logits, so the z-loss is far from its value at zero logits.
+    layer.router.kernel.assign(3.0 * RNG.normal(size=(6, 4)).astype("float32"))
+    layer(SEQUENCES)
+    load_balance, z_loss = (float(to_numpy(loss)) for loss in layer.losses)
+
+    logits = SEQUENCES.reshape(-1, 6) @ to_numpy(layer.router.kernel)
+    expert_index, _ = np_route(logits, 2)
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    assignment_fraction = np.bincount(expert_index.ravel(), minlength=4) / expert_index.size
+    expected_load_balance = 0.3 * 4 * np.sum(assignment_fraction * probs.mean(axis=0))
+    logsumexp = np.log(np.exp(logits).sum(axis=1))
+    expected_z_loss = 0.07 * np.mean(logsumexp**2)
+    np.testing.assert_allclose(load_balance, expected_load_balance, rtol=1e-5)
+    np.testing.assert_allclose(z_loss, expected_z_loss, rtol=1e-5)
+
+
+def test_aux_loss_weights_of_zero_add_no_loss():
+    layer = MixtureOfExperts(4, 8, load_balance_weight=0.0, router_z_weight=0.0)
+    layer(SEQUENCES)
+    assert layer.losses == []
+
+
+def test_single_expert_top1_equals_its_ffn():
+    layer = MixtureOfExperts(1, 9, top_k=1, activation="relu", output_units=5)
+    layer.build(SEQUENCES.shape)
+    randomize_biases(layer)
+    hidden = keras.layers.Dense(9, activation="relu")
+    out = keras.layers.Dense(5)
+    hidden.build((None, 6))
+    out.build((None, 9))
+    weights = layer_weights(layer)
+    hidden.set_weights([weights["w1"][0], weights["b1"][0]])
+    out.set_weights([weights["w2"][0], weights["b2"][0]])
+    np.testing.assert_allclose(
+        to_numpy(layer(SEQUENCES)), to_numpy(out(hidden(SEQUENCES))), rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("capacity_factor", [1.25, None], ids=["capacity", "dropless"])
+def test_gradients_reach_router_and_exactly_the_experts_that_got_tokens(capacity_factor):
+    num_experts = 4
+    inputs = keras.Input(shape=(5, 6))
+    layer = MixtureOfExperts(
+        num_experts, 8, capacity_factor=capacity_factor,
+        load_balance_weight=0.0, router_z_weight=0.0,
+    )
+    model = keras.Model(inputs, layer(inputs))
+    # With positive inputs, experts 0-2 get logits > 0 and expert 3 gets 0:
+    # expert 3 is never in the top 2.
+    data = np.abs(SEQUENCES)
+    router = np.abs(RNG.normal(size=(6, num_experts))).astype("float32") + 1.0
+    router[:, 3] = 0.0
+    layer.router.kernel.assign(router)
+    before = layer_weights(layer)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    target = RNG.normal(size=(4, 5, 6)).astype("float32")
+    model.fit(data, target, batch_size=4, epochs=1, verbose=0)
+    after = layer_weights(layer)
+
+    assert not np.array_equal(before["router"], after["router"]), "router got no gradient"
+    for name in ("w1", "b1", "w2", "b2"):
+        for expert in range(3):
+            assert not np.array_equal(before[name][expert], after[name][expert]), (
+                f"expert {expert} {name} got no gradient"
+            )
+        np.testing.assert_array_equal(before[name][3], after[name][3])
+
+
+# --- NaN routing ---------------------------------------------------------------------
+
+
+def test_nan_router_logits_give_nan_outputs_for_exactly_those_tokens():
+    num_tokens, num_experts, top_k, capacity = 20, 4, 2, 5  # some drops
+    tokens = keras.ops.convert_to_tensor(SEQUENCES.reshape(num_tokens, 6))
+    logits = RNG.normal(size=(num_tokens, num_experts)).astype("float32")
+    logits[:, 0] += 2.0  # expert 0 overflows: some choices are dropped
+    logits[[1, 19]] = np.nan
+    expert_index, gates, _ = moe.route_top_k(keras.ops.convert_to_tensor(logits), top_k)
+    positions = moe.expert_positions(expert_index, num_experts)
+    row, kept, row_token, row_valid, block_expert, block_size = moe.capacity_layout(
+        *positions, num_tokens, capacity
+    )
+    buffer = moe.dispatch_tokens(tokens, row_token, row_valid, block_size)
+    w1 = RNG.normal(size=(num_experts, 6, 8)).astype("float32")
+    w2 = RNG.normal(size=(num_experts, 8, 6)).astype("float32")
+    expert_outputs = moe.expert_ffn(
+        buffer, w1, np.zeros((num_experts, 8), "float32"), w2,
+        np.zeros((num_experts, 6), "float32"), keras.activations.relu,
+    )
+    output = to_numpy(moe.combine_expert_outputs(expert_outputs, row, kept, gates))
+    # Which experts a NaN token picks is backend-specific; here token 19, the
+    # last in every queue, loses at least one choice on every backend, so
+    # the test covers a dropped NaN assignment too.
+    assert not to_numpy(kept).reshape(top_k, num_tokens)[:, 19].all()
+    assert np.isnan(output[[1, 19]]).all()
+    finite_tokens = [t for t in range(num_tokens) if t not in (1, 19)]
+    assert np.isfinite(output[finite_tokens]).all()
+
+
+def test_nan_router_weights_make_the_output_and_loss_nan_and_stop_fit():
+    inputs = keras.Input(shape=(5, 6))
+    layer = MixtureOfExperts(4, 8)
+    model = keras.Model(inputs, layer(inputs))
+    router = to_numpy(layer.router.kernel)
+    router[0, 0] = np.nan
+    layer.router.kernel.assign(router)
+    assert np.isnan(to_numpy(model(SEQUENCES))).all()
+    model.compile(optimizer="sgd", loss="mse")
+    history = model.fit(
+        SEQUENCES, SEQUENCES, batch_size=2, epochs=3, verbose=0,
+        callbacks=[keras.callbacks.TerminateOnNaN()],
+    )
+    assert model.stop_training
+    assert len(history.history["loss"]) == 1
+    assert np.isnan(history.history["loss"][0])
+
+
+# --- routing metrics ---------------------------------------------------------------
+
+
+@pytest.mark.backends("tensorflow", "torch")
+def test_fit_logs_routing_metrics_matching_the_numpy_slot_rule():
+    num_experts, top_k, capacity_factor = 4, 2, 0.5
+    tokens = SEQUENCES.reshape(-1, 6)
+    inputs = keras.Input(shape=(6,))
+    layer = MixtureOfExperts(
+        num_experts, 8, top_k=top_k, capacity_factor=capacity_factor, name="moe"
+    )
+    model = keras.Model(inputs, layer(inputs))
+    router = RNG.normal(size=(6, num_experts)).astype("float32")
+    router[:, 0] += 1.0
+    layer.router.kernel.assign(router)
+    # A learning rate of 0 keeps the routing fixed, so the one-batch
+    # statistics are exactly those of the NumPy rule.
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    history = model.fit(tokens, tokens, batch_size=20, epochs=1, verbose=0).history
+
+    expert_index, _ = np_route(tokens @ router, top_k)
+    capacity = math.ceil(capacity_factor * len(tokens) * top_k / num_experts)
+    kept = np_kept(expert_index, num_experts, capacity)
+    load = np.bincount(expert_index.ravel(), minlength=num_experts) / expert_index.size
+    np.testing.assert_allclose(
+        history["moe_dropped_fraction"][0], 1 - kept.mean(), rtol=1e-6
+    )
+    np.testing.assert_allclose(history["moe_expert_load"][0], load, rtol=1e-6)
+    np.testing.assert_allclose(
+        history["moe_max_expert_load"][0], load.max() * num_experts, rtol=1e-6
+    )
+    # Inference calls do not measure routing: evaluate reports NaN, not 0.
+    evaluated = model.evaluate(tokens, tokens, verbose=0, return_dict=True)
+    assert np.isnan(evaluated["moe_dropped_fraction"])
+
+
+@pytest.mark.backends("jax")
+def test_jax_layer_has_no_routing_metrics_that_fit_could_not_update():
+    # Keras 3.15 drops metric updates made inside a layer during JAX fit
+    # (keras-team/keras#21639): metrics that always read 0 would mislead.
+    assert MixtureOfExperts(4, 8).metrics == []
+
+
+def test_variable_sequence_length_in_a_functional_model():
+    inputs = keras.Input(shape=(None, 6))
+    layer = MixtureOfExperts(4, 8, capacity_factor=100.0)
+    model = keras.Model(inputs, layer(inputs))
+    assert model.output_shape == (None, None, 6)
+    for length in (5, 3):
+        data = RNG.normal(size=(4, length, 6)).astype("float32")
+        reference = np_moe(data.reshape(-1, 6), layer_weights(layer), 2, "gelu")
+        output = to_numpy(model(data)).reshape(-1, 6)
+        np.testing.assert_allclose(output, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_router_runs_in_float32_under_mixed_bfloat16():
+    layer = MixtureOfExperts(4, 8, dtype="mixed_bfloat16")
+    output = layer(SEQUENCES)
+    assert layer.router.compute_dtype == "float32"
+    assert layer.router.kernel.dtype == "float32"
+    assert keras.backend.standardize_dtype(output.dtype) == "bfloat16"
+
+
+def test_expert_capacity_formula():
+    assert moe.expert_capacity_for(100, 8, 2, 1.25) == math.ceil(1.25 * 100 * 2 / 8)
+    # Never more than the token count: an expert gets each token at most once.
+    assert moe.expert_capacity_for(10, 2, 2, 4.0) == 10
+    tensor_capacity = moe.expert_capacity_for(
+        keras.ops.convert_to_tensor(100, "int32"), 8, 2, 1.25
+    )
+    assert int(to_numpy(tensor_capacity)) == 32
+
+
+def test_dropless_flag():
+    assert MixtureOfExperts(4, 8, capacity_factor=None).is_dropless
+    assert not MixtureOfExperts(4, 8).is_dropless
+
+
+# --- bad input ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, argument, value",
+    [
+        ({"num_experts": 0, "hidden_units": 8}, "num_experts", "0"),
+        ({"num_experts": -2, "hidden_units": 8}, "num_experts", "-2"),
+        ({"num_experts": 4, "hidden_units": 0}, "hidden_units", "0"),
+        ({"num_experts": 4, "hidden_units": 8, "top_k": 5}, "top_k", "5"),
+        ({"num_experts": 4, "hidden_units": 8, "top_k": 0}, "top_k", "0"),
+        ({"num_experts": 4, "hidden_units": 8, "capacity_factor": 0.0}, "capacity_factor", "0.0"),
+        ({"num_experts": 4, "hidden_units": 8, "capacity_factor": -1}, "capacity_factor", "-1"),
+        ({"num_experts": 4, "hidden_units": 8, "load_balance_weight": -0.1},
+         "load_balance_weight", "-0.1"),
+        ({"num_experts": 4, "hidden_units": 8, "router_z_weight": -1e-3},
+         "router_z_weight", "-0.001"),
+        ({"num_experts": 4, "hidden_units": 8, "router_jitter": 1.0}, "router_jitter", "1.0"),
+        ({"num_experts": 4, "hidden_units": 8, "dropout": -0.5}, "dropout", "-0.5"),
+        ({"num_experts": 4, "hidden_units": 8, "output_units": 0}, "output_units", "0"),
+        ({"num_experts": 4, "hidden_units": 8, "activation": "nope"}, "activation", "'nope'"),
+    ],
+)
+def test_bad_constructor_arguments_name_the_argument(kwargs, argument, value):
+    with pytest.raises(ValueError, match=rf"`{argument}`.*{value}"):
+        MixtureOfExperts(**kwargs)
+
+
+def test_rejects_rank_one_input_at_build():
+    with pytest.raises(ValueError, match=r"rank >= 2.*\(6,\)"):
+        MixtureOfExperts(4, 8).build((6,))
