@@ -5,3 +5,7 @@ from hlkeras.layers.residual import DropPath
 from hlkeras.layers.residual import ResidualBlock
 
 __all__ = ["ConvResidualBlock", "DropPath", "ResidualBlock"]
+
+from hlkeras.layers.lora import LoRADense  # noqa: E402
+
+__all__ += ["LoRADense"]
