@@ -142,15 +142,16 @@ class LoRADense(keras.layers.Layer):
         return [self.lora_kernel_a, self.lora_kernel_b]
 
     def call(self, inputs, training=None):
-        outputs = ops.matmul(inputs, self.kernel)
-        if self.bias is not None:
-            outputs = ops.add(outputs, self.bias)
         adapter_inputs = inputs
         if self.dropout > 0.0:
             adapter_inputs = self.adapter_dropout(inputs, training=training)
         # Scale the thin (..., rank) activation, not the (..., units) one.
         low_rank = ops.matmul(adapter_inputs, self.lora_kernel_a) * self.scale
-        outputs = ops.add(outputs, ops.matmul(low_rank, self.lora_kernel_b))
+        outputs = ops.add(
+            ops.matmul(inputs, self.kernel), ops.matmul(low_rank, self.lora_kernel_b)
+        )
+        if self.bias is not None:
+            outputs = ops.add(outputs, self.bias)
         if self.activation_fn is not None:
             outputs = self.activation_fn(outputs)
         return outputs
