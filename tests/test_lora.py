@@ -182,7 +182,9 @@ def test_apply_lora_bad_arguments(kwargs, message):
 
 
 def test_apply_lora_rank_too_large_for_a_layer():
-    with pytest.raises(ValueError, match=r"`rank` must be <= min\(d_in, units\) = min\(6, 16\)"):
+    with pytest.raises(
+        ValueError, match=r"'hidden_1': argument `rank` must be <= min\(d_in, units\) = min\(6, 16\)"
+    ):
         lora.apply_lora(_mlp(), rank=7)
 
 
@@ -435,3 +437,13 @@ def test_digits_fine_tuned_merged_model_exports_to_tflite_builtins():
     np.testing.assert_allclose(tflite_logits, _predict(fine_tuned, images), rtol=0, atol=1e-4)
     tflite_accuracy = float(np.mean(np.argmax(tflite_logits, axis=-1) == labels))
     assert tflite_accuracy == _accuracy(fine_tuned, images, labels)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import hlkeras.layers.lora
+
+    for module in (hlkeras.layers.lora, lora):
+        result = doctest.testmod(module, extraglobs={"keras": keras})
+        assert result.attempted > 0 and result.failed == 0, module.__name__

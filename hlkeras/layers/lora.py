@@ -110,9 +110,10 @@ class LoRADense(keras.layers.Layer):
         input_dim = _checks.check_feature_dim("LoRADense", input_shape)
         if self.rank > min(input_dim, self.units):
             raise ValueError(
-                "Argument `rank` must be <= min(d_in, units) = "
-                f"min({input_dim}, {self.units}); a larger rank adds weights "
-                f"but no expressive power. Received: rank={self.rank}"
+                f"LoRADense '{self.name}': argument `rank` must be <= "
+                f"min(d_in, units) = min({input_dim}, {self.units}); a larger "
+                f"rank adds weights but no expressive power. "
+                f"Received: rank={self.rank}"
             )
         # The base is created frozen: `layer.trainable = True` only flips
         # variables created trainable, so it can never unfreeze the base.
