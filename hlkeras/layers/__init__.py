@@ -2,6 +2,7 @@
 
 from hlkeras.layers.attention import MultiHeadAttention
 from hlkeras.layers.attention import TransformerBlock
+from hlkeras.layers.lora import LoRADense
 from hlkeras.layers.moe import MixtureOfExperts
 from hlkeras.layers.residual import ConvResidualBlock
 from hlkeras.layers.residual import DropPath
@@ -10,6 +11,7 @@ from hlkeras.layers.residual import ResidualBlock
 __all__ = [
     "ConvResidualBlock",
     "DropPath",
+    "LoRADense",
     "MixtureOfExperts",
     "MultiHeadAttention",
     "ResidualBlock",
