@@ -268,9 +268,17 @@ def load_keras_model(path):
                 "layer (keras.saving.register_keras_serializable)."
             ) from None
         first_line = str(error).strip().splitlines()[0] if str(error) else ""
+        hint = ""
+        if "Could not locate class" in str(error):
+            # Also what a JAX/torch export hits: its TF subprocess imports
+            # only keras and hlkeras.
+            hint = (
+                " Only Keras built-in and hlkeras layers load here; register "
+                "custom layers in an importable module."
+            )
         raise ExportError(
             f"{path} is not a loadable Keras model: {type(error).__name__}: "
-            f"{first_line[:300]}"
+            f"{first_line[:300]}{hint}"
         ) from None
 
 
