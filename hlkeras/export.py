@@ -273,8 +273,10 @@ def load_keras_model(path):
             # Also what a JAX/torch export hits: its TF subprocess imports
             # only keras and hlkeras.
             hint = (
-                " Only Keras built-in and hlkeras layers load here; register "
-                "custom layers in an importable module."
+                " Custom layers must be registered with "
+                "keras.saving.register_keras_serializable in a module imported "
+                "before loading (the JAX/torch export subprocess imports only "
+                "keras and hlkeras)."
             )
         raise ExportError(
             f"{path} is not a loadable Keras model: {type(error).__name__}: "
@@ -509,6 +511,8 @@ def _layer_in_scope(scope, model):
 
 def _write_artifacts_in_tensorflow_process(model, staging_dir, request):
     """Saves `model` to `.keras` and converts it in a TF-backend subprocess."""
+    import keras
+
     work_dir = os.path.join(staging_dir, ".work")
     os.makedirs(work_dir)
     keras_path = os.path.join(work_dir, "model.keras")
@@ -518,7 +522,9 @@ def _write_artifacts_in_tensorflow_process(model, staging_dir, request):
         npy_path = os.path.join(work_dir, "representative.npy")
         np.save(npy_path, request.pop("representative_data"))
         request["representative_npy"] = npy_path
-    request.update(keras_path=keras_path, staging_dir=staging_dir)
+    request.update(
+        keras_path=keras_path, staging_dir=staging_dir, backend=keras.backend.backend()
+    )
     request_path = os.path.join(work_dir, "request.json")
     result_path = os.path.join(work_dir, "result.json")
     request["result_path"] = result_path
@@ -560,7 +566,13 @@ def _subprocess_main(request_path):
     with open(request_path) as file:
         request = json.load(file)
     try:
-        model = load_keras_model(request["keras_path"])
+        try:
+            model = load_keras_model(request["keras_path"])
+        except ExportError as error:
+            raise ExportError(
+                "The TensorFlow-backend export process could not load the "
+                f"model saved from {request['backend']}: {error}"
+            ) from None
         if "representative_npy" in request:
             request["representative_data"] = np.load(request["representative_npy"])
         _write_artifacts(model, request["staging_dir"], request)

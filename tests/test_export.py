@@ -481,3 +481,14 @@ def test_representative_data_of_the_wrong_shape_is_refused(tmp_path):
             quantization="int8",
             representative_data=np.zeros((10, 5), "float32"),
         )
+
+
+@pytest.mark.backends("jax", "torch")
+def test_subprocess_refusal_reaches_the_caller_and_publishes_nothing(tmp_path):
+    # In memory a Lambda runs fine; the TF-backend process must load it with
+    # safe_mode=True and refuses it.
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Lambda(lambda t: t * 2.0)(inputs))
+    with pytest.raises(export.ExportError, match="from (jax|torch).*Lambda.*safe_mode"):
+        export.export_model(model, tmp_path, latency_runs=0)
+    assert os.listdir(tmp_path) == []
