@@ -855,8 +855,10 @@ def export_model(
         "int8_io": bool(int8_io),
         "representative_data": representative_data,
     }
+    created_out_dir = not os.path.exists(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     staging_dir = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir)
+    published = False
     try:
         if backend == "tensorflow":
             _write_artifacts(model, staging_dir, request)
@@ -901,8 +903,11 @@ def export_model(
         with open(staged["report"], "w") as file:
             file.write(report.to_json())
         _publish(staged, targets, os.path.join(staging_dir, ".replaced"))
+        published = True
     finally:
         shutil.rmtree(staging_dir, ignore_errors=True)
+        if created_out_dir and not published and not os.listdir(out_dir):
+            os.rmdir(out_dir)
     return report
 
 

@@ -358,12 +358,13 @@ def test_flex_op_error_names_the_op_and_the_layer(tmp_path):
     hidden = keras.layers.Dense(4)(inputs)
     model = keras.Model(inputs, InverseErf(name="needs_flex")(hidden))
     with pytest.raises(export.ExportError) as raised:
-        export.export_model(model, tmp_path, formats=("tflite",))
+        export.export_model(model, tmp_path / "new", formats=("tflite",))
     message = str(raised.value)
     assert "'Erfinv'" in message
     assert "'needs_flex' (InverseErf)" in message
     assert "Flex" in message
-    assert os.listdir(tmp_path) == []  # No staging left behind, nothing published.
+    # Nothing published, no staging left behind, the directory it made removed.
+    assert os.listdir(tmp_path) == []
 
 
 # ---------------------------------------------------------------- atomic writes
@@ -490,5 +491,5 @@ def test_subprocess_refusal_reaches_the_caller_and_publishes_nothing(tmp_path):
     inputs = keras.Input((4,))
     model = keras.Model(inputs, keras.layers.Lambda(lambda t: t * 2.0)(inputs))
     with pytest.raises(export.ExportError, match="from (jax|torch).*Lambda.*safe_mode"):
-        export.export_model(model, tmp_path, latency_runs=0)
+        export.export_model(model, tmp_path / "new", latency_runs=0)
     assert os.listdir(tmp_path) == []
