@@ -379,26 +379,27 @@ def tiny_model(seed):
 @pytest.mark.backends("tensorflow")
 def test_existing_artifacts_need_overwrite_and_failures_keep_them(tmp_path):
     x = np.ones((2, 6), "float32")
-    first = export.export_model(tiny_model(1), tmp_path, latency_runs=0)
+    tflite_only = dict(formats=("tflite",), latency_runs=0)
+    first = export.export_model(tiny_model(1), tmp_path, **tflite_only)
     tflite_path = first.artifact("tflite").path
     original = read_bytes(tflite_path)
 
     with pytest.raises(export.ExportError, match="overwrite=True"):
-        export.export_model(tiny_model(2), tmp_path, latency_runs=0)
+        export.export_model(tiny_model(2), tmp_path, **tflite_only)
     assert read_bytes(tflite_path) == original
 
     # A failing export with overwrite=True leaves the good artifacts in place.
     inputs = keras.Input((6,))
     failing = keras.Model(inputs, InverseErf()(inputs))
     with pytest.raises(export.ExportError, match="Erfinv"):
-        export.export_model(failing, tmp_path, overwrite=True, latency_runs=0)
+        export.export_model(failing, tmp_path, overwrite=True, **tflite_only)
     assert read_bytes(tflite_path) == original
     assert sorted(os.listdir(tmp_path)) == sorted(
-        ["saved_model", "model_float32.tflite", "export.json"]
+        ["model_float32.tflite", "export.json"]
     )
 
     second_model = tiny_model(2)
-    export.export_model(second_model, tmp_path, overwrite=True, latency_runs=0)
+    export.export_model(second_model, tmp_path, overwrite=True, **tflite_only)
     replaced = read_bytes(tflite_path)
     assert replaced != original
     np.testing.assert_allclose(
@@ -407,7 +408,7 @@ def test_existing_artifacts_need_overwrite_and_failures_keep_them(tmp_path):
         atol=1e-5,
     )
     assert sorted(os.listdir(tmp_path)) == sorted(
-        ["saved_model", "model_float32.tflite", "export.json"]
+        ["model_float32.tflite", "export.json"]
     )
 
 
