@@ -98,7 +98,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="vit", choices=sorted(BUILDERS))
     parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--latency-runs", type=int, default=200)
+    parser.add_argument("--latency-runs", type=int, default=50)
     args = parser.parse_args()
     backend = keras.backend.backend()
     print(f"benchmarks/export.py  arch={args.arch}  backend={backend}")
