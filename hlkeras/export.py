@@ -1,36 +1,426 @@
-"""SavedModel and TFLite (LiteRT) export with builtin ops only, and running
-the result in the `ai_edge_litert` interpreter.
+"""SavedModel and TFLite (LiteRT) export with builtin ops only, verified in
+the `ai_edge_litert` interpreter against the Keras model.
+
+`export_model` is the entry point: it takes a model from any backend (or a
+`.keras` path), writes a SavedModel and/or a `.tflite` file (float32, float16,
+dynamic-range or full-integer int8), checks that the `.tflite` uses builtin
+ops only, runs it in LiteRT and returns an `ExportReport` of sizes, op set,
+output parity, accuracy and batch-1 latency.
+
+The conversion itself always runs under the TensorFlow Keras backend: on the
+TensorFlow backend in this process, on JAX and torch in a
+`KERAS_BACKEND=tensorflow` subprocess (`python -m hlkeras.export REQUEST`)
+that loads the model from a `.keras` file with `safe_mode=True`. Keras'
+own `export(format="litert")` refuses JAX and turns on Flex ops, and
+jax2tf SavedModels of some graphs (`top_k`) do not serve in TF 2.21.
 
 This module needs TensorFlow itself (the TFLite converter); it is the only
 place besides `hlkeras.data` that imports it.
 """
 
+import dataclasses
+import json
 import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
 import tempfile
+import time
+import zipfile
 
 import numpy as np
 
+QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
+FORMATS = ("saved_model", "tflite")
+SAVED_MODEL_DIRNAME = "saved_model"
+REPORT_FILENAME = "export.json"
+# Staging directories live inside `out_dir`, so publishing is a rename on
+# one filesystem.
+STAGING_PREFIX = ".hlkeras-export-"
+
+
+class ExportError(ValueError):
+    """A user mistake or an unexportable model, with a message that says why.
+
+    The CLI prints it as one line; everything else is a bug and keeps its
+    traceback.
+    """
+
+
+def tflite_filename(quantization):
+    """The `.tflite` file name for a quantization mode, e.g. `model_int8.tflite`."""
+    return f"model_{'float32' if quantization == 'none' else quantization}.tflite"
+
+
+# --------------------------------------------------------------------------
+# Report
+
+
+@dataclasses.dataclass
+class ArtifactReport:
+    """One written artifact and what verification measured on it.
+
+    Attributes:
+        format: `"saved_model"` or `"tflite"`.
+        path: Absolute path of the file or directory.
+        size_bytes: Size on disk (a directory's files summed).
+        ops: Sorted TFLite op names (`.tflite` only).
+        builtin_only: Whether every op is a LiteRT builtin (`.tflite` only).
+        max_abs_diff: Max absolute difference of outputs against the Keras
+            model on `verify_data`.
+        accuracy: Top-1 accuracy on `verify_data` labels, in [0, 1].
+        latency_ms: Median batch-1 latency of the LiteRT interpreter
+            (`.tflite` only).
+    """
+
+    format: str
+    path: str
+    size_bytes: int
+    ops: list = None
+    builtin_only: bool = None
+    max_abs_diff: float = None
+    accuracy: float = None
+    latency_ms: float = None
+
+
+@dataclasses.dataclass
+class ExportReport:
+    """What `export_model` wrote and how its artifacts compare to Keras.
+
+    Attributes:
+        source: The `.keras` path, or `"<in-memory model>"`.
+        backend: The Keras backend the reference model ran on.
+        out_dir: Absolute output directory.
+        quantization: The `.tflite` quantization mode.
+        int8_io: Whether the int8 `.tflite` takes and returns int8 tensors.
+        artifacts: One `ArtifactReport` per written artifact.
+        verify_samples: Number of samples parity and accuracy used.
+        keras_accuracy: Top-1 accuracy of the Keras model on the same labels.
+        keras_latency_ms: Median batch-1 latency of Keras
+            `model(x, training=False)` in this process.
+        export_seconds: Wall time of the whole export, verification included.
+    """
+
+    source: str
+    backend: str
+    out_dir: str
+    quantization: str
+    int8_io: bool
+    artifacts: list
+    verify_samples: int = 0
+    keras_accuracy: float = None
+    keras_latency_ms: float = None
+    export_seconds: float = None
+
+    def artifact(self, format):
+        """Returns the `ArtifactReport` of `format` (`"saved_model"`/`"tflite"`)."""
+        for artifact in self.artifacts:
+            if artifact.format == format:
+                return artifact
+        raise KeyError(f"No {format!r} artifact in this export.")
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    def to_json(self):
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data):
+        data = dict(data)
+        data["artifacts"] = [ArtifactReport(**a) for a in data["artifacts"]]
+        return cls(**data)
+
+
+# --------------------------------------------------------------------------
+# Argument checks
+
+
+def _check_choice(name, value, allowed):
+    if value not in allowed:
+        raise ExportError(
+            f"Argument `{name}` must be one of {', '.join(map(repr, allowed))}. "
+            f"Received: {name}={value!r}"
+        )
+    return value
+
+
+def _check_formats(formats):
+    if isinstance(formats, str):
+        formats = (formats,)
+    formats = tuple(formats)
+    if not formats:
+        raise ExportError(
+            f"Argument `formats` must name at least one of {FORMATS}. Received: ()"
+        )
+    for format in formats:
+        _check_choice("formats", format, FORMATS)
+    return formats
+
+
+def _check_out_dir(out_dir):
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ExportError(
+            f"Argument `out_dir` (CLI: --out) must be a directory, created if "
+            f"missing; {out_dir} is an existing file."
+        )
+    return out_dir
+
+
+def _target_paths(out_dir, formats, quantization):
+    """Maps each artifact name to its final path inside `out_dir`."""
+    targets = {}
+    if "saved_model" in formats:
+        targets["saved_model"] = os.path.join(out_dir, SAVED_MODEL_DIRNAME)
+    if "tflite" in formats:
+        targets["tflite"] = os.path.join(out_dir, tflite_filename(quantization))
+    targets["report"] = os.path.join(out_dir, REPORT_FILENAME)
+    return targets
+
+
+def _check_no_overwrite(targets, overwrite):
+    existing = [path for path in targets.values() if os.path.lexists(path)]
+    if existing and not overwrite:
+        raise ExportError(
+            f"Export would overwrite {', '.join(existing)}. Pass overwrite=True "
+            "(CLI: --overwrite) to replace them, or choose another `out_dir`."
+        )
+
+
+def _as_float_array(name, data, input_shape):
+    """Checks that `data` is a batch of model inputs; returns float32 NumPy."""
+    array = np.asarray(data, dtype="float32")
+    expected = tuple(input_shape[1:])
+    matches = array.ndim == len(expected) + 1 and all(
+        want is None or want == got for want, got in zip(expected, array.shape[1:])
+    )
+    if not matches or len(array) == 0:
+        raise ExportError(
+            f"Argument `{name}` must be a non-empty batch of model inputs of shape "
+            f"(N, {', '.join(str(d) for d in expected)}). "
+            f"Received shape {array.shape}."
+        )
+    return array
+
+
+def _split_verify_data(verify_data, input_shape):
+    """`verify_data` is inputs `x`, or a tuple `(x, labels)`."""
+    if verify_data is None:
+        return None, None
+    if isinstance(verify_data, tuple) and len(verify_data) == 2:
+        inputs, labels = verify_data
+    else:
+        inputs, labels = verify_data, None
+    inputs = _as_float_array("verify_data", inputs, input_shape)
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.ndim == 2:  # one-hot
+            labels = labels.argmax(-1)
+        if labels.shape != (len(inputs),):
+            raise ExportError(
+                "The labels in `verify_data=(x, labels)` must be class ids of shape "
+                f"({len(inputs)},) or one-hot of shape ({len(inputs)}, classes). "
+                f"Received shape {np.shape(verify_data[1])}."
+            )
+    return inputs, labels
+
+
+def _single_input_shape(model):
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise ExportError(
+            "export_model supports models with one input and one output; "
+            f"this model has {len(model.inputs)} inputs and {len(model.outputs)} "
+            "outputs."
+        )
+    return tuple(model.inputs[0].shape)
+
+
+# --------------------------------------------------------------------------
+# Loading a `.keras` file
+
+
+def load_keras_model(path):
+    """Loads a `.keras` file with `safe_mode=True`, or raises `ExportError`.
+
+    Safe mode refuses `Lambda` layers: their Python bytecode would run on load.
+    """
+    import keras
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ExportError(f"Model file {path} does not exist (or is not a file).")
+    if not path.endswith(".keras") or not zipfile.is_zipfile(path):
+        raise ExportError(
+            f"{path} is not a Keras model file: expected a `.keras` zip archive "
+            "written by `model.save(...)`."
+        )
+    try:
+        return keras.saving.load_model(path, safe_mode=True)
+    except Exception as error:  # Keras raises many types for a bad archive.
+        if "Lambda" in str(error):
+            raise ExportError(
+                f"{path} contains a `Lambda` layer, which loading refuses under "
+                "safe_mode=True because it would run arbitrary Python bytecode "
+                "from the file. Replace the Lambda with a registered custom "
+                "layer (keras.saving.register_keras_serializable)."
+            ) from None
+        first_line = str(error).strip().splitlines()[0] if str(error) else ""
+        hint = ""
+        if "Could not locate class" in str(error):
+            # Also what a JAX/torch export hits: its TF subprocess imports
+            # only keras and hlkeras.
+            hint = (
+                " Custom layers must be registered with "
+                "keras.saving.register_keras_serializable in a module imported "
+                "before loading (the JAX/torch export subprocess imports only "
+                "keras and hlkeras)."
+            )
+        raise ExportError(
+            f"{path} is not a loadable Keras model: {type(error).__name__}: "
+            f"{first_line[:300]}{hint}"
+        ) from None
+
+
+# --------------------------------------------------------------------------
+# Pre-export model surgery (LoRA merge, MoE capacity mode)
+
+
+def _prepare_for_export(model):
+    """Returns the model to export: LoRA merged, MoE checked for capacity mode.
+
+    The checks work through a duck-typed protocol, so this module does not
+    import the layers:
+
+    - **LoRA**: a layer with a callable `merged()` method is a LoRA layer.
+      `merged()` must return an equivalent plain Keras layer (weights
+      included) with the low-rank update folded into its kernel. Such layers
+      are swapped in the functional graph with `keras.models.clone_model`
+      (other layers are reused as they are, weights shared). A LoRA layer
+      nested inside another layer cannot be swapped and is an error.
+    - **MoE**: a layer whose `get_config()` has the key `capacity_factor`
+      with value `None` is in dropless mode, whose data-dependent shapes have
+      no TFLite builtin form. That is an error that suggests setting
+      `capacity_factor`.
+    """
+    _check_moe_capacity_mode(model)
+    return _merge_lora_layers(model)
+
+
+def _all_layers(model):
+    return list(model._flatten_layers(include_self=False, recursive=True))
+
+
+def _is_lora_layer(layer):
+    return callable(getattr(layer, "merged", None))
+
+
+def _check_moe_capacity_mode(model):
+    for layer in _all_layers(model):
+        config = _layer_config(layer)
+        if "capacity_factor" in config and config["capacity_factor"] is None:
+            raise ExportError(
+                f"Layer {layer.name!r} ({type(layer).__name__}) is in dropless "
+                "mode (capacity_factor=None): its shapes depend on the routing, "
+                "which TFLite builtins cannot express. Rebuild it with "
+                "capacity_factor set (e.g. capacity_factor=1.25), copy the "
+                "weights, and export that model."
+            )
+
+
+def _layer_config(layer):
+    try:
+        return layer.get_config()
+    except Exception:  # A layer without a config cannot be an MoE layer here.
+        return {}
+
+
+def _merge_lora_layers(model):
+    import keras
+
+    if not any(_is_lora_layer(layer) for layer in _all_layers(model)):
+        return model
+
+    def merge_or_reuse(layer):
+        return layer.merged() if _is_lora_layer(layer) else layer
+
+    merged = keras.models.clone_model(model, clone_function=merge_or_reuse)
+    leftover = [layer.name for layer in _all_layers(merged) if _is_lora_layer(layer)]
+    if leftover:
+        raise ExportError(
+            f"LoRA layers {leftover} are nested inside other layers, so export "
+            "cannot merge them. Merge the model first (hlkeras.lora.merge_lora)."
+        )
+    return merged
+
+
+# --------------------------------------------------------------------------
+# Conversion (always under the TensorFlow backend)
+
 
 def export_saved_model(model, path):
-    """Writes `model` as a TF SavedModel with a `serve` endpoint."""
+    """Writes `model` as a TF SavedModel with `serve`/`serving_default`."""
     model.export(path, format="tf_saved_model", verbose=False)
 
 
-def convert_saved_model(saved_model_dir):
-    """Converts a SavedModel to a float32 `.tflite` flatbuffer (bytes).
+def convert_saved_model(
+    saved_model_dir, quantization="none", representative_data=None, int8_io=False
+):
+    """Converts a SavedModel to a `.tflite` flatbuffer (bytes), builtins only.
 
-    Only `TFLITE_BUILTINS` are allowed: Flex (SELECT_TF_OPS) kernels are not in
-    the `ai_edge_litert` runtime nor in a default phone build, so a graph that
-    needs them fails here instead of on the device.
+    Only `TFLITE_BUILTINS` (plus `TFLITE_BUILTINS_INT8` for int8) are allowed:
+    Flex (SELECT_TF_OPS) kernels are not in the `ai_edge_litert` runtime nor in
+    a default phone build, so a graph that needs them fails here instead of on
+    the device.
+
+    Args:
+        saved_model_dir: Path of the SavedModel.
+        quantization: `"none"` (float32), `"float16"` (half-precision weights),
+            `"dynamic"` (int8 weights, float activations) or `"int8"` (full
+            integer, calibrated on `representative_data`).
+        representative_data: float32 array `(N, ...)` of model inputs, needed
+            for `"int8"`.
+        int8_io: For `"int8"`, make the model's input and output int8 too.
     """
     import tensorflow as tf
 
+    _check_choice("quantization", quantization, QUANTIZATIONS)
     converter = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir)
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    if quantization != "none":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if quantization == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    if quantization == "int8":
+        if representative_data is None:
+            raise ExportError(_MISSING_REPRESENTATIVE)
+        supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.representative_dataset = _one_sample_at_a_time(representative_data)
+        if int8_io:
+            converter.inference_input_type = tf.int8
+            converter.inference_output_type = tf.int8
+    converter.target_spec.supported_ops = supported_ops
     return converter.convert()
 
 
-def model_to_tflite(model):
+_MISSING_REPRESENTATIVE = (
+    "quantization='int8' needs `representative_data`: about 100-500 training "
+    "inputs as a float32 array (N, ...) to calibrate activation ranges. "
+    "Received: representative_data=None"
+)
+
+
+def _one_sample_at_a_time(representative_data):
+    def samples():
+        for sample in representative_data:
+            yield [sample[None].astype("float32")]
+
+    return samples
+
+
+def model_to_tflite(model, quantization="none", representative_data=None):
     """Converts an in-memory Keras model (TensorFlow backend) to TFLite bytes.
 
     `TFLiteConverter.from_keras_model` is broken for Keras 3, so the model goes
@@ -39,11 +429,213 @@ def model_to_tflite(model):
     with tempfile.TemporaryDirectory() as tmp:
         saved_model_dir = os.path.join(tmp, "saved_model")
         export_saved_model(model, saved_model_dir)
-        return convert_saved_model(saved_model_dir)
+        return convert_saved_model(
+            saved_model_dir, quantization, representative_data
+        )
+
+
+def _write_artifacts(model, staging_dir, request):
+    """Writes the requested artifacts of a TF-backend `model` into `staging_dir`.
+
+    `request` holds `formats`, `quantization`, `int8_io` and, for int8,
+    `representative_data`. Conversion failures become `ExportError`s that name
+    the op and the layer.
+    """
+    from tensorflow.lite.python.convert_phase import ConverterError
+
+    saved_model_dir = os.path.join(staging_dir, SAVED_MODEL_DIRNAME)
+    export_saved_model(model, saved_model_dir)
+    if "tflite" in request["formats"]:
+        try:
+            flatbuffer = convert_saved_model(
+                saved_model_dir,
+                request["quantization"],
+                request.get("representative_data"),
+                request["int8_io"],
+            )
+        except ConverterError as error:
+            raise ExportError(describe_conversion_failure(str(error), model)) from None
+        path = os.path.join(staging_dir, tflite_filename(request["quantization"]))
+        with open(path, "wb") as file:
+            file.write(flatbuffer)
+    if "saved_model" not in request["formats"]:
+        shutil.rmtree(saved_model_dir)
+
+
+_UNSUPPORTED_OP = re.compile(
+    r"fused\[\"[^\"]*\", \"([^\"@]+)@[^\"]*\"\][^\n]*?'tf\.(\w+)' op is neither"
+)
+
+
+def describe_conversion_failure(message, model):
+    """Turns a TFLite converter error into one sentence naming op and layer.
+
+    The converter's MLIR location of each unsupported op holds the TF name
+    scope, e.g. `functional_1/my_layer_1/erfinv/Erfinv`; its first component
+    that is a layer of `model` (TF may add a `_N` suffix) is the layer that
+    produced the op.
+    """
+    found = {}
+    for scope, op in _UNSUPPORTED_OP.findall(message):
+        found.setdefault(op, _layer_in_scope(scope, model))
+    if not found:
+        ops = re.findall(r"'tf\.(\w+)' op is neither", message)
+        found = {op: None for op in ops}
+    if not found:
+        first_line = message.strip().splitlines()[0] if message.strip() else ""
+        return f"TFLite conversion with builtin ops only failed: {first_line[:400]}"
+    parts = []
+    for op, layer in found.items():
+        where = f" in layer {layer.name!r} ({type(layer).__name__})" if layer else ""
+        parts.append(f"TF op {op!r}{where}")
+    return (
+        "The model needs ops with no TFLite builtin kernel (they would need Flex, "
+        "which LiteRT on devices and ai_edge_litert cannot run): "
+        + "; ".join(parts)
+        + ". Rewrite that layer with ops that have builtin kernels."
+    )
+
+
+def _layer_in_scope(scope, model):
+    layers = _all_layers(model)
+    for component in scope.split("/"):
+        for layer in layers:
+            if re.fullmatch(re.escape(layer.name) + r"(_\d+)?", component):
+                return layer
+    return None
+
+
+# --------------------------------------------------------------------------
+# Running in a TensorFlow-backend subprocess (JAX and torch models)
+
+
+def _write_artifacts_in_tensorflow_process(model, staging_dir, request):
+    """Saves `model` to `.keras` and converts it in a TF-backend subprocess."""
+    import keras
+
+    work_dir = os.path.join(staging_dir, ".work")
+    os.makedirs(work_dir)
+    keras_path = os.path.join(work_dir, "model.keras")
+    model.save(keras_path)
+    request = dict(request)
+    if request.get("representative_data") is not None:
+        npy_path = os.path.join(work_dir, "representative.npy")
+        np.save(npy_path, request.pop("representative_data"))
+        request["representative_npy"] = npy_path
+    request.update(
+        keras_path=keras_path, staging_dir=staging_dir, backend=keras.backend.backend()
+    )
+    request_path = os.path.join(work_dir, "request.json")
+    result_path = os.path.join(work_dir, "result.json")
+    request["result_path"] = result_path
+    with open(request_path, "w") as file:
+        json.dump(request, file)
+    completed = subprocess.run(
+        [sys.executable, "-m", "hlkeras.export", request_path],
+        env=_tensorflow_subprocess_env(),
+        capture_output=True,
+        text=True,
+    )
+    result = {}
+    if os.path.exists(result_path):
+        with open(result_path) as file:
+            result = json.load(file)
+    shutil.rmtree(work_dir)
+    if "user_error" in result:
+        raise ExportError(result["user_error"])
+    if completed.returncode != 0 or not result.get("ok"):
+        raise RuntimeError(
+            "The TensorFlow-backend export subprocess failed "
+            f"(exit {completed.returncode}):\n{completed.stderr[-4000:]}"
+        )
+
+
+def _tensorflow_subprocess_env():
+    env = dict(os.environ, KERAS_BACKEND="tensorflow")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # hlkeras may run from a checkout that is not installed.
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (package_root, env.get("PYTHONPATH")) if p
+    )
+    return env
+
+
+def _subprocess_main(request_path):
+    """`python -m hlkeras.export REQUEST.json`: the TF-backend conversion."""
+    with open(request_path) as file:
+        request = json.load(file)
+    try:
+        try:
+            model = load_keras_model(request["keras_path"])
+        except ExportError as error:
+            raise ExportError(
+                "The TensorFlow-backend export process could not load the "
+                f"model saved from {request['backend']}: {error}"
+            ) from None
+        if "representative_npy" in request:
+            request["representative_data"] = np.load(request["representative_npy"])
+        _write_artifacts(model, request["staging_dir"], request)
+        result = {"ok": True}
+    except ExportError as error:
+        result = {"user_error": str(error)}
+    with open(request["result_path"], "w") as file:
+        json.dump(result, file)
+    return 0
+
+
+# --------------------------------------------------------------------------
+# Verification in LiteRT
+
+
+def builtin_op_names():
+    """The names of all LiteRT builtin operators (`CUSTOM` excluded)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    names = {n for n in vars(schema.BuiltinOperator) if n.isupper()}
+    return names - {"CUSTOM", "DELEGATE"}
+
+
+def tflite_op_names(tflite_model):
+    """Sorted distinct op names in a `.tflite` flatbuffer (bytes)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=tflite_model)
+    return sorted({op["op_name"] for op in interpreter._get_ops_details()})
+
+
+def _prepared_interpreter(tflite_model, input_shape):
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=tflite_model)
+    detail = interpreter.get_input_details()[0]
+    interpreter.resize_tensor_input(detail["index"], input_shape)
+    interpreter.allocate_tensors()
+    return interpreter
+
+
+def _set_input(interpreter, array):
+    detail = interpreter.get_input_details()[0]
+    if detail["dtype"] == np.int8:  # int8 I/O: quantize with the file's scale.
+        scale, zero_point = detail["quantization"]
+        array = np.clip(np.round(array / scale + zero_point), -128, 127)
+    interpreter.set_tensor(detail["index"], np.asarray(array, detail["dtype"]))
+
+
+def _get_output(interpreter):
+    detail = interpreter.get_output_details()[0]
+    output = interpreter.get_tensor(detail["index"])
+    if detail["dtype"] == np.int8:
+        scale, zero_point = detail["quantization"]
+        output = (output.astype("float32") - zero_point) * scale
+    return output
 
 
 def run_tflite(tflite_model, inputs):
     """Runs a `.tflite` model (bytes) on one batch in the LiteRT interpreter.
+
+    int8 inputs and outputs are quantized and dequantized with the file's
+    scales, so callers always pass and get float arrays.
 
     Args:
         tflite_model: The flatbuffer bytes.
@@ -56,6 +648,11 @@ def run_tflite(tflite_model, inputs):
 
     if not isinstance(inputs, (list, tuple)):
         inputs = [inputs]
+    if len(inputs) == 1:
+        interpreter = _prepared_interpreter(tflite_model, np.shape(inputs[0]))
+        _set_input(interpreter, np.asarray(inputs[0], "float32"))
+        interpreter.invoke()
+        return _get_output(interpreter)
     interpreter = Interpreter(model_content=tflite_model)
     details = interpreter.get_input_details()
     for detail, array in zip(details, inputs):
@@ -64,5 +661,255 @@ def run_tflite(tflite_model, inputs):
     for detail, array in zip(details, inputs):
         interpreter.set_tensor(detail["index"], np.asarray(array, detail["dtype"]))
     interpreter.invoke()
-    output = interpreter.get_output_details()[0]
-    return interpreter.get_tensor(output["index"])
+    return _get_output(interpreter)
+
+
+def median_latency_ms(run_once, repeats=50, warmup=5):
+    """Median wall time of `run_once()` in milliseconds, after `warmup` calls."""
+    for _ in range(warmup):
+        run_once()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run_once()
+        times.append(time.perf_counter() - start)
+    return 1000.0 * statistics.median(times)
+
+
+def _tflite_latency_ms(tflite_model, sample, repeats):
+    interpreter = _prepared_interpreter(tflite_model, sample.shape)
+
+    def run_once():
+        _set_input(interpreter, sample)
+        interpreter.invoke()
+        _get_output(interpreter)
+
+    return median_latency_ms(run_once, repeats)
+
+
+def _keras_latency_ms(model, sample, repeats):
+    from keras import ops
+
+    return median_latency_ms(
+        lambda: ops.convert_to_numpy(model(sample, training=False)), repeats
+    )
+
+
+def _run_saved_model(path, inputs):
+    import tensorflow as tf
+
+    serving = tf.saved_model.load(path).signatures["serving_default"]
+    (output,) = serving(tf.constant(inputs)).values()
+    return output.numpy()
+
+
+def _accuracy(outputs, labels):
+    return float(np.mean(np.argmax(outputs, axis=-1) == labels))
+
+
+def _path_size(path):
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(
+        os.path.getsize(os.path.join(root, name))
+        for root, _, names in os.walk(path)
+        for name in names
+    )
+
+
+def _verify_tflite(path, inputs, labels, expected, sample, latency_runs):
+    with open(path, "rb") as file:
+        flatbuffer = file.read()
+    ops = tflite_op_names(flatbuffer)
+    not_builtin = sorted(set(ops) - builtin_op_names())
+    if not_builtin:  # The converter should have refused already.
+        raise ExportError(f"The .tflite file uses non-builtin ops {not_builtin}.")
+    report = ArtifactReport("tflite", path, 0, ops=ops, builtin_only=True)
+    if inputs is not None:
+        outputs = run_tflite(flatbuffer, inputs)
+        report.max_abs_diff = float(np.max(np.abs(outputs - expected)))
+        if labels is not None:
+            report.accuracy = _accuracy(outputs, labels)
+    if sample is not None and latency_runs:
+        report.latency_ms = _tflite_latency_ms(flatbuffer, sample, latency_runs)
+    return report
+
+
+def _verify_saved_model(path, inputs, labels, expected):
+    report = ArtifactReport("saved_model", path, 0)
+    if inputs is not None:
+        outputs = _run_saved_model(path, inputs)
+        report.max_abs_diff = float(np.max(np.abs(outputs - expected)))
+        if labels is not None:
+            report.accuracy = _accuracy(outputs, labels)
+    return report
+
+
+# --------------------------------------------------------------------------
+# Publishing
+
+
+def _publish(staged, targets, trash_dir):
+    """Renames each staged artifact onto its target.
+
+    An existing target is first moved into `trash_dir` (a file would be
+    replaced atomically by `os.replace`, but a SavedModel is a directory),
+    so a failure before this point leaves the old artifacts untouched.
+    """
+    os.makedirs(trash_dir, exist_ok=True)
+    for name, staged_path in staged.items():
+        target = targets[name]
+        if os.path.lexists(target):
+            os.replace(target, os.path.join(trash_dir, name))
+        os.replace(staged_path, target)
+
+
+# --------------------------------------------------------------------------
+# The entry point
+
+
+def export_model(
+    model_or_path,
+    out_dir,
+    *,
+    formats=FORMATS,
+    quantization="none",
+    representative_data=None,
+    verify_data=None,
+    int8_io=False,
+    overwrite=False,
+    latency_runs=50,
+):
+    """Exports a Keras model to SavedModel and builtins-only TFLite, verified.
+
+    Works on every backend: on JAX and torch the model is written to `.keras`
+    and converted in a `KERAS_BACKEND=tensorflow` subprocess that loads it with
+    `safe_mode=True` (so its layers must be Keras built-ins or registered
+    hlkeras layers). LoRA layers are merged first; MoE layers must be in
+    capacity mode (see `_prepare_for_export`).
+
+    Artifacts, inside `out_dir`: `saved_model/` (with a `serving_default`
+    signature), `model_<float32|float16|dynamic|int8>.tflite`, and the report
+    as `export.json`. They are written to a staging directory and renamed into
+    place only after conversion and verification succeed, so a failed export
+    leaves any previous artifacts as they were.
+
+    Args:
+        model_or_path: A single-input, single-output `keras.Model`, or the
+            path of a `.keras` file.
+        out_dir: Output directory, created if missing.
+        formats: Any of `"saved_model"`, `"tflite"`.
+        quantization: `"none"` (float32), `"float16"` (half-precision weights),
+            `"dynamic"` (int8 weights only) or `"int8"` (full integer,
+            calibrated on `representative_data`).
+        representative_data: float32 array `(N, ...)` of about 100-500
+            training inputs. Required for `"int8"`.
+        verify_data: Inputs `x`, or `(x, labels)`, to measure output parity
+            (and accuracy, with labels) against the Keras model. Its first
+            sample also times batch-1 latency.
+        int8_io: For `"int8"`, make the `.tflite` input and output int8
+            instead of float32.
+        overwrite: Replace existing artifacts in `out_dir`.
+        latency_runs: Timed runs for each median latency; 0 skips timing.
+
+    Returns:
+        An `ExportReport`, also written to `out_dir/export.json`.
+
+    Example:
+
+    ```python
+    report = export_model(model, "export/", quantization="int8",
+                          representative_data=x_train[:200],
+                          verify_data=(x_test, y_test))
+    print(report.artifact("tflite").size_bytes, report.to_json())
+    ```
+    """
+    import keras
+
+    start = time.perf_counter()
+    formats = _check_formats(formats)
+    _check_choice("quantization", quantization, QUANTIZATIONS)
+    if quantization == "int8" and "tflite" in formats and representative_data is None:
+        raise ExportError(_MISSING_REPRESENTATIVE)
+    out_dir = _check_out_dir(out_dir)
+    targets = _target_paths(out_dir, formats, quantization)
+    _check_no_overwrite(targets, overwrite)
+
+    if isinstance(model_or_path, (str, os.PathLike)):
+        source = os.path.abspath(os.fspath(model_or_path))
+        model = load_keras_model(source)
+    else:
+        source, model = "<in-memory model>", model_or_path
+    input_shape = _single_input_shape(model)
+    model = _prepare_for_export(model)
+    if representative_data is not None:
+        representative_data = _as_float_array(
+            "representative_data", representative_data, input_shape
+        )
+    inputs, labels = _split_verify_data(verify_data, input_shape)
+
+    backend = keras.backend.backend()
+    request = {
+        "formats": list(formats),
+        "quantization": quantization,
+        "int8_io": bool(int8_io),
+        "representative_data": representative_data,
+    }
+    created_out_dir = not os.path.exists(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    staging_dir = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir)
+    published = False
+    try:
+        if backend == "tensorflow":
+            _write_artifacts(model, staging_dir, request)
+        else:
+            _write_artifacts_in_tensorflow_process(model, staging_dir, request)
+
+        expected = None if inputs is None else keras.ops.convert_to_numpy(
+            model.predict(inputs, verbose=0)
+        )
+        sample = inputs[:1] if inputs is not None else representative_data
+        sample = None if sample is None else sample[:1]
+        report = ExportReport(
+            source=source,
+            backend=backend,
+            out_dir=out_dir,
+            quantization=quantization,
+            int8_io=bool(int8_io),
+            artifacts=[],
+            verify_samples=0 if inputs is None else len(inputs),
+        )
+        if labels is not None:
+            report.keras_accuracy = _accuracy(expected, labels)
+        if sample is not None and latency_runs:
+            report.keras_latency_ms = _keras_latency_ms(model, sample, latency_runs)
+
+        staged = {}
+        for format in formats:
+            name = os.path.basename(targets[format])
+            staged[format] = os.path.join(staging_dir, name)
+            if format == "saved_model":
+                artifact = _verify_saved_model(staged[format], inputs, labels, expected)
+            else:
+                artifact = _verify_tflite(
+                    staged[format], inputs, labels, expected, sample, latency_runs
+                )
+            artifact.path = targets[format]
+            artifact.size_bytes = _path_size(staged[format])
+            report.artifacts.append(artifact)
+
+        report.export_seconds = time.perf_counter() - start
+        staged["report"] = os.path.join(staging_dir, REPORT_FILENAME)
+        with open(staged["report"], "w") as file:
+            file.write(report.to_json())
+        _publish(staged, targets, os.path.join(staging_dir, ".replaced"))
+        published = True
+    finally:
+        shutil.rmtree(staging_dir, ignore_errors=True)
+        if created_out_dir and not published and not os.listdir(out_dir):
+            os.rmdir(out_dir)
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(_subprocess_main(sys.argv[1]))

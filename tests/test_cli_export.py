@@ -1,0 +1,260 @@
+"""Tests of `hlkeras export`: the table, export.json, calibration and
+verification inputs, --overwrite, and one-line errors for user mistakes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+from export_testing import accuracy
+from export_testing import digits_splits
+from keras import ops
+
+from hlkeras import cli
+from hlkeras import export
+
+BACKEND = keras.backend.backend()
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return digits_splits()
+
+
+@pytest.fixture(scope="module")
+def trained_keras_file(digits, tmp_path_factory):
+    """A small trained MLP on digits saved as `.keras`, and the model."""
+    x_train, y_train, _, _ = digits
+    keras.utils.set_random_seed(11)
+    inputs = keras.Input((8, 8, 1))
+    hidden = keras.layers.Dense(128, activation="relu")(keras.layers.Flatten()(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(10)(hidden))
+    model.compile(
+        "adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
+    model.fit(x_train, y_train, epochs=8, batch_size=32, verbose=0)
+    path = tmp_path_factory.mktemp("model") / "mlp.keras"
+    model.save(path)
+    return path, model
+
+
+@pytest.fixture(scope="module")
+def data_files(digits, tmp_path_factory):
+    x_train, _, x_test, y_test = digits
+    folder = tmp_path_factory.mktemp("data")
+    np.save(folder / "representative.npy", x_train[:200])
+    np.savez(folder / "verify.npz", x=x_test, y=y_test)
+    return folder / "representative.npy", folder / "verify.npz"
+
+
+def run_cli(capsys, *argv):
+    status = cli.main(["export", *map(str, argv)])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def assert_one_line_error(status, err, *fragments):
+    assert status == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hlkeras export: error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.mark.backends("tensorflow")
+def test_export_prints_a_table_and_writes_export_json(
+    trained_keras_file, data_files, digits, tmp_path, capsys
+):
+    keras_path, model = trained_keras_file
+    representative, verify = data_files
+    out = tmp_path / "out"
+    status, stdout, _ = run_cli(
+        capsys, keras_path, "--out", out, "--quantize", "int8",
+        "--representative", representative, "--verify", verify, "--latency-runs", "5",
+    )  # fmt: skip
+    assert status == 0
+    lines = stdout.strip().splitlines()
+    assert lines[0].split() == ["artifact", "size", "max", "diff", "accuracy", "latency"]
+    assert lines[1].startswith("saved_model ")
+    assert lines[2].startswith("model_int8.tflite ")
+    assert lines[3].startswith("keras (tensorflow) ")
+    assert lines[4] == f"wrote {out / 'export.json'}"
+
+    with open(out / "export.json") as file:
+        report = export.ExportReport.from_dict(json.load(file))
+    tflite = report.artifact("tflite")
+    assert tflite.size_bytes == os.path.getsize(out / "model_int8.tflite")
+    assert tflite.builtin_only and report.quantization == "int8"
+    _, _, x_test, y_test = digits
+    with open(out / "model_int8.tflite", "rb") as file:
+        outputs = export.run_tflite(file.read(), x_test)
+    assert tflite.accuracy == pytest.approx(accuracy(outputs, y_test))
+    keras_accuracy = accuracy(ops.convert_to_numpy(model.predict(x_test, verbose=0)), y_test)
+    assert report.keras_accuracy == pytest.approx(keras_accuracy)
+    assert f"{keras_accuracy:.2%}" in lines[3]
+    assert f"{tflite.accuracy:.2%}" in lines[2]
+
+
+@pytest.mark.backends("tensorflow")
+def test_dataset_supplies_calibration_and_verification_data(
+    trained_keras_file, digits, tmp_path, capsys, monkeypatch
+):
+    keras_path, _ = trained_keras_file
+    x_train, _, x_test, y_test = digits
+    asked = []
+
+    def representative(name):
+        asked.append(("representative", name))
+        return x_train[:150]
+
+    def test_arrays(name):
+        asked.append(("test", name))
+        return x_test[:100], y_test[:100]
+
+    monkeypatch.setattr(cli, "dataset_representative_samples", representative)
+    monkeypatch.setattr(cli, "dataset_test_arrays", test_arrays)
+    status, _, err = run_cli(
+        capsys, keras_path, "--out", tmp_path, "--quantize", "int8",
+        "--dataset", "digits", "--format", "tflite", "--latency-runs", "0",
+    )  # fmt: skip
+    assert status == 0, err
+    assert asked == [("representative", "digits"), ("test", "digits")]
+    with open(tmp_path / "export.json") as file:
+        report = json.load(file)
+    assert report["verify_samples"] == 100
+    assert abs(report["artifacts"][0]["accuracy"] - report["keras_accuracy"]) <= 0.015
+
+
+@pytest.mark.backends("tensorflow")
+def test_overwrite_flag_replaces_an_existing_export(trained_keras_file, tmp_path, capsys):
+    keras_path, _ = trained_keras_file
+    out = tmp_path / "out"
+    options = ("--out", out, "--format", "tflite", "--latency-runs", "0")
+    assert run_cli(capsys, keras_path, *options)[0] == 0
+    first_tflite = (out / "model_float32.tflite").read_bytes()
+
+    other_model = small_keras_file(tmp_path)
+    status, _, err = run_cli(capsys, other_model, *options)
+    assert_one_line_error(status, err, "--overwrite", "model_float32.tflite")
+    assert (out / "model_float32.tflite").read_bytes() == first_tflite
+
+    assert run_cli(capsys, other_model, *options, "--overwrite")[0] == 0
+    assert (out / "model_float32.tflite").read_bytes() != first_tflite
+    with open(out / "export.json") as file:
+        assert json.load(file)["source"] == str(other_model)
+
+
+# ------------------------------------------------ user mistakes, any backend
+
+
+def lambda_keras_file(folder):
+    inputs = keras.Input((4,))
+    path = folder / "lambda.keras"
+    keras.Model(inputs, keras.layers.Lambda(lambda t: t + 1.0)(inputs)).save(path)
+    return path
+
+
+def small_keras_file(folder):
+    inputs = keras.Input((4,))
+    path = folder / "small.keras"
+    keras.Model(inputs, keras.layers.Dense(2)(inputs)).save(path)
+    return path
+
+
+def test_corrupted_file(tmp_path, capsys):
+    path = tmp_path / "model.keras"
+    path.write_bytes(b"\x00garbage")
+    status, _, err = run_cli(capsys, path, "--out", tmp_path / "out")
+    assert_one_line_error(status, err, str(path), "not a Keras model file")
+
+
+def test_missing_file(tmp_path, capsys):
+    status, _, err = run_cli(capsys, tmp_path / "nope.keras", "--out", tmp_path / "out")
+    assert_one_line_error(status, err, "nope.keras", "does not exist")
+
+
+def test_lambda_model_is_refused_under_safe_mode(tmp_path, capsys):
+    path = lambda_keras_file(tmp_path)
+    status, _, err = run_cli(capsys, path, "--out", tmp_path / "out")
+    assert_one_line_error(status, err, "Lambda", "safe_mode=True")
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_unknown_quantization(tmp_path, capsys):
+    path = small_keras_file(tmp_path)
+    status, _, err = run_cli(capsys, path, "--out", tmp_path / "o", "--quantize", "int4")
+    assert_one_line_error(status, err, "--quantize", "'int4'", "int8")
+
+
+def test_unknown_format(tmp_path, capsys):
+    path = small_keras_file(tmp_path)
+    status, _, err = run_cli(capsys, path, "--out", tmp_path / "o", "--format", "onnx")
+    assert_one_line_error(status, err, "--format", "'onnx'", "saved_model, tflite")
+
+
+def test_output_path_is_a_file(tmp_path, capsys):
+    path = small_keras_file(tmp_path)
+    status, _, err = run_cli(capsys, path, "--out", path)
+    assert_one_line_error(status, err, "--out", str(path), "existing file")
+
+
+def test_int8_without_calibration_data(tmp_path, capsys):
+    path = small_keras_file(tmp_path)
+    status, _, err = run_cli(capsys, path, "--out", tmp_path / "o", "--quantize", "int8")
+    assert_one_line_error(status, err, "int8", "--dataset", "--representative")
+
+
+def test_existing_artifact_without_overwrite(tmp_path, capsys):
+    path = small_keras_file(tmp_path)
+    existing = tmp_path / "out" / "model_float32.tflite"
+    existing.parent.mkdir()
+    existing.write_bytes(b"the good one")
+    status, _, err = run_cli(capsys, path, "--out", tmp_path / "out")
+    assert_one_line_error(status, err, str(existing), "--overwrite")
+    assert existing.read_bytes() == b"the good one"
+
+
+def test_unreadable_representative_file(tmp_path, capsys):
+    path = small_keras_file(tmp_path)
+    bad = tmp_path / "rep.npy"
+    bad.write_text("not numpy")
+    status, _, err = run_cli(
+        capsys, path, "--out", tmp_path / "o", "--quantize", "int8",
+        "--representative", bad,
+    )  # fmt: skip
+    assert_one_line_error(status, err, "--representative", str(bad))
+
+
+def test_dataset_that_cannot_be_loaded(tmp_path, capsys, monkeypatch):
+    def unavailable(name):
+        raise ImportError("no module named hlkeras.data")
+
+    monkeypatch.setattr(cli, "dataset_representative_samples", unavailable)
+    path = small_keras_file(tmp_path)
+    status, _, err = run_cli(
+        capsys, path, "--out", tmp_path / "o", "--quantize", "int8", "--dataset", "digits"
+    )
+    assert_one_line_error(status, err, "--dataset digits", "--representative FILE.npy")
+
+
+@pytest.mark.backends("tensorflow")
+def test_a_user_mistake_exits_non_zero_without_traceback(tmp_path):
+    path = tmp_path / "model.keras"
+    path.write_text("not a model")
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+    completed = subprocess.run(
+        [sys.executable, "-m", "hlkeras.cli", "export", str(path), "--out", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 2
+    assert "Traceback" not in completed.stderr
+    last_line = completed.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("hlkeras export: error: ")
+    assert "not a Keras model file" in last_line

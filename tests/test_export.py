@@ -1,0 +1,496 @@
+"""Tests of `hlkeras.export.export_model`: every quantization mode converts
+builtins-only and runs in LiteRT, parity and accuracy against Keras, sizes,
+the SavedModel without hlkeras, cross-backend equality, atomic writes and
+the bad-input errors.
+
+The conversion matrix trains and exports once per module on TensorFlow (the
+artifacts do not depend on the backend: JAX and torch convert through the
+same TF-backend code, which `test_*_export_equals_tensorflow` proves).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+from export_testing import BUILDERS
+from export_testing import accuracy
+from export_testing import build_resnet
+from export_testing import digits_splits
+from export_testing import train
+from keras import ops
+
+from hlkeras import export
+
+BACKEND = keras.backend.backend()
+QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return digits_splits()
+
+
+@pytest.fixture(scope="module")
+def matrix(digits, tmp_path_factory):
+    """Trains `resnet` and `vit` once and exports each in every mode."""
+    if BACKEND != "tensorflow":
+        pytest.skip("the conversion matrix runs on the tensorflow backend only")
+    x_train, y_train, x_test, y_test = digits
+    results = {}
+    for name, build in BUILDERS.items():
+        keras.utils.set_random_seed(7)
+        model = train(build(), x_train, y_train)
+        reports = {}
+        for quantization in QUANTIZATIONS:
+            reports[quantization] = export.export_model(
+                model,
+                tmp_path_factory.mktemp(f"{name}_{quantization}"),
+                formats=("tflite",),
+                quantization=quantization,
+                representative_data=x_train[:200],
+                verify_data=(x_test, y_test),
+                latency_runs=5,
+            )
+        results[name] = (model, reports)
+    return results
+
+
+def read_bytes(path):
+    with open(path, "rb") as file:
+        return file.read()
+
+
+# ---------------------------------------------------------------- matrix
+
+
+@pytest.mark.backends("tensorflow")
+@pytest.mark.parametrize("quantization", QUANTIZATIONS)
+@pytest.mark.parametrize("arch", sorted(BUILDERS))
+def test_every_mode_is_builtins_only_and_runs_in_litert(
+    matrix, digits, arch, quantization
+):
+    model, reports = matrix[arch]
+    artifact = reports[quantization].artifact("tflite")
+    flatbuffer = read_bytes(artifact.path)
+    ops_in_file = export.tflite_op_names(flatbuffer)
+    assert set(ops_in_file) <= export.builtin_op_names()
+    assert not any(op.startswith("Flex") for op in ops_in_file)
+    assert artifact.ops == ops_in_file
+    assert artifact.builtin_only is True
+    assert artifact.size_bytes == os.path.getsize(artifact.path)
+
+    x_test, y_test = digits[2], digits[3]
+    outputs = export.run_tflite(flatbuffer, x_test)
+    assert outputs.shape == (len(x_test), 10)
+    expected = ops.convert_to_numpy(model.predict(x_test, verbose=0))
+    # The report's numbers are what an independent run measures.
+    assert artifact.max_abs_diff == pytest.approx(
+        float(np.max(np.abs(outputs - expected))), rel=1e-6, abs=1e-7
+    )
+    assert artifact.accuracy == pytest.approx(accuracy(outputs, y_test))
+    assert reports[quantization].keras_accuracy == pytest.approx(
+        accuracy(expected, y_test)
+    )
+    assert artifact.latency_ms > 0 and reports[quantization].keras_latency_ms > 0
+
+
+@pytest.mark.backends("tensorflow")
+@pytest.mark.parametrize("arch", sorted(BUILDERS))
+def test_float32_parity(matrix, arch):
+    _, reports = matrix[arch]
+    assert reports["none"].artifact("tflite").max_abs_diff <= 1e-4
+
+
+@pytest.mark.backends("tensorflow")
+@pytest.mark.parametrize("arch", sorted(BUILDERS))
+def test_int8_accuracy_within_1_5_points_of_keras(matrix, arch):
+    _, reports = matrix[arch]
+    report = reports["int8"]
+    assert report.keras_accuracy >= 0.85, "the model must be trained to mean much"
+    assert abs(report.artifact("tflite").accuracy - report.keras_accuracy) <= 0.015
+
+
+@pytest.mark.backends("tensorflow")
+@pytest.mark.parametrize("arch", sorted(BUILDERS))
+def test_quantized_file_sizes(matrix, arch):
+    _, reports = matrix[arch]
+    size = {q: reports[q].artifact("tflite").size_bytes for q in QUANTIZATIONS}
+    assert size["int8"] <= 0.30 * size["none"]
+    assert size["dynamic"] <= 0.30 * size["none"]
+    # Half-precision weights: about half the float32 file.
+    assert 0.45 * size["none"] <= size["float16"] <= 0.55 * size["none"]
+
+
+@pytest.mark.backends("tensorflow")
+def test_int8_io_takes_and_returns_int8(matrix, digits, tmp_path):
+    from ai_edge_litert.interpreter import Interpreter
+
+    model, reports = matrix["resnet"]
+    x_train, _, x_test, y_test = digits
+    report = export.export_model(
+        model,
+        tmp_path,
+        formats=("tflite",),
+        quantization="int8",
+        representative_data=x_train[:200],
+        verify_data=(x_test, y_test),
+        int8_io=True,
+        latency_runs=0,
+    )
+    artifact = report.artifact("tflite")
+    interpreter = Interpreter(model_path=artifact.path)
+    assert interpreter.get_input_details()[0]["dtype"] == np.int8
+    assert interpreter.get_output_details()[0]["dtype"] == np.int8
+    assert report.int8_io is True
+    assert abs(artifact.accuracy - report.keras_accuracy) <= 0.015
+
+
+# ---------------------------------------------------------------- SavedModel
+
+
+@pytest.mark.backends("tensorflow")
+def test_saved_model_loads_with_plain_tensorflow_without_hlkeras(
+    matrix, digits, tmp_path
+):
+    model, _ = matrix["resnet"]
+    x_test = digits[2][:32]
+    report = export.export_model(
+        model, tmp_path / "out", formats=("saved_model",), verify_data=x_test
+    )
+    saved_model = report.artifact("saved_model").path
+    np.save(tmp_path / "x.npy", x_test)
+    script = textwrap.dedent(
+        f"""
+        import sys
+        import numpy as np
+        import tensorflow as tf
+        loaded = tf.saved_model.load({saved_model!r})
+        serving = loaded.signatures["serving_default"]
+        (output,) = serving(tf.constant(np.load({str(tmp_path / "x.npy")!r}))).values()
+        np.save({str(tmp_path / "y.npy")!r}, output.numpy())
+        assert not any(m.split(".")[0] == "hlkeras" for m in sys.modules), "imported"
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    completed = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,  # not the checkout, so `hlkeras` is not importable by accident
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    expected = ops.convert_to_numpy(model(x_test, training=False))
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, atol=1e-5)
+    assert report.artifact("saved_model").max_abs_diff <= 1e-5
+
+
+# ---------------------------------------------------------------- report file
+
+
+@pytest.mark.backends("tensorflow")
+def test_report_is_written_as_json_and_round_trips(matrix):
+    _, reports = matrix["resnet"]
+    report = reports["int8"]
+    with open(os.path.join(report.out_dir, export.REPORT_FILENAME)) as file:
+        data = json.load(file)
+    assert data == json.loads(report.to_json())
+    assert export.ExportReport.from_dict(data) == report
+    assert sorted(os.listdir(report.out_dir)) == sorted(
+        [export.REPORT_FILENAME, "model_int8.tflite"]
+    )
+
+
+# ---------------------------------------------------------------- any backend
+
+
+def reference_tensorflow_export(keras_path, out_dir):
+    """The TF-backend export of `keras_path`, by the CLI in its own process."""
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
+    env["PYTHONPATH"] = REPO_ROOT
+    command = [sys.executable, "-m", "hlkeras.cli", "export", str(keras_path)]
+    command += ["--out", str(out_dir), "--format", "tflite", "--latency-runs", "0"]
+    completed = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    return os.path.join(out_dir, export.tflite_filename("none"))
+
+
+@pytest.mark.backends("jax", "torch")
+def test_jax_and_torch_export_equals_tensorflow_export(digits, tmp_path):
+    x_test = digits[2][:64]
+    keras.utils.set_random_seed(3)
+    model = build_resnet()  # Random weights are enough to compare numbers.
+    report = export.export_model(
+        model, tmp_path / BACKEND, verify_data=x_test, latency_runs=5
+    )
+    assert report.backend == BACKEND
+    assert report.artifact("tflite").max_abs_diff <= 1e-4
+    assert report.artifact("saved_model").max_abs_diff <= 1e-4
+    assert report.artifact("tflite").builtin_only
+
+    model.save(tmp_path / "model.keras")
+    reference = reference_tensorflow_export(tmp_path / "model.keras", tmp_path / "tf")
+    ours = read_bytes(report.artifact("tflite").path)
+    assert export.tflite_op_names(ours) == export.tflite_op_names(read_bytes(reference))
+    np.testing.assert_array_equal(
+        export.run_tflite(ours, x_test), export.run_tflite(read_bytes(reference), x_test)
+    )
+    # The converter is deterministic, so the files are the same bytes.
+    assert ours == read_bytes(reference)
+
+
+# ---------------------------------------------------------------- LoRA / MoE
+
+
+@keras.saving.register_keras_serializable(package="hlkeras_tests")
+class FakeLoRADense(keras.layers.Dense):
+    """A Dense plus a rank-2 update `x @ A @ B`, following the LoRA protocol of
+    `export._prepare_for_export`: `merged()` returns the equivalent Dense."""
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self.lora_a = self.add_weight(
+            shape=(input_shape[-1], 2), initializer="random_normal", name="lora_a"
+        )
+        self.lora_b = self.add_weight(
+            shape=(2, self.units), initializer="random_normal", name="lora_b"
+        )
+
+    def call(self, inputs):
+        return super().call(inputs) + ops.matmul(
+            ops.matmul(inputs, self.lora_a), self.lora_b
+        )
+
+    def merged(self):
+        dense = keras.layers.Dense(self.units, name=self.name)
+        dense.build((None, self.kernel.shape[0]))
+        kernel = ops.convert_to_numpy(self.kernel) + ops.convert_to_numpy(
+            ops.matmul(self.lora_a, self.lora_b)
+        )
+        dense.set_weights([kernel, ops.convert_to_numpy(self.bias)])
+        return dense
+
+
+def lora_model():
+    inputs = keras.Input((12,))
+    hidden = FakeLoRADense(16, name="adapted")(inputs)
+    return keras.Model(inputs, keras.layers.Dense(3)(hidden))
+
+
+def test_prepare_for_export_merges_lora_layers():
+    model = lora_model()
+    x = np.random.default_rng(0).normal(size=(8, 12)).astype("float32")
+    prepared = export._prepare_for_export(model)
+    layers = list(prepared._flatten_layers(include_self=False, recursive=True))
+    assert not any(isinstance(layer, FakeLoRADense) for layer in layers)
+    assert prepared.get_layer("adapted").__class__ is keras.layers.Dense
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(prepared(x)), ops.convert_to_numpy(model(x)), atol=1e-5
+    )
+
+
+@pytest.mark.backends("tensorflow")
+def test_lora_model_exports_merged(tmp_path):
+    model = lora_model()
+    x = np.random.default_rng(0).normal(size=(8, 12)).astype("float32")
+    report = export.export_model(model, tmp_path, formats=("tflite",), verify_data=x)
+    artifact = report.artifact("tflite")
+    assert artifact.max_abs_diff <= 1e-5
+    # Merged: one matmul per Dense. Unmerged LoRA would add two more.
+    interpreter = export._prepared_interpreter(read_bytes(artifact.path), (1, 12))
+    op_names = [op["op_name"] for op in interpreter._get_ops_details()]
+    assert op_names.count("FULLY_CONNECTED") == 2
+    assert "BATCH_MATMUL" not in op_names
+
+
+@keras.saving.register_keras_serializable(package="hlkeras_tests")
+class FakeMoE(keras.layers.Dense):
+    """Stands in for MixtureOfExperts: only its `capacity_factor` config matters."""
+
+    def __init__(self, units, capacity_factor=1.25, **kwargs):
+        super().__init__(units, **kwargs)
+        self.capacity_factor = capacity_factor
+
+    def get_config(self):
+        return {**super().get_config(), "capacity_factor": self.capacity_factor}
+
+
+def moe_model(capacity_factor):
+    inputs = keras.Input((4,))
+    outputs = FakeMoE(4, capacity_factor=capacity_factor, name="moe")(inputs)
+    return keras.Model(inputs, outputs)
+
+
+def test_dropless_moe_is_refused_with_a_capacity_factor_hint(tmp_path):
+    with pytest.raises(export.ExportError, match="'moe'.*dropless.*capacity_factor="):
+        export.export_model(moe_model(None), tmp_path)
+    assert not os.path.exists(tmp_path / export.REPORT_FILENAME)
+
+
+def test_capacity_mode_moe_passes_the_pre_export_check():
+    model = moe_model(1.25)
+    assert export._prepare_for_export(model) is model
+
+
+# ---------------------------------------------------------------- Flex ops
+
+
+@keras.saving.register_keras_serializable(package="hlkeras_tests")
+class InverseErf(keras.layers.Layer):
+    """`erfinv` has no TFLite builtin kernel (only Flex)."""
+
+    def call(self, inputs):
+        return ops.erfinv(0.5 * ops.tanh(inputs))
+
+
+@pytest.mark.backends("tensorflow")
+def test_flex_op_error_names_the_op_and_the_layer(tmp_path):
+    inputs = keras.Input((4,))
+    hidden = keras.layers.Dense(4)(inputs)
+    model = keras.Model(inputs, InverseErf(name="needs_flex")(hidden))
+    with pytest.raises(export.ExportError) as raised:
+        export.export_model(model, tmp_path / "new", formats=("tflite",))
+    message = str(raised.value)
+    assert "'Erfinv'" in message
+    assert "'needs_flex' (InverseErf)" in message
+    assert "Flex" in message
+    # Nothing published, no staging left behind, the directory it made removed.
+    assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------- atomic writes
+
+
+def tiny_model(seed):
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((6,))
+    return keras.Model(inputs, keras.layers.Dense(3)(inputs))
+
+
+@pytest.mark.backends("tensorflow")
+def test_existing_artifacts_need_overwrite_and_failures_keep_them(tmp_path):
+    x = np.ones((2, 6), "float32")
+    tflite_only = dict(formats=("tflite",), latency_runs=0)
+    first = export.export_model(tiny_model(1), tmp_path, **tflite_only)
+    tflite_path = first.artifact("tflite").path
+    original = read_bytes(tflite_path)
+
+    with pytest.raises(export.ExportError, match="overwrite=True"):
+        export.export_model(tiny_model(2), tmp_path, **tflite_only)
+    assert read_bytes(tflite_path) == original
+
+    # A failing export with overwrite=True leaves the good artifacts in place.
+    inputs = keras.Input((6,))
+    failing = keras.Model(inputs, InverseErf()(inputs))
+    with pytest.raises(export.ExportError, match="Erfinv"):
+        export.export_model(failing, tmp_path, overwrite=True, **tflite_only)
+    assert read_bytes(tflite_path) == original
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["model_float32.tflite", "export.json"]
+    )
+
+    second_model = tiny_model(2)
+    export.export_model(second_model, tmp_path, overwrite=True, **tflite_only)
+    replaced = read_bytes(tflite_path)
+    assert replaced != original
+    np.testing.assert_allclose(
+        export.run_tflite(replaced, x),
+        ops.convert_to_numpy(second_model(x)),
+        atol=1e-5,
+    )
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["model_float32.tflite", "export.json"]
+    )
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_corrupted_file_is_refused(tmp_path):
+    path = tmp_path / "broken.keras"
+    path.write_bytes(b"this is not a zip archive")
+    with pytest.raises(export.ExportError, match="not a Keras model file"):
+        export.export_model(path, tmp_path / "out")
+
+
+def test_zip_that_is_not_a_keras_model_is_refused(tmp_path):
+    import zipfile
+
+    path = tmp_path / "other.keras"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("hello.txt", "hi")
+    with pytest.raises(export.ExportError, match="not a loadable Keras model"):
+        export.export_model(path, tmp_path / "out")
+
+
+def test_non_keras_extension_is_refused(tmp_path):
+    path = tmp_path / "model.h5"
+    path.write_bytes(b"\x89HDF")
+    with pytest.raises(export.ExportError, match=r"`\.keras` zip archive"):
+        export.export_model(path, tmp_path / "out")
+
+
+def test_lambda_layer_is_refused_under_safe_mode(tmp_path):
+    inputs = keras.Input((4,))
+    outputs = keras.layers.Lambda(lambda t: t * 2.0)(inputs)
+    path = tmp_path / "lambda.keras"
+    keras.Model(inputs, outputs).save(path)
+    with pytest.raises(export.ExportError, match="Lambda.*safe_mode=True"):
+        export.export_model(path, tmp_path / "out")
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_int8_without_representative_data_is_refused(tmp_path):
+    with pytest.raises(export.ExportError, match="int8.*representative_data"):
+        export.export_model(tiny_model(0), tmp_path, quantization="int8")
+    assert os.listdir(tmp_path) == []
+
+
+def test_unknown_quantization_is_refused(tmp_path):
+    with pytest.raises(
+        export.ExportError, match=r"`quantization`.*'int8'.*Received: quantization='int4'"
+    ):
+        export.export_model(tiny_model(0), tmp_path, quantization="int4")
+
+
+def test_unknown_format_is_refused(tmp_path):
+    with pytest.raises(export.ExportError, match=r"`formats`.*Received: formats='onnx'"):
+        export.export_model(tiny_model(0), tmp_path, formats=("onnx",))
+
+
+def test_output_path_that_is_a_file_is_refused(tmp_path):
+    path = tmp_path / "taken"
+    path.write_text("a file")
+    with pytest.raises(export.ExportError, match="`out_dir`.*existing file"):
+        export.export_model(tiny_model(0), path)
+    assert path.read_text() == "a file"
+
+
+def test_representative_data_of_the_wrong_shape_is_refused(tmp_path):
+    with pytest.raises(export.ExportError, match=r"representative_data.*\(N, 6\)"):
+        export.export_model(
+            tiny_model(0),
+            tmp_path,
+            quantization="int8",
+            representative_data=np.zeros((10, 5), "float32"),
+        )
+
+
+@pytest.mark.backends("jax", "torch")
+def test_subprocess_refusal_reaches_the_caller_and_publishes_nothing(tmp_path):
+    # In memory a Lambda runs fine; the TF-backend process must load it with
+    # safe_mode=True and refuses it.
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Lambda(lambda t: t * 2.0)(inputs))
+    with pytest.raises(export.ExportError, match="from (jax|torch).*Lambda.*safe_mode"):
+        export.export_model(model, tmp_path / "new", latency_runs=0)
+    assert os.listdir(tmp_path) == []
