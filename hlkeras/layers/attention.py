@@ -24,6 +24,7 @@ import keras
 from keras import ops
 
 from hlkeras.layers import _checks
+from hlkeras.layers.moe import MixtureOfExperts
 from hlkeras.layers.residual import DropPath
 
 # The faster core on CPU, measured with `benchmarks/attention.py`, which
@@ -706,10 +707,13 @@ class TransformerBlock(keras.layers.Layer):
         drop_path: Float in [0, 1), stochastic-depth rate of both branches.
         causal: Whether the attention masks the future.
         activation: Name of a Keras activation for the FFN.
-        num_experts: Int >= 0. With `num_experts > 0` the FFN becomes a
-            `MixtureOfExperts`; not available yet (raises
-            `NotImplementedError`).
-        top_k: Positive int, experts per token when `num_experts > 0`.
+        num_experts: Int >= 0. With `num_experts > 0` the FFN is a sparse
+            `MixtureOfExperts` with `num_experts` experts of hidden width
+            `ffn_units`; its auxiliary losses reach `model.losses`.
+        top_k: Positive int <= `num_experts`, experts per token when
+            `num_experts > 0`.
+        capacity_factor: Expert capacity factor of the `MixtureOfExperts`
+            (`None` is dropless, which TFLite export refuses).
         **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
 
     Call arguments:
@@ -738,6 +742,7 @@ class TransformerBlock(keras.layers.Layer):
         activation="gelu",
         num_experts=0,
         top_k=2,
+        capacity_factor=1.25,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -760,12 +765,10 @@ class TransformerBlock(keras.layers.Layer):
             )
         self.num_experts = num_experts
         self.top_k = _checks.check_positive_int("top_k", top_k)
+        self.capacity_factor = capacity_factor
         if num_experts:
-            raise NotImplementedError(
-                f"TransformerBlock(num_experts={num_experts}) needs "
-                "hlkeras.layers.MixtureOfExperts, which is not available yet. "
-                "Use num_experts=0 for a dense FFN."
-            )
+            # Built now so that MoE argument errors surface at construction.
+            self._build_ffn()
         self.supports_masking = True
 
     def build(self, input_shape):
@@ -810,8 +813,19 @@ class TransformerBlock(keras.layers.Layer):
         self.ffn.build(input_shape)
 
     def _build_ffn(self):
-        """The feed-forward sublayer `(..., d) -> (..., d)`: the one place the
-        dense FFN would become a `MixtureOfExperts`."""
+        """The feed-forward sublayer `(..., d) -> (..., d)`: a dense
+        `FeedForward`, or a sparse `MixtureOfExperts` when `num_experts > 0`."""
+        if self.num_experts:
+            return MixtureOfExperts(
+                self.num_experts,
+                self.ffn_units,
+                top_k=self.top_k,
+                capacity_factor=self.capacity_factor,
+                activation=self.activation,
+                dropout=self.dropout,
+                dtype=self.dtype_policy,
+                name="ffn",
+            )
         return FeedForward(
             self.ffn_units,
             activation=self.activation,
@@ -852,6 +866,7 @@ class TransformerBlock(keras.layers.Layer):
                 "activation": self.activation,
                 "num_experts": self.num_experts,
                 "top_k": self.top_k,
+                "capacity_factor": self.capacity_factor,
             }
         )
         return config

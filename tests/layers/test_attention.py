@@ -428,11 +428,6 @@ def test_bad_constructor_arguments_name_the_argument(make_layer, pattern):
         make_layer()
 
 
-def test_mixture_of_experts_ffn_is_not_implemented_yet():
-    with pytest.raises(NotImplementedError, match=r"num_experts=4.*MixtureOfExperts"):
-        TransformerBlock(4, 8, num_experts=4)
-
-
 def test_feature_mismatch_that_cannot_be_projected():
     layer = MultiHeadAttention(4, 8)
     layer(QUERY, VALUE)
