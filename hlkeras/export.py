@@ -848,7 +848,6 @@ def export_model(
         )
     inputs, labels = _split_verify_data(verify_data, input_shape)
 
-    backend = keras.backend.backend()
     request = {
         "formats": list(formats),
         "quantization": quantization,
@@ -860,44 +859,28 @@ def export_model(
     staging_dir = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir)
     published = False
     try:
-        if backend == "tensorflow":
+        if keras.backend.backend() == "tensorflow":
             _write_artifacts(model, staging_dir, request)
         else:
             _write_artifacts_in_tensorflow_process(model, staging_dir, request)
-
-        expected = None if inputs is None else keras.ops.convert_to_numpy(
-            model.predict(inputs, verbose=0)
-        )
-        sample = inputs[:1] if inputs is not None else representative_data
-        sample = None if sample is None else sample[:1]
         report = ExportReport(
             source=source,
-            backend=backend,
+            backend=keras.backend.backend(),
             out_dir=out_dir,
             quantization=quantization,
             int8_io=bool(int8_io),
             artifacts=[],
-            verify_samples=0 if inputs is None else len(inputs),
         )
-        if labels is not None:
-            report.keras_accuracy = _accuracy(expected, labels)
-        if sample is not None and latency_runs:
-            report.keras_latency_ms = _keras_latency_ms(model, sample, latency_runs)
-
-        staged = {}
-        for format in formats:
-            name = os.path.basename(targets[format])
-            staged[format] = os.path.join(staging_dir, name)
-            if format == "saved_model":
-                artifact = _verify_saved_model(staged[format], inputs, labels, expected)
-            else:
-                artifact = _verify_tflite(
-                    staged[format], inputs, labels, expected, sample, latency_runs
-                )
-            artifact.path = targets[format]
-            artifact.size_bytes = _path_size(staged[format])
-            report.artifacts.append(artifact)
-
+        latency_sample = inputs if inputs is not None else representative_data
+        staged = _verify_staged_artifacts(
+            report,
+            model,
+            {f: os.path.join(staging_dir, os.path.basename(targets[f])) for f in formats},
+            targets,
+            (inputs, labels),
+            None if latency_sample is None else latency_sample[:1],
+            latency_runs,
+        )
         report.export_seconds = time.perf_counter() - start
         staged["report"] = os.path.join(staging_dir, REPORT_FILENAME)
         with open(staged["report"], "w") as file:
@@ -909,6 +892,41 @@ def export_model(
         if created_out_dir and not published and not os.listdir(out_dir):
             os.rmdir(out_dir)
     return report
+
+
+def _verify_staged_artifacts(
+    report, model, staged, targets, verify_data, sample, latency_runs
+):
+    """Measures Keras and each staged artifact; fills `report`; returns `staged`.
+
+    Args:
+        staged: Maps each format to its path in the staging directory.
+        targets: Maps each format to its final path (recorded in the report).
+        verify_data: `(inputs, labels)`; either may be `None`.
+        sample: A batch of one input for latency, or `None`.
+    """
+    from keras import ops
+
+    inputs, labels = verify_data
+    expected = None
+    if inputs is not None:
+        expected = ops.convert_to_numpy(model.predict(inputs, verbose=0))
+        report.verify_samples = len(inputs)
+        if labels is not None:
+            report.keras_accuracy = _accuracy(expected, labels)
+    if sample is not None and latency_runs:
+        report.keras_latency_ms = _keras_latency_ms(model, sample, latency_runs)
+    for format, path in staged.items():
+        if format == "saved_model":
+            artifact = _verify_saved_model(path, inputs, labels, expected)
+        else:
+            artifact = _verify_tflite(
+                path, inputs, labels, expected, sample, latency_runs
+            )
+        artifact.path = targets[format]
+        artifact.size_bytes = _path_size(path)
+        report.artifacts.append(artifact)
+    return dict(staged)
 
 
 if __name__ == "__main__":
