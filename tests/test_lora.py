@@ -264,13 +264,16 @@ def test_protocol_layer_is_rebuilt_with_lora_rank_and_merged_back():
     )
 
 
-def test_protocol_layer_that_leaves_a_base_weight_trainable_is_refused():
-    @keras.saving.register_keras_serializable(package="hlkeras")
-    class LeakyProbe(LoRAProtocolProbe):
-        def build(self, input_shape):
-            super().build(input_shape)
-            self.norm.trainable = True
+@keras.saving.register_keras_serializable(package="hlkeras")
+class LeakyProbe(LoRAProtocolProbe):
+    """Breaks protocol rule 2: its norm stays trainable next to the adapters."""
 
+    def build(self, input_shape):
+        super().build(input_shape)
+        self.norm.trainable = True
+
+
+def test_protocol_layer_that_leaves_a_base_weight_trainable_is_refused():
     inputs = keras.Input(shape=(6,))
     model = keras.Model(inputs, keras.layers.Dense(2)(LeakyProbe(8, name="leaky")(inputs)))
     message = r"'leaky'.*only its adapters may be trainable.*leaky/norm/gamma"
