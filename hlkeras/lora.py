@@ -318,25 +318,21 @@ def apply_lora(model, rank=8, alpha=None, dropout=0.0, targets=None):
 
 
 def _merged_values(layer):
-    """`layer`'s base weights as NumPy, each LoRADense kernel merged."""
-    merged_kernels = {id(sub.kernel): sub.merged_kernel() for sub in lora_dense_sublayers(layer)}
+    """`layer`'s base weights and their NumPy values, each `LoRADense`
+    kernel replaced by its merged kernel."""
+    merged_kernels = {
+        id(sub.kernel): sub.merged_kernel() for sub in lora_dense_sublayers(layer)
+    }
     base = _base_weights(layer)
-    return base, [
-        merged_kernels[id(w)] if id(w) in merged_kernels else np.array(ops.convert_to_numpy(w))
+    values = [
+        merged_kernels[id(w)] if id(w) in merged_kernels else _as_numpy([w])[0]
         for w in base
     ]
+    return base, values
 
 
 def _plain_version(layer):
-    """The unbuilt adapter-free twin of a LoRA layer."""
-    if isinstance(layer, LoRADense):
-        return keras.layers.Dense(
-            layer.units,
-            activation=layer.activation,
-            use_bias=layer.use_bias,
-            dtype=layer.dtype_policy,
-            name=layer.name,
-        )
+    """The unbuilt adapter-free twin of a LoRA-protocol layer."""
     config = layer.get_config()
     config["lora_rank"] = None
     return type(layer).from_config(config)
@@ -362,6 +358,8 @@ def merge_lora(model):
     lora_names = {layer.name for layer in model.layers if adapter_weights(layer)}
 
     def clone_layer(layer):
+        if isinstance(layer, LoRADense):
+            return layer.merged()  # built, merged weights already in
         if layer.name in lora_names:
             return _plain_version(layer)
         return _plain_copy(layer)
@@ -369,6 +367,8 @@ def merge_lora(model):
     merged = _clone(model, clone_layer)
     for old_layer in model.layers:
         new_layer = merged.get_layer(old_layer.name)
+        if isinstance(old_layer, LoRADense):
+            continue
         if old_layer.name in lora_names:
             sources, values = _merged_values(old_layer)
             _copy_values(sources, values, new_layer.weights, old_layer.name)
@@ -458,7 +458,10 @@ def _read_adapter_file(path):
 def _mismatches(model, metadata):
     """Every way the file's layers differ from the model's, as sentences."""
     problems = []
-    in_model = {layer.name: (kind, weights, ranks) for layer, kind, weights, ranks in _saved_layers(model)}
+    in_model = {
+        layer.name: (kind, weights, ranks)
+        for layer, kind, weights, ranks in _saved_layers(model)
+    }
     in_file = {entry["name"]: entry for entry in metadata["layers"]}
     for name in in_model.keys() - in_file.keys():
         problems.append(
@@ -527,7 +530,9 @@ def load_adapters(model, path):
             f"'{model.name}' (nothing was loaded). Received: path={path!r}\n- "
             + "\n- ".join(problems)
         )
-    weights_by_name = {layer.name: weights for layer, _, weights, _ in _saved_layers(model)}
+    weights_by_name = {
+        layer.name: weights for layer, _, weights, _ in _saved_layers(model)
+    }
     for layer_index, entry in enumerate(metadata["layers"]):
         for weight_index, variable in enumerate(weights_by_name[entry["name"]]):
             variable.assign(arrays[f"layer{layer_index}_weight{weight_index}"])

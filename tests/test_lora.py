@@ -167,7 +167,10 @@ def test_apply_lora_on_sequential():
     "kwargs, message",
     [
         ({"targets": ["hidden_1", "no_such_layer"]}, r"`targets`.*\['no_such_layer'\]"),
-        ({"targets": ["norm"]}, r"`targets`.*cannot take an adapter.*norm \(LayerNormalization\)"),
+        (
+            {"targets": ["norm"]},
+            r"`targets`.*cannot take an adapter.*norm \(LayerNormalization\)",
+        ),
         ({"targets": "hidden_1"}, r"`targets` must be None, a list"),
         ({"targets": lambda layer: False}, r"`targets` selected no layer"),
         ({"rank": 0}, r"`rank`"),
@@ -182,9 +185,8 @@ def test_apply_lora_bad_arguments(kwargs, message):
 
 
 def test_apply_lora_rank_too_large_for_a_layer():
-    with pytest.raises(
-        ValueError, match=r"'hidden_1': argument `rank` must be <= min\(d_in, units\) = min\(6, 16\)"
-    ):
+    message = r"'hidden_1': argument `rank` must be <= min\(d_in, units\) = min\(6, 16\)"
+    with pytest.raises(ValueError, match=message):
         lora.apply_lora(_mlp(), rank=7)
 
 
@@ -262,16 +264,20 @@ def test_protocol_layer_is_rebuilt_with_lora_rank_and_merged_back():
     )
 
 
-def test_protocol_layer_that_leaves_a_base_weight_trainable_is_refused():
-    @keras.saving.register_keras_serializable(package="hlkeras")
-    class LeakyProbe(LoRAProtocolProbe):
-        def build(self, input_shape):
-            super().build(input_shape)
-            self.norm.trainable = True
+@keras.saving.register_keras_serializable(package="hlkeras")
+class LeakyProbe(LoRAProtocolProbe):
+    """Breaks protocol rule 2: its norm stays trainable next to the adapters."""
 
+    def build(self, input_shape):
+        super().build(input_shape)
+        self.norm.trainable = True
+
+
+def test_protocol_layer_that_leaves_a_base_weight_trainable_is_refused():
     inputs = keras.Input(shape=(6,))
     model = keras.Model(inputs, keras.layers.Dense(2)(LeakyProbe(8, name="leaky")(inputs)))
-    with pytest.raises(ValueError, match=r"'leaky'.*only its adapters may be trainable.*leaky/norm/gamma"):
+    message = r"'leaky'.*only its adapters may be trainable.*leaky/norm/gamma"
+    with pytest.raises(ValueError, match=message):
         lora.apply_lora(model, rank=2)
 
 
@@ -353,9 +359,8 @@ def test_load_adapters_refuses_a_head_of_another_shape(tmp_path):
     )
     other = lora.apply_lora(other_base, rank=2)
     before = _weights_snapshot(other)
-    with pytest.raises(
-        ValueError, match=r"layer 'head' weight 'kernel': shape \(12, 3\).*\(12, 5\) in the model"
-    ):
+    message = r"layer 'head' weight 'kernel': shape \(12, 3\).*\(12, 5\) in the model"
+    with pytest.raises(ValueError, match=message):
         lora.load_adapters(other, path)
     for value, variable in zip(before, other.weights):
         np.testing.assert_array_equal(value, _numpy(variable))
