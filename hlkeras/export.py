@@ -291,30 +291,23 @@ def load_keras_model(path):
 def _prepare_for_export(model):
     """Returns the model to export: LoRA merged, MoE checked for capacity mode.
 
-    The checks work through a duck-typed protocol, so this module does not
-    import the layers:
-
-    - **LoRA**: a layer with a callable `merged()` method is a LoRA layer.
-      `merged()` must return an equivalent plain Keras layer (weights
-      included) with the low-rank update folded into its kernel. Such layers
-      are swapped in the functional graph with `keras.models.clone_model`
-      (other layers are reused as they are, weights shared). A LoRA layer
-      nested inside another layer cannot be swapped and is an error.
-    - **MoE**: a layer whose `get_config()` has the key `capacity_factor`
-      with value `None` is in dropless mode, whose data-dependent shapes have
-      no TFLite builtin form. That is an error that suggests setting
-      `capacity_factor`.
+    - **LoRA**: adapters are folded into plain layers by
+      `hlkeras.lora.merge_lora`, so the artifact holds no LoRA layer and no
+      extra matmuls.
+    - **MoE**: a layer whose `get_config()` has `capacity_factor=None` is in
+      dropless mode, whose data-dependent shapes have no TFLite builtin form.
+      That is an error that suggests setting `capacity_factor`.
     """
+    from hlkeras import lora
+
     _check_moe_capacity_mode(model)
-    return _merge_lora_layers(model)
+    if any(lora.adapter_weights(layer) for layer in model.layers):
+        return lora.merge_lora(model)
+    return model
 
 
 def _all_layers(model):
     return list(model._flatten_layers(include_self=False, recursive=True))
-
-
-def _is_lora_layer(layer):
-    return callable(getattr(layer, "merged", None))
 
 
 def _check_moe_capacity_mode(model):
@@ -335,25 +328,6 @@ def _layer_config(layer):
         return layer.get_config()
     except Exception:  # A layer without a config cannot be an MoE layer here.
         return {}
-
-
-def _merge_lora_layers(model):
-    import keras
-
-    if not any(_is_lora_layer(layer) for layer in _all_layers(model)):
-        return model
-
-    def merge_or_reuse(layer):
-        return layer.merged() if _is_lora_layer(layer) else layer
-
-    merged = keras.models.clone_model(model, clone_function=merge_or_reuse)
-    leftover = [layer.name for layer in _all_layers(merged) if _is_lora_layer(layer)]
-    if leftover:
-        raise ExportError(
-            f"LoRA layers {leftover} are nested inside other layers, so export "
-            "cannot merge them. Merge the model first (hlkeras.lora.merge_lora)."
-        )
-    return merged
 
 
 # --------------------------------------------------------------------------

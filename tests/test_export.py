@@ -251,47 +251,29 @@ def test_jax_and_torch_export_equals_tensorflow_export(digits, tmp_path):
 # ---------------------------------------------------------------- LoRA / MoE
 
 
-@keras.saving.register_keras_serializable(package="hlkeras_tests")
-class FakeLoRADense(keras.layers.Dense):
-    """A Dense plus a rank-2 update `x @ A @ B`, following the LoRA protocol of
-    `export._prepare_for_export`: `merged()` returns the equivalent Dense."""
-
-    def build(self, input_shape):
-        super().build(input_shape)
-        self.lora_a = self.add_weight(
-            shape=(input_shape[-1], 2), initializer="random_normal", name="lora_a"
-        )
-        self.lora_b = self.add_weight(
-            shape=(2, self.units), initializer="random_normal", name="lora_b"
-        )
-
-    def call(self, inputs):
-        return super().call(inputs) + ops.matmul(
-            ops.matmul(inputs, self.lora_a), self.lora_b
-        )
-
-    def merged(self):
-        dense = keras.layers.Dense(self.units, name=self.name)
-        dense.build((None, self.kernel.shape[0]))
-        kernel = ops.convert_to_numpy(self.kernel) + ops.convert_to_numpy(
-            ops.matmul(self.lora_a, self.lora_b)
-        )
-        dense.set_weights([kernel, ops.convert_to_numpy(self.bias)])
-        return dense
-
-
 def lora_model():
+    """A trained-looking Dense net with a LoRA adapter whose B is non-zero, so
+    an unmerged or wrongly merged export would change the outputs."""
+    from hlkeras.lora import apply_lora
+
     inputs = keras.Input((12,))
-    hidden = FakeLoRADense(16, name="adapted")(inputs)
-    return keras.Model(inputs, keras.layers.Dense(3)(hidden))
+    hidden = keras.layers.Dense(16, name="adapted")(inputs)
+    model = apply_lora(keras.Model(inputs, keras.layers.Dense(3)(hidden)), rank=2)
+    adapter = model.get_layer("adapted")
+    adapter.lora_kernel_b.assign(
+        np.random.default_rng(1).normal(size=adapter.lora_kernel_b.shape)
+    )
+    return model
 
 
 def test_prepare_for_export_merges_lora_layers():
+    from hlkeras.layers import LoRADense
+
     model = lora_model()
     x = np.random.default_rng(0).normal(size=(8, 12)).astype("float32")
     prepared = export._prepare_for_export(model)
     layers = list(prepared._flatten_layers(include_self=False, recursive=True))
-    assert not any(isinstance(layer, FakeLoRADense) for layer in layers)
+    assert not any(isinstance(layer, LoRADense) for layer in layers)
     assert prepared.get_layer("adapted").__class__ is keras.layers.Dense
     np.testing.assert_allclose(
         ops.convert_to_numpy(prepared(x)), ops.convert_to_numpy(model(x)), atol=1e-5
