@@ -65,13 +65,15 @@ def test_mlp_is_functional_and_made_of_residual_blocks():
     np.testing.assert_allclose(probabilities.sum(axis=-1), 1.0, rtol=1e-5)
 
 
+# The stage layout is backend-independent, and building conv blocks eagerly is
+# slow on JAX; the .keras round trip below builds a resnet on every backend.
+@pytest.mark.backends("tensorflow")
 def test_resnet_stages_downsample_and_double_width():
-    model = models.resnet((8, 8, 3), 5, depth=2, width=8, stages=3)
+    model = models.resnet((8, 8, 3), 5, depth=2, width=4, stages=2)
     blocks = [l for l in model.layers if isinstance(l, hlkeras.layers.ConvResidualBlock)]
-    assert len(blocks) == 6
-    assert [b.filters for b in blocks] == [8, 8, 16, 16, 32, 32]
-    assert [b.strides for b in blocks] == [1, 1, 2, 1, 2, 1]
-    assert model.get_layer("pool").input.shape[1:] == (2, 2, 32)
+    assert [b.filters for b in blocks] == [4, 4, 8, 8]
+    assert [b.strides for b in blocks] == [1, 1, 2, 1]
+    assert model.get_layer("pool").input.shape[1:] == (4, 4, 8)
     assert model.output_shape == (None, 5)
 
 
@@ -83,12 +85,12 @@ def test_build_equals_calling_the_builder():
 
 
 def test_resolve_spec_fills_defaults_and_survives_json():
-    resolved = models.resolve_spec({"arch": "resnet", "input_shape": (8, 8, 1), "num_classes": 10})
+    spec = {"arch": "resnet", "input_shape": (8, 8, 1), "num_classes": 10, "width": 4}
+    resolved = models.resolve_spec(spec)
     assert resolved["depth"] == 2 and resolved["stages"] == 2 and resolved["bottleneck"] is False
+    assert resolved["width"] == 4 and resolved["input_shape"] == [8, 8, 1]
     assert json.loads(json.dumps(resolved)) == resolved
-    assert models.build(json.loads(json.dumps(resolved))).to_json() == models.resnet(
-        (8, 8, 1), 10
-    ).to_json()
+    assert models.build(json.loads(json.dumps(resolved))).to_json() == models.build(spec).to_json()
 
 
 @pytest.mark.parametrize(
@@ -110,7 +112,7 @@ def test_bad_specs_raise_value_error_naming_the_key(spec, pattern):
 
 @pytest.mark.parametrize("arch", ["mlp", "resnet"])
 def test_keras_file_round_trip_with_safe_mode(arch, tmp_path):
-    model = models.build({"arch": arch, "input_shape": [8, 8, 1], "num_classes": 10, "depth": 1, "width": 8})
+    model = models.build({"arch": arch, "input_shape": [8, 8, 1], "num_classes": 10, "depth": 1, "width": 4})
     path = os.path.join(tmp_path, "model.keras")
     model.save(path)
     reloaded = keras.saving.load_model(path, safe_mode=True)
