@@ -242,13 +242,21 @@ class HistoryCSV(keras.callbacks.Callback):
 
 class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
     """`ModelCheckpoint(save_best_only=True)` that writes a temporary file and
-    renames it, so a kill during the save keeps the previous best intact."""
+    renames it, so a kill during the save keeps the previous best intact.
+
+    An epoch whose loss or monitored value is NaN or infinite is never saved
+    (Keras' own callback saves the first epoch whatever its value).
+    """
 
     def __init__(self, filepath, **kwargs):
         self.final_path = filepath
         super().__init__(_partial_path(filepath, ".keras"), save_best_only=True, **kwargs)
 
     def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        values = [logs.get("loss", 0.0), logs.get(self.monitor, 0.0)]
+        if not all(math.isfinite(float(v)) for v in values):
+            return
         super().on_epoch_end(epoch, logs)
         if os.path.exists(self.filepath):
             os.replace(self.filepath, self.final_path)
@@ -501,9 +509,9 @@ def compile_and_fit(
 def nan_message(result, monitor="val_loss"):
     """The one-line explanation of a run stopped by a NaN loss."""
     message = f"the loss became NaN in epoch {result.nan_epoch + 1}; training stopped."
-    if result.best_path:
-        best = best_value(result.rows, monitor)
+    best = best_value(result.rows, monitor)
+    if result.best_path and best is not None:
         message += f" The best checkpoint ({monitor}={best:.4g}) is kept at {result.best_path}."
     else:
         message += " No epoch finished with a finite loss, so there is no checkpoint."
-    return message + " Try a lower --lr or gradient clipping."
+    return message + " Try a lower --lr, or --clipnorm."
