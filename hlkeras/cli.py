@@ -321,7 +321,8 @@ def cmd_train(args):
         print(f"hlkeras train: error: {training.nan_message(result)}", file=sys.stderr)
         return 1
     if result.best_path:
-        model = keras.saving.load_model(result.best_path)
+        # In place, so the compiled evaluation functions are reused.
+        model.load_weights(result.best_path)
     training.save_model_atomic(model, os.path.join(run_dir, "model.keras"))
     test_images, test_labels = data.to_numpy(test_ds)
     test_loss, test_accuracy = model.evaluate(test_ds, verbose=0)

@@ -182,14 +182,21 @@ def _scale(images, labels):
 
 
 def _pipeline(examples, count, batch_size, shuffle_seed):
-    """uint8 examples → cached, optionally shuffled, float32 [0, 1] batches."""
+    """uint8 examples → cached, float32 [0, 1] batches; shuffled for training.
+
+    The training pipeline drops its last partial batch: every step then has
+    the same shape, so JAX and XLA compile the train step once, and the few
+    dropped examples differ each epoch because the order is reshuffled.
+    """
     ds = examples.cache()
-    if shuffle_seed is not None:
+    training = shuffle_seed is not None
+    if training:
         ds = ds.shuffle(
             min(count, MAX_SHUFFLE_BUFFER), seed=shuffle_seed, reshuffle_each_iteration=True
         )
     # Scaling after batching is one vectorized op per batch.
-    ds = ds.batch(batch_size).map(_scale, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size, drop_remainder=training)
+    ds = ds.map(_scale, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -222,7 +229,8 @@ def load(name="digits", *, batch_size=64, validation_split=0.1, data_dir=None, s
 
     Returns:
         `(train_ds, val_ds, test_ds, info)`, where `info` is a `DatasetInfo`.
-        Only `train_ds` is shuffled (again every epoch).
+        Only `train_ds` is shuffled (again every epoch), and only it drops
+        its last partial batch.
 
     Raises:
         DatasetError: when the dataset is unknown or not in `data_dir`.

@@ -36,8 +36,9 @@ def test_info_describes_digits(digits):
     assert (info.num_train, info.num_val, info.num_test) == (1293, 144, 360)
 
 
-def test_splits_partition_the_embedded_file(digits):
-    train_ds, val_ds, test_ds, _ = digits
+def test_splits_partition_the_embedded_file(data_dir):
+    # Batches of one, so the training set's dropped partial batch is empty.
+    train_ds, val_ds, test_ds, _ = data.load("digits", batch_size=1, data_dir=data_dir)
     source_images, source_labels = load_digits_arrays()
     splits = [data.to_numpy(ds) for ds in (train_ds, val_ds, test_ds)]
     assert [len(y) for _, y in splits] == [1293, 144, 360]
@@ -60,6 +61,14 @@ def test_batches_are_float_images_in_unit_range(digits):
     assert images.shape == (32, 8, 8, 1) and images.dtype.name == "float32"
     assert labels.shape == (32,) and labels.dtype.name == "int32"
     assert float(np.min(images)) >= 0.0 and float(np.max(images)) <= 1.0
+
+
+def test_only_training_drops_the_partial_batch(digits):
+    train_ds, val_ds, test_ds, _ = digits
+    train_sizes = [len(y) for _, y in train_ds.as_numpy_iterator()]
+    assert train_sizes == [32] * (1293 // 32) and int(train_ds.cardinality()) == 1293 // 32
+    assert [len(y) for _, y in val_ds.as_numpy_iterator()] == [32] * 4 + [16]
+    assert sum(len(y) for _, y in test_ds.as_numpy_iterator()) == 360
 
 
 def test_order_is_deterministic_and_seeded(data_dir):
@@ -105,7 +114,7 @@ def test_representative_samples_are_the_first_training_images(data_dir):
 
 def test_mnist_goes_through_the_same_tfds_path():
     with tfds.testing.mock_data(num_examples=20):
-        train_ds, val_ds, test_ds, info = data.load("mnist", batch_size=8, validation_split=0.1)
+        train_ds, val_ds, test_ds, info = data.load("mnist", batch_size=6, validation_split=0.1)
         images, labels = data.to_numpy(train_ds)
     assert info.input_shape == (28, 28, 1) and info.num_classes == 10
     assert (info.num_train, info.num_val, info.num_test) == (18, 2, 20)
