@@ -237,7 +237,7 @@ def load(name="digits", *, batch_size=64, validation_split=0.1, data_dir=None, s
 
     Example:
 
-    >>> train_ds, val_ds, test_ds, info = load("digits", data_dir=tmp_dir)
+    >>> train_ds, val_ds, test_ds, info = load("digits")
     >>> info.input_shape, info.num_classes
     ((8, 8, 1), 10)
     """

@@ -1,8 +1,13 @@
-"""Each script in apps/ runs end to end with --epochs 1 (one backend: the
-scripts only call library code that the other tests cover per backend)."""
+"""Each script in apps/ runs end to end with --epochs 1.
+
+The scripts run in this process (`runpy`, as `__main__`), which saves a
+TensorFlow start-up per script, and on one backend only: they call library
+code that the other tests cover on every backend, and `export_mobile.py`
+needs the TFLite converter.
+"""
 
 import os
-import subprocess
+import runpy
 import sys
 
 import pytest
@@ -10,32 +15,27 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run_app(name, tmp_path, *flags):
-    env = {
-        **os.environ,
-        "KERAS_BACKEND": "tensorflow",
-        "PYTHONPATH": ROOT,
-        "TFDS_DATA_DIR": str(tmp_path / "tfds"),
-    }
-    return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "apps", name), "--epochs", "1", *flags],
-        env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=300,
-    )
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def _run_app(name, monkeypatch, tmp_path, data_dir, *flags):
+    monkeypatch.chdir(tmp_path)
+    argv = [name, "--epochs", "1", "--data-dir", data_dir, *flags]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(os.path.join(ROOT, "apps", name), run_name="__main__")
 
 
 @pytest.mark.backends("tensorflow")
-@pytest.mark.slow
-def test_train_digits(tmp_path):
-    result = _run_app("train_digits.py", tmp_path, "--out", "m.keras")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "test accuracy:" in result.stdout
+def test_train_digits(monkeypatch, tmp_path, data_dir, capsys):
+    _run_app("train_digits.py", monkeypatch, tmp_path, data_dir, "--out", "m.keras")
+    assert "test accuracy:" in capsys.readouterr().out
     assert (tmp_path / "m.keras").exists()
 
 
 @pytest.mark.backends("tensorflow")
-@pytest.mark.slow
-def test_export_mobile(tmp_path):
-    result = _run_app("export_mobile.py", tmp_path, "--out", "d.tflite")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "litert" in result.stdout
-    assert (tmp_path / "d.tflite").read_bytes()[4:8] == b"TFL3"
+def test_export_mobile(monkeypatch, tmp_path, data_dir, capsys):
+    _run_app("export_mobile.py", monkeypatch, tmp_path, data_dir, "--out", "d.tflite")
+    assert "litert" in capsys.readouterr().out
+    assert (tmp_path / "d.tflite").read_bytes()[4:8] == b"TFL3"  # flatbuffer file id
