@@ -5,6 +5,7 @@ line to stderr and exit with status 2, without a traceback.
 """
 
 import argparse
+import contextlib
 import importlib
 import os
 import platform
@@ -89,6 +90,7 @@ TRAIN_DEFAULTS = {
     "experts": 0,
     "seed": 0,
     "patience": 10,
+    "mixed_precision": False,
 }
 # Files a run directory may hold; --overwrite deletes only these.
 RUN_FILES = (
@@ -134,6 +136,12 @@ def _add_train_command(commands):
     flag("--resume", action="store_true", help="continue the killed run in --out")
     flag("--overwrite", action="store_true", help="replace the run files in an existing --out")
     flag("--tensorboard", action="store_true", help="also log to <out>/logs for TensorBoard")
+    flag(
+        "--mixed-precision",
+        action="store_true",
+        default=None,
+        help="compute in bfloat16 with float32 weights (mixed_bfloat16)",
+    )
     train.set_defaults(func=cmd_train)
 
 
@@ -235,6 +243,23 @@ def _model_spec(settings, info):
         raise UsageError(str(error)) from None
 
 
+def _float32_copy(model, spec):
+    """The same model under the float32 policy, with the same weights: the
+    TFLite converter rejects the bfloat16 ops of a mixed_bfloat16 model."""
+    import keras
+
+    from hlkeras import models
+
+    policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float32")
+    try:
+        copy = models.build(spec)
+    finally:
+        keras.config.set_dtype_policy(policy)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 def export_and_score_tflite(model, test_images, test_labels, path):
     """Exports `model` to `path` as .tflite and returns its LiteRT accuracy on
     the test images, or None when the backend cannot export yet.
@@ -265,23 +290,23 @@ def export_and_score_tflite(model, test_images, test_labels, path):
     return float(np.mean(np.argmax(probabilities, axis=-1) == test_labels))
 
 
-def cmd_train(args):
-    import json
-    import time
-
-    started = time.perf_counter()
-    given = _given_settings(args)
-    run_dir, resuming = _prepare_run_dir(args)
-    settings = _resumed_settings(run_dir, given) if resuming else {**TRAIN_DEFAULTS, **given}
-    _check_settings(settings)
-
+@contextlib.contextmanager
+def _dtype_policy(name):
+    """Sets Keras' global dtype policy for a block (no change for None)."""
     import keras
 
-    from hlkeras import data
-    from hlkeras import models
-    from hlkeras import training
+    previous = keras.config.dtype_policy()
+    if name:
+        keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
 
-    keras.utils.set_random_seed(settings["seed"])
+
+def _load_data(settings):
+    from hlkeras import data
+
     try:
         train_ds, val_ds, test_ds, info = data.load(
             settings["dataset"],
@@ -296,61 +321,100 @@ def cmd_train(args):
             f"--batch-size {settings['batch_size']} is larger than the "
             f"{info.num_train} training examples of {info.name}"
         )
+    return (train_ds, val_ds, test_ds), info
+
+
+def _evaluate_and_export(model, spec, settings, run_dir, test_ds):
+    """Saves model.keras, evaluates it on the test split, exports and scores
+    model.tflite; returns the accuracy metrics."""
+    from hlkeras import data
+    from hlkeras import training
+
+    training.save_model_atomic(model, os.path.join(run_dir, "model.keras"))
+    test_loss, test_accuracy = model.evaluate(test_ds, verbose=0)
+    test_images, test_labels = data.to_numpy(test_ds)
+    exportable = _float32_copy(model, spec) if settings["mixed_precision"] else model
+    tflite_accuracy = export_and_score_tflite(
+        exportable, test_images, test_labels, os.path.join(run_dir, "model.tflite")
+    )
+    gap = None
+    if tflite_accuracy is not None:
+        gap = round(100 * abs(tflite_accuracy - float(test_accuracy)), 4)
+    return {
+        "test_accuracy": float(test_accuracy),
+        "test_loss": float(test_loss),
+        "tflite_accuracy": tflite_accuracy,
+        "tflite_gap_points": gap,
+    }
+
+
+def cmd_train(args):
+    import json
+    import time
+
+    started = time.perf_counter()
+    given = _given_settings(args)
+    run_dir, resuming = _prepare_run_dir(args)
+    settings = _resumed_settings(run_dir, given) if resuming else {**TRAIN_DEFAULTS, **given}
+    _check_settings(settings)
+
+    import keras
+
+    from hlkeras import models
+    from hlkeras import training
+
+    keras.utils.set_random_seed(settings["seed"])
+    (train_ds, val_ds, test_ds), info = _load_data(settings)
     spec = _model_spec(settings, info)
     if run_dir is None:
         run_dir = training.new_run_dir("runs")
     if not resuming:
         training.atomic_write_json(os.path.join(run_dir, "spec.json"), spec)
         training.atomic_write_json(os.path.join(run_dir, "train_config.json"), settings)
-    print(f"hlkeras train: {spec['arch']} on {info.name} ({keras.backend.backend()} backend) -> {run_dir}")
+    backend = keras.backend.backend()
+    print(f"hlkeras train: {spec['arch']} on {info.name} ({backend} backend) -> {run_dir}")
 
-    model = models.build(spec)
-    result = training.compile_and_fit(
-        model,
-        train_ds,
-        val_ds,
-        run_dir=run_dir,
-        epochs=settings["epochs"],
-        learning_rate=settings["lr"],
-        weight_decay=settings["weight_decay"],
-        clipnorm=settings["clipnorm"],
-        patience=settings["patience"],
-        tensorboard=args.tensorboard,
-    )
-    if result.nan_epoch is not None:
-        print(f"hlkeras train: error: {training.nan_message(result)}", file=sys.stderr)
-        return 1
-    if result.best_path:
-        # In place, so the compiled evaluation functions are reused.
-        model.load_weights(result.best_path)
-    training.save_model_atomic(model, os.path.join(run_dir, "model.keras"))
-    test_images, test_labels = data.to_numpy(test_ds)
-    test_loss, test_accuracy = model.evaluate(test_ds, verbose=0)
-    tflite_accuracy = export_and_score_tflite(
-        model, test_images, test_labels, os.path.join(run_dir, "model.tflite")
-    )
+    with _dtype_policy("mixed_bfloat16" if settings["mixed_precision"] else None):
+        model = models.build(spec)
+        result = training.compile_and_fit(
+            model,
+            train_ds,
+            val_ds,
+            run_dir=run_dir,
+            epochs=settings["epochs"],
+            learning_rate=settings["lr"],
+            weight_decay=settings["weight_decay"],
+            clipnorm=settings["clipnorm"],
+            patience=settings["patience"],
+            tensorboard=args.tensorboard,
+        )
+        if result.nan_epoch is not None:
+            print(f"hlkeras train: error: {training.nan_message(result)}", file=sys.stderr)
+            return 1
+        if result.best_path:
+            # In place, so the compiled evaluation functions are reused.
+            model.load_weights(result.best_path)
+        metrics = _evaluate_and_export(model, spec, settings, run_dir, test_ds)
+
     monitor = "val_loss" if val_ds is not None else "loss"
     best_row = min(result.rows, key=lambda row: row.get(monitor, float("inf")))
-    metrics = {
-        "test_accuracy": float(test_accuracy),
-        "test_loss": float(test_loss),
-        "tflite_accuracy": tflite_accuracy,
-        "tflite_gap_points": None
-        if tflite_accuracy is None
-        else round(100 * abs(tflite_accuracy - float(test_accuracy)), 4),
-        "epochs": len(result.rows),
-        "best_epoch": int(best_row["epoch"]) + 1,
-        "seconds": round(result.seconds, 2),
-        "total_seconds": round(time.perf_counter() - started, 2),
-        "backend": keras.backend.backend(),
-        "dataset": info.name,
-        "arch": spec["arch"],
-        "params": int(model.count_params()),
-    }
+    metrics.update(
+        {
+            "epochs": len(result.rows),
+            "best_epoch": int(best_row["epoch"]) + 1,
+            "seconds": round(result.seconds, 2),
+            "total_seconds": round(time.perf_counter() - started, 2),
+            "backend": backend,
+            "dataset": info.name,
+            "arch": spec["arch"],
+            "params": int(model.count_params()),
+        }
+    )
     training.atomic_write_json(os.path.join(run_dir, "metrics.json"), metrics)
-    litert = "skipped" if tflite_accuracy is None else f"{tflite_accuracy:.4f}"
-    print(f"test accuracy: keras {test_accuracy:.4f}, litert {litert}")
-    print(f"wrote {run_dir}: " + " ".join(f for f in RUN_FILES if os.path.exists(os.path.join(run_dir, f))))
+    litert = "skipped" if metrics["tflite_accuracy"] is None else f"{metrics['tflite_accuracy']:.4f}"
+    print(f"test accuracy: keras {metrics['test_accuracy']:.4f}, litert {litert}")
+    written = [f for f in RUN_FILES if os.path.exists(os.path.join(run_dir, f))]
+    print(f"wrote {run_dir}: {' '.join(written)}")
     print(json.dumps(metrics, sort_keys=True))
     return 0
 

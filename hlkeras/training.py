@@ -167,8 +167,8 @@ def compile_model(
         total_steps: Optional int; when set, the rate follows `WarmupCosine`
             over that many steps, otherwise it is constant.
         warmup_steps: Int, warmup steps of the schedule.
-        jit_compile: Passed to `model.compile` (`"auto"` compiles on TF and
-            JAX, not on torch).
+        jit_compile: Passed to `model.compile`. With `"auto"` Keras compiles
+            on JAX, on TF only when a GPU/TPU is present, never on torch.
 
     Returns:
         The same model, compiled.

@@ -158,3 +158,26 @@ def test_resume_after_sigkill_continues_from_last_finished_epoch(data_dir, tmp_p
     assert rows[:finished] == rows_before[:finished]
     with open(os.path.join(out, "metrics.json")) as f:
         assert json.load(f)["epochs"] == epochs
+
+
+@pytest.mark.backends("tensorflow")
+def test_mixed_precision_trains_bfloat16_and_exports_float32(capsys, data_dir, tmp_path):
+    from hlkeras import export
+
+    out = str(tmp_path / "run")
+    status, _, stderr = _train(
+        capsys, "--data-dir", data_dir, "--out", out, "--epochs", "1", "--mixed-precision", *SMALL
+    )
+    assert status == 0, stderr
+    assert keras.config.dtype_policy().name == "float32"  # restored afterwards
+    model = keras.saving.load_model(os.path.join(out, "model.keras"))
+    assert model.get_layer("block_0").dtype_policy.name == "mixed_bfloat16"
+    # The .tflite is the float32 twin: same weights, float32 compute.
+    with open(os.path.join(out, "spec.json")) as f:
+        twin = models.build(json.load(f))
+    twin.set_weights(model.get_weights())
+    _, _, test_ds, _ = data.load("digits", data_dir=data_dir)
+    images, _ = data.to_numpy(test_ds)
+    with open(os.path.join(out, "model.tflite"), "rb") as f:
+        litert = export.run_tflite(f.read(), images)
+    np.testing.assert_allclose(litert, twin.predict(images, verbose=0), atol=1e-4)
