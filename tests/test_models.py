@@ -90,7 +90,11 @@ def test_resolve_spec_fills_defaults_and_survives_json():
     assert resolved["depth"] == 2 and resolved["stages"] == 2 and resolved["bottleneck"] is False
     assert resolved["width"] == 4 and resolved["input_shape"] == [8, 8, 1]
     assert json.loads(json.dumps(resolved)) == resolved
-    assert models.build(json.loads(json.dumps(resolved))).to_json() == models.build(spec).to_json()
+    # Building from the recorded (JSON) spec gives the same model (an mlp:
+    # building conv models eagerly is slow on JAX).
+    spec = {"arch": "mlp", "input_shape": (8, 8, 1), "num_classes": 10, "width": 8}
+    recorded = json.loads(json.dumps(models.resolve_spec(spec)))
+    assert models.build(recorded).to_json() == models.build(spec).to_json()
 
 
 @pytest.mark.parametrize(
