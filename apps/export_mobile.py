@@ -1,7 +1,7 @@
 """Train a small ResNet on the embedded digits, export it to a `.tflite`
 file for phones (builtin ops only), and check it in the LiteRT interpreter.
 
-    python apps/export_mobile.py --epochs 5 --out digits.tflite
+    python apps/export_mobile.py --epochs 12 --out digits.tflite
 
 The TFLite converter needs the TensorFlow backend, so this script selects it.
 """
@@ -22,7 +22,7 @@ from hlkeras import models  # noqa: E402
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--data-dir", help="TFDS data directory (default: TFDS' own)")
     parser.add_argument("--out", default="digits.tflite", help="the .tflite file to write")
     args = parser.parse_args()
