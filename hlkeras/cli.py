@@ -159,6 +159,8 @@ def _check_settings(settings):
         raise UsageError(f"--weight-decay must be >= 0, got {settings['weight_decay']}")
     if settings["dropout"] is not None and not 0 <= settings["dropout"] < 1:
         raise UsageError(f"--dropout must be in [0, 1), got {settings['dropout']}")
+    if settings["seed"] < 0:
+        raise UsageError(f"--seed must be >= 0, got {settings['seed']}")
     if settings["experts"] < 0:
         raise UsageError(f"--experts must be >= 0, got {settings['experts']}")
 

@@ -73,6 +73,7 @@ def test_short_run_writes_a_verified_run_directory(capsys, data_dir, tmp_path):
         (["--epochs", "-3"], "--epochs must be a positive integer, got -3"),
         (["--batch-size", "5000"], "--batch-size 5000 is larger than the 1293 training examples"),
         (["--dropout", "1.5"], "--dropout must be in [0, 1), got 1.5"),
+        (["--seed", "-1"], "--seed must be >= 0, got -1"),
         (["--experts", "4"], "--experts needs an arch with MoE FFNs; --arch mlp has none"),
         (["--dataset", "no_such_set"], "unknown dataset 'no_such_set'"),
         (["--resume"], "--resume needs --out"),
