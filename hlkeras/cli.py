@@ -5,6 +5,7 @@ line to stderr and exit with status 2, without a traceback.
 """
 
 import argparse
+import contextlib
 import importlib
 import os
 import platform
@@ -275,8 +276,360 @@ def build_parser():
         "info", help="print library versions and the active Keras backend"
     )
     info.set_defaults(func=cmd_info)
+    _add_train_command(commands)
     add_export_parser(commands)
     return parser
+
+
+# --- hlkeras train ------------------------------------------------------------
+
+# Defaults of the training settings. The flags default to None so that a
+# resumed run can tell the flags a user gave from the ones recorded in its
+# train_config.json. `arch` becomes "vit" once hlkeras.models has it.
+TRAIN_DEFAULTS = {
+    "arch": "mlp",
+    "dataset": "digits",
+    "data_dir": None,
+    "epochs": 30,
+    "batch_size": 64,
+    "lr": 1e-3,
+    "weight_decay": 1e-4,
+    "clipnorm": None,
+    "depth": None,
+    "width": None,
+    "dropout": None,
+    "experts": 0,
+    "seed": 0,
+    "patience": 10,
+    "mixed_precision": False,
+}
+# Files a run directory may hold; --overwrite deletes only these.
+RUN_FILES = (
+    "model.keras",
+    "best.keras",
+    "spec.json",
+    "train_config.json",
+    "history.csv",
+    "curves.png",
+    "metrics.json",
+    "model.tflite",
+)
+RUN_DIRS = ("backup", "logs")
+
+
+def _add_train_command(commands):
+    train = commands.add_parser(
+        "train",
+        help="train a model on a dataset, evaluate it, export and verify a .tflite",
+        description=(
+            "Train a model built from hlkeras layers, evaluate it on the test "
+            "split, and export model.tflite checked in the LiteRT interpreter. "
+            "Writes model.keras, spec.json, history.csv, curves.png, "
+            "metrics.json and model.tflite into the run directory."
+        ),
+    )
+    flag = train.add_argument
+    flag("--arch", help=f"model architecture (default {TRAIN_DEFAULTS['arch']})")
+    flag("--dataset", help="'digits' (embedded, default) or a TFDS dataset in --data-dir")
+    flag("--data-dir", help="TFDS data directory (default: TFDS' own)")
+    flag("--epochs", type=int, help=f"epochs (default {TRAIN_DEFAULTS['epochs']})")
+    flag("--batch-size", type=int, help=f"batch size (default {TRAIN_DEFAULTS['batch_size']})")
+    flag("--lr", type=float, help=f"peak learning rate (default {TRAIN_DEFAULTS['lr']})")
+    flag("--weight-decay", type=float, help="AdamW weight decay (default 1e-4)")
+    flag("--clipnorm", type=float, help="clip each gradient to this norm (default off)")
+    flag("--depth", type=int, help="number of blocks (default: the arch's)")
+    flag("--width", type=int, help="block width (default: the arch's)")
+    flag("--dropout", type=float, help="dropout rate (default: the arch's)")
+    flag("--experts", type=int, help="MoE experts per FFN, 0 for dense (vit only; default 0)")
+    flag("--seed", type=int, help="random seed (default 0)")
+    flag("--patience", type=int, help="early-stopping patience in epochs (default 10)")
+    flag("--out", help="run directory (default runs/<timestamp>/)")
+    flag("--resume", action="store_true", help="continue the killed run in --out")
+    flag("--overwrite", action="store_true", help="replace the run files in an existing --out")
+    flag("--tensorboard", action="store_true", help="also log to <out>/logs for TensorBoard")
+    flag(
+        "--mixed-precision",
+        action="store_true",
+        default=None,
+        help="compute in bfloat16 with float32 weights (mixed_bfloat16)",
+    )
+    train.set_defaults(func=cmd_train)
+
+
+def _check_settings(settings):
+    positive = ("epochs", "batch_size", "depth", "width", "patience")
+    for name in positive:
+        value = settings[name]
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    for name in ("lr", "clipnorm"):
+        value = settings[name]
+        if value is not None and not value > 0:
+            raise UsageError(f"--{name} must be a positive number, got {value}")
+    if settings["weight_decay"] < 0:
+        raise UsageError(f"--weight-decay must be >= 0, got {settings['weight_decay']}")
+    if settings["dropout"] is not None and not 0 <= settings["dropout"] < 1:
+        raise UsageError(f"--dropout must be in [0, 1), got {settings['dropout']}")
+    if settings["seed"] < 0:
+        raise UsageError(f"--seed must be >= 0, got {settings['seed']}")
+    if settings["experts"] < 0:
+        raise UsageError(f"--experts must be >= 0, got {settings['experts']}")
+
+
+def _given_settings(args):
+    return {key: getattr(args, key) for key in TRAIN_DEFAULTS if getattr(args, key) is not None}
+
+
+def _clear_run_files(run_dir):
+    import shutil
+
+    for name in RUN_FILES:
+        path = os.path.join(run_dir, name)
+        if os.path.exists(path):
+            os.remove(path)
+    for name in RUN_DIRS:
+        shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+
+
+def _prepare_run_dir(args):
+    """Returns `(run_dir, resuming)` or raises UsageError; never overwrites
+    a run without --resume or --overwrite."""
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite exclude each other")
+    if args.out is None:
+        if args.resume:
+            raise UsageError("--resume needs --out <run directory> to resume")
+        return None, False
+    occupied = os.path.isdir(args.out) and bool(os.listdir(args.out))
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} is a file, not a directory")
+    if args.resume:
+        if not os.path.exists(os.path.join(args.out, "train_config.json")):
+            raise UsageError(f"--resume: {args.out} holds no hlkeras run (no train_config.json)")
+        if os.path.exists(os.path.join(args.out, "metrics.json")):
+            raise UsageError(f"--resume: the run in {args.out} already finished")
+        return args.out, True
+    if occupied and not args.overwrite:
+        raise UsageError(
+            f"--out {args.out} already exists and is not empty; pass --resume to "
+            "continue that run or --overwrite to replace it"
+        )
+    if occupied:
+        _clear_run_files(args.out)
+    os.makedirs(args.out, exist_ok=True)
+    return args.out, False
+
+
+def _resumed_settings(run_dir, given):
+    """The recorded settings of the run; a flag that contradicts them is an error."""
+    import json
+
+    with open(os.path.join(run_dir, "train_config.json")) as f:
+        recorded = json.load(f)
+    for key, value in given.items():
+        if key != "data_dir" and recorded.get(key) != value:
+            raise UsageError(
+                f"--resume continues the recorded run, which has "
+                f"--{key.replace('_', '-')} {recorded.get(key)}; got {value}"
+            )
+    recorded.update({k: v for k, v in given.items() if k == "data_dir"})
+    return recorded
+
+
+def _model_spec(settings, info):
+    from hlkeras import models
+
+    arch = settings["arch"]
+    if arch not in models.ARCHITECTURES:
+        raise UsageError(f"--arch must be one of {sorted(models.ARCHITECTURES)}, got {arch!r}")
+    spec = {"arch": arch, "input_shape": list(info.input_shape), "num_classes": info.num_classes}
+    for key in ("depth", "width", "dropout"):
+        if settings[key] is not None:
+            spec[key] = settings[key]
+    if settings["experts"]:
+        if "num_experts" not in models.hyperparameter_defaults(arch):
+            raise UsageError(f"--experts needs an arch with MoE FFNs; --arch {arch} has none")
+        spec["num_experts"] = settings["experts"]
+    try:
+        return models.resolve_spec(spec)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def _float32_copy(model, spec):
+    """The same model under the float32 policy, with the same weights: the
+    TFLite converter rejects the bfloat16 ops of a mixed_bfloat16 model."""
+    import keras
+
+    from hlkeras import models
+
+    policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float32")
+    try:
+        copy = models.build(spec)
+    finally:
+        keras.config.set_dtype_policy(policy)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def export_and_score_tflite(model, test_images, test_labels, path):
+    """Exports `model` to `path` as .tflite and returns its LiteRT accuracy on
+    the test images, or None when the backend cannot export yet.
+
+    For now the conversion runs on the TensorFlow backend only (through a
+    SavedModel, builtin ops only); the cross-backend export module replaces
+    this function's body once it lands.
+    """
+    import keras
+    import numpy as np
+
+    from hlkeras import export
+    from hlkeras import training
+
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        print(
+            f"TFLite export skipped: it runs on the tensorflow backend only for "
+            f"now (this run uses {backend}); model.keras is saved."
+        )
+        return None
+    tflite_model = export.model_to_tflite(model)
+    training.atomic_write_bytes(path, tflite_model)
+    chunks = range(0, len(test_images), 512)
+    probabilities = np.concatenate(
+        [export.run_tflite(tflite_model, test_images[i : i + 512]) for i in chunks]
+    )
+    return float(np.mean(np.argmax(probabilities, axis=-1) == test_labels))
+
+
+@contextlib.contextmanager
+def _dtype_policy(name):
+    """Sets Keras' global dtype policy for a block (no change for None)."""
+    import keras
+
+    previous = keras.config.dtype_policy()
+    if name:
+        keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def _load_data(settings):
+    from hlkeras import data
+
+    try:
+        train_ds, val_ds, test_ds, info = data.load(
+            settings["dataset"],
+            batch_size=settings["batch_size"],
+            data_dir=settings["data_dir"],
+            seed=settings["seed"],
+        )
+    except data.DatasetError as error:
+        raise UsageError(str(error)) from None
+    if settings["batch_size"] > info.num_train:
+        raise UsageError(
+            f"--batch-size {settings['batch_size']} is larger than the "
+            f"{info.num_train} training examples of {info.name}"
+        )
+    return (train_ds, val_ds, test_ds), info
+
+
+def _evaluate_and_export(model, spec, settings, run_dir, test_ds):
+    """Saves model.keras, evaluates it on the test split, exports and scores
+    model.tflite; returns the accuracy metrics."""
+    from hlkeras import data
+    from hlkeras import training
+
+    training.save_model_atomic(model, os.path.join(run_dir, "model.keras"))
+    test_loss, test_accuracy = model.evaluate(test_ds, verbose=0)
+    test_images, test_labels = data.to_numpy(test_ds)
+    exportable = _float32_copy(model, spec) if settings["mixed_precision"] else model
+    tflite_accuracy = export_and_score_tflite(
+        exportable, test_images, test_labels, os.path.join(run_dir, "model.tflite")
+    )
+    gap = None
+    if tflite_accuracy is not None:
+        gap = round(100 * abs(tflite_accuracy - float(test_accuracy)), 4)
+    return {
+        "test_accuracy": float(test_accuracy),
+        "test_loss": float(test_loss),
+        "tflite_accuracy": tflite_accuracy,
+        "tflite_gap_points": gap,
+    }
+
+
+def cmd_train(args):
+    import json
+    import time
+
+    started = time.perf_counter()
+    given = _given_settings(args)
+    run_dir, resuming = _prepare_run_dir(args)
+    settings = _resumed_settings(run_dir, given) if resuming else {**TRAIN_DEFAULTS, **given}
+    _check_settings(settings)
+
+    import keras
+
+    from hlkeras import models
+    from hlkeras import training
+
+    keras.utils.set_random_seed(settings["seed"])
+    (train_ds, val_ds, test_ds), info = _load_data(settings)
+    spec = _model_spec(settings, info)
+    if run_dir is None:
+        run_dir = training.new_run_dir("runs")
+    if not resuming:
+        training.atomic_write_json(os.path.join(run_dir, "spec.json"), spec)
+        training.atomic_write_json(os.path.join(run_dir, "train_config.json"), settings)
+    backend = keras.backend.backend()
+    print(f"hlkeras train: {spec['arch']} on {info.name} ({backend} backend) -> {run_dir}")
+
+    with _dtype_policy("mixed_bfloat16" if settings["mixed_precision"] else None):
+        model = models.build(spec)
+        result = training.compile_and_fit(
+            model,
+            train_ds,
+            val_ds,
+            run_dir=run_dir,
+            epochs=settings["epochs"],
+            learning_rate=settings["lr"],
+            weight_decay=settings["weight_decay"],
+            clipnorm=settings["clipnorm"],
+            patience=settings["patience"],
+            tensorboard=args.tensorboard,
+        )
+        if result.nan_epoch is not None:
+            print(f"hlkeras train: error: {training.nan_message(result)}", file=sys.stderr)
+            return 1
+        if result.best_path:
+            # In place, so the compiled evaluation functions are reused.
+            model.load_weights(result.best_path)
+        metrics = _evaluate_and_export(model, spec, settings, run_dir, test_ds)
+
+    monitor = "val_loss" if val_ds is not None else "loss"
+    best_row = min(result.rows, key=lambda row: row.get(monitor, float("inf")))
+    metrics.update(
+        {
+            "epochs": len(result.rows),
+            "best_epoch": int(best_row["epoch"]) + 1,
+            "seconds": round(result.seconds, 2),
+            "total_seconds": round(time.perf_counter() - started, 2),
+            "backend": backend,
+            "dataset": info.name,
+            "arch": spec["arch"],
+            "params": int(model.count_params()),
+        }
+    )
+    training.atomic_write_json(os.path.join(run_dir, "metrics.json"), metrics)
+    litert = "skipped" if metrics["tflite_accuracy"] is None else f"{metrics['tflite_accuracy']:.4f}"
+    print(f"test accuracy: keras {metrics['test_accuracy']:.4f}, litert {litert}")
+    written = [f for f in RUN_FILES if os.path.exists(os.path.join(run_dir, f))]
+    print(f"wrote {run_dir}: {' '.join(written)}")
+    print(json.dumps(metrics, sort_keys=True))
+    return 0
 
 
 def main(argv=None):

@@ -1,0 +1,166 @@
+"""Benchmark of the main job, `hlkeras train`, and of the model builders.
+
+Prints, each against its target from issue 6:
+- `hlkeras train` with its defaults on digits: test accuracy and wall seconds
+  (a fresh subprocess per backend, so the time includes start-up);
+- the LiteRT-vs-Keras test accuracy gap of the exported `model.tflite`;
+- framework overhead: training steps/s of the network `hlkeras.models`
+  builds against the same network hand-written with `keras.layers`
+  built-ins, measured in this process, interleaved, median of repeats.
+
+Usage:
+    KERAS_BACKEND=tensorflow python benchmarks/train.py [--backends tensorflow,jax,torch]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+ACCURACY_TARGET = {"tensorflow": 0.97, "jax": 0.96, "torch": 0.96}
+SECONDS_TARGET = 180.0
+GAP_TARGET_POINTS = 0.5
+OVERHEAD_TARGET = 0.95
+
+
+def _verdict(ok):
+    return "met" if ok else "NOT met"
+
+
+def run_train_defaults(backend, data_dir):
+    """Runs `hlkeras train` with its defaults; returns (metrics, wall seconds)."""
+    out = tempfile.mkdtemp(prefix=f"bench-train-{backend}-")
+    env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    command = [sys.executable, "-m", "hlkeras.cli", "train", "--out", out, "--data-dir", data_dir]
+    start = time.perf_counter()
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        raise SystemExit(f"hlkeras train failed on {backend}:\n{result.stderr[-3000:]}")
+    with open(os.path.join(out, "metrics.json")) as f:
+        return json.load(f), seconds
+
+
+def report_train_defaults(backends, data_dir):
+    for backend in backends:
+        metrics, seconds = run_train_defaults(backend, data_dir)
+        accuracy = metrics["test_accuracy"]
+        target = ACCURACY_TARGET[backend]
+        print(
+            f"train defaults [{backend}] arch={metrics['arch']} epochs={metrics['epochs']}: "
+            f"test_accuracy={accuracy:.4f} (target >= {target}: {_verdict(accuracy >= target)}), "
+            f"wall={seconds:.1f}s (target <= {SECONDS_TARGET:.0f}s: {_verdict(seconds <= SECONDS_TARGET)})"
+        )
+        if metrics["tflite_accuracy"] is None:
+            print(f"tflite gap [{backend}]: export skipped on this backend for now")
+        else:
+            gap = metrics["tflite_gap_points"]
+            print(
+                f"tflite gap [{backend}]: keras={accuracy:.4f} litert={metrics['tflite_accuracy']:.4f} "
+                f"gap={gap:.2f} points (target <= {GAP_TARGET_POINTS}: {_verdict(gap <= GAP_TARGET_POINTS)})"
+            )
+
+
+def hand_written_mlp(input_shape, num_classes, *, depth, width, dropout, hidden_ratio):
+    """`hlkeras.models.mlp` written with keras.layers built-ins only."""
+    import keras
+
+    inputs = keras.Input(shape=input_shape)
+    x = keras.layers.Flatten()(inputs)
+    x = keras.layers.Dense(width)(x)
+    for _ in range(depth):
+        branch = keras.layers.LayerNormalization(epsilon=1e-5)(x)
+        branch = keras.layers.Dense(hidden_ratio * width, activation="gelu", kernel_initializer="he_normal")(branch)
+        branch = keras.layers.Dropout(dropout)(branch)
+        branch = keras.layers.Dense(width)(branch)
+        x = keras.layers.Add()([x, branch])
+    x = keras.layers.LayerNormalization(epsilon=1e-5)(x)
+    x = keras.layers.Dropout(dropout)(x)
+    x = keras.layers.Dense(num_classes)(x)
+    outputs = keras.layers.Activation("softmax", dtype="float32")(x)
+    return keras.Model(inputs, outputs)
+
+
+def steps_per_second(model, dataset, steps):
+    """Returns (steps per wall second, steps per CPU second of this process).
+
+    CPU time counts the work actually done, so it is far less disturbed than
+    wall time when other processes share the cores.
+    """
+    wall, cpu = time.perf_counter(), time.process_time()
+    model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False)
+    return steps / (time.perf_counter() - wall), steps / (time.process_time() - cpu)
+
+
+def report_overhead(data_dir, repeats, steps):
+    import keras
+
+    from hlkeras import data
+    from hlkeras import models
+    from hlkeras import training
+
+    train_ds, _, _, info = data.load("digits", batch_size=64, data_dir=data_dir)
+    train_ds = train_ds.repeat()
+    hyper = models.hyperparameter_defaults("mlp")
+    contenders = {
+        "builder": models.mlp(info.input_shape, info.num_classes, **hyper),
+        "hand-written": hand_written_mlp(
+            info.input_shape,
+            info.num_classes,
+            depth=hyper["depth"],
+            width=hyper["width"],
+            dropout=hyper["dropout"],
+            hidden_ratio=hyper["hidden_ratio"],
+        ),
+    }
+    assert contenders["builder"].count_params() == contenders["hand-written"].count_params()
+    for model in contenders.values():
+        training.compile_model(model, total_steps=10_000)
+        steps_per_second(model, train_ds, steps)  # warm-up: compile
+    rates = {name: [] for name in contenders}
+    wall_ratios, cpu_ratios = [], []
+    for i in range(repeats):
+        # Interleaved pairs, alternating who goes first: on a shared, noisy
+        # machine the two runs of one pair see about the same load, so the
+        # median of the pair ratios is steadier than a ratio of medians.
+        order = list(contenders) if i % 2 == 0 else list(contenders)[::-1]
+        for name in order:
+            rates[name].append(steps_per_second(contenders[name], train_ds, steps))
+        (builder_wall, builder_cpu), (hand_wall, hand_cpu) = (
+            rates["builder"][-1], rates["hand-written"][-1]
+        )
+        wall_ratios.append(builder_wall / hand_wall)
+        cpu_ratios.append(builder_cpu / hand_cpu)
+    builder = statistics.median(r[0] for r in rates["builder"])
+    hand = statistics.median(r[0] for r in rates["hand-written"])
+    ratio = statistics.median(wall_ratios)
+    print(
+        f"overhead mlp [{keras.backend.backend()}] (median of {repeats} pairs x {steps} steps): "
+        f"builder={builder:.1f} steps/s hand-written={hand:.1f} steps/s "
+        f"ratio={ratio:.3f} (pair ratios {min(wall_ratios):.2f}..{max(wall_ratios):.2f}; "
+        f"target >= {OVERHEAD_TARGET}: {_verdict(ratio >= OVERHEAD_TARGET)}); "
+        f"per CPU-second ratio={statistics.median(cpu_ratios):.3f}"
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backends", default="tensorflow", help="comma-separated backends for `hlkeras train`")
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--data-dir", help="TFDS data directory (default: a temporary one)")
+    args = parser.parse_args()
+    data_dir = args.data_dir or tempfile.mkdtemp(prefix="bench-tfds-")
+    report_overhead(data_dir, args.repeats, args.steps)
+    report_train_defaults(args.backends.split(","), data_dir)
+
+
+if __name__ == "__main__":
+    main()

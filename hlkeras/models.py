@@ -1,0 +1,262 @@
+"""Model builders: plain functional `keras.Model`s made from hlkeras layers.
+
+Each builder takes `(input_shape, num_classes)` and keyword-only
+hyperparameters. `build(spec)` makes the same models from one JSON-friendly
+dict, the form a tuner samples and a run directory records (`spec.json`).
+Models end in a float32 softmax, so they train with sparse categorical
+crossentropy and stay float32 at the output under mixed precision.
+"""
+
+import inspect
+
+import keras
+
+from hlkeras.layers import ConvResidualBlock
+from hlkeras.layers import ResidualBlock
+from hlkeras.layers import _checks
+
+SPEC_FIXED_KEYS = ("arch", "input_shape", "num_classes")
+
+
+def _check_input_shape(input_shape):
+    shape = tuple(input_shape) if isinstance(input_shape, (list, tuple)) else None
+    if not shape or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape
+    ):
+        raise ValueError(
+            "Argument `input_shape` must be a non-empty tuple of positive "
+            f"integers, without the batch axis. Received: input_shape={input_shape!r}"
+        )
+    return shape
+
+
+def _classifier_head(x, num_classes, dropout):
+    if dropout:
+        x = keras.layers.Dropout(dropout, name="head_dropout")(x)
+    logits = keras.layers.Dense(num_classes, name="head")(x)
+    # float32 probabilities even under a mixed precision policy.
+    return keras.layers.Activation("softmax", dtype="float32", name="probabilities")(
+        logits
+    )
+
+
+def mlp(
+    input_shape,
+    num_classes,
+    *,
+    depth=2,
+    width=256,
+    dropout=0.1,
+    hidden_ratio=2,
+    activation="gelu",
+    drop_path=0.0,
+):
+    """A residual MLP classifier: flatten, a linear stem to `width`, `depth`
+    pre-norm `ResidualBlock`s, a final LayerNorm and a softmax head.
+
+    Args:
+        input_shape: Tuple of positive ints without the batch axis, e.g.
+            `(8, 8, 1)`.
+        num_classes: Positive int, the number of classes.
+        depth: Positive int, the number of residual blocks.
+        width: Positive int, the feature size of the residual stream.
+        dropout: Float in [0, 1), dropout inside each block and before the
+            head.
+        hidden_ratio: Positive int, the blocks' inner width is
+            `hidden_ratio * width`.
+        activation: Name of a Keras activation for the blocks.
+        drop_path: Float in [0, 1), stochastic depth of each block.
+
+    Returns:
+        A functional `keras.Model` from images to class probabilities.
+
+    Example:
+
+    >>> model = mlp((8, 8, 1), 10, depth=1, width=32)
+    >>> model.output_shape
+    (None, 10)
+    """
+    input_shape = _check_input_shape(input_shape)
+    _checks.check_positive_int("num_classes", num_classes)
+    _checks.check_positive_int("depth", depth)
+    _checks.check_positive_int("width", width)
+    _checks.check_positive_int("hidden_ratio", hidden_ratio)
+    dropout = _checks.check_rate("dropout", dropout)
+    inputs = keras.Input(shape=input_shape, name="images")
+    x = keras.layers.Flatten(name="flatten")(inputs)
+    x = keras.layers.Dense(width, name="stem")(x)
+    for i in range(depth):
+        x = ResidualBlock(
+            width,
+            hidden_units=hidden_ratio * width,
+            activation=activation,
+            dropout=dropout,
+            drop_path=drop_path,
+            name=f"block_{i}",
+        )(x)
+    x = keras.layers.LayerNormalization(epsilon=1e-5, name="head_norm")(x)
+    outputs = _classifier_head(x, num_classes, dropout)
+    return keras.Model(inputs, outputs, name="mlp")
+
+
+def resnet(
+    input_shape,
+    num_classes,
+    *,
+    depth=2,
+    width=32,
+    dropout=0.0,
+    stages=2,
+    bottleneck=False,
+    activation="relu",
+    drop_path=0.0,
+):
+    """A ResNet classifier for NHWC images, from `ConvResidualBlock`s.
+
+    A 3x3 convolution stem with BatchNorm, then `stages` stages of `depth`
+    blocks each; stage `s` has `width * 2**s` channels and its first block
+    (after the first stage) halves the spatial size. Global average pooling
+    and a softmax head follow.
+
+    Args:
+        input_shape: `(height, width, channels)`.
+        num_classes: Positive int, the number of classes.
+        depth: Positive int, residual blocks per stage.
+        width: Positive int, channels of the stem and the first stage.
+        dropout: Float in [0, 1), dropout before the head.
+        stages: Positive int, the number of stages.
+        bottleneck: Whether the blocks are 1x1-3x3-1x1 bottlenecks (then
+            `width` must be divisible by 4).
+        activation: Name of a Keras activation.
+        drop_path: Float in [0, 1), stochastic depth of each block.
+
+    Returns:
+        A functional `keras.Model` from images to class probabilities.
+
+    Example:
+
+    >>> model = resnet((8, 8, 1), 10, depth=1, width=8)
+    >>> model.output_shape
+    (None, 10)
+    """
+    input_shape = _check_input_shape(input_shape)
+    if len(input_shape) != 3:
+        raise ValueError(
+            "Argument `input_shape` must be (height, width, channels) for "
+            f"`resnet`. Received: input_shape={input_shape!r}"
+        )
+    _checks.check_positive_int("num_classes", num_classes)
+    _checks.check_positive_int("depth", depth)
+    _checks.check_positive_int("width", width)
+    _checks.check_positive_int("stages", stages)
+    dropout = _checks.check_rate("dropout", dropout)
+    inputs = keras.Input(shape=input_shape, name="images")
+    x = keras.layers.Conv2D(
+        width, 3, padding="same", use_bias=False, kernel_initializer="he_normal",
+        name="stem_conv",
+    )(inputs)
+    x = keras.layers.BatchNormalization(name="stem_bn")(x)
+    x = keras.layers.Activation(activation, name="stem_activation")(x)
+    for stage in range(stages):
+        for block in range(depth):
+            x = ConvResidualBlock(
+                width * 2**stage,
+                strides=2 if stage > 0 and block == 0 else 1,
+                bottleneck=bottleneck,
+                activation=activation,
+                drop_path=drop_path,
+                name=f"stage_{stage}_block_{block}",
+            )(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    outputs = _classifier_head(x, num_classes, dropout)
+    return keras.Model(inputs, outputs, name="resnet")
+
+
+# The architectures `build` knows, by spec["arch"].
+ARCHITECTURES = {
+    "mlp": mlp,
+    "resnet": resnet,
+    # VIT GOES HERE: "vit": vit (patch embedding + TransformerBlocks, optional
+    # MoE FFNs). The lead adds it once hlkeras.layers.TransformerBlock lands;
+    # until then `hlkeras train` defaults to "mlp".
+}
+
+
+def _builder_for(arch):
+    if arch not in ARCHITECTURES:
+        raise ValueError(
+            f"spec['arch'] must be one of {sorted(ARCHITECTURES)}. "
+            f"Received: arch={arch!r}"
+        )
+    return ARCHITECTURES[arch]
+
+
+def hyperparameter_defaults(arch):
+    """The keyword-only hyperparameters of `arch` and their default values."""
+    signature = inspect.signature(_builder_for(arch))
+    return {
+        name: parameter.default
+        for name, parameter in signature.parameters.items()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+
+
+def resolve_spec(spec):
+    """Checks a model spec and returns a copy with every default filled in.
+
+    The result is JSON-friendly and `build(resolve_spec(spec))` is the same
+    model as `build(spec)`, so a run directory can record it in full.
+
+    Raises:
+        ValueError: naming the key for a missing or unknown key or an unknown
+            `arch`.
+    """
+    if not isinstance(spec, dict):
+        raise ValueError(f"A model spec must be a dict. Received: {spec!r}")
+    missing = [key for key in SPEC_FIXED_KEYS if key not in spec]
+    if missing:
+        raise ValueError(
+            f"The model spec is missing key(s) {missing}; it needs "
+            f"{list(SPEC_FIXED_KEYS)} plus hyperparameters. Received: {spec!r}"
+        )
+    defaults = hyperparameter_defaults(spec["arch"])
+    for key in spec:
+        if key not in SPEC_FIXED_KEYS and key not in defaults:
+            raise ValueError(
+                f"Unknown key {key!r} in the spec for arch={spec['arch']!r}. "
+                f"Allowed keys: {list(SPEC_FIXED_KEYS) + sorted(defaults)}"
+            )
+    resolved = {
+        "arch": spec["arch"],
+        "input_shape": list(_check_input_shape(spec["input_shape"])),
+        "num_classes": spec["num_classes"],
+    }
+    resolved.update(defaults)
+    resolved.update({k: v for k, v in spec.items() if k not in SPEC_FIXED_KEYS})
+    return resolved
+
+
+def build(spec):
+    """Builds a model from a plain dict.
+
+    Args:
+        spec: `{"arch": "mlp" | "resnet", "input_shape": [...],
+            "num_classes": N, ...}` plus any keyword-only hyperparameters of
+            that builder (`depth`, `width`, `dropout`, ...). Missing
+            hyperparameters take the builder's defaults.
+
+    Returns:
+        A functional `keras.Model`.
+
+    Example:
+
+    >>> model = build({"arch": "mlp", "input_shape": [8, 8, 1],
+    ...                "num_classes": 10, "depth": 1, "width": 32})
+    >>> model.name
+    'mlp'
+    """
+    resolved = resolve_spec(spec)
+    hyperparameters = {k: v for k, v in resolved.items() if k not in SPEC_FIXED_KEYS}
+    return ARCHITECTURES[resolved["arch"]](
+        tuple(resolved["input_shape"]), resolved["num_classes"], **hyperparameters
+    )

@@ -1,0 +1,41 @@
+"""Each script in apps/ runs end to end with --epochs 1.
+
+The scripts run in this process (`runpy`, as `__main__`), which saves a
+TensorFlow start-up per script, and on one backend only: they call library
+code that the other tests cover on every backend, and `export_mobile.py`
+needs the TFLite converter.
+"""
+
+import os
+import runpy
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def _run_app(name, monkeypatch, tmp_path, data_dir, *flags):
+    monkeypatch.chdir(tmp_path)
+    argv = [name, "--epochs", "1", "--data-dir", data_dir, *flags]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(os.path.join(ROOT, "apps", name), run_name="__main__")
+
+
+@pytest.mark.backends("tensorflow")
+def test_train_digits(monkeypatch, tmp_path, data_dir, capsys):
+    _run_app("train_digits.py", monkeypatch, tmp_path, data_dir, "--out", "m.keras")
+    assert "test accuracy:" in capsys.readouterr().out
+    assert (tmp_path / "m.keras").exists()
+
+
+@pytest.mark.backends("tensorflow")
+def test_export_mobile(monkeypatch, tmp_path, data_dir, capsys):
+    _run_app("export_mobile.py", monkeypatch, tmp_path, data_dir, "--out", "d.tflite")
+    assert "litert" in capsys.readouterr().out
+    assert (tmp_path / "d.tflite").read_bytes()[4:8] == b"TFL3"  # flatbuffer file id

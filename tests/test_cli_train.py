@@ -1,0 +1,184 @@
+"""`hlkeras train`: a short run on every backend, the run directory it
+writes, one-line user errors, NaN handling, and resume after SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+
+from hlkeras import cli
+from hlkeras import data
+from hlkeras import models
+from hlkeras import training
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--depth", "1", "--width", "16"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tfds"))
+    data.load("digits", data_dir=path)  # prepare once for the module
+    return path
+
+
+def _train(capsys, *flags):
+    status = cli.main(["train", *flags])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def test_short_run_writes_a_verified_run_directory(capsys, data_dir, tmp_path):
+    out = str(tmp_path / "run")
+    status, stdout, stderr = _train(
+        capsys, "--data-dir", data_dir, "--out", out, "--epochs", "2", *SMALL
+    )
+    assert status == 0, stderr
+    for name in ("model.keras", "spec.json", "history.csv", "curves.png", "metrics.json"):
+        assert os.path.exists(os.path.join(out, name)), name
+    with open(os.path.join(out, "metrics.json")) as f:
+        metrics = json.load(f)
+    with open(os.path.join(out, "spec.json")) as f:
+        spec = json.load(f)
+    assert spec["arch"] == "mlp" and spec["depth"] == 1 and spec["width"] == 16
+    assert metrics["backend"] == keras.backend.backend() and metrics["epochs"] == 2
+    assert [row["epoch"] for row in training.read_history_rows(os.path.join(out, "history.csv"))] == [0, 1]
+    # The recorded accuracy is model.keras's accuracy on the test split.
+    model = keras.saving.load_model(os.path.join(out, "model.keras"))
+    _, _, test_ds, _ = data.load("digits", data_dir=data_dir)
+    images, labels = data.to_numpy(test_ds)
+    predicted = np.argmax(keras.ops.convert_to_numpy(model.predict(images, verbose=0)), axis=-1)
+    assert metrics["test_accuracy"] == pytest.approx(np.mean(predicted == labels), abs=1e-6)
+    # spec.json rebuilds the same architecture.
+    rebuilt = models.build(spec)
+    assert [w.shape for w in rebuilt.weights] == [w.shape for w in model.weights]
+    if keras.backend.backend() == "tensorflow":
+        assert os.path.exists(os.path.join(out, "model.tflite"))
+        assert metrics["tflite_gap_points"] <= 0.5
+        assert f"litert {metrics['tflite_accuracy']:.4f}" in stdout
+    else:
+        assert metrics["tflite_accuracy"] is None and "TFLite export skipped" in stdout
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--arch", "transformerish"], "--arch must be one of ['mlp', 'resnet'], got 'transformerish'"),
+        (["--epochs", "-3"], "--epochs must be a positive integer, got -3"),
+        (["--batch-size", "5000"], "--batch-size 5000 is larger than the 1293 training examples"),
+        (["--dropout", "1.5"], "--dropout must be in [0, 1), got 1.5"),
+        (["--seed", "-1"], "--seed must be >= 0, got -1"),
+        (["--experts", "4"], "--experts needs an arch with MoE FFNs; --arch mlp has none"),
+        (["--dataset", "no_such_set"], "unknown dataset 'no_such_set'"),
+        (["--resume"], "--resume needs --out"),
+    ],
+)
+def test_user_mistakes_get_one_line_and_exit_2(capsys, data_dir, flags, message):
+    status, _, stderr = _train(capsys, "--data-dir", data_dir, *flags)
+    assert status == 2
+    assert stderr.startswith("hlkeras train: error: ") and message in stderr
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr
+
+
+def test_existing_out_is_refused_unless_overwrite(capsys, data_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "history.csv").write_text("epoch,loss\n0,1.0\n")
+    (out / "notes.txt").write_text("mine")
+    status, _, stderr = _train(capsys, "--data-dir", data_dir, "--out", str(out), "--epochs", "1", *SMALL)
+    assert status == 2 and "already exists" in stderr and "--overwrite" in stderr
+    assert (out / "history.csv").read_text() == "epoch,loss\n0,1.0\n"
+    status, _, stderr = _train(
+        capsys, "--data-dir", data_dir, "--out", str(out), "--epochs", "1", "--overwrite", *SMALL
+    )
+    assert status == 0, stderr
+    assert len(training.read_history_rows(str(out / "history.csv"))) == 1
+    assert (out / "notes.txt").read_text() == "mine"  # only run files are replaced
+
+
+@pytest.mark.backends("tensorflow")
+def test_nan_loss_gives_a_clear_message(capsys, data_dir, tmp_path):
+    out = str(tmp_path / "run")
+    status, _, stderr = _train(
+        capsys, "--data-dir", data_dir, "--out", out, "--epochs", "3", "--lr", "1e30", *SMALL
+    )
+    assert status == 1
+    assert "loss became NaN in epoch 1" in stderr and "--lr" in stderr and "Traceback" not in stderr
+    assert not os.path.exists(os.path.join(out, "best.keras"))
+    assert not os.path.exists(os.path.join(out, "model.keras"))
+
+
+def _backup_epoch(out):
+    path = os.path.join(out, "backup", "training_metadata.json")
+    try:
+        with open(path) as f:
+            return json.load(f)["epoch"]
+    except (OSError, ValueError):
+        return 0
+
+
+@pytest.mark.backends("tensorflow")
+@pytest.mark.slow
+def test_resume_after_sigkill_continues_from_last_finished_epoch(data_dir, tmp_path):
+    out = str(tmp_path / "run")
+    epochs = 4
+    command = [
+        sys.executable, "-m", "hlkeras.cli", "train", "--data-dir", data_dir, "--out", out,
+        "--epochs", str(epochs), "--batch-size", "8", *SMALL,
+    ]
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "PYTHONPATH": ROOT}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while _backup_epoch(out) < 1 and process.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)  # into the next epoch's 162 steps
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+    finished = _backup_epoch(out)
+    assert 1 <= finished < epochs, "the run was not killed mid-run"
+    assert not os.path.exists(os.path.join(out, "metrics.json"))
+    rows_before = training.read_history_rows(os.path.join(out, "history.csv"))
+
+    resumed = subprocess.run(
+        command[:-len(SMALL) - 4] + ["--resume"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    epoch_lines = [line for line in resumed.stdout.splitlines() if line.startswith("Epoch ")]
+    assert epoch_lines[0].startswith(f"Epoch {finished + 1}/{epochs}")
+    rows = training.read_history_rows(os.path.join(out, "history.csv"))
+    assert [row["epoch"] for row in rows] == list(range(epochs))
+    # Finished epochs are kept as they were, not retrained.
+    assert rows[:finished] == rows_before[:finished]
+    with open(os.path.join(out, "metrics.json")) as f:
+        assert json.load(f)["epochs"] == epochs
+
+
+@pytest.mark.backends("tensorflow")
+def test_mixed_precision_trains_bfloat16_and_exports_float32(capsys, data_dir, tmp_path):
+    from hlkeras import export
+
+    out = str(tmp_path / "run")
+    status, _, stderr = _train(
+        capsys, "--data-dir", data_dir, "--out", out, "--epochs", "1", "--mixed-precision", *SMALL
+    )
+    assert status == 0, stderr
+    assert keras.config.dtype_policy().name == "float32"  # restored afterwards
+    model = keras.saving.load_model(os.path.join(out, "model.keras"))
+    assert model.get_layer("block_0").dtype_policy.name == "mixed_bfloat16"
+    # The .tflite is the float32 twin: same weights, float32 compute.
+    with open(os.path.join(out, "spec.json")) as f:
+        twin = models.build(json.load(f))
+    twin.set_weights(model.get_weights())
+    _, _, test_ds, _ = data.load("digits", data_dir=data_dir)
+    images, _ = data.to_numpy(test_ds)
+    with open(os.path.join(out, "model.tflite"), "rb") as f:
+        litert = export.run_tflite(f.read(), images)
+    np.testing.assert_allclose(litert, twin.predict(images, verbose=0), atol=1e-4)
