@@ -285,9 +285,10 @@ def build_parser():
 
 # Defaults of the training settings. The flags default to None so that a
 # resumed run can tell the flags a user gave from the ones recorded in its
-# train_config.json. `arch` becomes "vit" once hlkeras.models has it.
+# train_config.json. `experts` None means MOE_EXPERTS_DEFAULT for an arch
+# with MoE FFNs (vit) and none for the others.
 TRAIN_DEFAULTS = {
-    "arch": "mlp",
+    "arch": "vit",
     "dataset": "digits",
     "data_dir": None,
     "epochs": 30,
@@ -298,7 +299,7 @@ TRAIN_DEFAULTS = {
     "depth": None,
     "width": None,
     "dropout": None,
-    "experts": 0,
+    "experts": None,
     "seed": 0,
     "patience": 10,
     "mixed_precision": False,
@@ -315,6 +316,7 @@ RUN_FILES = (
     "model.tflite",
 )
 RUN_DIRS = ("backup", "logs")
+MOE_EXPERTS_DEFAULT = 4
 
 
 def _add_train_command(commands):
@@ -340,7 +342,7 @@ def _add_train_command(commands):
     flag("--depth", type=int, help="number of blocks (default: the arch's)")
     flag("--width", type=int, help="block width (default: the arch's)")
     flag("--dropout", type=float, help="dropout rate (default: the arch's)")
-    flag("--experts", type=int, help="MoE experts per FFN, 0 for dense (vit only; default 0)")
+    flag("--experts", type=int, help=f"MoE experts per FFN, 0 for dense (vit only; default {MOE_EXPERTS_DEFAULT})")
     flag("--seed", type=int, help="random seed (default 0)")
     flag("--patience", type=int, help="early-stopping patience in epochs (default 10)")
     flag("--out", help="run directory (default runs/<timestamp>/)")
@@ -372,7 +374,7 @@ def _check_settings(settings):
         raise UsageError(f"--dropout must be in [0, 1), got {settings['dropout']}")
     if settings["seed"] < 0:
         raise UsageError(f"--seed must be >= 0, got {settings['seed']}")
-    if settings["experts"] < 0:
+    if settings["experts"] is not None and settings["experts"] < 0:
         raise UsageError(f"--experts must be >= 0, got {settings['experts']}")
 
 
@@ -446,10 +448,14 @@ def _model_spec(settings, info):
     for key in ("depth", "width", "dropout"):
         if settings[key] is not None:
             spec[key] = settings[key]
-    if settings["experts"]:
-        if "num_experts" not in models.hyperparameter_defaults(arch):
+    has_moe = "num_experts" in models.hyperparameter_defaults(arch)
+    experts = settings["experts"]
+    if experts is None:
+        experts = MOE_EXPERTS_DEFAULT if has_moe else 0
+    if experts:
+        if not has_moe:
             raise UsageError(f"--experts needs an arch with MoE FFNs; --arch {arch} has none")
-        spec["num_experts"] = settings["experts"]
+        spec["num_experts"] = experts
     try:
         return models.resolve_spec(spec)
     except ValueError as error:
@@ -544,7 +550,9 @@ def _evaluate_and_export(model, spec, settings, run_dir, test_ds):
     from hlkeras import training
 
     training.save_model_atomic(model, os.path.join(run_dir, "model.keras"))
-    test_loss, test_accuracy = model.evaluate(test_ds, verbose=0)
+    # return_dict: an MoE model also reports its routing metrics.
+    results = model.evaluate(test_ds, verbose=0, return_dict=True)
+    test_loss, test_accuracy = results["loss"], results["accuracy"]
     test_images, test_labels = data.to_numpy(test_ds)
     exportable = _float32_copy(model, spec) if settings["mixed_precision"] else model
     tflite_accuracy = export_and_score_tflite(

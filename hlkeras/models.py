@@ -12,7 +12,9 @@ import inspect
 import keras
 
 from hlkeras.layers import ConvResidualBlock
+from hlkeras.layers import PositionEmbedding
 from hlkeras.layers import ResidualBlock
+from hlkeras.layers import TransformerBlock
 from hlkeras.layers import _checks
 
 SPEC_FIXED_KEYS = ("arch", "input_shape", "num_classes")
@@ -172,14 +174,107 @@ def resnet(
     return keras.Model(inputs, outputs, name="resnet")
 
 
+def vit(
+    input_shape,
+    num_classes,
+    *,
+    depth=2,
+    width=64,
+    num_heads=4,
+    patch_size=2,
+    dropout=0.0,
+    num_experts=0,
+    top_k=2,
+    capacity_factor=1.25,
+    ffn_ratio=2,
+    drop_path=0.0,
+    activation="gelu",
+):
+    """A Vision Transformer classifier from `TransformerBlock`s.
+
+    Non-overlapping `patch_size` patches are embedded by a strided
+    convolution, a learned `PositionEmbedding` is added, `depth` pre-norm
+    `TransformerBlock`s follow, then a final LayerNorm, mean pooling over the
+    patch tokens and a softmax head. With `num_experts > 0` each block's FFN is
+    a sparse `MixtureOfExperts` of `num_experts` experts, `top_k` per token.
+
+    Args:
+        input_shape: `(height, width, channels)`, both sides divisible by
+            `patch_size`.
+        num_classes: Positive int, the number of classes.
+        depth: Positive int, the number of Transformer blocks.
+        width: Positive int, the token width; `num_heads` must divide it.
+        num_heads: Positive int, attention heads per block.
+        patch_size: Positive int, the side of a square patch.
+        dropout: Float in [0, 1), dropout in the blocks and before the head.
+        num_experts: Int >= 0, experts per MoE FFN (0: dense FFNs).
+        top_k: Positive int <= `num_experts`, experts per token.
+        capacity_factor: MoE expert capacity factor (`None`: dropless).
+        ffn_ratio: Positive int, the FFN hidden width is `ffn_ratio * width`.
+        drop_path: Float in [0, 1), stochastic depth of each block.
+        activation: Name of a Keras activation for the FFNs.
+
+    Returns:
+        A functional `keras.Model` from images to class probabilities.
+
+    Example:
+
+    >>> model = vit((8, 8, 1), 10, depth=1, width=16, num_heads=2, num_experts=4)
+    >>> model.output_shape
+    (None, 10)
+    """
+    input_shape = _check_input_shape(input_shape)
+    if len(input_shape) != 3:
+        raise ValueError(
+            "Argument `input_shape` must be (height, width, channels) for "
+            f"`vit`. Received: input_shape={input_shape!r}"
+        )
+    _checks.check_positive_int("num_classes", num_classes)
+    _checks.check_positive_int("depth", depth)
+    _checks.check_positive_int("width", width)
+    _checks.check_positive_int("num_heads", num_heads)
+    _checks.check_positive_int("patch_size", patch_size)
+    _checks.check_positive_int("ffn_ratio", ffn_ratio)
+    dropout = _checks.check_rate("dropout", dropout)
+    if width % num_heads:
+        raise ValueError(
+            "Argument `num_heads` must divide `width` (each head gets "
+            f"width // num_heads features). Received: num_heads={num_heads}, "
+            f"width={width}"
+        )
+    height, image_width, _ = input_shape
+    if height % patch_size or image_width % patch_size:
+        raise ValueError(
+            "Argument `patch_size` must divide the image height and width. "
+            f"Received: patch_size={patch_size}, input_shape={input_shape!r}"
+        )
+    num_patches = (height // patch_size) * (image_width // patch_size)
+    inputs = keras.Input(shape=input_shape, name="images")
+    x = keras.layers.Conv2D(
+        width, patch_size, strides=patch_size, name="patch_embedding"
+    )(inputs)
+    x = keras.layers.Reshape((num_patches, width), name="patch_tokens")(x)
+    x = PositionEmbedding(num_patches, name="position_embedding")(x)
+    for block in range(depth):
+        x = TransformerBlock(
+            num_heads,
+            ffn_ratio * width,
+            dropout=dropout,
+            drop_path=drop_path,
+            activation=activation,
+            num_experts=num_experts,
+            top_k=top_k,
+            capacity_factor=capacity_factor,
+            name=f"block_{block}",
+        )(x)
+    x = keras.layers.LayerNormalization(epsilon=1e-5, name="final_norm")(x)
+    x = keras.layers.GlobalAveragePooling1D(name="pool")(x)
+    outputs = _classifier_head(x, num_classes, dropout)
+    return keras.Model(inputs, outputs, name="vit")
+
+
 # The architectures `build` knows, by spec["arch"].
-ARCHITECTURES = {
-    "mlp": mlp,
-    "resnet": resnet,
-    # VIT GOES HERE: "vit": vit (patch embedding + TransformerBlocks, optional
-    # MoE FFNs). The lead adds it once hlkeras.layers.TransformerBlock lands;
-    # until then `hlkeras train` defaults to "mlp".
-}
+ARCHITECTURES = {"mlp": mlp, "resnet": resnet, "vit": vit}
 
 
 def _builder_for(arch):
@@ -240,7 +335,7 @@ def build(spec):
     """Builds a model from a plain dict.
 
     Args:
-        spec: `{"arch": "mlp" | "resnet", "input_shape": [...],
+        spec: `{"arch": "mlp" | "resnet" | "vit", "input_shape": [...],
             "num_classes": N, ...}` plus any keyword-only hyperparameters of
             that builder (`depth`, `width`, `dropout`, ...). Missing
             hyperparameters take the builder's defaults.

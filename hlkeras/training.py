@@ -236,8 +236,21 @@ class HistoryCSV(keras.callbacks.Callback):
         self.rows = [row for row in self.rows if int(row["epoch"]) < epoch]
 
     def on_epoch_end(self, epoch, logs=None):
-        self.rows.append({"epoch": epoch, **{k: float(v) for k, v in (logs or {}).items()}})
+        self.rows.append({"epoch": epoch, **scalar_logs(logs or {})})
         write_history_rows(self.path, self.rows)
+
+
+def scalar_logs(logs):
+    """Flattens epoch logs to scalars: a vector metric such as the MoE
+    per-expert load becomes one column per entry (`name_0`, `name_1`, ...)."""
+    scalars = {}
+    for name, value in logs.items():
+        values = np.ravel(np.asarray(value, dtype="float64"))
+        if values.size == 1:
+            scalars[name] = float(values[0])
+        else:
+            scalars.update({f"{name}_{i}": float(v) for i, v in enumerate(values)})
+    return scalars
 
 
 class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):

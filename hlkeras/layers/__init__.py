@@ -1,6 +1,7 @@
 """The hlkeras custom layers. Each family lives in its own module."""
 
 from hlkeras.layers.attention import MultiHeadAttention
+from hlkeras.layers.attention import PositionEmbedding
 from hlkeras.layers.attention import TransformerBlock
 from hlkeras.layers.lora import LoRADense
 from hlkeras.layers.moe import MixtureOfExperts
@@ -14,6 +15,7 @@ __all__ = [
     "LoRADense",
     "MixtureOfExperts",
     "MultiHeadAttention",
+    "PositionEmbedding",
     "ResidualBlock",
     "TransformerBlock",
 ]
