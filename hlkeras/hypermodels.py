@@ -469,6 +469,15 @@ class _RecordingTuner:
         metrics["seconds"] = time.perf_counter() - start
         return metrics
 
+    def _populate_initial_space(self):
+        # The space is flat (no conditional scopes), so declaring it is
+        # enough. KerasTuner's default also builds a model from the default
+        # values, and would abort the whole search if that one combination
+        # is impossible, instead of failing just that trial.
+        hp = self.oracle.get_space()
+        self.hypermodel.declare_hyperparameters(hp)
+        self.oracle.update_space(hp)
+
     def _configure_tensorboard_dir(self, callbacks, trial, execution=0):
         # KerasTuner 1.4.8 imports `tensorboard` on the TF backend for every
         # trial, TensorBoard callback or not; tensorflow-cpu 2.21 does not
@@ -598,7 +607,8 @@ def check_search_dir(directory, config, *, record=True):
     """
     path = os.path.join(directory, SEARCH_CONFIG_JSON)
     if not os.path.exists(path):
-        if os.path.isdir(os.path.join(directory, SEARCH_PROJECT)):
+        # oracle.json, not the project folder: workers create the folder too.
+        if os.path.exists(os.path.join(directory, SEARCH_PROJECT, "oracle.json")):
             raise ValueError(
                 f"--dir {directory} holds a KerasTuner project without "
                 f"{SEARCH_CONFIG_JSON}; it cannot tell which search it is. Use a new --dir."
