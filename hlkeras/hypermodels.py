@@ -530,6 +530,7 @@ def serve_oracle(oracle, poll_seconds=0.2):
             time.sleep(poll_seconds)
     finally:
         server.stop(grace=1.0)
+        oracle.save()
 
 
 def make_tuner(
@@ -566,19 +567,41 @@ def make_tuner(
         "overwrite": False,
     }
     if kind == "random":
-        return RandomSearchTuner(hypermodel, max_trials=max_trials, **common)
-    if kind == "bayesian":
-        return BayesianTuner(
-            hypermodel,
-            max_trials=max_trials,
-            num_initial_points=min(max_trials, 3),
-            **common,
+        tuner = RandomSearchTuner(hypermodel, max_trials=max_trials, **common)
+    elif kind == "bayesian":
+        tuner = BayesianTuner(
+            hypermodel, max_trials=max_trials, num_initial_points=min(max_trials, 3), **common
         )
-    tuner = HyperbandTuner(hypermodel, max_epochs=max_epochs, factor=3, **common)
+    else:
+        tuner = HyperbandTuner(hypermodel, max_epochs=max_epochs, factor=3, **common)
+        if isinstance(tuner.oracle, kt.Oracle):
+            # Hyperband has no `max_trials` argument; the base oracle honours one.
+            tuner.oracle.max_trials = max_trials
     if isinstance(tuner.oracle, kt.Oracle):
-        # Hyperband has no `max_trials` argument; the base oracle honours one.
-        tuner.oracle.max_trials = max_trials
+        _record_only_running_trials_as_ongoing(tuner.oracle)
     return tuner
+
+
+def _record_only_running_trials_as_ongoing(oracle):
+    """Makes `oracle.json` list a trial as ongoing only while it runs.
+
+    `Oracle.end_trial` saves its state before it drops the finished trial
+    from `ongoing_trials`, and a reload sends every ongoing trial to be run
+    again. A kill right after that save (or a chief, which saves nothing
+    more) would re-run a completed trial on resume.
+    """
+    get_state = oracle.get_state
+
+    def get_state_of_running_trials():
+        state = get_state()
+        state["ongoing_trials"] = {
+            tuner_id: trial_id
+            for tuner_id, trial_id in state["ongoing_trials"].items()
+            if oracle.trials[trial_id].status == "RUNNING"
+        }
+        return state
+
+    oracle.get_state = get_state_of_running_trials
 
 
 def search_config(*, arch, dataset, tuner, objective, max_epochs, space):
