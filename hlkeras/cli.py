@@ -170,6 +170,14 @@ def _run_chief_and_workers(args, directory):
     import subprocess
     import time
 
+    from hlkeras import data
+
+    # Prepares the dataset once, so the processes do not race to write it
+    # (and a bad --dataset fails here, before any process starts).
+    try:
+        data.load(args.dataset, data_dir=args.data_dir)
+    except data.DatasetError as error:
+        raise UsageError(str(error)) from None
     command = [sys.executable, "-m", "hlkeras.cli"] + _tune_argv(args)
     log_dir = os.path.join(directory, "logs")
     os.makedirs(log_dir, exist_ok=True)
