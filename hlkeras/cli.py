@@ -246,6 +246,7 @@ def cmd_tune(args):
 
     from hlkeras import data
     from hlkeras import hypermodels
+    from hlkeras import training
 
     keras.utils.set_random_seed(args.seed)
     try:
@@ -300,6 +301,9 @@ def cmd_tune(args):
         hypermodel, best, train_ds, val_ds, directory,
         epochs=args.max_epochs, patience=max(args.patience, 5),
     )
+    if result.nan_epoch is not None:
+        print(f"hlkeras tune: error: retraining the best: {training.nan_message(result)}", file=sys.stderr)
+        return 1
     if result.best_path is None:
         print("hlkeras tune: error: the retraining saved no checkpoint", file=sys.stderr)
         return 1

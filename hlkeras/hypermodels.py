@@ -463,10 +463,17 @@ class _RecordingTuner:
         except Exception as error:
             path = os.path.join(self.get_trial_dir(trial.trial_id), TRIAL_ERROR_FILE)
             training.atomic_write_text(path, _error_line(error) + "\n")
+            print(f"trial {trial.trial_id} failed: {_error_line(error)}", flush=True)
             raise
+        objective = self.oracle.objective.name
         metrics = dict(tuner_utils.convert_to_metrics_dict(histories, self.oracle.objective))
         metrics["epochs"] = float(len(histories[-1].epoch))
         metrics["seconds"] = time.perf_counter() - start
+        print(
+            f"trial {trial.trial_id}: {objective}={metrics[objective]:.4f} after "
+            f"{int(metrics['epochs'])} epochs, {metrics['seconds']:.1f}s ({self.tuner_id})",
+            flush=True,
+        )
         return metrics
 
     def _populate_initial_space(self):
@@ -874,6 +881,14 @@ def retrain_best(hypermodel, values, train_ds, val_ds, directory, *, epochs, pat
                 # A resumed search found a new best: retrain it from scratch.
                 shutil.rmtree(run_dir)
                 os.makedirs(run_dir)
+    done_path = os.path.join(run_dir, "done.json")
+    target = os.path.join(directory, BEST_MODEL)
+    if os.path.exists(target) and os.path.exists(done_path):
+        with open(done_path) as f:
+            if json.load(f) == record:
+                # This configuration was retrained before: keep that model.
+                rows = training.read_history_rows(os.path.join(run_dir, training.HISTORY_CSV))
+                return training.FitResult(rows=rows, nan_epoch=None, best_path=target, seconds=0.0)
     training.atomic_write_json(record_path, record)
     result = training.compile_and_fit(
         models.build(spec),
@@ -886,9 +901,9 @@ def retrain_best(hypermodel, values, train_ds, val_ds, directory, *, epochs, pat
         patience=patience,
         verbose=verbose,
     )
-    if result.best_path:
-        target = os.path.join(directory, BEST_MODEL)
+    if result.best_path and result.nan_epoch is None:
         partial = training._partial_path(target, ".keras")
         shutil.copyfile(result.best_path, partial)
         os.replace(partial, target)
+        training.atomic_write_json(done_path, record)
     return result
