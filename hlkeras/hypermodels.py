@@ -501,15 +501,15 @@ class _RecordingTuner:
 
 
 class RandomSearchTuner(_RecordingTuner, kt.RandomSearch):
-    pass
+    """`keras_tuner.RandomSearch` with hlkeras' trial records (`make_tuner`)."""
 
 
 class BayesianTuner(_RecordingTuner, kt.BayesianOptimization):
-    pass
+    """`keras_tuner.BayesianOptimization` with hlkeras' trial records (`make_tuner`)."""
 
 
 class HyperbandTuner(_RecordingTuner, kt.Hyperband):
-    pass
+    """`keras_tuner.Hyperband` with hlkeras' trial records (`make_tuner`)."""
 
 
 def serve_oracle(oracle, poll_seconds=0.2):
