@@ -1,0 +1,178 @@
+"""Tests of `hlkeras tune`: one-line errors for bad input, resume after a
+SIGKILL in the middle of a trial, and a chief + 2 workers search over
+KerasTuner's gRPC mode. The subprocess tests exercise backend-independent
+process behaviour and run on the tensorflow backend only."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from hlkeras import cli
+from hlkeras import hypermodels
+from hlkeras import models
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_SPACE = """\
+arch = "mlp"
+depth = 1
+width = {values = [8, 16]}
+dropout = 0.0
+batch_size = 256
+lr = [1e-3, 1e-2]
+"""
+
+
+@pytest.fixture
+def tiny_space(tmp_path):
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY_SPACE)
+    return str(path)
+
+
+def _tune_argv(tmp_path, space, directory, *extra):
+    return [
+        "tune", "--tuner", "random", "--max-epochs", "1", "--space", space,
+        "--dir", str(directory), "--data-dir", str(tmp_path / "tfds"), "--seed", "3", *extra,
+    ]
+
+
+def _one_line_error(argv, capsys):
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("hlkeras tune: error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--max-trials", "0"], "--max-trials must be a positive integer, got 0"),
+        (["--tuner", "grid"], "--tuner must be one of random, bayesian, hyperband, got 'grid'"),
+        (["--max-epochs", "-1"], "--max-epochs must be a positive integer, got -1"),
+        (["--workers", "-2"], "--workers must be >= 0, got -2"),
+        (["--objective", "auc"], "--objective must be one of val_accuracy, val_loss"),
+        (["--arch", "transformer"], "--arch must be one of ['mlp', 'resnet', 'vit'], got 'transformer'"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors(argv, message, capsys):
+    assert message in _one_line_error(["tune", *argv], capsys)
+
+
+@pytest.mark.skipif("vit" in models.ARCHITECTURES, reason="vit is buildable now")
+def test_vit_before_its_builder_lands_is_a_one_line_error(capsys):
+    assert "cannot build it yet" in _one_line_error(["tune", "--arch", "vit"], capsys)
+
+
+def test_a_malformed_space_file_is_a_one_line_error_naming_the_key(tmp_path, capsys):
+    path = tmp_path / "space.toml"
+    path.write_text('arch = "mlp"\ndepth = [4, 2]\n')
+    err = _one_line_error(["tune", "--space", str(path)], capsys)
+    assert "space['depth']" in err and "min=4, max=2" in err
+    path.write_text('arch = "mlp"\n')
+    err = _one_line_error(["tune", "--space", str(path), "--arch", "resnet"], capsys)
+    assert "--arch resnet contradicts arch = 'mlp'" in err
+
+
+def test_a_dir_holding_a_different_search_refuses_to_resume(tmp_path, tiny_space, capsys):
+    directory = tmp_path / "search"
+    recorded = hypermodels.search_config(
+        arch="mlp", dataset="digits", tuner="random", objective="val_accuracy",
+        max_epochs=1, space=hypermodels.resolve_space("mlp"),
+    )
+    hypermodels.check_search_dir(str(directory), recorded)
+    err = _one_line_error(_tune_argv(tmp_path, tiny_space, directory, "--max-trials", "1"), capsys)
+    assert "holds a different search, so it cannot resume" in err
+    assert "the space differs in ['batch_size', 'depth', 'dropout', 'lr', 'width']" in err
+
+
+# --- Subprocesses ---------------------------------------------------------------------
+
+
+def _subprocess_env():
+    return {
+        **os.environ,
+        "KERAS_BACKEND": "tensorflow",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "PYTHONPATH": REPO_ROOT,
+    }
+
+
+def _read_trial(directory, trial_id):
+    with open(directory / "search" / f"trial_{trial_id}" / "trial.json") as f:
+        return json.load(f)
+
+
+@pytest.mark.backends("tensorflow")
+def test_sigkill_mid_trial_then_the_rerun_continues_without_losing_or_rerunning(
+    tmp_path, tiny_space
+):
+    directory = tmp_path / "search"
+    command = [sys.executable, "-m", "hlkeras.cli"] + _tune_argv(
+        tmp_path, tiny_space, directory, "--max-trials", "2"
+    )
+    second_trial = directory / "search" / "trial_1" / "trial.json"
+    with open(tmp_path / "first.log", "wb") as log:
+        first = subprocess.Popen(
+            command, env=_subprocess_env(), cwd=REPO_ROOT, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 240
+        # The oracle writes a trial's file when it hands the trial out, so
+        # the kill lands at the start of the second trial's training.
+        while not second_trial.exists():
+            assert first.poll() is None, (tmp_path / "first.log").read_text()
+            assert time.monotonic() < deadline, "the second trial never started"
+            time.sleep(0.05)
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+    assert first.returncode == -signal.SIGKILL
+    assert _read_trial(directory, 0)["status"] == "COMPLETED"
+    assert _read_trial(directory, 1)["status"] == "RUNNING"  # killed mid-trial
+    completed_trial = directory / "search" / "trial_0"
+    completed_record = (completed_trial / "trial.json").read_bytes()
+    completed_checkpoint = (completed_trial / "checkpoint.weights.h5").stat().st_mtime_ns
+
+    rerun = subprocess.run(
+        command, env=_subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "(resuming)" in rerun.stdout
+    assert "2 trials, 2 completed, 0 failed or unfinished" in rerun.stdout
+    rows = hypermodels.read_trials_csv(directory / hypermodels.TRIALS_CSV)
+    assert [(row["trial"], row["status"]) for row in rows] == [("0", "COMPLETED"), ("1", "COMPLETED")]
+    # The trial completed before the kill was neither lost nor run again.
+    assert (completed_trial / "trial.json").read_bytes() == completed_record
+    assert (completed_trial / "checkpoint.weights.h5").stat().st_mtime_ns == completed_checkpoint
+    assert (directory / hypermodels.BEST_MODEL).exists()
+
+
+@pytest.mark.backends("tensorflow")
+def test_a_chief_and_two_workers_share_one_oracle(tmp_path, tiny_space, monkeypatch, capfd):
+    monkeypatch.setenv("PYTHONPATH", REPO_ROOT)
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
+    monkeypatch.chdir(REPO_ROOT)
+    directory = tmp_path / "search"
+    code = cli.main(_tune_argv(tmp_path, tiny_space, directory, "--max-trials", "4", "--workers", "2"))
+    output = capfd.readouterr()
+    assert code == 0, output.out + output.err
+    # trials.csv is written by the chief from its own oracle.
+    rows = hypermodels.read_trials_csv(directory / hypermodels.TRIALS_CSV)
+    assert [row["trial"] for row in rows] == ["0", "1", "2", "3"]
+    assert all(row["status"] == "COMPLETED" for row in rows)
+    assert {row["tuner"] for row in rows} == {"worker0", "worker1"}
+    with open(directory / "search" / "oracle.json") as f:
+        oracle_state = json.load(f)
+    assert sorted(oracle_state["end_order"]) == ["0", "1", "2", "3"]
+    assert oracle_state["ongoing_trials"] == {}
+    assert (directory / hypermodels.BEST_MODEL).exists()

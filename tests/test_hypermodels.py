@@ -1,0 +1,239 @@
+"""Tests of hlkeras.hypermodels: the space table and its overrides, the
+HyperModel's mapping to `hlkeras.models.build`, and a tiny search with a
+failing trial, its reports and the retrained best model."""
+
+import json
+import math
+import os
+
+import keras
+import keras_tuner as kt
+import numpy as np
+import pytest
+
+from hlkeras import data
+from hlkeras import hypermodels
+from hlkeras import models
+from tests.digits_testing import load_digits_arrays
+
+
+def _declared(space):
+    hp = kt.HyperParameters()
+    for key, entry in space.items():
+        hypermodels.declare(hp, key, entry)
+    return {p.name: p for p in hp.space}
+
+
+# --- Space overrides ---------------------------------------------------------------
+
+
+def test_overrides_narrow_fix_and_choose_in_kerastuner_terms():
+    space = hypermodels.resolve_space(
+        "mlp",
+        {
+            "depth": [2, 6],
+            "lr": {"min": 1e-4, "max": 3e-3, "log": True},
+            "width": {"values": [64, 128]},
+            "dropout": 0.1,
+            "arch": "mlp",
+        },
+    )
+    declared = _declared(space)
+    depth = declared["depth"]
+    assert isinstance(depth, kt.engine.hyperparameters.Int)
+    assert (depth.min_value, depth.max_value) == (2, 6)
+    lr = declared["lr"]
+    assert isinstance(lr, kt.engine.hyperparameters.Float)
+    assert (lr.min_value, lr.max_value, lr.sampling) == (1e-4, 3e-3, "log")
+    assert declared["width"].values == [64, 128]
+    assert isinstance(declared["dropout"], kt.engine.hyperparameters.Fixed)
+    assert declared["dropout"].value == 0.1
+    # Keys left alone keep the table's defaults.
+    assert space["batch_size"] == hypermodels.parse_entry(
+        "batch_size", hypermodels.SEARCH_SPACES["mlp"]["batch_size"]
+    )
+
+
+def test_a_narrowed_range_keeps_the_tables_log_scale():
+    space = hypermodels.resolve_space("mlp", {"lr": [1e-4, 1e-3]})
+    assert space["lr"]["log"] is True
+    assert _declared(space)["lr"].sampling == "log"
+
+
+def test_toml_json_and_dict_give_the_same_space(tmp_path):
+    overrides = {"arch": "resnet", "depth": [1, 2], "lr": {"min": 1e-4, "max": 1e-3, "log": True},
+                 "width": {"values": [8, 16]}}
+    toml_path = tmp_path / "space.toml"
+    toml_path.write_text(
+        'arch = "resnet"\ndepth = [1, 2]\nlr = {min = 1e-4, max = 1e-3, log = true}\n'
+        "width = {values = [8, 16]}\n"
+    )
+    json_path = tmp_path / "space.json"
+    json_path.write_text(json.dumps(overrides))
+    expected = hypermodels.resolve_space("resnet", overrides)
+    assert hypermodels.resolve_space("resnet", hypermodels.load_space(str(toml_path))) == expected
+    assert hypermodels.resolve_space("resnet", hypermodels.load_space(str(json_path))) == expected
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        ({"dpeth": 3}, "'dpeth'"),
+        ({"depth": [1, 2, 3]}, "'depth'"),
+        ({"depth": [4, 2]}, "'depth'"),
+        ({"depth": [1.5, 3]}, "'depth'"),
+        ({"depth": {"min": 1, "max": 3, "stride": 2}}, "'depth'"),
+        ({"depth": {"values": []}}, "'depth'"),
+        ({"width": {"values": [32, 32]}}, "'width'"),
+        ({"lr": {"min": 0.0, "max": 1e-2, "log": True}}, "'lr'"),
+        ({"lr": {"min": 1e-4, "max": 1e-2, "log": "yes"}}, "'lr'"),
+        ({"dropout": {"min": 0.0, "max": 0.5, "step": -0.1}}, "'dropout'"),
+        ({"dropout": None}, "'dropout'"),
+        ({"input_shape": [8, 8, 1]}, "'input_shape'"),
+        ({"arch": "transformer"}, "'arch'"),
+        ({"arch": "resnet"}, "'arch'"),
+    ],
+)
+def test_malformed_space_names_the_key(overrides, named):
+    with pytest.raises(ValueError, match=named):
+        hypermodels.resolve_space("mlp", overrides)
+
+
+def test_a_space_file_that_does_not_parse_is_a_value_error(tmp_path):
+    path = tmp_path / "space.toml"
+    path.write_text("depth = [2, \n")
+    with pytest.raises(ValueError, match="does not parse"):
+        hypermodels.load_space(str(path))
+    with pytest.raises(ValueError, match=r"\.toml or \.json"):
+        hypermodels.load_space(str(tmp_path / "space.yaml"))
+    with pytest.raises(ValueError, match="does not exist"):
+        hypermodels.load_space(str(tmp_path / "missing.json"))
+
+
+# --- The HyperModel ---------------------------------------------------------------
+
+
+def test_build_is_models_build_of_the_sampled_spec_compiled_at_the_sampled_lr():
+    hypermodel = hypermodels.SpecHyperModel(
+        "mlp", (8, 8, 1), 10, {"depth": 2, "width": 24, "dropout": 0.0, "lr": 2e-3, "weight_decay": 0.0}
+    )
+    model = hypermodel.build(kt.HyperParameters())
+    reference = models.build({"arch": "mlp", "input_shape": [8, 8, 1], "num_classes": 10,
+                              "depth": 2, "width": 24, "dropout": 0.0})
+    assert [layer.get_config() | {"name": ""} for layer in model.layers] == [
+        layer.get_config() | {"name": ""} for layer in reference.layers
+    ]
+    assert model.count_params() == reference.count_params()
+    assert math.isclose(float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)), 2e-3,
+                        rel_tol=1e-6)
+
+
+def test_fit_trains_with_the_sampled_batch_size():
+    images, labels = load_digits_arrays()
+    images, labels = images[:100], labels[:100]
+    hypermodel = hypermodels.SpecHyperModel(
+        "mlp", (8, 8, 1), 10, {"depth": 1, "width": 8, "batch_size": {"values": [32, 64]}}
+    )
+    hp = kt.HyperParameters()
+    hypermodel.declare_hyperparameters(hp)
+    hp.values["batch_size"] = 32
+    model = hypermodel.build(hp)
+
+    class CountBatches(keras.callbacks.Callback):
+        batches = 0
+
+        def on_train_batch_end(self, batch, logs=None):
+            CountBatches.batches += 1
+
+    hypermodel.fit(hp, model, images, labels, epochs=1, verbose=0, callbacks=[CountBatches()])
+    assert CountBatches.batches == math.ceil(100 / 32)
+
+
+def test_vit_space_maps_every_key_to_the_builder(monkeypatch):
+    """The vit space works once `build({"arch": "vit", ...})` exists; a stand-in
+    builder with vit's keyword arguments shows what it will receive."""
+    received = {}
+
+    def vit(input_shape, num_classes, *, depth=2, width=64, num_heads=2, patch_size=2,
+            dropout=0.0, num_experts=0, top_k=2):
+        received.update(depth=depth, width=width, num_heads=num_heads, patch_size=patch_size,
+                        dropout=dropout, num_experts=num_experts, top_k=top_k)
+        if width % num_heads:
+            raise ValueError(f"width={width} is not divisible by num_heads={num_heads}")
+        inputs = keras.Input(input_shape)
+        outputs = keras.layers.Dense(num_classes, activation="softmax")(keras.layers.Flatten()(inputs))
+        return keras.Model(inputs, outputs)
+
+    monkeypatch.setitem(models.ARCHITECTURES, "vit", vit)
+    hypermodel = hypermodels.ViTHyperModel((8, 8, 1), 10, {"num_heads": 4, "num_experts": 4})
+    hp = kt.HyperParameters()
+    hypermodel.build(hp)
+    expected = {key: hp.values[key] for key in received}
+    assert received == expected
+    assert (received["num_heads"], received["num_experts"]) == (4, 4)
+    assert set(hypermodels.SEARCH_SPACES["vit"]) >= {"num_heads", "num_experts", "top_k", "patch_size"}
+    bad = hypermodels.ViTHyperModel((8, 8, 1), 10, {"width": 30, "num_heads": 4})
+    with pytest.raises(ValueError, match="divisible"):
+        bad.build(kt.HyperParameters())
+
+
+def test_a_directory_with_another_search_refuses_and_says_why(tmp_path):
+    space = hypermodels.resolve_space("mlp")
+    config = hypermodels.search_config(arch="mlp", dataset="digits", tuner="random",
+                                       objective="val_accuracy", max_epochs=2, space=space)
+    assert hypermodels.check_search_dir(str(tmp_path), config) is False
+    assert hypermodels.check_search_dir(str(tmp_path), config) is True
+    other_space = hypermodels.resolve_space("mlp", {"depth": [1, 2]})
+    with pytest.raises(ValueError, match=r"space differs in \['depth'\]"):
+        hypermodels.check_search_dir(str(tmp_path), {**config, "space": other_space})
+    with pytest.raises(ValueError, match="tuner='random', this run asks for 'hyperband'"):
+        hypermodels.check_search_dir(str(tmp_path), {**config, "tuner": "hyperband"})
+
+
+# --- A tiny search ------------------------------------------------------------------
+
+
+def test_search_records_a_failed_trial_goes_on_and_retrains_the_best(tmp_path):
+    images, labels = load_digits_arrays()
+    x_train, y_train = images[:400], labels[:400]
+    x_val, y_val = images[1500:1600], labels[1500:1600]
+    # depth 0 makes `mlp` raise: that trial fails and the search goes on.
+    hypermodel = hypermodels.SpecHyperModel(
+        "mlp", (8, 8, 1), 10,
+        {"depth": {"values": [0, 1]}, "width": 8, "dropout": 0.0, "batch_size": 128, "lr": 3e-3},
+        num_train=len(x_train), epochs=1,
+    )
+    directory = str(tmp_path)
+    tuner = hypermodels.make_tuner("random", hypermodel, directory=directory, max_trials=2, seed=1)
+    hypermodels.search(tuner, x_train, y_train, validation_data=(x_val, y_val), epochs=1)
+    rows, best = hypermodels.write_reports(tuner, hypermodel, directory)
+
+    written = hypermodels.read_trials_csv(os.path.join(directory, hypermodels.TRIALS_CSV))
+    by_depth = {int(row["depth"]): row for row in written}
+    assert set(by_depth) == {0, 1}
+    assert by_depth[0]["status"] == "FAILED"
+    assert "depth" in by_depth[0]["error"] and "ValueError" in by_depth[0]["error"]
+    completed = by_depth[1]
+    assert completed["status"] == "COMPLETED" and completed["epochs"] == "1"
+    assert float(completed["seconds"]) > 0
+    # The recorded score is the accuracy of the trial's saved checkpoint.
+    trial = tuner.oracle.trials[completed["trial"]]
+    checkpoint = tuner.load_model(trial)
+    _, accuracy = checkpoint.evaluate(x_val, y_val, verbose=0)
+    assert float(completed["score"]) == pytest.approx(accuracy, abs=1e-6)
+    assert os.path.getsize(os.path.join(directory, hypermodels.TRIALS_PNG)) > 0
+
+    with open(os.path.join(directory, hypermodels.BEST_SPEC_JSON)) as f:
+        best_spec = json.load(f)
+    assert best_spec == models.resolve_spec(
+        {"arch": "mlp", "input_shape": [8, 8, 1], "num_classes": 10, "depth": 1, "width": 8,
+         "dropout": 0.0}
+    )
+    train_ds, val_ds, _, _ = data.load("digits", batch_size=best["batch_size"],
+                                       data_dir=str(tmp_path / "tfds"))
+    hypermodels.retrain_best(hypermodel, best, train_ds.take(2), val_ds, directory, epochs=1)
+    retrained = keras.saving.load_model(os.path.join(directory, hypermodels.BEST_MODEL),
+                                        safe_mode=True)
+    assert retrained.count_params() == models.build(best_spec).count_params()
+    probabilities = retrained.predict(x_val[:4], verbose=0)
+    np.testing.assert_allclose(probabilities.sum(axis=-1), 1.0, atol=1e-5)
