@@ -267,7 +267,7 @@ def vit(
             capacity_factor=capacity_factor,
             name=f"block_{block}",
         )(x)
-    x = keras.layers.LayerNormalization(epsilon=1e-5, name="final_norm")(x)
+    x = keras.layers.LayerNormalization(epsilon=1e-5, name="head_norm")(x)
     x = keras.layers.GlobalAveragePooling1D(name="pool")(x)
     outputs = _classifier_head(x, num_classes, dropout)
     return keras.Model(inputs, outputs, name="vit")

@@ -100,13 +100,16 @@ def test_resolve_spec_fills_defaults_and_survives_json():
 @pytest.mark.parametrize(
     "spec, pattern",
     [
-        ({"arch": "transformerish", "input_shape": [8], "num_classes": 2}, r"arch.*\['mlp', 'resnet'\].*transformerish"),
+        ({"arch": "transformerish", "input_shape": [8], "num_classes": 2}, r"arch.*\['mlp', 'resnet', 'vit'\].*transformerish"),
         ({"arch": "mlp", "input_shape": [8], "num_classes": 2, "layers": 3}, r"Unknown key 'layers'.*Allowed keys.*depth"),
         ({"arch": "mlp", "num_classes": 2}, r"missing key.*input_shape"),
         ({"arch": "mlp", "input_shape": [8], "num_classes": 2, "depth": -1}, r"`depth`.*depth=-1"),
         ({"arch": "mlp", "input_shape": [8, 0], "num_classes": 2}, r"`input_shape`"),
         ({"arch": "resnet", "input_shape": [8], "num_classes": 2}, r"`input_shape`.*height, width, channels"),
         ({"arch": "mlp", "input_shape": [8], "num_classes": 2, "dropout": 1.5}, r"`dropout`"),
+        ({"arch": "vit", "input_shape": [8, 8, 1], "num_classes": 2, "width": 30, "num_heads": 4}, r"`num_heads`.*num_heads=4, width=30"),
+        ({"arch": "vit", "input_shape": [8, 8, 1], "num_classes": 2, "patch_size": 3}, r"`patch_size`.*patch_size=3"),
+        ({"arch": "vit", "input_shape": [8, 8, 1], "num_classes": 2, "num_experts": 2, "top_k": 3}, r"`top_k`.*3"),
     ],
 )
 def test_bad_specs_raise_value_error_naming_the_key(spec, pattern):
@@ -114,7 +117,7 @@ def test_bad_specs_raise_value_error_naming_the_key(spec, pattern):
         models.build(spec)
 
 
-@pytest.mark.parametrize("arch", ["mlp", "resnet"])
+@pytest.mark.parametrize("arch", ["mlp", "resnet", "vit"])
 def test_keras_file_round_trip_with_safe_mode(arch, tmp_path):
     model = models.build({"arch": arch, "input_shape": [8, 8, 1], "num_classes": 10, "depth": 1, "width": 4})
     path = os.path.join(tmp_path, "model.keras")
@@ -127,3 +130,40 @@ def test_keras_file_round_trip_with_safe_mode(arch, tmp_path):
         rtol=0,
         atol=1e-6,
     )
+
+
+def test_vit_is_patch_tokens_through_transformer_blocks():
+    model = models.vit((8, 8, 1), 10, depth=2, width=16, num_heads=2, patch_size=2)
+    assert isinstance(model, keras.Model) and model.__class__.__name__ == "Functional"
+    blocks = [layer for layer in model.layers if isinstance(layer, hlkeras.layers.TransformerBlock)]
+    assert len(blocks) == 2
+    # (8 / 2) ** 2 = 16 patch tokens of width 16.
+    assert model.get_layer("position_embedding").output.shape == (None, 16, 16)
+    probabilities = keras.ops.convert_to_numpy(model(_images()))
+    np.testing.assert_allclose(probabilities.sum(axis=-1), 1.0, rtol=1e-5)
+
+
+def test_vit_tokens_equal_a_hand_computed_patch_embedding():
+    model = models.vit((8, 8, 1), 10, depth=1, width=8, num_heads=2, patch_size=4)
+    x = _images(batch=2)
+    tokens_model = keras.Model(model.input, model.get_layer("position_embedding").output)
+    kernel, bias = model.get_layer("patch_embedding").get_weights()
+    positions = model.get_layer("position_embedding").get_weights()[0]
+    # Each non-overlapping 4x4 patch, flattened in (row, col, channel) order,
+    # times the conv kernel, plus the bias and its position's embedding.
+    patches = x.reshape(2, 2, 4, 2, 4, 1).transpose(0, 1, 3, 2, 4, 5).reshape(2, 4, 16)
+    expected = patches @ kernel.reshape(16, 8) + bias + positions[None]
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(tokens_model(x)), expected, rtol=1e-5, atol=1e-5
+    )
+
+
+def test_vit_with_experts_has_moe_ffns_and_their_losses():
+    model = models.vit((8, 8, 1), 10, depth=2, width=16, num_heads=2, num_experts=4, top_k=2)
+    moe_layers = [
+        layer for layer in model._flatten_layers(include_self=False)
+        if isinstance(layer, hlkeras.layers.MixtureOfExperts)
+    ]
+    assert [layer.num_experts for layer in moe_layers] == [4, 4]
+    model(_images(), training=True)
+    assert len(model.losses) == 4  # load-balance + z-loss per MoE layer
