@@ -155,26 +155,22 @@ def dataset_representative_samples(name):
 
 def dataset_test_arrays(name):
     """`(images, labels)` of dataset `name`'s test split, as NumPy arrays."""
-    import numpy as np
-
     from hlkeras import data
 
     _, _, test_ds, _ = data.load(name)
-    batches = list(test_ds.as_numpy_iterator())
-    return (
-        np.concatenate([images for images, _ in batches]),
-        np.concatenate([labels for _, labels in batches]),
-    )
+    return data.to_numpy(test_ds)
 
 
 def _from_dataset(fetch, name, what):
+    from hlkeras import data
+
     try:
         return fetch(name)
-    except (ImportError, AttributeError) as error:
+    except data.DatasetError as error:
         raise UsageError(
-            f"--dataset {name}: cannot load its {what} here ({error}); "
+            f"--dataset {name}: cannot load its {what} ({error}); "
             "pass --representative FILE.npy / --verify FILE.npz instead"
-        )
+        ) from None
 
 
 def _format_size(size_bytes):
@@ -481,33 +477,29 @@ def _float32_copy(model, spec):
 
 
 def export_and_score_tflite(model, test_images, test_labels, path):
-    """Exports `model` to `path` as .tflite and returns its LiteRT accuracy on
-    the test images, or None when the backend cannot export yet.
+    """Exports `model` to `path` as a builtins-only float32 .tflite through
+    `hlkeras.export` (any backend).
 
-    For now the conversion runs on the TensorFlow backend only (through a
-    SavedModel, builtin ops only); the cross-backend export module replaces
-    this function's body once it lands.
+    Returns:
+        `(litert_accuracy, keras_accuracy)` on the test images, both computed
+        on the same single batch, so MoE capacity drops are the same.
     """
-    import keras
-    import numpy as np
+    import shutil
+    import tempfile
 
     from hlkeras import export
-    from hlkeras import training
 
-    backend = keras.backend.backend()
-    if backend != "tensorflow":
-        print(
-            f"TFLite export skipped: it runs on the tensorflow backend only for "
-            f"now (this run uses {backend}); model.keras is saved."
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as staging:
+        report = export.export_model(
+            model,
+            os.path.join(staging, "export"),
+            formats=("tflite",),
+            verify_data=(test_images, test_labels),
+            latency_runs=0,
         )
-        return None
-    tflite_model = export.model_to_tflite(model)
-    training.atomic_write_bytes(path, tflite_model)
-    chunks = range(0, len(test_images), 512)
-    probabilities = np.concatenate(
-        [export.run_tflite(tflite_model, test_images[i : i + 512]) for i in chunks]
-    )
-    return float(np.mean(np.argmax(probabilities, axis=-1) == test_labels))
+        artifact = report.artifact("tflite")
+        shutil.move(artifact.path, path)  # same filesystem: an atomic rename
+    return artifact.accuracy, report.keras_accuracy
 
 
 @contextlib.contextmanager
@@ -556,12 +548,10 @@ def _evaluate_and_export(model, spec, settings, run_dir, test_ds):
     test_loss, test_accuracy = results["loss"], results["accuracy"]
     test_images, test_labels = data.to_numpy(test_ds)
     exportable = _float32_copy(model, spec) if settings["mixed_precision"] else model
-    tflite_accuracy = export_and_score_tflite(
+    tflite_accuracy, same_batch_keras_accuracy = export_and_score_tflite(
         exportable, test_images, test_labels, os.path.join(run_dir, "model.tflite")
     )
-    gap = None
-    if tflite_accuracy is not None:
-        gap = round(100 * abs(tflite_accuracy - float(test_accuracy)), 4)
+    gap = round(100 * abs(tflite_accuracy - same_batch_keras_accuracy), 4)
     return {
         "test_accuracy": float(test_accuracy),
         "test_loss": float(test_loss),
@@ -633,8 +623,11 @@ def cmd_train(args):
         }
     )
     training.atomic_write_json(os.path.join(run_dir, "metrics.json"), metrics)
-    litert = "skipped" if metrics["tflite_accuracy"] is None else f"{metrics['tflite_accuracy']:.4f}"
-    print(f"test accuracy: keras {metrics['test_accuracy']:.4f}, litert {litert}")
+    print(
+        f"test accuracy: keras {metrics['test_accuracy']:.4f}, "
+        f"litert {metrics['tflite_accuracy']:.4f} "
+        f"(gap to keras on the same batch: {metrics['tflite_gap_points']:.2f} points)"
+    )
     written = [f for f in RUN_FILES if os.path.exists(os.path.join(run_dir, f))]
     print(f"wrote {run_dir}: {' '.join(written)}")
     print(json.dumps(metrics, sort_keys=True))

@@ -182,7 +182,7 @@ def vit(
     width=64,
     num_heads=4,
     patch_size=2,
-    dropout=0.0,
+    dropout=0.1,
     num_experts=0,
     top_k=2,
     capacity_factor=1.25,
