@@ -351,7 +351,8 @@ class MixtureOfExperts(keras.layers.Layer):
     With `capacity_factor=None` the layer is dropless: the assignments are
     grouped by expert into blocks, and a block-sparse grouped matmul computes
     every one of them. Its cost is at most 1.5x the routed FLOPs plus a gather
-    of the expert weights per block. It also has static shapes and jits.
+    of the expert weights per block. It also has static shapes, jits and
+    converts to TFLite with builtin ops only.
 
     Two auxiliary losses are added with `add_loss` in every call:
     `load_balance_weight * E * sum_i f_i P_i` (Switch Transformer, `f_i` the
@@ -365,13 +366,15 @@ class MixtureOfExperts(keras.layers.Layer):
     per-expert shares are in `<name>_expert_load` (a vector; the progress
     bar shows its mean, the `History` the vector). `fit` shows them on the
     TensorFlow and torch backends; before any training call (e.g. in
-    `evaluate`) they read NaN, meaning "not measured". On JAX, `fit` runs the model
-    statelessly and Keras 3.15 drops metric updates made inside a layer
-    (keras-team/keras#21639), so there the metrics are not updated.
+    `evaluate`) they read NaN, meaning "not measured". On JAX the layer has
+    no metrics: `fit` runs the model statelessly, and Keras 3.15 cannot
+    update a metric from inside a layer there (keras-team/keras#21639).
 
     NaN router logits (e.g. from NaN inputs) are not routed silently: the
     output of those tokens is NaN, and so are the auxiliary losses, so
-    `keras.callbacks.TerminateOnNaN` stops training.
+    `keras.callbacks.TerminateOnNaN` stops training. (Which experts a NaN
+    token occupies is backend-specific; it can take a slot another token
+    would have had, but its NaN never reaches another token's output.)
 
     Args:
         num_experts: Positive int, the number of experts E.
