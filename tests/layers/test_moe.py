@@ -267,6 +267,60 @@ def test_gradients_reach_router_and_exactly_the_experts_that_got_tokens(capacity
         np.testing.assert_array_equal(before[name][3], after[name][3])
 
 
+class AllExpertsMoE(keras.layers.Layer):
+    """Dense reference: every expert on every token, weighted by the gates
+    (one_hot of the top-k), written with plain ops so autodiff is the oracle
+    for the sparse layer's gradients."""
+
+    def __init__(self, num_experts, hidden_units, top_k, **kwargs):
+        super().__init__(**kwargs)
+        self.num_experts, self.hidden_units, self.top_k = num_experts, hidden_units, top_k
+
+    def build(self, input_shape):
+        d, e, h = input_shape[-1], self.num_experts, self.hidden_units
+        self.router = self.add_weight(shape=(d, e), name="router")
+        self.w1 = self.add_weight(shape=(e, d, h), name="w1")
+        self.b1 = self.add_weight(shape=(e, h), name="b1")
+        self.w2 = self.add_weight(shape=(e, h, d), name="w2")
+        self.b2 = self.add_weight(shape=(e, d), name="b2")
+
+    def call(self, inputs):
+        ops = keras.ops
+        logits = ops.matmul(inputs, self.router)
+        top_logits, top_index = ops.top_k(logits, k=self.top_k)
+        gates = ops.softmax(top_logits, axis=-1)
+        dense_gates = ops.sum(ops.one_hot(top_index, self.num_experts) * gates[..., None], axis=1)
+        hidden = ops.relu(ops.einsum("td,edh->teh", inputs, self.w1) + self.b1)
+        outputs = ops.einsum("teh,ehd->ted", hidden, self.w2) + self.b2
+        return ops.einsum("ted,te->td", outputs, dense_gates)
+
+
+@pytest.mark.parametrize("capacity_factor", [100.0, None], ids=["capacity", "dropless"])
+def test_one_sgd_step_equals_the_all_experts_reference(capacity_factor):
+    tokens = SEQUENCES.reshape(-1, 6)
+    target = RNG.normal(size=tokens.shape).astype("float32")
+    inputs = keras.Input(shape=(6,))
+    layer = MixtureOfExperts(
+        4, 8, capacity_factor=capacity_factor, activation="relu",
+        load_balance_weight=0.0, router_z_weight=0.0,
+    )
+    sparse = keras.Model(inputs, layer(inputs))
+    randomize_biases(layer)
+    reference_layer = AllExpertsMoE(4, 8, 2)
+    reference = keras.Model(inputs, reference_layer(inputs))
+    weights = layer_weights(layer)
+    reference.set_weights(
+        [weights[name] for name in ("router", "w1", "b1", "w2", "b2")]
+    )
+    for model in (sparse, reference):
+        model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
+        model.fit(tokens, target, batch_size=len(tokens), epochs=1, verbose=0)
+    updated = layer_weights(layer)
+    for name, value in zip(("router", "w1", "b1", "w2", "b2"), reference.get_weights()):
+        assert not np.allclose(value, weights[name]), f"{name} did not move"
+        np.testing.assert_allclose(updated[name], value, rtol=1e-5, atol=1e-5)
+
+
 # --- NaN routing ---------------------------------------------------------------------
 
 
