@@ -178,16 +178,16 @@ def test_dropless_layout_places_every_assignment_in_its_experts_block():
     num_assignments = num_tokens * top_k
     block_size = moe.dropless_block_size(num_assignments, num_experts)
     num_blocks = moe.dropless_num_blocks(num_assignments, num_experts, block_size)
-    row, kept, row_token, row_valid, block_expert, _ = (
-        to_numpy(t) if t is not None else None
-        for t in moe.dropless_layout(*positions, num_tokens, block_size, num_blocks)
+    layout = moe.dropless_layout(*positions, num_tokens, block_size, num_blocks)
+    row, kept, row_assignment, row_valid, block_expert = (
+        to_numpy(t) for t in layout[:5]
     )
     assert kept.all()
     assert len(set(row.tolist())) == num_assignments, "two assignments share a row"
-    assignment_token = np.arange(num_assignments) % num_tokens
     assignment_expert = expert_index.T.reshape(-1)
-    # Each assignment's row holds its token, in a block of its expert.
-    np.testing.assert_array_equal(row_token[row], assignment_token)
+    # The two directions of the assignment <-> row map agree, and each
+    # assignment's row lies in a block of its expert.
+    np.testing.assert_array_equal(row_assignment[row], np.arange(num_assignments))
     assert row_valid[row].all()
     np.testing.assert_array_equal(block_expert[row // block_size], assignment_expert)
     assert row_valid.sum() == num_assignments
@@ -332,21 +332,19 @@ def test_nan_router_logits_give_nan_outputs_for_exactly_those_tokens():
     logits[[1, 19]] = np.nan
     expert_index, gates, _ = moe.route_top_k(keras.ops.convert_to_tensor(logits), top_k)
     positions = moe.expert_positions(expert_index, num_experts)
-    row, kept, row_token, row_valid, block_expert, block_size = moe.capacity_layout(
-        *positions, num_tokens, capacity
-    )
-    buffer = moe.dispatch_tokens(tokens, row_token, row_valid, block_size)
+    layout = moe.capacity_layout(*positions, num_tokens, capacity)
+    buffer = moe.dispatch_tokens(tokens, layout, top_k)
     w1 = RNG.normal(size=(num_experts, 6, 8)).astype("float32")
     w2 = RNG.normal(size=(num_experts, 8, 6)).astype("float32")
     expert_outputs = moe.expert_ffn(
         buffer, w1, np.zeros((num_experts, 8), "float32"), w2,
         np.zeros((num_experts, 6), "float32"), keras.activations.relu,
     )
-    output = to_numpy(moe.combine_expert_outputs(expert_outputs, row, kept, gates))
+    output = to_numpy(moe.combine_expert_outputs(expert_outputs, layout, gates))
     # Which experts a NaN token picks is backend-specific; here token 19, the
     # last in every queue, loses at least one choice on every backend, so
     # the test covers a dropped NaN assignment too.
-    assert not to_numpy(kept).reshape(top_k, num_tokens)[:, 19].all()
+    assert not to_numpy(layout.assignment_kept).reshape(top_k, num_tokens)[:, 19].all()
     assert np.isnan(output[[1, 19]]).all()
     finite_tokens = [t for t in range(num_tokens) if t not in (1, 19)]
     assert np.isfinite(output[finite_tokens]).all()
