@@ -16,7 +16,8 @@ the data moves:
 
 Tokens move only by gathers (`ops.take`), never by a dense
 `[tokens, experts, capacity]` one-hot einsum (quadratic in tokens) nor by
-`ops.scatter` (a Python loop on torch). Priority in the expert queues is
+`ops.scatter` (a Python loop on torch); a custom gradient makes the backward
+pass gathers too, instead of the scatter-adds autodiff would emit. Priority in the expert queues is
 "choice-major": every token's first choice is queued before any second
 choice, and within a choice earlier tokens come first (Switch/GShard). Sorting
 uses unique keys, so the order is deterministic on every backend even where
