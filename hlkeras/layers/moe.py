@@ -16,7 +16,8 @@ the data moves:
 
 Tokens move only by gathers (`ops.take`), never by a dense
 `[tokens, experts, capacity]` one-hot einsum (quadratic in tokens) nor by
-`ops.scatter` (a Python loop on torch). Priority in the expert queues is
+`ops.scatter` (a Python loop on torch); a custom gradient makes the backward
+pass gathers too, instead of the scatter-adds autodiff would emit. Priority in the expert queues is
 "choice-major": every token's first choice is queued before any second
 choice, and within a choice earlier tokens come first (Switch/GShard). Sorting
 uses unique keys, so the order is deterministic on every backend even where
@@ -26,6 +27,7 @@ argsort is unstable.
 shards the expert weights over a device-mesh axis (expert parallelism on JAX).
 """
 
+import collections
 import math
 
 import keras
@@ -126,14 +128,29 @@ def expert_positions(expert_index, num_experts):
 # --- 3. buffer layouts -------------------------------------------------------
 # A layout cuts the expert buffer into `num_blocks` blocks of `block_size`
 # rows; every block belongs to one expert (`block_expert`), and an expert's
-# queue fills its blocks in order from `first_block[e]`.
+# queue fills its blocks in order from `first_block[e]`. Kept assignments and
+# used rows map one-to-one: `assignment_row` and `row_assignment` are the
+# two directions of that map, so both dispatch and combine, and their
+# gradients, are gathers.
+
+BufferLayout = collections.namedtuple(
+    "BufferLayout",
+    [
+        "assignment_row",  # (A,) buffer row of each assignment (0 if dropped)
+        "assignment_kept",  # (A,) bool
+        "row_assignment",  # (R,) assignment in each row (arbitrary if unused)
+        "row_valid",  # (R,) bool: the row holds an assignment
+        "block_expert",  # (blocks,) expert of each block, or None: block e = e
+        "block_size",  # rows per block
+    ],
+)
 
 
-def _rows_to_tokens(
+def _rows_to_assignments(
     block_expert, first_block, block_size, tokens_per_expert, sorted_assignments,
-    num_tokens, max_position,
+    max_position,
 ):
-    """The token that fills each buffer row, and whether the row is used."""
+    """The assignment that fills each buffer row, and whether the row is used."""
     num_blocks = ops.shape(block_expert)[0]
     row_in_block = ops.arange(block_size, dtype="int32")
     block_offset = (
@@ -151,8 +168,8 @@ def _rows_to_tokens(
     # Unused rows point at a valid index; `row_valid` masks them out later.
     sorted_slot = ops.where(row_valid, sorted_slot, 0)
     sorted_slot = ops.minimum(sorted_slot, num_assignments - 1)
-    row_token = ops.take(sorted_assignments, sorted_slot, axis=0) % num_tokens
-    return row_token, row_valid
+    row_assignment = ops.take(sorted_assignments, sorted_slot, axis=0)
+    return row_assignment, row_valid
 
 
 def capacity_layout(
@@ -162,9 +179,8 @@ def capacity_layout(
     """One block of `expert_capacity` rows per expert; overflow is dropped.
 
     Returns:
-        `(assignment_row, assignment_kept, row_token, row_valid, block_expert,
-        block_size)`. `block_expert` is `None`: block e is expert e, so the
-        expert weights need no gather.
+        A `BufferLayout`; its `block_expert` is `None`: block e is expert e,
+        so the expert weights need no gather.
     """
     num_experts = ops.shape(tokens_per_expert)[0]
     assignment_kept = position_in_expert < expert_capacity
@@ -172,11 +188,14 @@ def capacity_layout(
         assignment_kept, assignment_expert * expert_capacity + position_in_expert, 0
     )
     block_expert = ops.arange(num_experts, dtype="int32")
-    row_token, row_valid = _rows_to_tokens(
+    row_assignment, row_valid = _rows_to_assignments(
         block_expert, block_expert, expert_capacity, tokens_per_expert,
-        sorted_assignments, num_tokens, expert_capacity,
+        sorted_assignments, expert_capacity,
     )
-    return assignment_row, assignment_kept, row_token, row_valid, None, expert_capacity
+    return BufferLayout(
+        assignment_row, assignment_kept, row_assignment, row_valid, None,
+        expert_capacity,
+    )
 
 
 def dropless_block_size(num_assignments, num_experts):
@@ -220,9 +239,9 @@ def dropless_layout(
         ops.cast(block_end[None, :] <= block_index[:, None], "int32"), axis=-1
     )
     block_expert = ops.minimum(block_expert, num_experts - 1)
-    row_token, row_valid = _rows_to_tokens(
+    row_assignment, row_valid = _rows_to_assignments(
         block_expert, first_block, block_size, tokens_per_expert,
-        sorted_assignments, num_tokens, num_tokens,
+        sorted_assignments, num_tokens,
     )
     # Trailing spare blocks were clamped onto the last expert: mask them.
     spare_block = block_index >= block_end[-1]
@@ -234,17 +253,65 @@ def dropless_layout(
         + position_in_expert
     )
     assignment_kept = ops.ones_like(position_in_expert, dtype="bool")
-    return assignment_row, assignment_kept, row_token, row_valid, block_expert, block_size
+    return BufferLayout(
+        assignment_row, assignment_kept, row_assignment, row_valid, block_expert,
+        block_size,
+    )
 
 
 # --- 4.-6. dispatch, experts, combine -----------------------------------------
 
 
-def dispatch_tokens(tokens, row_token, row_valid, block_size):
+def _masked_take(source, index, valid):
+    rows = ops.take(source, index, axis=0)
+    return ops.where(valid[:, None], rows, ops.zeros_like(rows))
+
+
+def _gather_rows(source, index, valid, inverse_index, inverse_valid, groups):
+    """`where(valid, source[index], 0)` whose gradient is a gather too.
+
+    Autodiff turns a gather's gradient into a scatter-add, which XLA runs
+    slowly on CPU. Here the rows moved form a one-to-one map (up to `groups`
+    rows per source row: a token's top-k choices), so the gradient of
+    `source` is a gather through the inverse map, summed over the groups.
+
+    Args:
+        source: `(N, d)`.
+        index, valid: `(M,)` row of `source` for each output row, and whether
+            that output row is used.
+        inverse_index, inverse_valid: `(groups * N,)` output row for each
+            (group, source row), group-major, and whether it exists.
+        groups: Static int.
+    """
+
+    @ops.custom_gradient
+    def gather(source):
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            source_grad = _masked_take(upstream, inverse_index, inverse_valid)
+            source_grad = ops.reshape(
+                source_grad, (groups, -1, ops.shape(source_grad)[-1])
+            )
+            return ops.sum(source_grad, axis=0)
+
+        return _masked_take(source, index, valid), grad
+
+    return gather(source)
+
+
+def dispatch_tokens(tokens, layout, top_k):
     """Gathers `(tokens, d)` into the `(blocks, block_size, d)` expert buffer."""
-    rows = ops.take(tokens, row_token, axis=0)
-    rows = ops.where(row_valid[:, None], rows, ops.zeros_like(rows))
-    return ops.reshape(rows, (-1, block_size, ops.shape(tokens)[-1]))
+    num_tokens = ops.shape(tokens)[0]
+    rows = _gather_rows(
+        tokens,
+        layout.row_assignment % num_tokens,
+        layout.row_valid,
+        layout.assignment_row,
+        layout.assignment_kept,
+        top_k,
+    )
+    return ops.reshape(rows, (-1, layout.block_size, ops.shape(tokens)[-1]))
 
 
 def expert_ffn(
@@ -278,7 +345,7 @@ def expert_ffn(
     return ops.matmul(hidden, output_kernel) + output_bias[:, None, :]
 
 
-def combine_expert_outputs(expert_outputs, assignment_row, assignment_kept, gates):
+def combine_expert_outputs(expert_outputs, layout, gates):
     """Sums each token's gate-weighted expert outputs.
 
     A dropped assignment contributes zero (the residual around the block
@@ -288,8 +355,7 @@ def combine_expert_outputs(expert_outputs, assignment_row, assignment_kept, gate
 
     Args:
         expert_outputs: `(blocks, rows, o)`.
-        assignment_row: `(A,)` buffer row of each choice-major assignment.
-        assignment_kept: `(A,)` bool.
+        layout: The `BufferLayout` the buffer was dispatched with.
         gates: `(tokens, top_k)`.
 
     Returns:
@@ -297,8 +363,14 @@ def combine_expert_outputs(expert_outputs, assignment_row, assignment_kept, gate
     """
     output_dim = ops.shape(expert_outputs)[-1]
     flat_outputs = ops.reshape(expert_outputs, (-1, output_dim))
-    gathered = ops.take(flat_outputs, assignment_row, axis=0)
-    gathered = ops.where(assignment_kept[:, None], gathered, ops.zeros_like(gathered))
+    gathered = _gather_rows(
+        flat_outputs,
+        layout.assignment_row,
+        layout.assignment_kept,
+        layout.row_assignment,
+        layout.row_valid,
+        1,
+    )
     top_k = ops.shape(gates)[-1]
     num_tokens = ops.shape(gates)[0]
     gathered = ops.reshape(gathered, (top_k, num_tokens, output_dim))
@@ -351,7 +423,8 @@ class MixtureOfExperts(keras.layers.Layer):
     With `capacity_factor=None` the layer is dropless: the assignments are
     grouped by expert into blocks, and a block-sparse grouped matmul computes
     every one of them. Its cost is at most 1.5x the routed FLOPs plus a gather
-    of the expert weights per block. It also has static shapes and jits.
+    of the expert weights per block. It also has static shapes, jits and
+    converts to TFLite with builtin ops only.
 
     Two auxiliary losses are added with `add_loss` in every call:
     `load_balance_weight * E * sum_i f_i P_i` (Switch Transformer, `f_i` the
@@ -365,13 +438,15 @@ class MixtureOfExperts(keras.layers.Layer):
     per-expert shares are in `<name>_expert_load` (a vector; the progress
     bar shows its mean, the `History` the vector). `fit` shows them on the
     TensorFlow and torch backends; before any training call (e.g. in
-    `evaluate`) they read NaN, meaning "not measured". On JAX, `fit` runs the model
-    statelessly and Keras 3.15 drops metric updates made inside a layer
-    (keras-team/keras#21639), so there the metrics are not updated.
+    `evaluate`) they read NaN, meaning "not measured". On JAX the layer has
+    no metrics: `fit` runs the model statelessly, and Keras 3.15 cannot
+    update a metric from inside a layer there (keras-team/keras#21639).
 
     NaN router logits (e.g. from NaN inputs) are not routed silently: the
     output of those tokens is NaN, and so are the auxiliary losses, so
-    `keras.callbacks.TerminateOnNaN` stops training.
+    `keras.callbacks.TerminateOnNaN` stops training. (Which experts a NaN
+    token occupies is backend-specific; it can take a slot another token
+    would have had, but its NaN never reaches another token's output.)
 
     Args:
         num_experts: Positive int, the number of experts E.
@@ -502,10 +577,9 @@ class MixtureOfExperts(keras.layers.Layer):
         self._add_aux_losses(router_logits, router_probs, expert_index)
 
         positions = expert_positions(expert_index, self.num_experts)
-        (assignment_row, assignment_kept, row_token, row_valid, block_expert,
-         block_size) = self._layout(positions, num_tokens)
+        layout = self._layout(positions, num_tokens)
 
-        expert_inputs = dispatch_tokens(tokens, row_token, row_valid, block_size)
+        expert_inputs = dispatch_tokens(tokens, layout, self.top_k)
         expert_outputs = expert_ffn(
             expert_inputs,
             self.expert_hidden_kernel,
@@ -513,15 +587,13 @@ class MixtureOfExperts(keras.layers.Layer):
             self.expert_output_kernel,
             self.expert_output_bias,
             self.activation_fn,
-            block_expert=block_expert,
+            block_expert=layout.block_expert,
             hidden_dropout=self.hidden_dropout,
             training=training,
         )
-        outputs = combine_expert_outputs(
-            expert_outputs, assignment_row, assignment_kept, gates
-        )
+        outputs = combine_expert_outputs(expert_outputs, layout, gates)
         if training and self.routing_metrics and not _in_stateless_scope():
-            self._update_routing_metrics(positions[2], assignment_kept)
+            self._update_routing_metrics(positions[2], layout.assignment_kept)
         output_dim = ops.shape(outputs)[-1]
         return ops.reshape(outputs, tuple(input_shape[:-1]) + (output_dim,))
 

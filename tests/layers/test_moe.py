@@ -178,16 +178,16 @@ def test_dropless_layout_places_every_assignment_in_its_experts_block():
     num_assignments = num_tokens * top_k
     block_size = moe.dropless_block_size(num_assignments, num_experts)
     num_blocks = moe.dropless_num_blocks(num_assignments, num_experts, block_size)
-    row, kept, row_token, row_valid, block_expert, _ = (
-        to_numpy(t) if t is not None else None
-        for t in moe.dropless_layout(*positions, num_tokens, block_size, num_blocks)
+    layout = moe.dropless_layout(*positions, num_tokens, block_size, num_blocks)
+    row, kept, row_assignment, row_valid, block_expert = (
+        to_numpy(t) for t in layout[:5]
     )
     assert kept.all()
     assert len(set(row.tolist())) == num_assignments, "two assignments share a row"
-    assignment_token = np.arange(num_assignments) % num_tokens
     assignment_expert = expert_index.T.reshape(-1)
-    # Each assignment's row holds its token, in a block of its expert.
-    np.testing.assert_array_equal(row_token[row], assignment_token)
+    # The two directions of the assignment <-> row map agree, and each
+    # assignment's row lies in a block of its expert.
+    np.testing.assert_array_equal(row_assignment[row], np.arange(num_assignments))
     assert row_valid[row].all()
     np.testing.assert_array_equal(block_expert[row // block_size], assignment_expert)
     assert row_valid.sum() == num_assignments
@@ -267,6 +267,60 @@ def test_gradients_reach_router_and_exactly_the_experts_that_got_tokens(capacity
         np.testing.assert_array_equal(before[name][3], after[name][3])
 
 
+class AllExpertsMoE(keras.layers.Layer):
+    """Dense reference: every expert on every token, weighted by the gates
+    (one_hot of the top-k), written with plain ops so autodiff is the oracle
+    for the sparse layer's gradients."""
+
+    def __init__(self, num_experts, hidden_units, top_k, **kwargs):
+        super().__init__(**kwargs)
+        self.num_experts, self.hidden_units, self.top_k = num_experts, hidden_units, top_k
+
+    def build(self, input_shape):
+        d, e, h = input_shape[-1], self.num_experts, self.hidden_units
+        self.router = self.add_weight(shape=(d, e), name="router")
+        self.w1 = self.add_weight(shape=(e, d, h), name="w1")
+        self.b1 = self.add_weight(shape=(e, h), name="b1")
+        self.w2 = self.add_weight(shape=(e, h, d), name="w2")
+        self.b2 = self.add_weight(shape=(e, d), name="b2")
+
+    def call(self, inputs):
+        ops = keras.ops
+        logits = ops.matmul(inputs, self.router)
+        top_logits, top_index = ops.top_k(logits, k=self.top_k)
+        gates = ops.softmax(top_logits, axis=-1)
+        dense_gates = ops.sum(ops.one_hot(top_index, self.num_experts) * gates[..., None], axis=1)
+        hidden = ops.relu(ops.einsum("td,edh->teh", inputs, self.w1) + self.b1)
+        outputs = ops.einsum("teh,ehd->ted", hidden, self.w2) + self.b2
+        return ops.einsum("ted,te->td", outputs, dense_gates)
+
+
+@pytest.mark.parametrize("capacity_factor", [100.0, None], ids=["capacity", "dropless"])
+def test_one_sgd_step_equals_the_all_experts_reference(capacity_factor):
+    tokens = SEQUENCES.reshape(-1, 6)
+    target = RNG.normal(size=tokens.shape).astype("float32")
+    inputs = keras.Input(shape=(6,))
+    layer = MixtureOfExperts(
+        4, 8, capacity_factor=capacity_factor, activation="relu",
+        load_balance_weight=0.0, router_z_weight=0.0,
+    )
+    sparse = keras.Model(inputs, layer(inputs))
+    randomize_biases(layer)
+    reference_layer = AllExpertsMoE(4, 8, 2)
+    reference = keras.Model(inputs, reference_layer(inputs))
+    weights = layer_weights(layer)
+    reference.set_weights(
+        [weights[name] for name in ("router", "w1", "b1", "w2", "b2")]
+    )
+    for model in (sparse, reference):
+        model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
+        model.fit(tokens, target, batch_size=len(tokens), epochs=1, verbose=0)
+    updated = layer_weights(layer)
+    for name, value in zip(("router", "w1", "b1", "w2", "b2"), reference.get_weights()):
+        assert not np.allclose(value, weights[name]), f"{name} did not move"
+        np.testing.assert_allclose(updated[name], value, rtol=1e-5, atol=1e-5)
+
+
 # --- NaN routing ---------------------------------------------------------------------
 
 
@@ -278,21 +332,19 @@ def test_nan_router_logits_give_nan_outputs_for_exactly_those_tokens():
     logits[[1, 19]] = np.nan
     expert_index, gates, _ = moe.route_top_k(keras.ops.convert_to_tensor(logits), top_k)
     positions = moe.expert_positions(expert_index, num_experts)
-    row, kept, row_token, row_valid, block_expert, block_size = moe.capacity_layout(
-        *positions, num_tokens, capacity
-    )
-    buffer = moe.dispatch_tokens(tokens, row_token, row_valid, block_size)
+    layout = moe.capacity_layout(*positions, num_tokens, capacity)
+    buffer = moe.dispatch_tokens(tokens, layout, top_k)
     w1 = RNG.normal(size=(num_experts, 6, 8)).astype("float32")
     w2 = RNG.normal(size=(num_experts, 8, 6)).astype("float32")
     expert_outputs = moe.expert_ffn(
         buffer, w1, np.zeros((num_experts, 8), "float32"), w2,
         np.zeros((num_experts, 6), "float32"), keras.activations.relu,
     )
-    output = to_numpy(moe.combine_expert_outputs(expert_outputs, row, kept, gates))
+    output = to_numpy(moe.combine_expert_outputs(expert_outputs, layout, gates))
     # Which experts a NaN token picks is backend-specific; here token 19, the
     # last in every queue, loses at least one choice on every backend, so
     # the test covers a dropped NaN assignment too.
-    assert not to_numpy(kept).reshape(top_k, num_tokens)[:, 19].all()
+    assert not to_numpy(layout.assignment_kept).reshape(top_k, num_tokens)[:, 19].all()
     assert np.isnan(output[[1, 19]]).all()
     finite_tokens = [t for t in range(num_tokens) if t not in (1, 19)]
     assert np.isfinite(output[finite_tokens]).all()
