@@ -372,6 +372,22 @@ def test_transformer_block_equals_its_sublayers_composed():
     np.testing.assert_allclose(output, x + ffn, rtol=1e-4, atol=1e-4)
 
 
+def test_transformer_block_ignores_padded_positions():
+    # With a padding mask, each sequence's valid positions must equal the
+    # block applied to that sequence cut to its valid length.
+    lengths = (3, 5)
+    padded = QUERY.copy()
+    padded[0, lengths[0]:] = 0.0
+    block = TransformerBlock(4, 32, causal=False)
+    tokens = keras.Input(shape=(None, FEATURES))
+    model = keras.Model(tokens, block(keras.layers.Masking(0.0)(tokens)))
+    output = to_numpy(model(padded))
+    for row, length in enumerate(lengths):
+        alone = to_numpy(block(padded[row : row + 1, :length]))
+        np.testing.assert_allclose(output[row : row + 1, :length], alone,
+                                   rtol=1e-5, atol=1e-5)
+
+
 # --- variable sequence length ------------------------------------------------------
 
 
