@@ -157,17 +157,13 @@ def check_tflite_parity_by_input_name(model, inputs, atol=1e-4):
     )
 
 
-@pytest.mark.parametrize(
-    "init_kwargs",
-    [
-        {"num_heads": 4, "ffn_units": 32},
-        {"num_heads": 4, "ffn_units": 24, "num_kv_heads": 2, "causal": True,
-         "dropout": 0.1, "drop_path": 0.2, "activation": "silu", "key_dim": 6},
-    ],
-    ids=["default", "gqa-causal-dropout"],
-)
-def test_transformer_block_contract(init_kwargs):
+def test_transformer_block_contract():
     # A single input: the attention inside runs the fused self-attention path.
+    # One config only (CI budget); the default config is covered by the
+    # composition and padding tests below.
+    init_kwargs = {"num_heads": 4, "ffn_units": 24, "num_kv_heads": 2,
+                   "causal": True, "dropout": 0.1, "drop_path": 0.2,
+                   "activation": "silu", "key_dim": 6}
     run_layer_test(
         TransformerBlock, init_kwargs, QUERY, expected_output_shape=QUERY.shape
     )
