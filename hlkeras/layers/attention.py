@@ -147,14 +147,15 @@ def padding_mask(query_mask, value_mask, key_mask):
     nothing (its row is fully masked, hence uniform after the softmax) and no
     query attends to a padded key or value.
     """
-    merged = None
-    if query_mask is not None:
-        merged = ops.expand_dims(ops.cast(query_mask, "bool"), (1, 3))
-    for key_side_mask in (value_mask, key_mask):
-        if key_side_mask is not None:
-            mask = ops.expand_dims(ops.cast(key_side_mask, "bool"), (1, 2))
-            merged = mask if merged is None else ops.logical_and(merged, mask)
-    return merged
+
+    def expanded(mask, axes):
+        return None if mask is None else ops.expand_dims(ops.cast(mask, "bool"), axes)
+
+    return _and_masks(
+        expanded(query_mask, (1, 3)),
+        expanded(value_mask, (1, 2)),
+        expanded(key_mask, (1, 2)),
+    )
 
 
 def _and_masks(*masks):
