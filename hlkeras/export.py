@@ -613,27 +613,24 @@ def run_tflite(tflite_model, inputs):
 
     Args:
         tflite_model: The flatbuffer bytes.
-        inputs: A NumPy array, or a list of arrays in the model's input order.
+        inputs: A NumPy array for a single-input model, or a dict from input
+            name (the Keras `Input` name) to array. Several inputs go by name
+            because LiteRT does not keep the model's input order.
 
     Returns:
         The first output as a NumPy array.
     """
     from ai_edge_litert.interpreter import Interpreter
 
-    if not isinstance(inputs, (list, tuple)):
-        inputs = [inputs]
-    if len(inputs) == 1:
-        interpreter = _prepared_interpreter(tflite_model, np.shape(inputs[0]))
-        _set_input(interpreter, np.asarray(inputs[0], "float32"))
-        interpreter.invoke()
-        return _get_output(interpreter)
-    interpreter = Interpreter(model_content=tflite_model)
-    details = interpreter.get_input_details()
-    for detail, array in zip(details, inputs):
-        interpreter.resize_tensor_input(detail["index"], array.shape)
-    interpreter.allocate_tensors()
-    for detail, array in zip(details, inputs):
-        interpreter.set_tensor(detail["index"], np.asarray(array, detail["dtype"]))
+    if isinstance(inputs, dict):
+        runner = Interpreter(model_content=tflite_model).get_signature_runner(
+            "serving_default"
+        )
+        named = {name: np.asarray(array) for name, array in inputs.items()}
+        outputs = runner(**named)
+        return outputs[sorted(outputs)[0]]
+    interpreter = _prepared_interpreter(tflite_model, np.shape(inputs))
+    _set_input(interpreter, np.asarray(inputs, "float32"))
     interpreter.invoke()
     return _get_output(interpreter)
 

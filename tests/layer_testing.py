@@ -126,7 +126,11 @@ def check_tflite_parity(model, inputs, expected, atol=1e-4):
     from hlkeras import export
 
     tflite_model = export.model_to_tflite(model)
-    output = export.run_tflite(tflite_model, inputs)
+    if len(inputs) == 1:
+        output = export.run_tflite(tflite_model, inputs[0])
+    else:
+        named = {tensor.name: array for tensor, array in zip(model.inputs, inputs)}
+        output = export.run_tflite(tflite_model, named)
     np.testing.assert_allclose(output, expected, rtol=0, atol=atol)
 
 

@@ -160,7 +160,8 @@ def test_resume_after_sigkill_continues_from_last_finished_epoch(data_dir, tmp_p
     rows = training.read_history_rows(os.path.join(out, "history.csv"))
     assert [row["epoch"] for row in rows] == list(range(epochs))
     # Finished epochs are kept as they were, not retrained.
-    assert rows[:finished] == rows_before[:finished]
+    # assert_equal counts NaN == NaN (an MoE routing metric is NaN in validation).
+    np.testing.assert_equal(rows[:finished], rows_before[:finished])
     with open(os.path.join(out, "metrics.json")) as f:
         assert json.load(f)["epochs"] == epochs
 
@@ -185,4 +186,6 @@ def test_mixed_precision_trains_bfloat16_and_exports_float32(capsys, data_dir, t
     images, _ = data.to_numpy(test_ds)
     with open(os.path.join(out, "model.tflite"), "rb") as f:
         litert = export.run_tflite(f.read(), images)
-    np.testing.assert_allclose(litert, twin.predict(images, verbose=0), atol=1e-4)
+    # One batch on both sides: MoE capacity drops depend on the batch.
+    expected = twin.predict(images, batch_size=len(images), verbose=0)
+    np.testing.assert_allclose(litert, expected, atol=1e-4)
