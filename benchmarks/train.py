@@ -88,6 +88,65 @@ def hand_written_mlp(input_shape, num_classes, *, depth, width, dropout, hidden_
     return keras.Model(inputs, outputs)
 
 
+def hand_written_vit(
+    input_shape, num_classes, *, depth, width, num_heads, patch_size, dropout, ffn_ratio
+):
+    """`hlkeras.models.vit` (MoE off) written with keras.layers built-ins:
+    `keras.layers.MultiHeadAttention` and a Dense FFN in pre-norm blocks.
+    Keras has no built-in learned position embedding, so both networks use
+    hlkeras' `PositionEmbedding` (one broadcast add, the same on both sides)."""
+    import keras
+
+    from hlkeras.layers import PositionEmbedding
+
+    num_patches = (input_shape[0] // patch_size) * (input_shape[1] // patch_size)
+    inputs = keras.Input(shape=input_shape)
+    x = keras.layers.Conv2D(width, patch_size, strides=patch_size)(inputs)
+    x = keras.layers.Reshape((num_patches, width))(x)
+    x = PositionEmbedding(num_patches)(x)
+    for _ in range(depth):
+        branch = keras.layers.LayerNormalization(epsilon=1e-5)(x)
+        branch = keras.layers.MultiHeadAttention(
+            num_heads, width // num_heads, dropout=dropout
+        )(branch, branch)
+        x = keras.layers.Add()([x, keras.layers.Dropout(dropout)(branch)])
+        branch = keras.layers.LayerNormalization(epsilon=1e-5)(x)
+        branch = keras.layers.Dense(
+            ffn_ratio * width, activation="gelu", kernel_initializer="he_normal"
+        )(branch)
+        branch = keras.layers.Dropout(dropout)(branch)
+        branch = keras.layers.Dense(width)(branch)
+        x = keras.layers.Add()([x, keras.layers.Dropout(dropout)(branch)])
+    x = keras.layers.LayerNormalization(epsilon=1e-5)(x)
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    x = keras.layers.Dropout(dropout)(x)
+    x = keras.layers.Dense(num_classes)(x)
+    outputs = keras.layers.Activation("softmax", dtype="float32")(x)
+    return keras.Model(inputs, outputs)
+
+
+def overhead_contenders(arch, info):
+    """`(builder model, the same network hand-written)` with default sizes."""
+    from hlkeras import models
+
+    hyper = models.hyperparameter_defaults(arch)
+    if arch == "mlp":
+        hand = hand_written_mlp(
+            info.input_shape, info.num_classes, depth=hyper["depth"],
+            width=hyper["width"], dropout=hyper["dropout"],
+            hidden_ratio=hyper["hidden_ratio"],
+        )  # fmt: skip
+        return models.mlp(info.input_shape, info.num_classes, **hyper), hand
+    hyper["num_experts"] = 0  # the target compares dense networks
+    hand = hand_written_vit(
+        info.input_shape, info.num_classes, depth=hyper["depth"],
+        width=hyper["width"], num_heads=hyper["num_heads"],
+        patch_size=hyper["patch_size"], dropout=hyper["dropout"],
+        ffn_ratio=hyper["ffn_ratio"],
+    )  # fmt: skip
+    return models.vit(info.input_shape, info.num_classes, **hyper), hand
+
+
 def steps_per_second(model, dataset, steps):
     """Returns (steps per wall second, steps per CPU second of this process).
 
@@ -99,27 +158,16 @@ def steps_per_second(model, dataset, steps):
     return steps / (time.perf_counter() - wall), steps / (time.process_time() - cpu)
 
 
-def report_overhead(data_dir, repeats, steps):
+def report_overhead(arch, data_dir, repeats, steps):
     import keras
 
     from hlkeras import data
-    from hlkeras import models
     from hlkeras import training
 
     train_ds, _, _, info = data.load("digits", batch_size=64, data_dir=data_dir)
     train_ds = train_ds.repeat()
-    hyper = models.hyperparameter_defaults("mlp")
-    contenders = {
-        "builder": models.mlp(info.input_shape, info.num_classes, **hyper),
-        "hand-written": hand_written_mlp(
-            info.input_shape,
-            info.num_classes,
-            depth=hyper["depth"],
-            width=hyper["width"],
-            dropout=hyper["dropout"],
-            hidden_ratio=hyper["hidden_ratio"],
-        ),
-    }
+    builder, hand_written = overhead_contenders(arch, info)
+    contenders = {"builder": builder, "hand-written": hand_written}
     assert contenders["builder"].count_params() == contenders["hand-written"].count_params()
     for model in contenders.values():
         training.compile_model(model, total_steps=10_000)
@@ -142,7 +190,7 @@ def report_overhead(data_dir, repeats, steps):
     hand = statistics.median(r[0] for r in rates["hand-written"])
     ratio = statistics.median(wall_ratios)
     print(
-        f"overhead mlp [{keras.backend.backend()}] (median of {repeats} pairs x {steps} steps): "
+        f"overhead {arch} [{keras.backend.backend()}] (median of {repeats} pairs x {steps} steps): "
         f"builder={builder:.1f} steps/s hand-written={hand:.1f} steps/s "
         f"ratio={ratio:.3f} (pair ratios {min(wall_ratios):.2f}..{max(wall_ratios):.2f}; "
         f"target >= {OVERHEAD_TARGET}: {_verdict(ratio >= OVERHEAD_TARGET)}); "
@@ -158,7 +206,8 @@ def main():
     parser.add_argument("--data-dir", help="TFDS data directory (default: a temporary one)")
     args = parser.parse_args()
     data_dir = args.data_dir or tempfile.mkdtemp(prefix="bench-tfds-")
-    report_overhead(data_dir, args.repeats, args.steps)
+    for arch in ("mlp", "vit"):
+        report_overhead(arch, data_dir, args.repeats, args.steps)
     report_train_defaults(args.backends.split(","), data_dir)
 
 

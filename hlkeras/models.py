@@ -32,6 +32,16 @@ def _check_input_shape(input_shape):
     return shape
 
 
+def _check_image_shape(input_shape, arch):
+    shape = _check_input_shape(input_shape)
+    if len(shape) != 3:
+        raise ValueError(
+            "Argument `input_shape` must be (height, width, channels) for "
+            f"`{arch}`. Received: input_shape={input_shape!r}"
+        )
+    return shape
+
+
 def _classifier_head(x, num_classes, dropout):
     if dropout:
         x = keras.layers.Dropout(dropout, name="head_dropout")(x)
@@ -141,12 +151,7 @@ def resnet(
     >>> model.output_shape
     (None, 10)
     """
-    input_shape = _check_input_shape(input_shape)
-    if len(input_shape) != 3:
-        raise ValueError(
-            "Argument `input_shape` must be (height, width, channels) for "
-            f"`resnet`. Received: input_shape={input_shape!r}"
-        )
+    input_shape = _check_image_shape(input_shape, "resnet")
     _checks.check_positive_int("num_classes", num_classes)
     _checks.check_positive_int("depth", depth)
     _checks.check_positive_int("width", width)
@@ -223,12 +228,7 @@ def vit(
     >>> model.output_shape
     (None, 10)
     """
-    input_shape = _check_input_shape(input_shape)
-    if len(input_shape) != 3:
-        raise ValueError(
-            "Argument `input_shape` must be (height, width, channels) for "
-            f"`vit`. Received: input_shape={input_shape!r}"
-        )
+    input_shape = _check_image_shape(input_shape, "vit")
     _checks.check_positive_int("num_classes", num_classes)
     _checks.check_positive_int("depth", depth)
     _checks.check_positive_int("width", width)
