@@ -14,7 +14,6 @@ import pytest
 
 from hlkeras import cli
 from hlkeras import hypermodels
-from hlkeras import models
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_SPACE = """\
@@ -62,11 +61,6 @@ def _one_line_error(argv, capsys):
 )
 def test_bad_arguments_are_one_line_errors(argv, message, capsys):
     assert message in _one_line_error(["tune", *argv], capsys)
-
-
-@pytest.mark.skipif("vit" in models.ARCHITECTURES, reason="vit is buildable now")
-def test_vit_before_its_builder_lands_is_a_one_line_error(capsys):
-    assert "cannot build it yet" in _one_line_error(["tune", "--arch", "vit"], capsys)
 
 
 def test_a_malformed_space_file_is_a_one_line_error_naming_the_key(tmp_path, capsys):
