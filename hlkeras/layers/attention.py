@@ -218,7 +218,7 @@ def einsum_attention(query, key, value, mask, scale, dropout_layer=None,
     return ops.transpose(output, (0, 2, 1, 3)), probabilities
 
 
-def check_lora_arguments(lora_rank, lora_alpha, lora_dropout):
+def _check_lora_arguments(lora_rank, lora_alpha, lora_dropout):
     """Checks the LoRA arguments shared by the layers of this module."""
     if lora_rank is not None:
         _checks.check_positive_int("lora_rank", lora_rank)
@@ -234,7 +234,7 @@ def check_lora_arguments(lora_rank, lora_alpha, lora_dropout):
     _checks.check_rate("lora_dropout", lora_dropout)
 
 
-def dense_or_lora(layer, units, name, activation=None, use_bias=True, **dense_kwargs):
+def _dense_or_lora(layer, units, name, activation=None, use_bias=True, **dense_kwargs):
     """A `Dense` projection of `layer`, or a `LoRADense` when its `lora_rank`
     is set. Both create `kernel` then `bias` first, so `hlkeras.lora` can
     line up the plain and adapted weights (the LoRA protocol)."""
@@ -390,7 +390,7 @@ class MultiHeadAttention(keras.layers.Layer):
             "rope_max_wavelength", rope_max_wavelength
         )
         self.seed = seed
-        check_lora_arguments(lora_rank, lora_alpha, lora_dropout)
+        _check_lora_arguments(lora_rank, lora_alpha, lora_dropout)
         self.lora_rank = lora_rank
         self.lora_alpha = lora_alpha
         self.lora_dropout = lora_dropout
@@ -430,7 +430,7 @@ class MultiHeadAttention(keras.layers.Layer):
         """Every projection is made here: a `Dense`, whose `kernel` and
         `bias` `call` reads directly, or a `LoRADense` (with `lora_rank`),
         which `call` calls so that its adapter applies."""
-        return dense_or_lora(self, units, name, use_bias=self.use_bias)
+        return _dense_or_lora(self, units, name, use_bias=self.use_bias)
 
     def call(
         self,
@@ -725,7 +725,7 @@ class FeedForward(keras.layers.Layer):
         self.ffn_units = _checks.check_positive_int("ffn_units", ffn_units)
         self.activation = _checks.check_activation("activation", activation)
         self.dropout = _checks.check_rate("dropout", dropout)
-        check_lora_arguments(lora_rank, lora_alpha, lora_dropout)
+        _check_lora_arguments(lora_rank, lora_alpha, lora_dropout)
         self.lora_rank = lora_rank
         self.lora_alpha = lora_alpha
         self.lora_dropout = lora_dropout
@@ -742,11 +742,11 @@ class FeedForward(keras.layers.Layer):
                     self.activation
                 )
             }
-        self.hidden_dense = dense_or_lora(
+        self.hidden_dense = _dense_or_lora(
             self, self.ffn_units, "hidden_dense", self.activation, **initializer
         )
         self.hidden_dropout = keras.layers.Dropout(self.dropout, dtype=policy)
-        self.output_dense = dense_or_lora(self, input_dim, "output_dense")
+        self.output_dense = _dense_or_lora(self, input_dim, "output_dense")
         self.hidden_dense.build(input_shape)
         self.output_dense.build(tuple(input_shape[:-1]) + (self.ffn_units,))
 
@@ -867,7 +867,7 @@ class TransformerBlock(keras.layers.Layer):
         self.num_experts = num_experts
         self.top_k = _checks.check_positive_int("top_k", top_k)
         self.capacity_factor = capacity_factor
-        check_lora_arguments(lora_rank, lora_alpha, lora_dropout)
+        _check_lora_arguments(lora_rank, lora_alpha, lora_dropout)
         if num_experts and lora_rank is not None:
             raise ValueError(
                 "Argument `lora_rank` must be None when `num_experts > 0`: "
