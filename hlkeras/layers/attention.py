@@ -24,6 +24,7 @@ import keras
 from keras import ops
 
 from hlkeras.layers import _checks
+from hlkeras.layers.lora import LoRADense
 from hlkeras.layers.moe import MixtureOfExperts
 from hlkeras.layers.residual import DropPath
 
@@ -217,6 +218,47 @@ def einsum_attention(query, key, value, mask, scale, dropout_layer=None,
     return ops.transpose(output, (0, 2, 1, 3)), probabilities
 
 
+def _check_lora_arguments(lora_rank, lora_alpha, lora_dropout):
+    """Checks the LoRA arguments shared by the layers of this module."""
+    if lora_rank is not None:
+        _checks.check_positive_int("lora_rank", lora_rank)
+    if lora_alpha is not None and (
+        isinstance(lora_alpha, bool)
+        or not isinstance(lora_alpha, (int, float))
+        or lora_alpha <= 0
+    ):
+        raise ValueError(
+            "Argument `lora_alpha` must be a number > 0, or None to use "
+            f"`lora_rank`. Received: lora_alpha={lora_alpha!r}"
+        )
+    _checks.check_rate("lora_dropout", lora_dropout)
+
+
+def _dense_or_lora(layer, units, name, activation=None, use_bias=True, **dense_kwargs):
+    """A `Dense` projection of `layer`, or a `LoRADense` when its `lora_rank`
+    is set. Both create `kernel` then `bias` first, so `hlkeras.lora` can
+    line up the plain and adapted weights (the LoRA protocol)."""
+    if layer.lora_rank is None:
+        return keras.layers.Dense(
+            units,
+            activation=activation,
+            use_bias=use_bias,
+            dtype=layer.dtype_policy,
+            name=name,
+            **dense_kwargs,
+        )
+    return LoRADense(
+        units,
+        rank=layer.lora_rank,
+        alpha=layer.lora_alpha,
+        dropout=layer.lora_dropout,
+        activation=activation,
+        use_bias=use_bias,
+        dtype=layer.dtype_policy,
+        name=name,
+    )
+
+
 def _dynamic_shape(x):
     """Static sizes where known, scalar tensors where not (e.g. TF's None)."""
     dynamic = ops.shape(x)
@@ -264,6 +306,13 @@ class MultiHeadAttention(keras.layers.Layer):
             queries and keys. Needs an even `key_dim`.
         rope_max_wavelength: Positive int, the longest rotary wavelength.
         seed: Optional int seed for the attention dropout.
+        lora_rank: Optional positive int. When set, the query, key, value
+            and output projections are `hlkeras.layers.LoRADense` (frozen
+            base, trainable rank-`lora_rank` adapter) and the fused QKV
+            matmul is not used. Usually set by `hlkeras.lora.apply_lora`.
+        lora_alpha: Optional number > 0, the adapters' strength (`scale =
+            lora_alpha / lora_rank`). Defaults to `lora_rank`.
+        lora_dropout: Float in [0, 1), dropout on the adapters' inputs.
         **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
 
     Call arguments:
@@ -308,6 +357,9 @@ class MultiHeadAttention(keras.layers.Layer):
         rope=False,
         rope_max_wavelength=10000,
         seed=None,
+        lora_rank=None,
+        lora_alpha=None,
+        lora_dropout=0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -338,6 +390,10 @@ class MultiHeadAttention(keras.layers.Layer):
             "rope_max_wavelength", rope_max_wavelength
         )
         self.seed = seed
+        _check_lora_arguments(lora_rank, lora_alpha, lora_dropout)
+        self.lora_rank = lora_rank
+        self.lora_alpha = lora_alpha
+        self.lora_dropout = lora_dropout
         self.supports_masking = True
 
     def build(self, query_shape, value_shape, key_shape=None):
@@ -371,11 +427,10 @@ class MultiHeadAttention(keras.layers.Layer):
         )
 
     def _projection(self, units, name):
-        """Every projection is made here, so an adapter (e.g. LoRA) has one
-        place to change. `call` reads only its `kernel` and `bias`."""
-        return keras.layers.Dense(
-            units, use_bias=self.use_bias, dtype=self.dtype_policy, name=name
-        )
+        """Every projection is made here: a `Dense`, whose `kernel` and
+        `bias` `call` reads directly, or a `LoRADense` (with `lora_rank`),
+        which `call` calls so that its adapter applies."""
+        return _dense_or_lora(self, units, name, use_bias=self.use_bias)
 
     def call(
         self,
@@ -393,11 +448,12 @@ class MultiHeadAttention(keras.layers.Layer):
         is_self_attention = value is query and (key is None or key is value)
         key = value if key is None else key
         self._check_call_features(query, value, key)
-        if is_self_attention:
+        # With adapters each projection runs its own LoRADense, unfused.
+        if is_self_attention and self.lora_rank is None:
             query_heads, key_heads, value_heads = self._project_self(query)
         else:
             query_heads, key_heads, value_heads = self._project_cross(
-                query, key, value
+                query, key, value, training
             )
         if self.rope:
             query_heads = rotary_embedding(query_heads, self.rope_max_wavelength)
@@ -444,7 +500,7 @@ class MultiHeadAttention(keras.layers.Layer):
             attended,
             _dynamic_shape(query)[:2] + (self.num_heads * self.value_dim,),
         )
-        output = self._apply_dense(self.output_dense, attended)
+        output = self._apply_dense(self.output_dense, attended, training)
         if return_attention_scores:
             return output, scores
         return output
@@ -494,26 +550,28 @@ class MultiHeadAttention(keras.layers.Layer):
             self._split_heads(value, self.num_kv_heads, self.value_dim),
         )
 
-    def _project_cross(self, query, key, value):
+    def _project_cross(self, query, key, value, training=None):
         return (
             self._split_heads(
-                self._apply_dense(self.query_dense, query),
+                self._apply_dense(self.query_dense, query, training),
                 self.num_heads,
                 self.key_dim,
             ),
             self._split_heads(
-                self._apply_dense(self.key_dense, key),
+                self._apply_dense(self.key_dense, key, training),
                 self.num_kv_heads,
                 self.key_dim,
             ),
             self._split_heads(
-                self._apply_dense(self.value_dense, value),
+                self._apply_dense(self.value_dense, value, training),
                 self.num_kv_heads,
                 self.value_dim,
             ),
         )
 
-    def _apply_dense(self, dense, inputs):
+    def _apply_dense(self, dense, inputs, training=None):
+        if isinstance(dense, LoRADense):
+            return dense(inputs, training=training)
         outputs = ops.matmul(inputs, self._kernel_of(dense))
         if self.use_bias:
             outputs = outputs + self._bias_of(dense)
@@ -595,6 +653,9 @@ class MultiHeadAttention(keras.layers.Layer):
                 "rope": self.rope,
                 "rope_max_wavelength": self.rope_max_wavelength,
                 "seed": self.seed,
+                "lora_rank": self.lora_rank,
+                "lora_alpha": self.lora_alpha,
+                "lora_dropout": self.lora_dropout,
             }
         )
         return config
@@ -631,6 +692,12 @@ class FeedForward(keras.layers.Layer):
         ffn_units: Positive int, the hidden width.
         activation: Name of a Keras activation for the hidden layer.
         dropout: Float in [0, 1), dropout on the hidden activations.
+        lora_rank: Optional positive int. When set, both projections are
+            `hlkeras.layers.LoRADense` with rank-`lora_rank` adapters.
+            Usually set by `hlkeras.lora.apply_lora`.
+        lora_alpha: Optional number > 0, the adapters' strength. Defaults to
+            `lora_rank`.
+        lora_dropout: Float in [0, 1), dropout on the adapters' inputs.
         **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
 
     Call arguments:
@@ -643,33 +710,51 @@ class FeedForward(keras.layers.Layer):
     (2, 5, 16)
     """
 
-    def __init__(self, ffn_units, *, activation="gelu", dropout=0.0, **kwargs):
+    def __init__(
+        self,
+        ffn_units,
+        *,
+        activation="gelu",
+        dropout=0.0,
+        lora_rank=None,
+        lora_alpha=None,
+        lora_dropout=0.0,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.ffn_units = _checks.check_positive_int("ffn_units", ffn_units)
         self.activation = _checks.check_activation("activation", activation)
         self.dropout = _checks.check_rate("dropout", dropout)
+        _check_lora_arguments(lora_rank, lora_alpha, lora_dropout)
+        self.lora_rank = lora_rank
+        self.lora_alpha = lora_alpha
+        self.lora_dropout = lora_dropout
         self.supports_masking = True
 
     def build(self, input_shape):
         input_dim = _checks.check_feature_dim("FeedForward", input_shape)
         policy = self.dtype_policy
-        self.hidden_dense = keras.layers.Dense(
-            self.ffn_units,
-            activation=self.activation,
-            kernel_initializer=_checks.kernel_initializer_for(self.activation),
-            dtype=policy,
-            name="hidden_dense",
+        initializer = {}
+        if self.lora_rank is None:
+            # A LoRADense base is always copied in, never initialized.
+            initializer = {
+                "kernel_initializer": _checks.kernel_initializer_for(
+                    self.activation
+                )
+            }
+        self.hidden_dense = _dense_or_lora(
+            self, self.ffn_units, "hidden_dense", self.activation, **initializer
         )
         self.hidden_dropout = keras.layers.Dropout(self.dropout, dtype=policy)
-        self.output_dense = keras.layers.Dense(
-            input_dim, dtype=policy, name="output_dense"
-        )
+        self.output_dense = _dense_or_lora(self, input_dim, "output_dense")
         self.hidden_dense.build(input_shape)
         self.output_dense.build(tuple(input_shape[:-1]) + (self.ffn_units,))
 
     def call(self, inputs, training=None):
-        hidden = self.hidden_dropout(self.hidden_dense(inputs), training=training)
-        return self.output_dense(hidden)
+        hidden = self.hidden_dropout(
+            self.hidden_dense(inputs, training=training), training=training
+        )
+        return self.output_dense(hidden, training=training)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)
@@ -681,6 +766,9 @@ class FeedForward(keras.layers.Layer):
                 "ffn_units": self.ffn_units,
                 "activation": self.activation,
                 "dropout": self.dropout,
+                "lora_rank": self.lora_rank,
+                "lora_alpha": self.lora_alpha,
+                "lora_dropout": self.lora_dropout,
             }
         )
         return config
@@ -715,6 +803,15 @@ class TransformerBlock(keras.layers.Layer):
             `num_experts > 0`.
         capacity_factor: Expert capacity factor of the `MixtureOfExperts`
             (`None` is dropless, which TFLite export refuses).
+        lora_rank: Optional positive int. When set, the attention's Q, K, V
+            and output projections and both `FeedForward` projections are
+            `hlkeras.layers.LoRADense` with rank-`lora_rank` adapters, and
+            the LayerNorms are frozen, so only the adapters train. Usually
+            set by `hlkeras.lora.apply_lora`. Not available with
+            `num_experts > 0`.
+        lora_alpha: Optional number > 0, the adapters' strength. Defaults to
+            `lora_rank`.
+        lora_dropout: Float in [0, 1), dropout on the adapters' inputs.
         **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
 
     Call arguments:
@@ -744,6 +841,9 @@ class TransformerBlock(keras.layers.Layer):
         num_experts=0,
         top_k=2,
         capacity_factor=1.25,
+        lora_rank=None,
+        lora_alpha=None,
+        lora_dropout=0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -767,6 +867,16 @@ class TransformerBlock(keras.layers.Layer):
         self.num_experts = num_experts
         self.top_k = _checks.check_positive_int("top_k", top_k)
         self.capacity_factor = capacity_factor
+        _check_lora_arguments(lora_rank, lora_alpha, lora_dropout)
+        if num_experts and lora_rank is not None:
+            raise ValueError(
+                "Argument `lora_rank` must be None when `num_experts > 0`: "
+                "the MixtureOfExperts experts take no adapters. "
+                f"Received: lora_rank={lora_rank}, num_experts={num_experts}"
+            )
+        self.lora_rank = lora_rank
+        self.lora_alpha = lora_alpha
+        self.lora_dropout = lora_dropout
         if num_experts:
             # Built now so that MoE argument errors surface at construction.
             self._build_ffn()
@@ -786,8 +896,10 @@ class TransformerBlock(keras.layers.Layer):
                 )
             key_dim = model_dim // self.num_heads
         policy = self.dtype_policy
+        # With adapters only they train (the LoRA protocol): norms frozen.
+        norms_train = self.lora_rank is None
         self.attention_norm = keras.layers.LayerNormalization(
-            epsilon=1e-5, dtype=policy, name="attention_norm"
+            epsilon=1e-5, dtype=policy, trainable=norms_train, name="attention_norm"
         )
         self.attention = MultiHeadAttention(
             self.num_heads,
@@ -797,9 +909,10 @@ class TransformerBlock(keras.layers.Layer):
             causal=self.causal,
             dtype=policy,
             name="attention",
+            **self._lora_arguments(),
         )
         self.ffn_norm = keras.layers.LayerNormalization(
-            epsilon=1e-5, dtype=policy, name="ffn_norm"
+            epsilon=1e-5, dtype=policy, trainable=norms_train, name="ffn_norm"
         )
         self.ffn = self._build_ffn()
         self.attention_output_dropout = keras.layers.Dropout(
@@ -812,6 +925,13 @@ class TransformerBlock(keras.layers.Layer):
         self.attention.build(input_shape, input_shape)
         self.ffn_norm.build(input_shape)
         self.ffn.build(input_shape)
+
+    def _lora_arguments(self):
+        return {
+            "lora_rank": self.lora_rank,
+            "lora_alpha": self.lora_alpha,
+            "lora_dropout": self.lora_dropout,
+        }
 
     def _build_ffn(self):
         """The feed-forward sublayer `(..., d) -> (..., d)`: a dense
@@ -835,6 +955,7 @@ class TransformerBlock(keras.layers.Layer):
             dropout=self.dropout,
             dtype=self.dtype_policy,
             name="ffn",
+            **self._lora_arguments(),
         )
 
     def call(self, inputs, training=None, mask=None):
@@ -870,6 +991,7 @@ class TransformerBlock(keras.layers.Layer):
                 "num_experts": self.num_experts,
                 "top_k": self.top_k,
                 "capacity_factor": self.capacity_factor,
+                **self._lora_arguments(),
             }
         )
         return config
