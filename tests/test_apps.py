@@ -39,3 +39,21 @@ def test_export_mobile(monkeypatch, tmp_path, data_dir, capsys):
     _run_app("export_mobile.py", monkeypatch, tmp_path, data_dir, "--out", "d.tflite")
     assert "litert" in capsys.readouterr().out
     assert (tmp_path / "d.tflite").read_bytes()[4:8] == b"TFL3"  # flatbuffer file id
+
+
+@pytest.mark.backends("tensorflow")
+def test_vit_moe(monkeypatch, tmp_path, data_dir, capsys):
+    _run_app("vit_moe.py", monkeypatch, tmp_path, data_dir, "--out", "v.keras")
+    assert "test accuracy:" in capsys.readouterr().out
+    assert (tmp_path / "v.keras").exists()
+
+
+@pytest.mark.backends("tensorflow")
+def test_lora_finetune(monkeypatch, tmp_path, data_dir, capsys):
+    _run_app("lora_finetune.py", monkeypatch, tmp_path, data_dir, "--out", "l")
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("digits 5-9"))
+    adapted, merged = (float(v) for v in line.split("adapted ")[1].split(", merged "))
+    # The merged model is the adapted one with the adapters folded in.
+    assert adapted == merged
+    assert (tmp_path / "l_adapters.npz").exists() and (tmp_path / "l_merged.keras").exists()
