@@ -294,21 +294,13 @@ def test_lora_model_exports_merged(tmp_path):
     assert "BATCH_MATMUL" not in op_names
 
 
-@keras.saving.register_keras_serializable(package="hlkeras_tests")
-class FakeMoE(keras.layers.Dense):
-    """Stands in for MixtureOfExperts: only its `capacity_factor` config matters."""
-
-    def __init__(self, units, capacity_factor=1.25, **kwargs):
-        super().__init__(units, **kwargs)
-        self.capacity_factor = capacity_factor
-
-    def get_config(self):
-        return {**super().get_config(), "capacity_factor": self.capacity_factor}
-
-
 def moe_model(capacity_factor):
-    inputs = keras.Input((4,))
-    outputs = FakeMoE(4, capacity_factor=capacity_factor, name="moe")(inputs)
+    from hlkeras.layers import MixtureOfExperts
+
+    inputs = keras.Input((6, 8))
+    outputs = MixtureOfExperts(
+        4, 16, capacity_factor=capacity_factor, name="moe"
+    )(inputs)
     return keras.Model(inputs, outputs)
 
 
@@ -321,6 +313,24 @@ def test_dropless_moe_is_refused_with_a_capacity_factor_hint(tmp_path):
 def test_capacity_mode_moe_passes_the_pre_export_check():
     model = moe_model(1.25)
     assert export._prepare_for_export(model) is model
+
+
+@pytest.mark.backends("tensorflow")
+def test_vit_with_moe_exports_builtins_only_in_every_mode(digits, tmp_path):
+    from hlkeras import models
+
+    x_train, _, x_test, y_test = digits
+    model = models.vit((8, 8, 1), 10, depth=1, width=32, num_heads=2, num_experts=4)
+    for quantization in QUANTIZATIONS:
+        report = export.export_model(
+            model, tmp_path / quantization, formats=("tflite",),
+            quantization=quantization, representative_data=x_train[:100],
+            verify_data=(x_test[:64], y_test[:64]), latency_runs=0,
+        )  # fmt: skip
+        artifact = report.artifact("tflite")
+        assert artifact.builtin_only, artifact.ops
+        if quantization == "none":
+            assert artifact.max_abs_diff <= 1e-4
 
 
 # ---------------------------------------------------------------- Flex ops
