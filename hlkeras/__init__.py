@@ -1,21 +1,22 @@
 """hlkeras: modern hidden layers for Keras 3 on TensorFlow, JAX and PyTorch.
 
-Submodules load on first use (`hlkeras.layers`, `hlkeras.models`, ...), so
-`import hlkeras` and the `hlkeras` CLI start without importing Keras, and
-TensorFlow-only modules (`hlkeras.data`, `hlkeras.export`) load only when a
-program asks for them.
+`import hlkeras` registers every serializable hlkeras object (the layers and
+the learning-rate schedule), so `keras.saving.load_model` reads hlkeras
+models after it. The other submodules (`hlkeras.models`, `hlkeras.lora`, and
+the TensorFlow-only `hlkeras.data` and `hlkeras.export`) load on first use.
 """
 
 import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = (
-    "cli", "data", "export", "hypermodels", "layers", "lora", "models", "training"
-)
+from hlkeras import layers  # noqa: E402,F401  (registers the layers)
+from hlkeras import training  # noqa: E402,F401  (registers WarmupCosine)
+
+_LAZY_SUBMODULES = ("cli", "data", "export", "hypermodels", "lora", "models")
 
 
 def __getattr__(name):
-    if name in _SUBMODULES:
+    if name in _LAZY_SUBMODULES:
         return importlib.import_module(f"hlkeras.{name}")
     raise AttributeError(f"module 'hlkeras' has no attribute {name!r}")
