@@ -32,6 +32,8 @@ import zipfile
 
 import numpy as np
 
+from hlkeras import _compat
+
 QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
 FORMATS = ("saved_model", "tflite")
 SAVED_MODEL_DIRNAME = "saved_model"
@@ -307,7 +309,7 @@ def _prepare_for_export(model):
 
 
 def _all_layers(model):
-    return list(model._flatten_layers(include_self=False, recursive=True))
+    return _compat.sublayers(model)
 
 
 def _check_moe_capacity_mode(model):
@@ -575,7 +577,7 @@ def tflite_op_names(tflite_model):
     from ai_edge_litert.interpreter import Interpreter
 
     interpreter = Interpreter(model_content=tflite_model)
-    return sorted({op["op_name"] for op in interpreter._get_ops_details()})
+    return sorted({op["op_name"] for op in _compat.tflite_op_details(interpreter)})
 
 
 def _prepared_interpreter(tflite_model, input_shape):

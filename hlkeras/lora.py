@@ -36,6 +36,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from hlkeras import _compat
 from hlkeras.layers import _checks
 from hlkeras.layers.lora import LoRADense
 from hlkeras.layers.lora import check_alpha
@@ -51,9 +52,7 @@ def _as_numpy(variables):
 
 
 def _check_model(model):
-    # Functional models are the keras.Model instances with an op graph.
-    graph_model = isinstance(model, keras.Sequential) or hasattr(model, "_operations")
-    if not isinstance(model, keras.Model) or not graph_model:
+    if not isinstance(model, keras.Model) or not _compat.is_graph_model(model):
         raise ValueError(
             "Argument `model` must be a built functional or Sequential "
             f"keras.Model (subclassed models cannot be cloned). Received: "
@@ -90,14 +89,10 @@ def _clone(model, clone_layer):
 
 
 def lora_dense_sublayers(layer):
-    """Every `LoRADense` in `layer`, itself included, in tracking order.
-
-    Keras 3 has no public sublayer walk; `Model.layers` and KerasHub use
-    `_flatten_layers` for this.
-    """
+    """Every `LoRADense` in `layer`, itself included, in tracking order."""
     return [
         sublayer
-        for sublayer in layer._flatten_layers(include_self=True, recursive=True)
+        for sublayer in _compat.sublayers(layer, include_self=True)
         if isinstance(sublayer, LoRADense)
     ]
 

@@ -18,6 +18,10 @@ import keras
 import numpy as np
 from keras import ops
 
+from hlkeras import _compat
+from hlkeras.layers import MixtureOfExperts
+from hlkeras.layers import moe
+
 BEST_CHECKPOINT = "best.keras"
 HISTORY_CSV = "history.csv"
 BACKUP_DIR = "backup"
@@ -216,6 +220,60 @@ class LearningRateLogger(keras.callbacks.Callback):
             logs["learning_rate"] = float(ops.convert_to_numpy(rate))
 
 
+class RoutingStatistics(keras.callbacks.Callback):
+    """Logs each epoch's routing statistics of every `MixtureOfExperts`.
+
+    For each MoE layer (nested ones included) it adds
+    `<layer name>_dropped_fraction` and `<layer name>_max_expert_load` to the
+    epoch logs, measured over that epoch's training steps, so the progress
+    bar, `History` and `history.csv` show them; validation adds no columns.
+    It reads the totals the layers keep as state, so it works on every
+    backend, JAX's stateless `fit` included. Each epoch's per-expert loads
+    (`(E,)` shares of the assignments) are kept in
+    `expert_load[layer_name]`.
+
+    Put it before callbacks that read those logs (it mutates the logs dict
+    Keras passes along).
+
+    Example:
+
+    ```python
+    model.fit(x, y, epochs=3, callbacks=[RoutingStatistics()])
+    ```
+    """
+
+    def on_train_begin(self, logs=None):
+        self.moe_layers = [
+            layer for layer in _compat.sublayers(self.model)
+            if isinstance(layer, MixtureOfExperts)
+        ]
+        self.expert_load = {layer.name: [] for layer in self.moe_layers}
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.model  # On JAX, reading `self.model` syncs the training state.
+        self.epoch_start = {layer.name: _routing_totals(layer) for layer in self.moe_layers}
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.model  # Sync the state on JAX (see on_epoch_begin).
+        for layer in self.moe_layers:
+            totals = _routing_totals(layer)
+            start = self.epoch_start[layer.name]
+            summary = moe.routing_summary(*(now - then for now, then in zip(totals, start)))
+            self.expert_load[layer.name].append(summary["expert_load"])
+            if logs is not None and summary["calls"] > 0:
+                logs[f"{layer.name}_dropped_fraction"] = summary["dropped_fraction"]
+                logs[f"{layer.name}_max_expert_load"] = summary["max_expert_load"]
+
+
+def _routing_totals(layer):
+    return tuple(
+        np.array(ops.convert_to_numpy(variable), dtype="float64")
+        for variable in (
+            layer.routing_calls, layer.routing_dropped_total, layer.routing_load_total
+        )
+    )
+
+
 class HistoryCSV(keras.callbacks.Callback):
     """One CSV row per finished epoch, rewritten atomically every epoch.
 
@@ -303,10 +361,10 @@ def make_callbacks(
 ):
     """The callbacks of a resumable run in `run_dir`.
 
-    In order: learning-rate logging, `TerminateOnNaN`, the history CSV, the
-    best checkpoint (`best.keras`, by `monitor`), `EarlyStopping`, and the
-    backup a killed run resumes from; `TensorBoard` (logs in `run_dir/logs`)
-    when asked. The history row is written before the backup, so a finished
+    In order: learning-rate and MoE routing logging, `TerminateOnNaN`, the
+    history CSV, the best checkpoint (`best.keras`, by `monitor`),
+    `EarlyStopping`, and the backup a killed run resumes from; `TensorBoard`
+    (logs in `run_dir/logs`) when asked. The history row is written before the backup, so a finished
     epoch is always in the history.
 
     Args:
@@ -320,6 +378,7 @@ def make_callbacks(
     """
     return [
         LearningRateLogger(),
+        RoutingStatistics(),
         keras.callbacks.TerminateOnNaN(),
         HistoryCSV(os.path.join(run_dir, HISTORY_CSV)),
         AtomicModelCheckpoint(

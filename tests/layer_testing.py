@@ -26,7 +26,10 @@ BACKEND = keras.backend.backend()
 # model takes minutes on this CPU, so the jit check covers TF (XLA) and JAX.
 JIT_BACKENDS = ("tensorflow", "jax")
 # Non-trainable state that a forward pass in training mode updates by design.
-RUNNING_STATISTICS = ("moving_mean", "moving_variance")
+RUNNING_STATISTICS = (
+    "moving_mean", "moving_variance",  # BatchNormalization
+    "routing_calls", "routing_dropped_total", "routing_load_total",  # MixtureOfExperts
+)
 
 
 def _as_list(inputs):

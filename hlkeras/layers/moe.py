@@ -96,33 +96,57 @@ def router_z_loss(router_logits):
 # --- 2. queue positions ------------------------------------------------------
 
 
-def expert_positions(expert_index, num_experts):
-    """Places every (token, choice) assignment in its expert's queue.
+def expert_positions(expert_index, num_experts, group_size=None):
+    """Places every (token, choice) assignment in its queue.
 
-    Assignments are numbered choice-major: `a = choice * tokens + token`.
+    Tokens form groups of `group_size` consecutive tokens (one group of all
+    tokens when `None`), and every (expert, group) pair has a queue of its
+    own, numbered `queue = expert * groups + group`. Within a queue,
+    priority is choice-major: every token's first choice before any second
+    choice, earlier tokens first. Assignments are numbered choice-major over
+    all tokens: `a = choice * tokens + token`.
 
     Args:
         expert_index: `(tokens, top_k)` int32 chosen experts.
         num_experts: Number of experts.
+        group_size: Tokens per group; must divide the token count.
 
     Returns:
-        `(assignment_expert, position_in_expert, tokens_per_expert,
-        sorted_assignments)`: `(A,)` expert of each assignment, `(A,)` its
-        0-based position in that expert's queue, `(E,)` queue lengths, and the
-        `(A,)` assignment numbers sorted by (expert, assignment).
+        `(assignment_queue, position_in_queue, queue_lengths,
+        sorted_assignments)`: `(A,)` queue of each assignment, `(A,)` its
+        0-based position in that queue, `(E * groups,)` queue lengths, and
+        the `(A,)` assignment numbers sorted by (queue, priority).
     """
-    assignment_expert = ops.reshape(ops.transpose(expert_index), (-1,))
-    num_assignments = ops.shape(assignment_expert)[0]
-    chosen = ops.one_hot(assignment_expert, num_experts, dtype="int32")
-    # Running count per expert column: the n-th assignment to an expert sees n.
-    position_in_expert = ops.sum(ops.cumsum(chosen, axis=0) * chosen, axis=-1) - 1
-    tokens_per_expert = ops.sum(chosen, axis=0)
+    num_tokens = ops.shape(expert_index)[0]
+    top_k = expert_index.shape[-1]
+    if group_size is None:
+        group_size = num_tokens
+    num_groups = num_tokens // group_size
+
+    def in_assignment_order(per_group):
+        # (groups, top_k * group_size) choice-major per group -> (A,)
+        per_group = ops.reshape(per_group, (-1, top_k, group_size))
+        return ops.reshape(ops.transpose(per_group, (1, 0, 2)), (-1,))
+
+    grouped = ops.reshape(expert_index, (-1, group_size, top_k))
+    grouped = ops.reshape(ops.transpose(grouped, (0, 2, 1)), (-1, top_k * group_size))
+    chosen = ops.one_hot(grouped, num_experts, dtype="int32")
+    # Running count per (group, expert): the n-th assignment to a queue sees n.
+    position = ops.sum(ops.cumsum(chosen, axis=1) * chosen, axis=-1) - 1
+    queue_lengths = ops.reshape(ops.transpose(ops.sum(chosen, axis=1)), (-1,))
+
+    assignment = ops.arange(num_tokens * top_k, dtype="int32")
+    choice, token = assignment // num_tokens, assignment % num_tokens
+    # Priority inside a group: choice * group_size + token-in-group.
+    priority = choice * group_size + token % group_size
+    assignment_queue = in_assignment_order(grouped) * num_groups + token // group_size
     # Unique keys make the sort order independent of argsort stability.
-    sort_keys = assignment_expert * num_assignments + ops.arange(
-        num_assignments, dtype="int32"
-    )
+    sort_keys = assignment_queue * (top_k * group_size) + priority
     sorted_assignments = ops.cast(ops.argsort(sort_keys), "int32")
-    return assignment_expert, position_in_expert, tokens_per_expert, sorted_assignments
+    return (
+        assignment_queue, in_assignment_order(position), queue_lengths,
+        sorted_assignments,
+    )
 
 
 # --- 3. buffer layouts -------------------------------------------------------
@@ -173,23 +197,27 @@ def _rows_to_assignments(
 
 
 def capacity_layout(
-    assignment_expert, position_in_expert, tokens_per_expert, sorted_assignments,
+    assignment_queue, position_in_queue, queue_lengths, sorted_assignments,
     num_tokens, expert_capacity,
 ):
-    """One block of `expert_capacity` rows per expert; overflow is dropped.
+    """One block of `expert_capacity` rows per queue; overflow is dropped.
+
+    The queues are numbered expert-major (`expert * groups + group`, see
+    `expert_positions`), so the buffer's blocks reshape to
+    `(E, groups * capacity)` rows per expert.
 
     Returns:
-        A `BufferLayout`; its `block_expert` is `None`: block e is expert e,
-        so the expert weights need no gather.
+        A `BufferLayout`; its `block_expert` is `None`: the blocks of
+        expert e are contiguous, so the expert weights need no gather.
     """
-    num_experts = ops.shape(tokens_per_expert)[0]
-    assignment_kept = position_in_expert < expert_capacity
+    num_queues = ops.shape(queue_lengths)[0]
+    assignment_kept = position_in_queue < expert_capacity
     assignment_row = ops.where(
-        assignment_kept, assignment_expert * expert_capacity + position_in_expert, 0
+        assignment_kept, assignment_queue * expert_capacity + position_in_queue, 0
     )
-    block_expert = ops.arange(num_experts, dtype="int32")
+    block_queue = ops.arange(num_queues, dtype="int32")
     row_assignment, row_valid = _rows_to_assignments(
-        block_expert, block_expert, expert_capacity, tokens_per_expert,
+        block_queue, block_queue, expert_capacity, queue_lengths,
         sorted_assignments, expert_capacity,
     )
     return BufferLayout(
@@ -393,14 +421,6 @@ def expert_capacity_for(num_tokens, num_experts, top_k, capacity_factor):
     return ops.maximum(1, ops.minimum(capacity, num_tokens))
 
 
-def _in_stateless_scope():
-    # There is no public accessor; JAX training runs the layer in a
-    # StatelessScope where metric variables are not mapped.
-    from keras.src.backend import in_stateless_scope
-
-    return in_stateless_scope()
-
-
 # --- the layer ----------------------------------------------------------------
 
 
@@ -413,12 +433,20 @@ class MixtureOfExperts(keras.layers.Layer):
     mixed-precision policy) picks the `top_k` experts of each token; their
     gates are the softmax over the chosen logits.
 
-    With `capacity_factor` set, each expert takes at most
-    `C = min(ceil(capacity_factor * tokens * top_k / E), tokens)` assignments
-    per call; later ones (every token's first choice is queued before any
-    second choice) are dropped and contribute zero, so the residual around the
-    block carries the token. Shapes are static: it jits and converts to TFLite
-    with builtin ops only.
+    With `capacity_factor` set, capacity is per example (GShard-style
+    groups: one group is the `T` tokens of one batch row, all positions of
+    `inputs[i]`). In each example, each expert takes at most
+    `C = min(ceil(capacity_factor * T * top_k / E), T)` of that example's
+    assignments; later ones (the example's first choices are queued before
+    its second choices, earlier positions first) are dropped and contribute
+    zero, so the residual around the block carries the token. Which tokens
+    are dropped therefore never depends on the other examples in the batch:
+    with `training=False` a sample's output is the same at any batch size,
+    in Keras and in the exported SavedModel and `.tflite`, and training
+    drops exactly what inference drops. A `(batch, d)` input is a group of
+    one token per row, whose capacity can drop nothing (a token picks
+    distinct experts): the layer then runs the dropless layout below. Shapes
+    are static: it jits and converts to TFLite with builtin ops only.
 
     With `capacity_factor=None` the layer is dropless: the assignments are
     grouped by expert into blocks, and a block-sparse grouped matmul computes
@@ -431,16 +459,15 @@ class MixtureOfExperts(keras.layers.Layer):
     fraction of assignments to expert i, `P_i` its mean router probability)
     and `router_z_weight * mean(logsumexp(logits)^2)` (ST-MoE).
 
-    Routing statistics are Keras metrics of the layer, updated in training
-    calls: `<name>_dropped_fraction` (fraction of assignments dropped) and
-    `<name>_max_expert_load` (largest expert share of the assignments times
-    E: 1.0 is perfectly balanced, E means one expert gets everything). The
-    per-expert shares are in `<name>_expert_load` (a vector; the progress
-    bar shows its mean, the `History` the vector). `fit` shows them on the
-    TensorFlow and torch backends; before any training call (e.g. in
-    `evaluate`) they read NaN, meaning "not measured". On JAX the layer has
-    no metrics: `fit` runs the model statelessly, and Keras 3.15 cannot
-    update a metric from inside a layer there (keras-team/keras#21639).
+    Routing statistics are layer state, summed over training calls (like
+    BatchNormalization's moving statistics, so they work under every
+    backend's `fit`, JAX's stateless one included):
+    `routing_statistics()` returns the fraction of assignments dropped and
+    each expert's share of the assignments. Add
+    `hlkeras.training.RoutingStatistics()` to `fit`'s callbacks to log each
+    epoch's `<name>_dropped_fraction` and `<name>_max_expert_load` (the
+    largest expert share times E: 1.0 is balanced, E means one expert gets
+    everything); `hlkeras train` adds it.
 
     NaN router logits (e.g. from NaN inputs) are not routed silently: the
     output of those tokens is NaN, and so are the auxiliary losses, so
@@ -464,7 +491,8 @@ class MixtureOfExperts(keras.layers.Layer):
 
     Call arguments:
         inputs: Tensor of shape `(batch, ..., d)`; every position is a token.
-        training: Python boolean: enables jitter, dropout and metric updates.
+        training: Python boolean: enables jitter, dropout and the routing
+            statistics.
 
     Example:
 
@@ -527,7 +555,6 @@ class MixtureOfExperts(keras.layers.Layer):
         self.jitter_seed = (
             keras.random.SeedGenerator() if self.router_jitter > 0 else None
         )
-        self.routing_metrics = _routing_metrics(self.name, self.num_experts)
 
     @property
     def is_dropless(self):
@@ -566,6 +593,18 @@ class MixtureOfExperts(keras.layers.Layer):
             if self.dropout
             else None
         )
+        # Routing statistics are layer state that training calls update, as
+        # BatchNormalization's moving statistics are: unlike a metric inside
+        # a layer, state updates survive JAX's stateless `fit` too.
+        self.routing_calls = self._routing_state("routing_calls", ())
+        self.routing_dropped_total = self._routing_state("routing_dropped_total", ())
+        self.routing_load_total = self._routing_state("routing_load_total", (experts,))
+
+    def _routing_state(self, name, shape):
+        return self.add_weight(
+            name=name, shape=shape, initializer="zeros", trainable=False,
+            dtype="float32", autocast=False,
+        )
 
     def call(self, inputs, training=None):
         input_shape = ops.shape(inputs)
@@ -576,10 +615,13 @@ class MixtureOfExperts(keras.layers.Layer):
         expert_index, gates, router_probs = route_top_k(router_logits, self.top_k)
         self._add_aux_losses(router_logits, router_probs, expert_index)
 
-        positions = expert_positions(expert_index, self.num_experts)
-        layout = self._layout(positions, num_tokens)
-
+        layout = self._layout(expert_index, num_tokens, _tokens_per_example(inputs))
         expert_inputs = dispatch_tokens(tokens, layout, self.top_k)
+        if layout.block_expert is None:
+            # Capacity mode: each expert's queues are contiguous blocks.
+            expert_inputs = ops.reshape(
+                expert_inputs, (self.num_experts, -1, input_shape[-1])
+            )
         expert_outputs = expert_ffn(
             expert_inputs,
             self.expert_hidden_kernel,
@@ -592,8 +634,8 @@ class MixtureOfExperts(keras.layers.Layer):
             training=training,
         )
         outputs = combine_expert_outputs(expert_outputs, layout, gates)
-        if training and self.routing_metrics and not _in_stateless_scope():
-            self._update_routing_metrics(positions[2], layout.assignment_kept)
+        if training:
+            self._record_routing(expert_index, layout.assignment_kept)
         output_dim = ops.shape(outputs)[-1]
         return ops.reshape(outputs, tuple(input_shape[:-1]) + (output_dim,))
 
@@ -617,25 +659,48 @@ class MixtureOfExperts(keras.layers.Layer):
         if self.router_z_weight:
             self.add_loss(self.router_z_weight * router_z_loss(router_logits))
 
-    def _layout(self, positions, num_tokens):
-        num_assignments = num_tokens * self.top_k
+    def _layout(self, expert_index, num_tokens, group_size):
+        """Capacity queues per (expert, example), or dropless blocks when
+        `capacity_factor=None` or when the capacity cannot drop anything."""
         if self.capacity_factor is not None:
             capacity = expert_capacity_for(
-                num_tokens, self.num_experts, self.top_k, self.capacity_factor
+                group_size, self.num_experts, self.top_k, self.capacity_factor
             )
-            return capacity_layout(*positions, num_tokens, capacity)
+            # A token picks distinct experts, so a queue never holds more
+            # than `group_size` assignments: capacity `group_size` drops
+            # nothing, and the dropless layout computes the same for less.
+            if not (isinstance(capacity, int) and capacity >= group_size):
+                positions = expert_positions(expert_index, self.num_experts, group_size)
+                return capacity_layout(*positions, num_tokens, capacity)
+        positions = expert_positions(expert_index, self.num_experts)
+        num_assignments = num_tokens * self.top_k
         block_size = dropless_block_size(num_assignments, self.num_experts)
         num_blocks = dropless_num_blocks(num_assignments, self.num_experts, block_size)
         return dropless_layout(*positions, num_tokens, block_size, num_blocks)
 
-    def _update_routing_metrics(self, tokens_per_expert, assignment_kept):
-        load = ops.cast(tokens_per_expert, "float32")
-        load = load / ops.sum(load)
-        kept = ops.cast(assignment_kept, "float32")
-        dropped, max_load, expert_load = self.routing_metrics
-        dropped.update_state(1.0 - ops.mean(kept))
-        max_load.update_state(ops.max(load) * self.num_experts)
-        expert_load.update_state(load)
+    def _record_routing(self, expert_index, assignment_kept):
+        chosen = ops.one_hot(ops.reshape(expert_index, (-1,)), self.num_experts)
+        self.routing_load_total.assign_add(ops.mean(chosen, axis=0))
+        kept = ops.mean(ops.cast(assignment_kept, "float32"))
+        self.routing_dropped_total.assign_add(1.0 - kept)
+        self.routing_calls.assign_add(1.0)
+
+    def routing_statistics(self):
+        """Routing statistics summed over every training call so far.
+
+        Returns:
+            A dict of NumPy values: `calls` (training calls measured),
+            `dropped_fraction` (mean fraction of assignments dropped),
+            `expert_load` (`(E,)` mean share of the assignments per expert)
+            and `max_expert_load` (the largest share times E: 1.0 is
+            balanced, E means one expert gets everything). The means are
+            NaN before the first training call.
+        """
+        return routing_summary(
+            ops.convert_to_numpy(self.routing_calls),
+            ops.convert_to_numpy(self.routing_dropped_total),
+            ops.convert_to_numpy(self.routing_load_total),
+        )
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.output_units or input_shape[-1],)
@@ -659,42 +724,35 @@ class MixtureOfExperts(keras.layers.Layer):
         return config
 
 
-class _RoutingMean(keras.metrics.Metric):
-    """Running mean of a routing statistic (a scalar or a vector).
+def routing_summary(calls, dropped_total, load_total):
+    """Mean routing statistics from the totals a layer keeps (see
+    `MixtureOfExperts.routing_statistics`); NaN means for zero calls."""
+    import numpy as np
 
-    Before any training call it reads NaN, not 0: the statistics are
-    collected in training only, and an `evaluate` log of 0 dropped tokens
-    would be a claim nobody measured.
-    """
-
-    def __init__(self, shape=(), name=None, dtype=None):
-        super().__init__(name=name, dtype=dtype)
-        self.shape = tuple(shape)
-        self.total = self.add_variable(shape=self.shape, initializer="zeros", name="total")
-        self.count = self.add_variable(shape=(), initializer="zeros", name="count")
-
-    def update_state(self, values):
-        self.total.assign_add(ops.cast(values, self.dtype))
-        self.count.assign_add(ops.cast(1, self.dtype))
-
-    def result(self):
-        mean = self.total / ops.maximum(self.count, 1.0)
-        return ops.where(self.count > 0, mean, ops.full_like(mean, float("nan")))
-
-    def get_config(self):
-        return {"shape": self.shape, "name": self.name, "dtype": self.dtype}
+    calls = float(calls)
+    if calls <= 0:
+        nan = float("nan")
+        expert_load = np.full(np.shape(load_total), nan)
+        return {"calls": 0.0, "dropped_fraction": nan, "expert_load": expert_load,
+                "max_expert_load": nan}
+    expert_load = np.asarray(load_total, "float64") / calls
+    return {
+        "calls": calls,
+        "dropped_fraction": float(dropped_total) / calls,
+        "expert_load": expert_load,
+        "max_expert_load": float(expert_load.max() * len(expert_load)),
+    }
 
 
-def _routing_metrics(layer_name, num_experts):
-    """The layer's routing metrics, or `[]` on JAX where `fit` cannot update
-    them (a metric that always shows 0 would be worse than none)."""
-    if keras.backend.backend() == "jax":
-        return []
-    return [
-        _RoutingMean(name=f"{layer_name}_dropped_fraction"),
-        _RoutingMean(name=f"{layer_name}_max_expert_load"),
-        _RoutingMean((num_experts,), name=f"{layer_name}_expert_load"),
-    ]
+def _tokens_per_example(inputs):
+    """Tokens in one example (the capacity group): 1 for `(batch, d)`."""
+    static = inputs.shape[1:-1]
+    if all(isinstance(dim, int) for dim in static):
+        return math.prod(static)
+    tokens = 1
+    for dim in ops.shape(inputs)[1:-1]:
+        tokens = tokens * dim
+    return tokens
 
 
 def _num_tokens(inputs):

@@ -132,25 +132,38 @@ def test_equals_naive_all_experts_reference_when_nothing_drops(
     )
 
 
-def test_tiny_capacity_drops_exactly_the_numpy_slot_rule():
+def np_kept_per_example(expert_index, num_experts, capacity, group_size):
+    """The slot rule applied to each example's tokens on its own."""
+    return np.concatenate([
+        np_kept(expert_index[start:start + group_size], num_experts, capacity)
+        for start in range(0, len(expert_index), group_size)
+    ])
+
+
+def test_tiny_capacity_drops_exactly_the_numpy_slot_rule_per_example():
     num_experts, top_k, capacity_factor = 4, 2, 0.5
     layer = MixtureOfExperts(
         num_experts, 8, top_k=top_k, capacity_factor=capacity_factor, activation="relu"
     )
-    tokens = SEQUENCES.reshape(-1, 6)
-    layer.build(tokens.shape)
-    # A router biased towards expert 0 makes its queue overflow.
+    layer.build(SEQUENCES.shape)
+    # A router biased towards expert 0 makes its queues overflow.
     router = RNG.normal(size=(6, num_experts)).astype("float32")
     router[:, 0] += 1.0
     layer.router.kernel.assign(router)
     randomize_biases(layer)
-    output = to_numpy(layer(tokens))
+    output = to_numpy(layer(SEQUENCES)).reshape(-1, 6)
 
+    tokens = SEQUENCES.reshape(-1, 6)
     weights = layer_weights(layer)
     expert_index, _ = np_route(tokens @ weights["router"], top_k)
-    capacity = math.ceil(capacity_factor * len(tokens) * top_k / num_experts)
-    kept = np_kept(expert_index, num_experts, capacity)
+    group_size = SEQUENCES.shape[1]
+    capacity = math.ceil(capacity_factor * group_size * top_k / num_experts)
+    kept = np_kept_per_example(expert_index, num_experts, capacity, group_size)
     assert 0 < (~kept).sum() < kept.size, "the setup must drop some, not all"
+    # The same rule over the whole batch would drop differently: the test
+    # tells per-example capacity from per-batch capacity.
+    whole_batch_capacity = math.ceil(capacity_factor * len(tokens) * top_k / num_experts)
+    assert (np_kept(expert_index, num_experts, whole_batch_capacity) != kept).any()
     reference = np_moe(tokens, weights, top_k, "relu", kept=kept)
     np.testing.assert_allclose(output, reference, rtol=1e-5, atol=1e-5)
 
@@ -165,6 +178,32 @@ def test_capacity_layout_keeps_the_numpy_slot_rule_assignments():
     np.testing.assert_array_equal(
         assignment_kept, np_kept(expert_index, 4, capacity)
     )
+
+
+def test_grouped_capacity_layout_keeps_the_slot_rule_of_each_group():
+    num_tokens, num_experts, group_size, capacity = 36, 4, 6, 2
+    logits = RNG.normal(size=(num_tokens, num_experts)).astype("float32")
+    logits[:, 1] += 1.0  # expert 1's queues overflow
+    expert_index, _ = np_route(logits, 2)
+    positions = moe.expert_positions(
+        keras.ops.convert_to_tensor(expert_index, "int32"), num_experts, group_size
+    )
+    layout = moe.capacity_layout(*positions, num_tokens, capacity)
+    row, kept, row_assignment, row_valid = (to_numpy(t) for t in layout[:4])
+    kept = kept.reshape(2, num_tokens).T
+    np.testing.assert_array_equal(
+        kept, np_kept_per_example(expert_index, num_experts, capacity, group_size)
+    )
+    # Kept assignment a of token t (group t // group_size) sits in its
+    # expert's run of rows, inside its group's block of `capacity` rows.
+    kept_assignments = np.flatnonzero(kept.T.reshape(-1))
+    token = kept_assignments % num_tokens
+    expert = expert_index.T.reshape(-1)[kept_assignments]
+    num_groups = num_tokens // group_size
+    block = row[kept_assignments] // capacity
+    np.testing.assert_array_equal(block, expert * num_groups + token // group_size)
+    np.testing.assert_array_equal(row_assignment[row[kept_assignments]], kept_assignments)
+    assert row_valid.sum() == len(kept_assignments)
 
 
 def test_dropless_layout_places_every_assignment_in_its_experts_block():
@@ -249,12 +288,17 @@ def test_gradients_reach_router_and_exactly_the_experts_that_got_tokens(capacity
     # With positive inputs, experts 0-2 get logits > 0 and expert 3 gets 0:
     # expert 3 is never in the top 2.
     data = np.abs(SEQUENCES)
-    router = np.abs(RNG.normal(size=(6, num_experts))).astype("float32") + 1.0
+    rng = np.random.default_rng(7)  # its own draws: the premise below holds
+    router = np.abs(rng.normal(size=(6, num_experts))).astype("float32") + 1.0
     router[:, 3] = 0.0
     layer.router.kernel.assign(router)
+    expert_index, _ = np_route(data.reshape(-1, 6) @ router, 2)
+    capacity = 5 if capacity_factor is None else math.ceil(capacity_factor * 5 * 2 / 4)
+    kept = np_kept_per_example(expert_index, num_experts, capacity, 5)
+    assert set(expert_index[kept].tolist()) == {0, 1, 2}, "premise: experts 0-2 keep tokens"
     before = layer_weights(layer)
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
-    target = RNG.normal(size=(4, 5, 6)).astype("float32")
+    target = rng.normal(size=(4, 5, 6)).astype("float32")
     model.fit(data, target, batch_size=4, epochs=1, verbose=0)
     after = layer_weights(layer)
 
@@ -371,11 +415,11 @@ def test_nan_router_weights_make_the_output_and_loss_nan_and_stop_fit():
 # --- routing metrics ---------------------------------------------------------------
 
 
-@pytest.mark.backends("tensorflow", "torch")
-def test_fit_logs_routing_metrics_matching_the_numpy_slot_rule():
+def test_fit_logs_routing_statistics_matching_the_numpy_slot_rule():
+    from hlkeras.training import RoutingStatistics
+
     num_experts, top_k, capacity_factor = 4, 2, 0.5
-    tokens = SEQUENCES.reshape(-1, 6)
-    inputs = keras.Input(shape=(6,))
+    inputs = keras.Input(shape=SEQUENCES.shape[1:])
     layer = MixtureOfExperts(
         num_experts, 8, top_k=top_k, capacity_factor=capacity_factor, name="moe"
     )
@@ -383,32 +427,61 @@ def test_fit_logs_routing_metrics_matching_the_numpy_slot_rule():
     router = RNG.normal(size=(6, num_experts)).astype("float32")
     router[:, 0] += 1.0
     layer.router.kernel.assign(router)
-    # A learning rate of 0 keeps the routing fixed, so the one-batch
-    # statistics are exactly those of the NumPy rule.
+    # A learning rate of 0 keeps the routing fixed, so the statistics of the
+    # two one-batch epochs are exactly those of the NumPy rule.
     model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
-    history = model.fit(tokens, tokens, batch_size=20, epochs=1, verbose=0).history
+    routing = RoutingStatistics()
+    history = model.fit(
+        SEQUENCES, SEQUENCES, batch_size=len(SEQUENCES), epochs=2, verbose=0,
+        validation_data=(SEQUENCES, SEQUENCES), callbacks=[routing],
+    ).history
 
+    tokens = SEQUENCES.reshape(-1, 6)
     expert_index, _ = np_route(tokens @ router, top_k)
-    capacity = math.ceil(capacity_factor * len(tokens) * top_k / num_experts)
-    kept = np_kept(expert_index, num_experts, capacity)
+    group_size = SEQUENCES.shape[1]
+    capacity = math.ceil(capacity_factor * group_size * top_k / num_experts)
+    kept = np_kept_per_example(expert_index, num_experts, capacity, group_size)
     load = np.bincount(expert_index.ravel(), minlength=num_experts) / expert_index.size
+    np.testing.assert_allclose(history["moe_dropped_fraction"], [1 - kept.mean()] * 2, rtol=1e-6)
     np.testing.assert_allclose(
-        history["moe_dropped_fraction"][0], 1 - kept.mean(), rtol=1e-6
+        history["moe_max_expert_load"], [load.max() * num_experts] * 2, rtol=1e-6
     )
-    np.testing.assert_allclose(history["moe_expert_load"][0], load, rtol=1e-6)
-    np.testing.assert_allclose(
-        history["moe_max_expert_load"][0], load.max() * num_experts, rtol=1e-6
-    )
-    # Inference calls do not measure routing: evaluate reports NaN, not 0.
-    evaluated = model.evaluate(tokens, tokens, verbose=0, return_dict=True)
-    assert np.isnan(evaluated["moe_dropped_fraction"])
+    np.testing.assert_allclose(routing.expert_load["moe"], [load, load], rtol=1e-6)
+    # Validation does not measure routing: no val_ columns, no NaN.
+    assert not [name for name in history if name.startswith("val_moe")]
+    # The layer's own totals count both training steps, and inference
+    # calls add nothing.
+    model.predict(SEQUENCES, verbose=0)
+    statistics = layer.routing_statistics()
+    assert statistics["calls"] == 2
+    np.testing.assert_allclose(statistics["expert_load"], load, rtol=1e-6)
 
 
-@pytest.mark.backends("jax")
-def test_jax_layer_has_no_routing_metrics_that_fit_could_not_update():
-    # Keras 3.15 drops metric updates made inside a layer during JAX fit
-    # (keras-team/keras#21639): metrics that always read 0 would mislead.
-    assert MixtureOfExperts(4, 8).metrics == []
+def test_routing_statistics_read_nan_before_any_training_call():
+    layer = MixtureOfExperts(4, 8)
+    layer(SEQUENCES)
+    statistics = layer.routing_statistics()
+    assert statistics["calls"] == 0 and np.isnan(statistics["dropped_fraction"])
+
+
+@pytest.mark.parametrize("capacity_factor", [0.5, None], ids=["capacity-drops", "dropless"])
+def test_inference_output_of_a_sample_does_not_depend_on_its_batch(capacity_factor):
+    inputs = keras.Input(shape=(5, 6))
+    model = keras.Model(inputs, MixtureOfExperts(4, 8, capacity_factor=capacity_factor)(inputs))
+    data = RNG.normal(size=(12, 5, 6)).astype("float32")
+    whole_batch = model.predict(data, batch_size=12, verbose=0)
+    one_at_a_time = model.predict(data, batch_size=1, verbose=0)
+    np.testing.assert_allclose(one_at_a_time, whole_batch, rtol=0, atol=1e-5)
+
+
+def test_vector_inputs_are_never_dropped_in_capacity_mode():
+    # Each row of a (batch, d) input is its own group of one token.
+    layer = MixtureOfExperts(4, 8, top_k=2, capacity_factor=0.25)
+    tokens = SEQUENCES.reshape(-1, 6)
+    layer.build(tokens.shape)
+    randomize_biases(layer)
+    reference = np_moe(tokens, layer_weights(layer), 2, "gelu")
+    np.testing.assert_allclose(to_numpy(layer(tokens)), reference, rtol=1e-5, atol=1e-5)
 
 
 def test_variable_sequence_length_in_a_functional_model():
