@@ -111,6 +111,15 @@ def add_export_parser(commands):
         metavar="N",
         help="timed batch-1 runs per latency median (0 skips timing)",
     )
+    export.add_argument(
+        "--max-accuracy-drop",
+        default="1.0",
+        metavar="POINTS",
+        help="refuse to publish when an artifact loses more accuracy points "
+        "than this against Keras, measured per sample at batch 1 (without "
+        "labels: when top-1 agreement is below 100 - POINTS percent; "
+        "default 1.0)",
+    )
     export.set_defaults(func=cmd_export)
 
 
@@ -120,6 +129,18 @@ def _check_cli_choice(flag, value, allowed):
             f"{flag} must be one of {', '.join(allowed)}; got {value!r}"
         )
     return value
+
+
+def _max_accuracy_drop(text):
+    try:
+        points = float(text)
+    except ValueError:
+        points = float("nan")
+    if not points >= 0:  # also refuses nan and "-inf"
+        raise UsageError(
+            f"--max-accuracy-drop must be a number of accuracy points >= 0; got {text!r}"
+        )
+    return points
 
 
 def _load_npy(flag, path):
@@ -185,13 +206,14 @@ def _format_optional(value, pattern):
 
 
 def print_export_table(report):
-    rows = [("artifact", "size", "max diff", "accuracy", "latency")]
+    rows = [("artifact", "size", "max diff", "agreement", "accuracy", "latency")]
     for artifact in report.artifacts:
         rows.append(
             (
                 os.path.relpath(artifact.path, report.out_dir),
                 _format_size(artifact.size_bytes),
                 _format_optional(artifact.max_abs_diff, ".2e"),
+                _format_optional(artifact.top1_agreement, ".2%"),
                 _format_optional(artifact.accuracy, ".2%"),
                 _format_optional(artifact.latency_ms, ".3f") + " ms"
                 if artifact.latency_ms is not None
@@ -201,6 +223,7 @@ def print_export_table(report):
     rows.append(
         (
             f"keras ({report.backend})",
+            "-",
             "-",
             "-",
             _format_optional(report.keras_accuracy, ".2%"),
@@ -223,6 +246,7 @@ def cmd_export(args):
         _check_cli_choice("--format", format, export.FORMATS)
     if args.latency_runs < 0:
         raise UsageError(f"--latency-runs must be >= 0; got {args.latency_runs}")
+    max_accuracy_drop = _max_accuracy_drop(args.max_accuracy_drop)
 
     representative = None
     if args.representative:
@@ -253,7 +277,11 @@ def cmd_export(args):
             int8_io=args.int8_io,
             overwrite=args.overwrite,
             latency_runs=args.latency_runs,
+            max_accuracy_drop=max_accuracy_drop,
         )
+    except export.ExportRefused as refusal:
+        print_export_table(refusal.report)
+        raise UsageError(str(refusal))
     except export.ExportError as error:
         raise UsageError(str(error))
     print_export_table(report)
@@ -478,11 +506,11 @@ def _float32_copy(model, spec):
 
 def export_and_score_tflite(model, test_images, test_labels, path):
     """Exports `model` to `path` as a builtins-only float32 .tflite through
-    `hlkeras.export` (any backend).
+    `hlkeras.export` (any backend), verified per sample at batch 1.
 
     Returns:
-        `(litert_accuracy, keras_accuracy)` on the test images, both computed
-        on the same single batch, so MoE capacity drops are the same.
+        The `ExportReport`. When verification refused the file, nothing is
+        written to `path` and `report.refused` says why.
     """
     import shutil
     import tempfile
@@ -490,16 +518,18 @@ def export_and_score_tflite(model, test_images, test_labels, path):
     from hlkeras import export
 
     with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as staging:
-        report = export.export_model(
-            model,
-            os.path.join(staging, "export"),
-            formats=("tflite",),
-            verify_data=(test_images, test_labels),
-            latency_runs=0,
-        )
-        artifact = report.artifact("tflite")
-        shutil.move(artifact.path, path)  # same filesystem: an atomic rename
-    return artifact.accuracy, report.keras_accuracy
+        try:
+            report = export.export_model(
+                model,
+                os.path.join(staging, "export"),
+                formats=("tflite",),
+                verify_data=(test_images, test_labels),
+                latency_runs=0,
+            )
+        except export.ExportRefused as refusal:
+            return refusal.report
+        shutil.move(report.artifact("tflite").path, path)  # same filesystem: a rename
+    return report
 
 
 @contextlib.contextmanager
@@ -548,16 +578,25 @@ def _evaluate_and_export(model, spec, settings, run_dir, test_ds):
     test_loss, test_accuracy = results["loss"], results["accuracy"]
     test_images, test_labels = data.to_numpy(test_ds)
     exportable = _float32_copy(model, spec) if settings["mixed_precision"] else model
-    tflite_accuracy, same_batch_keras_accuracy = export_and_score_tflite(
+    report = export_and_score_tflite(
         exportable, test_images, test_labels, os.path.join(run_dir, "model.tflite")
     )
-    gap = round(100 * abs(tflite_accuracy - same_batch_keras_accuracy), 4)
-    return {
+    metrics = {
         "test_accuracy": float(test_accuracy),
         "test_loss": float(test_loss),
-        "tflite_accuracy": tflite_accuracy,
-        "tflite_gap_points": gap,
+        "keras_batch1_accuracy": report.keras_accuracy,
+        "tflite_refused": report.refused,
     }
+    # A model refused before conversion (its outputs depend on the batch)
+    # has no .tflite measurements.
+    for artifact in report.artifacts:
+        metrics.update(
+            tflite_accuracy=artifact.accuracy,
+            tflite_top1_agreement=artifact.top1_agreement,
+            tflite_max_abs_diff=artifact.max_abs_diff,
+            tflite_gap_points=round(100 * (report.keras_accuracy - artifact.accuracy), 4),
+        )
+    return metrics
 
 
 def cmd_train(args):
@@ -623,14 +662,22 @@ def cmd_train(args):
         }
     )
     training.atomic_write_json(os.path.join(run_dir, "metrics.json"), metrics)
-    print(
-        f"test accuracy: keras {metrics['test_accuracy']:.4f}, "
-        f"litert {metrics['tflite_accuracy']:.4f} "
-        f"(gap to keras on the same batch: {metrics['tflite_gap_points']:.2f} points)"
-    )
+    if "tflite_accuracy" in metrics:
+        print(
+            f"test accuracy: keras {metrics['test_accuracy']:.4f}, "
+            f"litert {metrics['tflite_accuracy']:.4f} at batch 1 "
+            f"(top-1 agreement with keras {metrics['tflite_top1_agreement']:.2%})"
+        )
     written = [f for f in RUN_FILES if os.path.exists(os.path.join(run_dir, f))]
     print(f"wrote {run_dir}: {' '.join(written)}")
     print(json.dumps(metrics, sort_keys=True))
+    if metrics["tflite_refused"]:
+        print(
+            f"hlkeras train: error: model.tflite was not written: "
+            f"{metrics['tflite_refused']}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

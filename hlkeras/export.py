@@ -38,6 +38,12 @@ QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
 FORMATS = ("saved_model", "tflite")
 SAVED_MODEL_DIRNAME = "saved_model"
 REPORT_FILENAME = "export.json"
+# Where the report of a refused export goes: next to the artifacts that were
+# not published, without replacing the report of an earlier good export.
+REFUSED_REPORT_FILENAME = "export.refused.json"
+# Verification runs Keras in batches of this size to see whether a sample's
+# output depends on its batch-mates.
+VERIFY_BATCH_SIZE = 64
 # Staging directories live inside `out_dir`, so publishing is a rename on
 # one filesystem.
 STAGING_PREFIX = ".hlkeras-export-"
@@ -49,6 +55,19 @@ class ExportError(ValueError):
     The CLI prints it as one line; everything else is a bug and keeps its
     traceback.
     """
+
+
+class ExportRefused(ExportError):
+    """Verification failed, so nothing was published.
+
+    Attributes:
+        report: The `ExportReport`, also written to
+            `out_dir/export.refused.json`.
+    """
+
+    def __init__(self, message, report):
+        super().__init__(message)
+        self.report = report
 
 
 def tflite_filename(quantization):
@@ -64,15 +83,19 @@ def tflite_filename(quantization):
 class ArtifactReport:
     """One written artifact and what verification measured on it.
 
+    Every measurement runs the artifact one sample at a time (batch 1, as a
+    device does) over the whole verification set, against the Keras model
+    run the same way.
+
     Attributes:
         format: `"saved_model"` or `"tflite"`.
         path: Absolute path of the file or directory.
         size_bytes: Size on disk (a directory's files summed).
         ops: Sorted TFLite op names (`.tflite` only).
         builtin_only: Whether every op is a LiteRT builtin (`.tflite` only).
-        max_abs_diff: Max absolute difference of outputs against the Keras
-            model on `verify_data`.
-        accuracy: Top-1 accuracy on `verify_data` labels, in [0, 1].
+        max_abs_diff: Max absolute difference of outputs against Keras.
+        top1_agreement: Fraction of samples whose top-1 class equals Keras'.
+        accuracy: Top-1 accuracy on the verification labels, in [0, 1].
         latency_ms: Median batch-1 latency of the LiteRT interpreter
             (`.tflite` only).
     """
@@ -83,6 +106,7 @@ class ArtifactReport:
     ops: list = None
     builtin_only: bool = None
     max_abs_diff: float = None
+    top1_agreement: float = None
     accuracy: float = None
     latency_ms: float = None
 
@@ -99,9 +123,16 @@ class ExportReport:
         int8_io: Whether the int8 `.tflite` takes and returns int8 tensors.
         artifacts: One `ArtifactReport` per written artifact.
         verify_samples: Number of samples parity and accuracy used.
-        keras_accuracy: Top-1 accuracy of the Keras model on the same labels.
+        keras_accuracy: Top-1 accuracy of the Keras model (batch 1) on the
+            same labels.
+        keras_batch_max_abs_diff: Max absolute difference between the Keras
+            model's outputs at batch 1 and in batches of up to
+            `VERIFY_BATCH_SIZE`: above `batch_tolerance(outputs)` a sample's
+            output depends on its batch-mates.
         keras_latency_ms: Median batch-1 latency of Keras
             `model(x, training=False)` in this process.
+        max_accuracy_drop: The gate, in accuracy points (see `export_model`).
+        refused: Why nothing was published, or `None` when it was.
         export_seconds: Wall time of the whole export, verification included.
     """
 
@@ -113,7 +144,10 @@ class ExportReport:
     artifacts: list
     verify_samples: int = 0
     keras_accuracy: float = None
+    keras_batch_max_abs_diff: float = None
     keras_latency_ms: float = None
+    max_accuracy_drop: float = None
+    refused: str = None
     export_seconds: float = None
 
     def artifact(self, format):
@@ -287,22 +321,18 @@ def load_keras_model(path):
 
 
 # --------------------------------------------------------------------------
-# Pre-export model surgery (LoRA merge, MoE capacity mode)
+# Pre-export model surgery (LoRA merge)
 
 
 def _prepare_for_export(model):
-    """Returns the model to export: LoRA merged, MoE checked for capacity mode.
+    """Returns the model to export, with LoRA adapters merged.
 
-    - **LoRA**: adapters are folded into plain layers by
-      `hlkeras.lora.merge_lora`, so the artifact holds no LoRA layer and no
-      extra matmuls.
-    - **MoE**: a layer whose `get_config()` has `capacity_factor=None` is in
-      dropless mode, whose data-dependent shapes have no TFLite builtin form.
-      That is an error that suggests setting `capacity_factor`.
+    `hlkeras.lora.merge_lora` folds the adapters into plain layers, so the
+    artifact holds no LoRA layer and no extra matmuls. (MoE layers export in
+    both modes: capacity and dropless layouts have static shapes.)
     """
     from hlkeras import lora
 
-    _check_moe_capacity_mode(model)
     if any(lora.adapter_weights(layer) for layer in model.layers):
         return lora.merge_lora(model)
     return model
@@ -310,26 +340,6 @@ def _prepare_for_export(model):
 
 def _all_layers(model):
     return _compat.sublayers(model)
-
-
-def _check_moe_capacity_mode(model):
-    for layer in _all_layers(model):
-        config = _layer_config(layer)
-        if "capacity_factor" in config and config["capacity_factor"] is None:
-            raise ExportError(
-                f"Layer {layer.name!r} ({type(layer).__name__}) is in dropless "
-                "mode (capacity_factor=None): its shapes depend on the routing, "
-                "which TFLite builtins cannot express. Rebuild it with "
-                "capacity_factor set (e.g. capacity_factor=1.25), copy the "
-                "weights, and export that model."
-            )
-
-
-def _layer_config(layer):
-    try:
-        return layer.get_config()
-    except Exception:  # A layer without a config cannot be an MoE layer here.
-        return {}
 
 
 # --------------------------------------------------------------------------
@@ -668,16 +678,53 @@ def _keras_latency_ms(model, sample, repeats):
     )
 
 
-def _run_saved_model(path, inputs):
+def _tflite_per_sample(flatbuffer, inputs):
+    """Runs the `.tflite` on each sample alone (batch 1), as a device does."""
+    interpreter = _prepared_interpreter(flatbuffer, (1,) + inputs.shape[1:])
+    outputs = []
+    for sample in inputs:
+        _set_input(interpreter, sample[None])
+        interpreter.invoke()
+        outputs.append(np.array(_get_output(interpreter)))
+    return np.concatenate(outputs)
+
+
+def _saved_model_per_sample(path, inputs):
     import tensorflow as tf
 
     serving = tf.saved_model.load(path).signatures["serving_default"]
-    (output,) = serving(tf.constant(inputs)).values()
-    return output.numpy()
+    outputs = []
+    for sample in inputs:
+        (output,) = serving(tf.constant(sample[None])).values()
+        outputs.append(output.numpy())
+    return np.concatenate(outputs)
 
 
 def _accuracy(outputs, labels):
     return float(np.mean(np.argmax(outputs, axis=-1) == labels))
+
+
+def _max_abs_diff(outputs, reference):
+    return float(np.max(np.abs(np.asarray(outputs, "float64") - reference)))
+
+
+def batch_tolerance(outputs):
+    """How far float32 outputs may move with the batch size alone.
+
+    Kernels block their work differently at different batch sizes, so sums
+    round differently: ~1e-6 relative here. 1e-4 of the output scale stays
+    far above that and far below any real dependence on batch-mates.
+    """
+    return 1e-4 * max(1.0, float(np.max(np.abs(outputs))))
+
+
+def _score(artifact, outputs, reference, labels):
+    artifact.max_abs_diff = _max_abs_diff(outputs, reference)
+    artifact.top1_agreement = float(
+        np.mean(np.argmax(outputs, axis=-1) == np.argmax(reference, axis=-1))
+    )
+    if labels is not None:
+        artifact.accuracy = _accuracy(outputs, labels)
 
 
 def _path_size(path):
@@ -690,7 +737,7 @@ def _path_size(path):
     )
 
 
-def _verify_tflite(path, inputs, labels, expected, sample, latency_runs):
+def _verify_tflite(path, inputs, labels, reference, sample, latency_runs):
     with open(path, "rb") as file:
         flatbuffer = file.read()
     ops = tflite_op_names(flatbuffer)
@@ -699,23 +746,90 @@ def _verify_tflite(path, inputs, labels, expected, sample, latency_runs):
         raise ExportError(f"The .tflite file uses non-builtin ops {not_builtin}.")
     report = ArtifactReport("tflite", path, 0, ops=ops, builtin_only=True)
     if inputs is not None:
-        outputs = run_tflite(flatbuffer, inputs)
-        report.max_abs_diff = float(np.max(np.abs(outputs - expected)))
-        if labels is not None:
-            report.accuracy = _accuracy(outputs, labels)
+        _score(report, _tflite_per_sample(flatbuffer, inputs), reference, labels)
     if sample is not None and latency_runs:
         report.latency_ms = _tflite_latency_ms(flatbuffer, sample, latency_runs)
     return report
 
 
-def _verify_saved_model(path, inputs, labels, expected):
+def _verify_saved_model(path, inputs, labels, reference):
     report = ArtifactReport("saved_model", path, 0)
     if inputs is not None:
-        outputs = _run_saved_model(path, inputs)
-        report.max_abs_diff = float(np.max(np.abs(outputs - expected)))
-        if labels is not None:
-            report.accuracy = _accuracy(outputs, labels)
+        _score(report, _saved_model_per_sample(path, inputs), reference, labels)
     return report
+
+
+def _keras_reference(model, inputs):
+    """The Keras outputs per sample at batch 1, and their max difference from
+    the same samples run in batches (see `batch_tolerance`)."""
+    per_sample = model.predict(inputs, batch_size=1, verbose=0)
+    batched = model.predict(
+        inputs, batch_size=min(len(inputs), VERIFY_BATCH_SIZE), verbose=0
+    )
+    return np.asarray(per_sample, "float64"), _max_abs_diff(batched, per_sample)
+
+
+# --------------------------------------------------------------------------
+# The accuracy gate
+
+
+def check_max_accuracy_drop(value):
+    """`max_accuracy_drop` must be a number of accuracy points >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ExportError(
+            "Argument `max_accuracy_drop` (CLI: --max-accuracy-drop) must be a "
+            f"number of accuracy points >= 0. Received: max_accuracy_drop={value!r}"
+        )
+    return float(value)
+
+
+def batch_dependence(report, reference):
+    """Why the Keras model itself cannot be exported, or `None`: a sample's
+    output that depends on its batch-mates (beyond `batch_tolerance`)."""
+    if report.keras_batch_max_abs_diff <= batch_tolerance(reference):
+        return None
+    return (
+        "the Keras model's output for a sample depends on the other samples in "
+        f"its batch (max |difference| {report.keras_batch_max_abs_diff:.3g} between "
+        f"batch 1 and batches of {VERIFY_BATCH_SIZE}): a layer mixes samples at "
+        "inference, so no exported file can match it sample by sample"
+    )
+
+
+def accuracy_loss(report):
+    """Why the verified artifacts must not be published, or `None`.
+
+    An artifact fails when its accuracy is more than
+    `report.max_accuracy_drop` points below Keras' (with labels), or when
+    it agrees with Keras' top-1 class on fewer than
+    `100 - max_accuracy_drop` percent of the samples (without labels).
+    """
+    allowed = report.max_accuracy_drop
+    for artifact in report.artifacts:
+        name = os.path.basename(artifact.path)
+        if artifact.accuracy is not None:
+            drop = 100 * (report.keras_accuracy - artifact.accuracy)
+            if drop > allowed:
+                return (
+                    f"{name} scored {artifact.accuracy:.2%} against Keras' "
+                    f"{report.keras_accuracy:.2%} at batch 1, a drop of {drop:.2f} "
+                    f"points > the allowed {allowed:g}{_remedy(artifact, report)}"
+                )
+        elif 100 * artifact.top1_agreement < 100 - allowed:
+            return (
+                f"{name} agrees with Keras' top-1 class on only "
+                f"{artifact.top1_agreement:.2%} of the samples at batch 1 "
+                f"(needs >= {100 - allowed:g}%){_remedy(artifact, report)}"
+            )
+    return None
+
+
+def _remedy(artifact, report):
+    if artifact.format == "tflite" and report.quantization == "int8":
+        return "; try --quantize dynamic or float16, or more --representative data"
+    if artifact.format == "tflite" and report.quantization != "none":
+        return "; try --quantize none"
+    return ""
 
 
 # --------------------------------------------------------------------------
@@ -752,14 +866,24 @@ def export_model(
     int8_io=False,
     overwrite=False,
     latency_runs=50,
+    max_accuracy_drop=1.0,
 ):
     """Exports a Keras model to SavedModel and builtins-only TFLite, verified.
 
     Works on every backend: on JAX and torch the model is written to `.keras`
     and converted in a `KERAS_BACKEND=tensorflow` subprocess that loads it with
     `safe_mode=True` (so its layers must be Keras built-ins or registered
-    hlkeras layers). LoRA layers are merged first; MoE layers must be in
-    capacity mode (see `_prepare_for_export`).
+    hlkeras layers). LoRA layers are merged first.
+
+    Verification runs every artifact one sample at a time (batch 1, as a
+    device does) over all of `verify_data`, against the Keras model run the
+    same way: max |difference| of outputs, top-1 agreement, accuracy. An
+    artifact that loses more than `max_accuracy_drop` points of accuracy
+    (without labels: agrees with Keras on fewer than `100 -
+    max_accuracy_drop` percent of the samples), or a Keras model whose
+    output for a sample depends on the rest of its batch, is refused:
+    nothing is published, the report goes to `out_dir/export.refused.json`,
+    and `ExportRefused` says why.
 
     Artifacts, inside `out_dir`: `saved_model/` (with a `serving_default`
     signature), `model_<float32|float16|dynamic|int8>.tflite`, and the report
@@ -784,9 +908,15 @@ def export_model(
             instead of float32.
         overwrite: Replace existing artifacts in `out_dir`.
         latency_runs: Timed runs for each median latency; 0 skips timing.
+        max_accuracy_drop: Accuracy points (>= 0) an artifact may lose
+            against Keras before the export is refused.
 
     Returns:
         An `ExportReport`, also written to `out_dir/export.json`.
+
+    Raises:
+        ExportRefused: Verification failed; nothing was published.
+        ExportError: Any other user mistake or unexportable model.
 
     Example:
 
@@ -802,6 +932,7 @@ def export_model(
     start = time.perf_counter()
     formats = _check_formats(formats)
     _check_choice("quantization", quantization, QUANTIZATIONS)
+    max_accuracy_drop = check_max_accuracy_drop(max_accuracy_drop)
     if quantization == "int8" and "tflite" in formats and representative_data is None:
         raise ExportError(_MISSING_REPRESENTATIVE)
     out_dir = _check_out_dir(out_dir)
@@ -827,39 +958,45 @@ def export_model(
         "int8_io": bool(int8_io),
         "representative_data": representative_data,
     }
+    report = ExportReport(
+        source=source,
+        backend=keras.backend.backend(),
+        out_dir=out_dir,
+        quantization=quantization,
+        int8_io=bool(int8_io),
+        artifacts=[],
+        max_accuracy_drop=max_accuracy_drop,
+    )
+    latency_sample = inputs if inputs is not None else representative_data
+    if latency_sample is not None:
+        latency_sample = latency_sample[:1]
     created_out_dir = not os.path.exists(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     staging_dir = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir)
     published = False
     try:
-        if keras.backend.backend() == "tensorflow":
-            _write_artifacts(model, staging_dir, request)
-        else:
-            _write_artifacts_in_tensorflow_process(model, staging_dir, request)
-        report = ExportReport(
-            source=source,
-            backend=keras.backend.backend(),
-            out_dir=out_dir,
-            quantization=quantization,
-            int8_io=bool(int8_io),
-            artifacts=[],
-        )
-        latency_sample = inputs if inputs is not None else representative_data
-        staged = _verify_staged_artifacts(
-            report,
-            model,
-            {f: os.path.join(staging_dir, os.path.basename(targets[f])) for f in formats},
-            targets,
-            (inputs, labels),
-            None if latency_sample is None else latency_sample[:1],
-            latency_runs,
-        )
+        reference = _measure_keras(report, model, inputs, labels, latency_sample, latency_runs)
+        if report.refused is None:
+            if keras.backend.backend() == "tensorflow":
+                _write_artifacts(model, staging_dir, request)
+            else:
+                _write_artifacts_in_tensorflow_process(model, staging_dir, request)
+            staged = {
+                f: os.path.join(staging_dir, os.path.basename(targets[f])) for f in formats
+            }
+            _verify_artifacts(
+                report, staged, targets, (inputs, labels), reference,
+                latency_sample, latency_runs,
+            )  # fmt: skip
         report.export_seconds = time.perf_counter() - start
+        if report.refused:
+            _refuse(report, out_dir)
         staged["report"] = os.path.join(staging_dir, REPORT_FILENAME)
         with open(staged["report"], "w") as file:
             file.write(report.to_json())
         _publish(staged, targets, os.path.join(staging_dir, ".replaced"))
         published = True
+        _remove_stale_refusal(out_dir)
     finally:
         shutil.rmtree(staging_dir, ignore_errors=True)
         if created_out_dir and not published and not os.listdir(out_dir):
@@ -867,43 +1004,68 @@ def export_model(
     return report
 
 
-def _verify_staged_artifacts(
-    report, model, staged, targets, verify_data, sample, latency_runs
-):
-    """Measures Keras and each staged artifact; fills `report`; returns `staged`.
+def _refuse(report, out_dir):
+    """Writes the refused report next to the unpublished artifacts; raises."""
+    refused_path = os.path.join(out_dir, REFUSED_REPORT_FILENAME)
+    partial_path = refused_path + ".partial"
+    with open(partial_path, "w") as file:
+        file.write(report.to_json())
+    os.replace(partial_path, refused_path)
+    raise ExportRefused(
+        f"export refused, nothing was published: {report.refused}. "
+        f"The full report is in {refused_path}",
+        report,
+    )
+
+
+def _remove_stale_refusal(out_dir):
+    # A refusal report next to artifacts that passed would contradict them.
+    refused_path = os.path.join(out_dir, REFUSED_REPORT_FILENAME)
+    if os.path.exists(refused_path):
+        os.remove(refused_path)
+
+
+def _measure_keras(report, model, inputs, labels, sample, latency_runs):
+    """Fills the Keras side of `report`; returns its per-sample outputs.
+
+    A model whose outputs depend on the batch is refused here, before any
+    conversion: no artifact could match it sample by sample.
+    """
+    reference = None
+    if inputs is not None:
+        reference, report.keras_batch_max_abs_diff = _keras_reference(model, inputs)
+        report.verify_samples = len(inputs)
+        if labels is not None:
+            report.keras_accuracy = _accuracy(reference, labels)
+        report.refused = batch_dependence(report, reference)
+    if sample is not None and latency_runs:
+        report.keras_latency_ms = _keras_latency_ms(model, sample, latency_runs)
+    return reference
+
+
+def _verify_artifacts(report, staged, targets, verify_data, reference, sample, latency_runs):
+    """Measures each staged artifact into `report`, then applies the gate.
 
     Args:
         staged: Maps each format to its path in the staging directory.
         targets: Maps each format to its final path (recorded in the report).
         verify_data: `(inputs, labels)`; either may be `None`.
+        reference: Keras' per-sample outputs on `inputs`.
         sample: A batch of one input for latency, or `None`.
     """
-    from keras import ops
-
     inputs, labels = verify_data
-    expected = None
-    if inputs is not None:
-        # One batch, as the artifacts run it: a Mixture-of-Experts layer's
-        # capacity (which tokens it drops) depends on the batch it sees.
-        expected = ops.convert_to_numpy(
-            model.predict(inputs, batch_size=len(inputs), verbose=0)
-        )
-        report.verify_samples = len(inputs)
-        if labels is not None:
-            report.keras_accuracy = _accuracy(expected, labels)
-    if sample is not None and latency_runs:
-        report.keras_latency_ms = _keras_latency_ms(model, sample, latency_runs)
     for format, path in staged.items():
         if format == "saved_model":
-            artifact = _verify_saved_model(path, inputs, labels, expected)
+            artifact = _verify_saved_model(path, inputs, labels, reference)
         else:
             artifact = _verify_tflite(
-                path, inputs, labels, expected, sample, latency_runs
+                path, inputs, labels, reference, sample, latency_runs
             )
         artifact.path = targets[format]
         artifact.size_bytes = _path_size(path)
         report.artifacts.append(artifact)
-    return dict(staged)
+    if inputs is not None:
+        report.refused = accuracy_loss(report)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ import numpy as np
 from digits_testing import load_digits_arrays
 
 from hlkeras.layers import ConvResidualBlock
-from hlkeras.layers import ResidualBlock
 
 TRAIN_COUNT = 1400
 
@@ -25,7 +24,9 @@ def digits_splits(seed=0):
 
 def build_resnet():
     """A small ResNet of `ConvResidualBlock`s with a dense head heavy enough in
-    weights (~340k) that file sizes measure quantization, not overhead."""
+    weights (~340k) that file sizes measure quantization, not overhead.
+    Outputs logits. Used where random weights are enough (cross-backend
+    equality, the SavedModel without hlkeras)."""
     inputs = keras.Input((8, 8, 1))
     x = keras.layers.Conv2D(32, 3, padding="same")(inputs)
     x = ConvResidualBlock(32)(x)
@@ -36,36 +37,42 @@ def build_resnet():
     return keras.Model(inputs, outputs, name="resnet")
 
 
-def build_vit():
-    """A small ViT: 2x2 patches, one pre-norm attention block (Keras
-    `MultiHeadAttention`) and a `ResidualBlock` MLP over the 16 tokens.
-
-    The hlkeras `vit` builder (with MoE) replaces this once it lands.
-    """
-    inputs = keras.Input((8, 8, 1))
-    tokens = keras.layers.Conv2D(64, 2, strides=2)(inputs)
-    tokens = keras.layers.Reshape((16, 64))(tokens)
-    normed = keras.layers.LayerNormalization()(tokens)
-    attended = keras.layers.MultiHeadAttention(4, 16)(normed, normed)
-    tokens = keras.layers.Add()([tokens, attended])
-    tokens = ResidualBlock(64, hidden_units=256, activation="gelu")(tokens)
-    tokens = keras.layers.LayerNormalization()(tokens)
-    x = keras.layers.Flatten()(tokens)
-    x = keras.layers.Dense(256, activation="gelu")(x)
-    outputs = keras.layers.Dense(10)(x)
-    return keras.Model(inputs, outputs, name="vit")
+# The built-in architectures `hlkeras train` trains, by the name tests use:
+# `hlkeras.models` specs with each builder's default hyperparameters.
+ARCHITECTURE_SPECS = {
+    "mlp": {"arch": "mlp"},
+    "resnet": {"arch": "resnet"},
+    "vit": {"arch": "vit", "num_experts": 0},
+    "vit_moe": {"arch": "vit", "num_experts": 4},
+}
 
 
-BUILDERS = {"resnet": build_resnet, "vit": build_vit}
+def build_architecture(name):
+    """A `hlkeras.models` classifier for digits (softmax outputs)."""
+    from hlkeras import models
+
+    spec = {**ARCHITECTURE_SPECS[name], "input_shape": (8, 8, 1), "num_classes": 10}
+    return models.build(spec)
 
 
-def train(model, x_train, y_train, epochs=5):
+def train(model, x_train, y_train, epochs=5, from_logits=True):
     model.compile(
         keras.optimizers.Adam(2e-3),
-        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits),
     )
     model.fit(x_train, y_train, epochs=epochs, batch_size=32, verbose=0)
     return model
+
+
+def train_architecture(name, x_train, y_train, epochs=12):
+    """A trained `build_architecture(name)`: enough epochs on digits that its
+    accuracy, and a quantized copy's, mean something (>= 90%)."""
+    return train(build_architecture(name), x_train, y_train, epochs, from_logits=False)
+
+
+def per_sample(run, inputs):
+    """`run` on each sample alone (batch 1), concatenated."""
+    return np.concatenate([np.asarray(run(sample[None])) for sample in inputs])
 
 
 def accuracy(logits, labels):

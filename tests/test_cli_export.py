@@ -78,7 +78,9 @@ def test_export_prints_a_table_and_writes_export_json(
     )  # fmt: skip
     assert status == 0
     lines = stdout.strip().splitlines()
-    assert lines[0].split() == ["artifact", "size", "max", "diff", "accuracy", "latency"]
+    assert lines[0].split() == [
+        "artifact", "size", "max", "diff", "agreement", "accuracy", "latency"
+    ]
     assert lines[1].startswith("saved_model ")
     assert lines[2].startswith("model_int8.tflite ")
     assert lines[3].startswith("keras (tensorflow) ")
@@ -255,3 +257,43 @@ def test_a_user_mistake_exits_non_zero_without_traceback(tmp_path):
     last_line = completed.stderr.strip().splitlines()[-1]
     assert last_line.startswith("hlkeras export: error: ")
     assert "not a Keras model file" in last_line
+
+
+@pytest.mark.parametrize("value", ["-1", "abc", "nan"])
+def test_bad_max_accuracy_drop(tmp_path, capsys, value):
+    path = small_keras_file(tmp_path)
+    status, _, err = run_cli(
+        capsys, path, "--out", tmp_path / "o", "--max-accuracy-drop", value
+    )
+    assert_one_line_error(status, err, "--max-accuracy-drop", repr(value), ">= 0")
+    assert not os.path.exists(tmp_path / "o")
+
+
+@pytest.mark.backends("tensorflow")
+def test_a_refused_export_exits_non_zero_with_one_line_and_publishes_nothing(
+    digits, tmp_path, capsys
+):
+    x_train, _, x_test, _ = digits
+    # Random weights with near-tied class scores: int8 flips many top-1
+    # classes. Labels equal to Keras' predictions make every flip a lost point.
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1))
+    hidden = keras.layers.Dense(64, activation="relu")(keras.layers.Flatten()(inputs))
+    tiny = keras.initializers.RandomNormal(stddev=1e-3)
+    model = keras.Model(inputs, keras.layers.Dense(10, kernel_initializer=tiny)(hidden))
+    model.save(tmp_path / "model.keras")
+    labels = model.predict(x_test, batch_size=1, verbose=0).argmax(-1)
+    np.savez(tmp_path / "verify.npz", x=x_test, y=labels)
+    np.save(tmp_path / "representative.npy", x_train[:200])
+    out = tmp_path / "out"
+    status, stdout, err = run_cli(
+        capsys, tmp_path / "model.keras", "--out", out, "--quantize", "int8",
+        "--representative", tmp_path / "representative.npy",
+        "--verify", tmp_path / "verify.npz", "--latency-runs", "0",
+    )  # fmt: skip
+    assert_one_line_error(
+        status, err, "refused", "model_int8.tflite", "100.00%", "--quantize dynamic",
+        str(out / export.REFUSED_REPORT_FILENAME),
+    )
+    assert "model_int8.tflite" in stdout  # the table still shows the numbers
+    assert os.listdir(out) == [export.REFUSED_REPORT_FILENAME]

@@ -55,19 +55,30 @@ def test_short_run_writes_a_verified_run_directory(capsys, data_dir, tmp_path):
     model = keras.saving.load_model(os.path.join(out, "model.keras"))
     _, _, test_ds, _ = data.load("digits", data_dir=data_dir)
     images, labels = data.to_numpy(test_ds)
-    # Same batches as the test split: an MoE layer's expert capacity, and so
-    # which tokens it drops, depends on the tokens in the batch.
-    batch_size = next(iter(test_ds))[0].shape[0]
-    probabilities = model.predict(images, batch_size=batch_size, verbose=0)
+    probabilities = model.predict(images, batch_size=len(images), verbose=0)
     predicted = np.argmax(keras.ops.convert_to_numpy(probabilities), axis=-1)
     assert metrics["test_accuracy"] == pytest.approx(np.mean(predicted == labels), abs=1e-6)
+    # A sample's prediction does not depend on its batch-mates (MoE
+    # capacity is per example): batch 1 is the whole-batch accuracy.
+    one_at_a_time = model.predict(images, batch_size=1, verbose=0)
+    np.testing.assert_allclose(one_at_a_time, probabilities, rtol=0, atol=1e-5)
+    assert metrics["keras_batch1_accuracy"] == pytest.approx(metrics["test_accuracy"], abs=1e-6)
+    # The MoE routing statistics reach the history on every backend.
+    rows = training.read_history_rows(os.path.join(out, "history.csv"))
+    assert 0.0 <= rows[-1]["block_0_moe_dropped_fraction"] < 1.0
+    assert 1.0 <= rows[-1]["block_0_moe_max_expert_load"] <= cli.MOE_EXPERTS_DEFAULT
+    assert not [name for name in rows[-1] if name.startswith("val_") and "moe" in name]
     # spec.json rebuilds the same architecture.
     rebuilt = models.build(spec)
     assert [w.shape for w in rebuilt.weights] == [w.shape for w in model.weights]
     # Every backend exports (JAX and torch through a TF subprocess).
     assert os.path.exists(os.path.join(out, "model.tflite"))
-    assert metrics["tflite_gap_points"] <= 0.5
-    assert f"litert {metrics['tflite_accuracy']:.4f}" in stdout
+    # Verified per sample at batch 1, as a phone runs it.
+    assert metrics["tflite_refused"] is None
+    assert metrics["tflite_top1_agreement"] == 1.0
+    assert metrics["tflite_max_abs_diff"] <= 1e-4
+    assert metrics["tflite_gap_points"] == 0.0
+    assert f"litert {metrics['tflite_accuracy']:.4f} at batch 1" in stdout
 
 
 @pytest.mark.parametrize(

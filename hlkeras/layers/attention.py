@@ -802,7 +802,7 @@ class TransformerBlock(keras.layers.Layer):
         top_k: Positive int <= `num_experts`, experts per token when
             `num_experts > 0`.
         capacity_factor: Expert capacity factor of the `MixtureOfExperts`
-            (`None` is dropless, which TFLite export refuses).
+            (`None`: dropless).
         lora_rank: Optional positive int. When set, the attention's Q, K, V
             and output projections and both `FeedForward` projections are
             `hlkeras.layers.LoRADense` with rank-`lora_rank` adapters, and
