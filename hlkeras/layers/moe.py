@@ -28,6 +28,7 @@ shards the expert weights over a device-mesh axis (expert parallelism on JAX).
 """
 
 import collections
+import fractions
 import math
 
 import keras
@@ -407,17 +408,23 @@ def combine_expert_outputs(expert_outputs, layout, gates):
 
 
 def expert_capacity_for(num_tokens, num_experts, top_k, capacity_factor):
-    """`min(ceil(capacity_factor * tokens * top_k / E), tokens)`.
+    """`min(ceil(capacity_factor * tokens * top_k / E), tokens)`, at least 1.
 
     An expert never holds more than `tokens` assignments (a token picks
     distinct experts), so the cap costs nothing. `num_tokens` may be a tensor
-    (a dynamic batch in an exported model); the result then is one too.
+    (a dynamic sequence length in an exported model); the result then is one
+    too, computed in integers: a float capacity in a full-integer `.tflite`
+    would be int8-quantized with the range calibration saw, and saturate
+    for longer inputs (this is how whole-batch capacity once cost the int8
+    export of the default model 29 points). `capacity_factor * top_k / E`
+    is taken as a fraction with denominator <= 1000.
     """
+    ratio = fractions.Fraction(capacity_factor * top_k / num_experts)
+    ratio = ratio.limit_denominator(1000)
     if isinstance(num_tokens, int):
-        capacity = math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+        capacity = -(-num_tokens * ratio.numerator // ratio.denominator)
         return max(1, min(capacity, num_tokens))
-    scaled = ops.cast(num_tokens, "float32") * (capacity_factor * top_k / num_experts)
-    capacity = ops.cast(ops.ceil(scaled), "int32")
+    capacity = (num_tokens * ratio.numerator + ratio.denominator - 1) // ratio.denominator
     return ops.maximum(1, ops.minimum(capacity, num_tokens))
 
 

@@ -1,4 +1,5 @@
 import math
+import tempfile
 
 import keras
 import numpy as np
@@ -550,3 +551,30 @@ def test_bad_constructor_arguments_name_the_argument(kwargs, argument, value):
 def test_rejects_rank_one_input_at_build():
     with pytest.raises(ValueError, match=r"rank >= 2.*\(6,\)"):
         MixtureOfExperts(4, 8).build((6,))
+
+
+@pytest.mark.backends("tensorflow")
+def test_int8_tflite_keeps_the_capacity_of_longer_sequences_than_calibration():
+    # The capacity of a dynamic sequence length is computed in integers: a
+    # float capacity would be int8-quantized with the range of the
+    # calibration length and saturate for longer sequences, dropping tokens
+    # Keras keeps.
+    from hlkeras import export
+
+    inputs = keras.Input(shape=(None, 6))
+    layer = MixtureOfExperts(4, 8, capacity_factor=0.5, activation="relu")
+    model = keras.Model(inputs, layer(inputs))
+    randomize_biases(layer)
+    calibration = RNG.normal(size=(64, 3, 6)).astype("float32")
+    with tempfile.TemporaryDirectory() as tmp:
+        export.export_saved_model(model, tmp + "/saved_model")
+        flatbuffer = export.convert_saved_model(tmp + "/saved_model", "int8", calibration)
+    long_sequences = RNG.normal(size=(4, 24, 6)).astype("float32")
+    expected = to_numpy(model(long_sequences))
+    output = export.run_tflite(flatbuffer, long_sequences)
+    dropped = np.all(expected == 0.0, axis=-1)
+    assert 0 < dropped.mean() < 0.5, "premise: capacity 6 of 24 drops some tokens"
+    np.testing.assert_array_equal(np.all(output == 0.0, axis=-1), dropped)
+    # int8 rounding may flip a near-tied routing choice, but not many.
+    close = np.all(np.abs(output - expected) <= 0.1 * np.abs(expected).max(), axis=-1)
+    assert close.mean() >= 0.95
