@@ -26,13 +26,13 @@ import argparse
 import json
 import os
 import statistics
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+from hlkeras import _timing  # noqa: E402
 from hlkeras.layers import attention  # noqa: E402
 
 BACKEND = keras.backend.backend()
@@ -89,25 +89,6 @@ def make_step(layer, inputs):
     return step
 
 
-def time_alternating(steps, repeats, warmup):
-    """Runs each step `warmup` times, then `repeats` rounds of one call of
-    each step in turn. Returns the per-step lists of seconds."""
-    for step in steps:
-        for _ in range(warmup):
-            step()
-    seconds = [[] for _ in steps]
-    for _ in range(repeats):
-        for step, record in zip(steps, seconds):
-            start = time.perf_counter()
-            step()
-            record.append(time.perf_counter() - start)
-    return seconds
-
-
-def median_ratio(numerator, denominator):
-    return statistics.median(a / b for a, b in zip(numerator, denominator))
-
-
 def hlkeras_layer(num_kv_heads):
     return attention.MultiHeadAttention(
         NUM_HEADS, KEY_DIM, num_kv_heads=num_kv_heads
@@ -143,19 +124,19 @@ def run_case(length, num_kv_heads, repeats, warmup):
         with_core(core, make_step(hlkeras_layer(num_kv_heads), inputs))
         for core in attention.ATTENTION_CORES
     ] + [make_step(keras_layer(), inputs)]
-    *cores, theirs = time_alternating(steps, repeats, warmup)
+    *cores, theirs = _timing.time_interleaved(steps, repeats, warmup)
     # On a JAX GPU/TPU the layer always takes the fused kernel, so both
     # "cores" time the same thing there; this comparison is for CPU.
     used = attention.attention_core()
     ours = cores[attention.ATTENTION_CORES.index(used)]
     result = {
-        "ratio": median_ratio(ours, theirs),
+        "ratio": _timing.median_pair_ratio(ours, theirs),
         "hlkeras_ms": 1e3 * statistics.median(ours),
         "keras_ms": 1e3 * statistics.median(theirs),
         "core": used,
     }
     for core, seconds in zip(attention.ATTENTION_CORES, cores):
-        result[f"ratio_{core}"] = median_ratio(seconds, theirs)
+        result[f"ratio_{core}"] = _timing.median_pair_ratio(seconds, theirs)
     return result
 
 

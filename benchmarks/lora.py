@@ -21,11 +21,11 @@ import argparse
 import os
 import statistics
 import tempfile
-import time
 
 import keras
 import numpy as np
 
+from hlkeras import _timing
 from hlkeras import lora
 
 RANK = 8
@@ -65,25 +65,12 @@ def build_models(d, rank):
 
 
 def median_ratio(numerator, denominator, calls):
-    """median(time of one numerator call) / median(one denominator call).
-
-    The calls alternate one by one (the order flips every pair), so a change
-    in machine load hits both sides alike; medians ignore the spikes.
-    """
-
-    def timed(fn):
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-
-    numerator_times, denominator_times = [], []
-    for call_index in range(calls):
-        if call_index % 2:
-            denominator_times.append(timed(denominator))
-            numerator_times.append(timed(numerator))
-        else:
-            numerator_times.append(timed(numerator))
-            denominator_times.append(timed(denominator))
+    """median(time of one numerator call) / median(one denominator call),
+    the calls interleaved (`hlkeras._timing.time_interleaved`); also returns
+    the numerator's median seconds."""
+    numerator_times, denominator_times = _timing.time_interleaved(
+        [numerator, denominator], repeats=calls, warmup=0
+    )
     numerator_median = statistics.median(numerator_times)
     return numerator_median / statistics.median(denominator_times), numerator_median
 

@@ -25,13 +25,12 @@ Usage:
 
 import argparse
 import json
-import statistics
-import time
 
 import keras
 import numpy as np
 from keras import ops
 
+from hlkeras import _timing
 from hlkeras.layers import MixtureOfExperts
 
 BACKEND = keras.backend.backend()
@@ -133,17 +132,6 @@ def make_step(layer, inputs, jit_compile):
     return torch_step
 
 
-def median_seconds(step, warmup, repeats):
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4096)
@@ -177,7 +165,7 @@ def main(argv=None):
 
     def time_layer(layer, repeats=args.repeats):
         step = make_step(layer, inputs, jit_compile)
-        return median_seconds(step, args.warmup, repeats)
+        return _timing.median_seconds(step, repeats, args.warmup)
 
     keras.utils.set_random_seed(0)
     results = {"backend": BACKEND, "jit_compile": jit_compile, "tokens": args.tokens,

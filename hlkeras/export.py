@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ import zipfile
 import numpy as np
 
 from hlkeras import _compat
+from hlkeras import _timing
 
 QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
 FORMATS = ("saved_model", "tflite")
@@ -649,14 +649,7 @@ def run_tflite(tflite_model, inputs):
 
 def median_latency_ms(run_once, repeats=50, warmup=5):
     """Median wall time of `run_once()` in milliseconds, after `warmup` calls."""
-    for _ in range(warmup):
-        run_once()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run_once()
-        times.append(time.perf_counter() - start)
-    return 1000.0 * statistics.median(times)
+    return 1000.0 * _timing.median_seconds(run_once, repeats, warmup)
 
 
 def _tflite_latency_ms(tflite_model, sample, repeats):

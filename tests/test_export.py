@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 from export_testing import ARCHITECTURE_SPECS
 from export_testing import accuracy
-from export_testing import build_architecture
 from export_testing import build_resnet
 from export_testing import digits_splits
 from export_testing import per_sample
@@ -150,10 +149,12 @@ def test_quantized_file_sizes(matrix, arch):
     _, reports = matrix[arch]
     paths = {q: reports[q].artifact("tflite").path for q in QUANTIZATIONS}
     # The weights (constant buffers) shrink as quantization says: 1/4 for
-    # int8 (plus per-channel scales), 1/2 for float16.
+    # int8 (plus per-channel scales), 1/2 for float16. Dynamic-range keeps
+    # tensors of <= 1024 values (biases, norms, the position embedding) in
+    # float32: 0.27-0.29x measured for the vits.
     weights = {q: constant_buffer_bytes(read_bytes(path)) for q, path in paths.items()}
     assert weights["int8"] <= 0.27 * weights["none"]
-    assert weights["dynamic"] <= 0.27 * weights["none"]
+    assert weights["dynamic"] <= 0.30 * weights["none"]
     assert 0.45 * weights["none"] <= weights["float16"] <= 0.55 * weights["none"]
     # Whole files too, where the weights outweigh the graph. The vit files
     # are not 0.3x: their ~500 op and tensor tables (45-100 KB, measured)
