@@ -44,9 +44,11 @@ def main():
     keras_predictions = np.argmax(model.predict(images, verbose=0), axis=-1)
     litert_predictions = np.argmax(export.run_tflite(tflite_model, images), axis=-1)
     print(f"wrote {args.out} ({len(tflite_model) / 1024:.0f} KiB)")
-    print(f"test accuracy: keras {np.mean(keras_predictions == labels):.4f}, "
-          f"litert {np.mean(litert_predictions == labels):.4f}, "
-          f"same prediction on {np.mean(keras_predictions == litert_predictions):.1%} of images")
+    print(
+        f"test accuracy: keras {np.mean(keras_predictions == labels):.4f}, "
+        f"litert {np.mean(litert_predictions == labels):.4f}, "
+        f"same prediction on {np.mean(keras_predictions == litert_predictions):.1%} of images"
+    )
 
 
 if __name__ == "__main__":

@@ -90,9 +90,7 @@ def make_step(layer, inputs):
 
 
 def hlkeras_layer(num_kv_heads):
-    return attention.MultiHeadAttention(
-        NUM_HEADS, KEY_DIM, num_kv_heads=num_kv_heads
-    )
+    return attention.MultiHeadAttention(NUM_HEADS, KEY_DIM, num_kv_heads=num_kv_heads)
 
 
 def keras_layer():
@@ -117,9 +115,7 @@ def with_core(core, step):
 
 def run_case(length, num_kv_heads, repeats, warmup):
     """Times hlkeras with each attention core and Keras, alternating."""
-    inputs = np.random.default_rng(0).normal(
-        size=(BATCH, length, MODEL_DIM)
-    ).astype("float32")
+    inputs = np.random.default_rng(0).normal(size=(BATCH, length, MODEL_DIM)).astype("float32")
     steps = [
         with_core(core, make_step(hlkeras_layer(num_kv_heads), inputs))
         for core in attention.ATTENTION_CORES
@@ -168,9 +164,15 @@ def main():
         f"{attention.attention_core()}"
     )
     if args.json:
-        payload = {"backend": BACKEND, "batch": BATCH, "d_model": MODEL_DIM,
-                   "num_heads": NUM_HEADS, "key_dim": KEY_DIM,
-                   "repeats": args.repeats, "cases": results}
+        payload = {
+            "backend": BACKEND,
+            "batch": BATCH,
+            "d_model": MODEL_DIM,
+            "num_heads": NUM_HEADS,
+            "key_dim": KEY_DIM,
+            "repeats": args.repeats,
+            "cases": results,
+        }
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=2)
 

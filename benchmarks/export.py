@@ -107,17 +107,25 @@ def benchmark(name, data, epochs, latency_runs):
     float32 = reports["none"]
     files = {mode: report.artifact("tflite") for mode, report in reports.items()}
     f32, dyn, i8 = files["none"], files["dynamic"], files["int8"]
-    print(f"\n== {name}  ({model.count_params()} params, {len(x_test)} test images, "
-          f"per sample at batch 1)")
-    print(f"accuracy: keras {float32.keras_accuracy:.4f}  float32 {f32.accuracy:.4f}  "
-          f"dynamic {dyn.accuracy:.4f}  int8 {i8.accuracy:.4f}  "
-          f"(int8 top-1 agreement {i8.top1_agreement:.2%})")
+    print(
+        f"\n== {name}  ({model.count_params()} params, {len(x_test)} test images, "
+        f"per sample at batch 1)"
+    )
+    print(
+        f"accuracy: keras {float32.keras_accuracy:.4f}  float32 {f32.accuracy:.4f}  "
+        f"dynamic {dyn.accuracy:.4f}  int8 {i8.accuracy:.4f}  "
+        f"(int8 top-1 agreement {i8.top1_agreement:.2%})"
+    )
     print(f"keras batch-dependence max|diff| {float32.keras_batch_max_abs_diff:.2e}")
-    print(f"sizes: float32 {f32.size_bytes} B  dynamic {dyn.size_bytes} B  "
-          f"int8 {i8.size_bytes} B  saved_model {float32.artifact('saved_model').size_bytes} B")
-    print(f"batch-1 median latency: keras {float32.keras_latency_ms:.3f} ms  "
-          f"litert float32 {f32.latency_ms:.3f} ms  dynamic {dyn.latency_ms:.3f} ms  "
-          f"int8 {i8.latency_ms:.3f} ms")
+    print(
+        f"sizes: float32 {f32.size_bytes} B  dynamic {dyn.size_bytes} B  "
+        f"int8 {i8.size_bytes} B  saved_model {float32.artifact('saved_model').size_bytes} B"
+    )
+    print(
+        f"batch-1 median latency: keras {float32.keras_latency_ms:.3f} ms  "
+        f"litert float32 {f32.latency_ms:.3f} ms  dynamic {dyn.latency_ms:.3f} ms  "
+        f"int8 {i8.latency_ms:.3f} ms"
+    )
     line("float32_max_abs_diff", f32.max_abs_diff)
     line("int8_size_ratio", i8.size_bytes / f32.size_bytes, TARGETS["int8_size_ratio"])
     line("dynamic_size_ratio", dyn.size_bytes / f32.size_bytes)

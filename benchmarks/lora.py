@@ -111,9 +111,7 @@ def run(d, calls, warmup):
     x = rng.normal(size=(BATCH, d)).astype("float32")
     y = rng.normal(size=(BATCH, d)).astype("float32")
     train_ratio, train_seconds = train_step_ratio(ours, keras_lora, x, y, calls, warmup)
-    inference_ratio, inference_seconds = merged_inference_ratio(
-        ours, pretrained, x, calls, warmup
-    )
+    inference_ratio, inference_seconds = merged_inference_ratio(ours, pretrained, x, calls, warmup)
     results = {
         "train_step_ratio_vs_keras_lora": train_ratio,
         "merged_inference_ratio": inference_ratio,

@@ -76,9 +76,7 @@ class AllExpertsMoE(keras.layers.Layer):
         logits = ops.matmul(inputs, self.router)
         top_logits, top_index = ops.top_k(logits, k=self.top_k)
         gates = ops.softmax(top_logits, axis=-1)
-        dense_gates = ops.sum(
-            ops.one_hot(top_index, self.num_experts) * gates[..., None], axis=1
-        )
+        dense_gates = ops.sum(ops.one_hot(top_index, self.num_experts) * gates[..., None], axis=1)
         hidden = ops.gelu(ops.einsum("td,edh->teh", inputs, self.w1) + self.b1)
         outputs = ops.einsum("teh,ehd->ted", hidden, self.w2) + self.b2
         return ops.einsum("ted,te->td", outputs, dense_gates)
@@ -135,22 +133,30 @@ def make_step(layer, inputs, jit_compile):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--sequence-length", type=int, default=256,
-                        help="tokens per example (the MoE capacity group)")
+    parser.add_argument(
+        "--sequence-length",
+        type=int,
+        default=256,
+        help="tokens per example (the MoE capacity group)",
+    )
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--experts", default="8,32,64")
     parser.add_argument(
-        "--all-experts-at", default="32",
+        "--all-experts-at",
+        default="32",
         help="E values at which to time the all-experts anchor (it is slow)",
     )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-jit", action="store_true", help="eager TF / JAX")
-    parser.add_argument("--dropless-methods", action="store_true",
-                        help="also time the padded dropless alternative (at the "
-                        "--all-experts-at sizes: it is as slow as all experts)")
+    parser.add_argument(
+        "--dropless-methods",
+        action="store_true",
+        help="also time the padded dropless alternative (at the "
+        "--all-experts-at sizes: it is as slow as all experts)",
+    )
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args(argv)
 
@@ -158,9 +164,9 @@ def main(argv=None):
     experts = [int(e) for e in args.experts.split(",")]
     all_experts_at = {int(e) for e in args.all_experts_at.split(",") if e}
     inputs = ops.convert_to_tensor(
-        np.random.default_rng(0).normal(
-            size=(args.tokens // args.sequence_length, args.sequence_length, args.dim)
-        ).astype("float32")
+        np.random.default_rng(0)
+        .normal(size=(args.tokens // args.sequence_length, args.sequence_length, args.dim))
+        .astype("float32")
     )
 
     def time_layer(layer, repeats=args.repeats):
@@ -168,18 +174,24 @@ def main(argv=None):
         return _timing.median_seconds(step, repeats, args.warmup)
 
     keras.utils.set_random_seed(0)
-    results = {"backend": BACKEND, "jit_compile": jit_compile, "tokens": args.tokens,
-               "dim": args.dim, "hidden": args.hidden, "top_k": args.top_k,
-               "experts": {}}
-    print(f"moe benchmark backend={BACKEND} jit_compile={jit_compile} "
-          f"tokens={args.tokens} d={args.dim} hidden={args.hidden} k={args.top_k}")
+    results = {
+        "backend": BACKEND,
+        "jit_compile": jit_compile,
+        "tokens": args.tokens,
+        "dim": args.dim,
+        "hidden": args.hidden,
+        "top_k": args.top_k,
+        "experts": {},
+    }
+    print(
+        f"moe benchmark backend={BACKEND} jit_compile={jit_compile} "
+        f"tokens={args.tokens} d={args.dim} hidden={args.hidden} k={args.top_k}"
+    )
     dense_seconds = time_layer(DenseFFN(args.top_k * args.hidden))
     results["dense_ms"] = 1e3 * dense_seconds
     for num_experts in experts:
         row = {}
-        moe_seconds = time_layer(
-            MixtureOfExperts(num_experts, args.hidden, top_k=args.top_k)
-        )
+        moe_seconds = time_layer(MixtureOfExperts(num_experts, args.hidden, top_k=args.top_k))
         # The dense anchor again, so slow drift of the shared machine
         # cancels out in the ratio.
         dense_seconds = time_layer(DenseFFN(args.top_k * args.hidden))
@@ -187,20 +199,25 @@ def main(argv=None):
         row["dense_ms"] = 1e3 * dense_seconds
         row["ratio_vs_active_dense"] = moe_seconds / dense_seconds
         dropless_seconds = time_layer(
-            MixtureOfExperts(num_experts, args.hidden, top_k=args.top_k,
-                             capacity_factor=None)
+            MixtureOfExperts(num_experts, args.hidden, top_k=args.top_k, capacity_factor=None)
         )
         row["dropless_ms"] = 1e3 * dropless_seconds
         row["dropless_ratio_vs_active_dense"] = dropless_seconds / dense_seconds
-        line = (f"E={num_experts} moe_ms={row['moe_ms']:.1f} "
-                f"dense_ms={row['dense_ms']:.1f} "
-                f"ratio_vs_active_dense={row['ratio_vs_active_dense']:.2f} "
-                f"dropless_ms={row['dropless_ms']:.1f} "
-                f"dropless_ratio_vs_active_dense={row['dropless_ratio_vs_active_dense']:.2f}")
+        line = (
+            f"E={num_experts} moe_ms={row['moe_ms']:.1f} "
+            f"dense_ms={row['dense_ms']:.1f} "
+            f"ratio_vs_active_dense={row['ratio_vs_active_dense']:.2f} "
+            f"dropless_ms={row['dropless_ms']:.1f} "
+            f"dropless_ratio_vs_active_dense={row['dropless_ratio_vs_active_dense']:.2f}"
+        )
         if args.dropless_methods and num_experts in all_experts_at:
             padded_seconds = time_layer(
-                MixtureOfExperts(num_experts, args.hidden, top_k=args.top_k,
-                                 capacity_factor=num_experts / args.top_k),
+                MixtureOfExperts(
+                    num_experts,
+                    args.hidden,
+                    top_k=args.top_k,
+                    capacity_factor=num_experts / args.top_k,
+                ),
                 repeats=max(1, args.repeats // 2),
             )
             row["padded_dropless_ms"] = 1e3 * padded_seconds
@@ -212,8 +229,10 @@ def main(argv=None):
             )
             row["all_experts_ms"] = 1e3 * all_seconds
             row["speedup_vs_all_experts"] = all_seconds / moe_seconds
-            line += (f" all_experts_ms={row['all_experts_ms']:.1f} "
-                     f"speedup_vs_all_experts={row['speedup_vs_all_experts']:.2f}")
+            line += (
+                f" all_experts_ms={row['all_experts_ms']:.1f} "
+                f"speedup_vs_all_experts={row['speedup_vs_all_experts']:.2f}"
+            )
         print(line, flush=True)
         results["experts"][str(num_experts)] = row
     if 8 in experts and 64 in experts:
@@ -224,8 +243,10 @@ def main(argv=None):
         raw_scaling = e64["moe_ms"] / e8["moe_ms"]
         results["scaling_64_vs_8"] = scaling
         results["scaling_64_vs_8_raw"] = raw_scaling
-        print(f"scaling_64_vs_8={scaling:.2f} (anchored to the dense FFN; "
-              f"raw time ratio {raw_scaling:.2f})")
+        print(
+            f"scaling_64_vs_8={scaling:.2f} (anchored to the dense FFN; "
+            f"raw time ratio {raw_scaling:.2f})"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -56,13 +56,21 @@ lr = {min = 1e-3, max = 1e-2, log = true}
 
 def run_tuner(kind, x_train, y_train, x_val, y_val, *, max_trials, max_epochs, seed, root):
     hypermodel = hypermodels.SpecHyperModel(
-        "mlp", x_train.shape[1:], 10, hypermodels.load_space(SPACE_FILE),
-        num_train=len(x_train), epochs=max_epochs,
+        "mlp",
+        x_train.shape[1:],
+        10,
+        hypermodels.load_space(SPACE_FILE),
+        num_train=len(x_train),
+        epochs=max_epochs,
     )
     directory = os.path.join(root, kind)
     tuner = hypermodels.make_tuner(
-        kind, hypermodel, directory=directory, max_trials=max_trials,
-        max_epochs=max_epochs, seed=seed,
+        kind,
+        hypermodel,
+        directory=directory,
+        max_trials=max_trials,
+        max_epochs=max_epochs,
+        seed=seed,
     )
     start = time.perf_counter()
     hypermodels.search(tuner, x_train, y_train, validation_data=(x_val, y_val), epochs=max_epochs)
@@ -92,15 +100,27 @@ def compare_tuners(args, root):
     x_val, y_val = data.to_numpy(val_ds)
     warm_up(x_train, y_train)
     common = dict(max_epochs=args.max_epochs, seed=args.seed, root=root)
-    results = {"hyperband": run_tuner("hyperband", x_train, y_train, x_val, y_val,
-                                      max_trials=args.hyperband_max_trials, **common)}
+    results = {
+        "hyperband": run_tuner(
+            "hyperband",
+            x_train,
+            y_train,
+            x_val,
+            y_val,
+            max_trials=args.hyperband_max_trials,
+            **common,
+        )
+    }
     budget_trials = max(1, round(results["hyperband"]["epochs"] / args.max_epochs))
     for kind in ("random", "bayesian"):
-        results[kind] = run_tuner(kind, x_train, y_train, x_val, y_val,
-                                  max_trials=budget_trials, **common)
+        results[kind] = run_tuner(
+            kind, x_train, y_train, x_val, y_val, max_trials=budget_trials, **common
+        )
     anchor = results["random"]
-    print(f"epoch budget: {results['hyperband']['epochs']} epochs "
-          f"(Hyperband, max_epochs={args.max_epochs}); random/bayesian: {budget_trials} trials")
+    print(
+        f"epoch budget: {results['hyperband']['epochs']} epochs "
+        f"(Hyperband, max_epochs={args.max_epochs}); random/bayesian: {budget_trials} trials"
+    )
     for kind in ("hyperband", "bayesian", "random"):
         r = results[kind]
         print(
@@ -111,14 +131,19 @@ def compare_tuners(args, root):
         )
     hyperband = results["hyperband"]
     met = hyperband["best"] >= 0.98 and hyperband["seconds"] <= 15 * 60
-    print(f"target hyperband >= 0.98 val_accuracy within 15 min: {'MET' if met else 'NOT MET'} "
-          f"({hyperband['best']:.4f} in {hyperband['seconds'] / 60:.1f} min)")
+    print(
+        f"target hyperband >= 0.98 val_accuracy within 15 min: {'MET' if met else 'NOT MET'} "
+        f"({hyperband['best']:.4f} in {hyperband['seconds'] / 60:.1f} min)"
+    )
 
 
 def search_span(directory):
     """Seconds from the first trial's start to the last trial's end."""
     project = os.path.join(directory, hypermodels.SEARCH_PROJECT)
-    starts = [os.path.getmtime(p) for p in glob.glob(os.path.join(project, "trial_*", hypermodels.TRIAL_TUNER_FILE))]
+    starts = [
+        os.path.getmtime(p)
+        for p in glob.glob(os.path.join(project, "trial_*", hypermodels.TRIAL_TUNER_FILE))
+    ]
     ends = [os.path.getmtime(p) for p in glob.glob(os.path.join(project, "trial_*", "trial.json"))]
     return max(ends) - min(starts), len(ends)
 
@@ -129,10 +154,26 @@ def trials_per_minute(workers, args, root):
         f.write(FIXED_SPACE)
     directory = os.path.join(root, f"workers{workers}")
     command = [
-        sys.executable, "-m", "hlkeras.cli", "tune", "--tuner", "random",
-        "--max-trials", str(args.dist_trials), "--max-epochs", str(args.dist_epochs),
-        "--patience", str(args.dist_epochs), "--space", space, "--dir", directory,
-        "--workers", str(workers), "--seed", str(args.seed),
+        sys.executable,
+        "-m",
+        "hlkeras.cli",
+        "tune",
+        "--tuner",
+        "random",
+        "--max-trials",
+        str(args.dist_trials),
+        "--max-epochs",
+        str(args.dist_epochs),
+        "--patience",
+        str(args.dist_epochs),
+        "--space",
+        space,
+        "--dir",
+        directory,
+        "--workers",
+        str(workers),
+        "--seed",
+        str(args.seed),
     ]
     env = {**os.environ, "KERAS_BACKEND": "tensorflow", "PYTHONPATH": REPO_ROOT}
     subprocess.run(command, env=env, cwd=REPO_ROOT, check=True, capture_output=True, timeout=3600)
@@ -144,11 +185,15 @@ def compare_workers(args, root):
     rates = {}
     for workers in (1, 2):
         trials, span, rates[workers] = trials_per_minute(workers, args, root)
-        print(f"distributed workers={workers} trials={trials} span={span:.1f}s "
-              f"trials_per_min={rates[workers]:.2f} vs_1_worker={rates[workers] / rates[1]:.2f}x")
+        print(
+            f"distributed workers={workers} trials={trials} span={span:.1f}s "
+            f"trials_per_min={rates[workers]:.2f} vs_1_worker={rates[workers] / rates[1]:.2f}x"
+        )
     ratio = rates[2] / rates[1]
-    print(f"target 2 workers >= 1.5x trials/min of 1 worker: {'MET' if ratio >= 1.5 else 'NOT MET'} "
-          f"({ratio:.2f}x; {os.cpu_count()} CPU cores on this machine)")
+    print(
+        f"target 2 workers >= 1.5x trials/min of 1 worker: {'MET' if ratio >= 1.5 else 'NOT MET'} "
+        f"({ratio:.2f}x; {os.cpu_count()} CPU cores on this machine)"
+    )
 
 
 def main():

@@ -65,17 +65,14 @@ def _litert_version():
 def add_export_parser(commands):
     export = commands.add_parser(
         "export",
-        help="export a .keras model to SavedModel and builtins-only TFLite, "
-        "verified in LiteRT",
+        help="export a .keras model to SavedModel and builtins-only TFLite, verified in LiteRT",
         description="Export MODEL.keras to a SavedModel and a builtins-only "
         ".tflite, check both against the Keras model, print a table and write "
         "DIR/export.json.",
     )
     export.add_argument("model", metavar="MODEL.keras")
     export.add_argument("--out", required=True, metavar="DIR")
-    export.add_argument(
-        "--quantize", default="none", help="none | float16 | dynamic | int8"
-    )
+    export.add_argument("--quantize", default="none", help="none | float16 | dynamic | int8")
     export.add_argument(
         "--format",
         default="saved_model,tflite",
@@ -95,15 +92,10 @@ def add_export_parser(commands):
     export.add_argument(
         "--verify",
         metavar="FILE.npz",
-        help="verification data: array `x` and optional labels `y`; "
-        "overrides --dataset",
+        help="verification data: array `x` and optional labels `y`; overrides --dataset",
     )
-    export.add_argument(
-        "--int8-io", action="store_true", help="int8 input/output tensors for int8"
-    )
-    export.add_argument(
-        "--overwrite", action="store_true", help="replace existing artifacts"
-    )
+    export.add_argument("--int8-io", action="store_true", help="int8 input/output tensors for int8")
+    export.add_argument("--overwrite", action="store_true", help="replace existing artifacts")
     export.add_argument(
         "--latency-runs",
         type=int,
@@ -125,9 +117,7 @@ def add_export_parser(commands):
 
 def _check_cli_choice(flag, value, allowed):
     if value not in allowed:
-        raise UsageError(
-            f"{flag} must be one of {', '.join(allowed)}; got {value!r}"
-        )
+        raise UsageError(f"{flag} must be one of {', '.join(allowed)}; got {value!r}")
     return value
 
 
@@ -296,9 +286,7 @@ def build_parser():
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-    info = commands.add_parser(
-        "info", help="print library versions and the active Keras backend"
-    )
+    info = commands.add_parser("info", help="print library versions and the active Keras backend")
     info.set_defaults(func=cmd_info)
     _add_train_command(commands)
     _add_tune_command(commands)
@@ -367,7 +355,11 @@ def _add_train_command(commands):
     flag("--depth", type=int, help="number of blocks (default: the arch's)")
     flag("--width", type=int, help="block width (default: the arch's)")
     flag("--dropout", type=float, help="dropout rate (default: the arch's)")
-    flag("--experts", type=int, help=f"MoE experts per FFN, 0 for dense (vit only; default {MOE_EXPERTS_DEFAULT})")
+    flag(
+        "--experts",
+        type=int,
+        help=f"MoE experts per FFN, 0 for dense (vit only; default {MOE_EXPERTS_DEFAULT})",
+    )
     flag("--seed", type=int, help="random seed (default 0)")
     flag("--patience", type=int, help="early-stopping patience in epochs (default 10)")
     flag("--out", help="run directory (default runs/<timestamp>/)")
@@ -673,8 +665,7 @@ def cmd_train(args):
     print(json.dumps(metrics, sort_keys=True))
     if metrics["tflite_refused"]:
         print(
-            f"hlkeras train: error: model.tflite was not written: "
-            f"{metrics['tflite_refused']}",
+            f"hlkeras train: error: model.tflite was not written: {metrics['tflite_refused']}",
             file=sys.stderr,
         )
         return 1
@@ -702,18 +693,48 @@ def _add_tune_command(commands):
         ),
     )
     flag = tune.add_argument
-    flag("--arch", help="architecture: mlp, resnet or vit (default: the space file's arch, else mlp)")
-    flag("--dataset", default="digits", help="'digits' (embedded, default) or a TFDS dataset in --data-dir")
+    flag(
+        "--arch", help="architecture: mlp, resnet or vit (default: the space file's arch, else mlp)"
+    )
+    flag(
+        "--dataset",
+        default="digits",
+        help="'digits' (embedded, default) or a TFDS dataset in --data-dir",
+    )
     flag("--data-dir", help="TFDS data directory (default: TFDS' own)")
     flag("--tuner", default="hyperband", help="random, bayesian or hyperband (default hyperband)")
-    flag("--max-trials", type=int, default=10, help="number of trials (a cap for hyperband; default 10)")
-    flag("--max-epochs", type=int, default=20, help="epochs of a full trial and of the retraining (default 20)")
+    flag(
+        "--max-trials",
+        type=int,
+        default=10,
+        help="number of trials (a cap for hyperband; default 10)",
+    )
+    flag(
+        "--max-epochs",
+        type=int,
+        default=20,
+        help="epochs of a full trial and of the retraining (default 20)",
+    )
     flag("--space", help="TOML or JSON file that narrows or fixes the default space")
     flag("--dir", help="search directory (default runs/tune-<arch>-<dataset>)")
-    flag("--objective", default="val_accuracy", help=f"one of {', '.join(TUNE_OBJECTIVES)} (default val_accuracy)")
+    flag(
+        "--objective",
+        default="val_accuracy",
+        help=f"one of {', '.join(TUNE_OBJECTIVES)} (default val_accuracy)",
+    )
     flag("--seed", type=int, default=0, help="random seed (default 0)")
-    flag("--patience", type=int, default=3, help="early-stopping patience per trial in epochs (default 3)")
-    flag("--workers", type=int, default=0, help="run a chief and N worker processes on this machine (default 0: one process)")
+    flag(
+        "--patience",
+        type=int,
+        default=3,
+        help="early-stopping patience per trial in epochs (default 3)",
+    )
+    flag(
+        "--workers",
+        type=int,
+        default=0,
+        help="run a chief and N worker processes on this machine (default 0: one process)",
+    )
     tune.set_defaults(func=cmd_tune)
 
 
@@ -721,7 +742,9 @@ def _check_tune_args(args):
     from hlkeras import hypermodels
 
     if args.tuner not in hypermodels.TUNERS:
-        raise UsageError(f"--tuner must be one of {', '.join(hypermodels.TUNERS)}, got {args.tuner!r}")
+        raise UsageError(
+            f"--tuner must be one of {', '.join(hypermodels.TUNERS)}, got {args.tuner!r}"
+        )
     for name in ("max_trials", "max_epochs", "patience"):
         value = getattr(args, name)
         if value < 1:
@@ -729,7 +752,9 @@ def _check_tune_args(args):
     if args.workers < 0:
         raise UsageError(f"--workers must be >= 0, got {args.workers}")
     if args.objective not in TUNE_OBJECTIVES:
-        raise UsageError(f"--objective must be one of {', '.join(TUNE_OBJECTIVES)}, got {args.objective!r}")
+        raise UsageError(
+            f"--objective must be one of {', '.join(TUNE_OBJECTIVES)}, got {args.objective!r}"
+        )
 
 
 def _tune_space(args):
@@ -740,9 +765,13 @@ def _tune_space(args):
         overrides = hypermodels.load_space(args.space)
         arch = args.arch or hypermodels.space_arch(overrides)
         if args.arch and overrides.get("arch", arch) != arch:
-            raise UsageError(f"--arch {arch} contradicts arch = {overrides['arch']!r} in {args.space}")
+            raise UsageError(
+                f"--arch {arch} contradicts arch = {overrides['arch']!r} in {args.space}"
+            )
         if arch not in hypermodels.SEARCH_SPACES:
-            raise UsageError(f"--arch must be one of {sorted(hypermodels.SEARCH_SPACES)}, got {arch!r}")
+            raise UsageError(
+                f"--arch must be one of {sorted(hypermodels.SEARCH_SPACES)}, got {arch!r}"
+            )
         hypermodels.resolve_space(arch, overrides)
     except ValueError as error:
         raise UsageError(f"{args.space or '--arch'}: {error}") from None
@@ -752,8 +781,19 @@ def _tune_space(args):
 def _tune_argv(args):
     """The command line of one process of a `--workers` search."""
     argv = ["tune"]
-    for name in ("arch", "dataset", "data_dir", "tuner", "max_trials", "max_epochs",
-                 "space", "dir", "objective", "seed", "patience"):
+    for name in (
+        "arch",
+        "dataset",
+        "data_dir",
+        "tuner",
+        "max_trials",
+        "max_epochs",
+        "space",
+        "dir",
+        "objective",
+        "seed",
+        "patience",
+    ):
         value = getattr(args, name)
         if value is not None:
             argv += [f"--{name.replace('_', '-')}", str(value)]
@@ -864,14 +904,22 @@ def cmd_tune(args):
     x_train, y_train = data.to_numpy(train_ds)
     x_val, y_val = data.to_numpy(val_ds)
     hypermodel = hypermodels.SpecHyperModel(
-        arch, info.input_shape, info.num_classes, overrides,
-        num_train=len(x_train), epochs=args.max_epochs,
+        arch,
+        info.input_shape,
+        info.num_classes,
+        overrides,
+        num_train=len(x_train),
+        epochs=args.max_epochs,
     )
     is_worker = kt_distribute.has_chief_oracle() and not kt_distribute.is_chief_oracle()
     if not is_worker:
         config = hypermodels.search_config(
-            arch=arch, dataset=args.dataset, tuner=args.tuner, objective=args.objective,
-            max_epochs=args.max_epochs, space=hypermodel.space,
+            arch=arch,
+            dataset=args.dataset,
+            tuner=args.tuner,
+            objective=args.objective,
+            max_epochs=args.max_epochs,
+            space=hypermodel.space,
         )
         try:
             resuming = hypermodels.check_search_dir(directory, config)
@@ -884,31 +932,55 @@ def cmd_tune(args):
             flush=True,
         )
     tuner = hypermodels.make_tuner(
-        args.tuner, hypermodel, directory=directory, objective=args.objective,
-        max_trials=args.max_trials, max_epochs=args.max_epochs, seed=args.seed,
+        args.tuner,
+        hypermodel,
+        directory=directory,
+        objective=args.objective,
+        max_trials=args.max_trials,
+        max_epochs=args.max_epochs,
+        seed=args.seed,
     )
     hypermodels.search(
-        tuner, x_train, y_train, validation_data=(x_val, y_val),
-        epochs=args.max_epochs, patience=args.patience,
+        tuner,
+        x_train,
+        y_train,
+        validation_data=(x_val, y_val),
+        epochs=args.max_epochs,
+        patience=args.patience,
     )
     if is_worker:
         return 0
     rows, best = hypermodels.write_reports(tuner, hypermodel, directory)
-    print("\n".join(hypermodels.leaderboard(rows, hypermodel.space, args.objective,
-                                            tuner.oracle.objective.direction)))
+    print(
+        "\n".join(
+            hypermodels.leaderboard(
+                rows, hypermodel.space, args.objective, tuner.oracle.objective.direction
+            )
+        )
+    )
     if best is None:
-        print(f"hlkeras tune: error: no trial completed; see {directory}/trials.csv", file=sys.stderr)
+        print(
+            f"hlkeras tune: error: no trial completed; see {directory}/trials.csv", file=sys.stderr
+        )
         return 1
     print(f"best spec: {json.dumps(hypermodel.spec(best), sort_keys=True)}", flush=True)
     train_ds, val_ds, _, _ = data.load(
         args.dataset, batch_size=best["batch_size"], data_dir=args.data_dir, seed=args.seed
     )
     result = hypermodels.retrain_best(
-        hypermodel, best, train_ds, val_ds, directory,
-        epochs=args.max_epochs, patience=max(args.patience, 5),
+        hypermodel,
+        best,
+        train_ds,
+        val_ds,
+        directory,
+        epochs=args.max_epochs,
+        patience=max(args.patience, 5),
     )
     if result.nan_epoch is not None:
-        print(f"hlkeras tune: error: retraining the best: {training.nan_message(result)}", file=sys.stderr)
+        print(
+            f"hlkeras tune: error: retraining the best: {training.nan_message(result)}",
+            file=sys.stderr,
+        )
         return 1
     if result.best_path is None:
         print("hlkeras tune: error: the retraining saved no checkpoint", file=sys.stderr)

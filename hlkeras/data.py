@@ -70,9 +70,7 @@ class Digits(tfds.core.GeneratorBasedBuilder):
             features=tfds.features.FeaturesDict(
                 {
                     "image": tfds.features.Image(shape=(8, 8, 1)),
-                    "label": tfds.features.ClassLabel(
-                        names=[str(d) for d in range(10)]
-                    ),
+                    "label": tfds.features.ClassLabel(names=[str(d) for d in range(10)]),
                 }
             ),
             supervised_keys=("image", "label"),
@@ -106,12 +104,13 @@ def _read_digits_file():
 def _check_arguments(batch_size, validation_split):
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(
-            "Argument `batch_size` must be a positive integer. "
-            f"Received: batch_size={batch_size!r}"
+            f"Argument `batch_size` must be a positive integer. Received: batch_size={batch_size!r}"
         )
-    if isinstance(validation_split, bool) or not isinstance(
-        validation_split, (int, float)
-    ) or not 0.0 <= validation_split < 1.0:
+    if (
+        isinstance(validation_split, bool)
+        or not isinstance(validation_split, (int, float))
+        or not 0.0 <= validation_split < 1.0
+    ):
         raise ValueError(
             "Argument `validation_split` must be a float in [0, 1). "
             f"Received: validation_split={validation_split!r}"
@@ -165,9 +164,7 @@ def _read_split(builder, split, name, data_dir):
         # TFDS asserts when the data files are missing from data_dir.
         raise _not_found_error(name, data_dir) from None
     except ValueError as error:
-        raise DatasetError(
-            f"dataset {name!r} has no {split!r} split ({error})."
-        ) from None
+        raise DatasetError(f"dataset {name!r} has no {split!r} split ({error}).") from None
 
 
 def _count(ds):
@@ -276,9 +273,7 @@ def representative_samples(name="digits", count=200, data_dir=None):
     the dataset's fixed order, so calibration is reproducible.
     """
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(
-            f"Argument `count` must be a positive integer. Received: count={count!r}"
-        )
+        raise ValueError(f"Argument `count` must be a positive integer. Received: count={count!r}")
     builder = _builder(name, data_dir)
     examples = _read_split(builder, "train", name, data_dir)
     images, _ = next(iter(examples.take(count).batch(count).map(_scale)))

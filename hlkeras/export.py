@@ -188,9 +188,7 @@ def _check_formats(formats):
         formats = (formats,)
     formats = tuple(formats)
     if not formats:
-        raise ExportError(
-            f"Argument `formats` must name at least one of {FORMATS}. Received: ()"
-        )
+        raise ExportError(f"Argument `formats` must name at least one of {FORMATS}. Received: ()")
     for format in formats:
         _check_choice("formats", format, FORMATS)
     return formats
@@ -415,9 +413,7 @@ def model_to_tflite(model, quantization="none", representative_data=None):
     with tempfile.TemporaryDirectory() as tmp:
         saved_model_dir = os.path.join(tmp, "saved_model")
         export_saved_model(model, saved_model_dir)
-        return convert_saved_model(
-            saved_model_dir, quantization, representative_data
-        )
+        return convert_saved_model(saved_model_dir, quantization, representative_data)
 
 
 def _write_artifacts(model, staging_dir, request):
@@ -508,9 +504,7 @@ def _write_artifacts_in_tensorflow_process(model, staging_dir, request):
         npy_path = os.path.join(work_dir, "representative.npy")
         np.save(npy_path, request.pop("representative_data"))
         request["representative_npy"] = npy_path
-    request.update(
-        keras_path=keras_path, staging_dir=staging_dir, backend=keras.backend.backend()
-    )
+    request.update(keras_path=keras_path, staging_dir=staging_dir, backend=keras.backend.backend())
     request_path = os.path.join(work_dir, "request.json")
     result_path = os.path.join(work_dir, "result.json")
     request["result_path"] = result_path
@@ -541,9 +535,7 @@ def _tensorflow_subprocess_env():
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # hlkeras may run from a checkout that is not installed.
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (package_root, env.get("PYTHONPATH")) if p
-    )
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     return env
 
 
@@ -635,9 +627,7 @@ def run_tflite(tflite_model, inputs):
     from ai_edge_litert.interpreter import Interpreter
 
     if isinstance(inputs, dict):
-        runner = Interpreter(model_content=tflite_model).get_signature_runner(
-            "serving_default"
-        )
+        runner = Interpreter(model_content=tflite_model).get_signature_runner("serving_default")
         named = {name: np.asarray(array) for name, array in inputs.items()}
         outputs = runner(**named)
         return outputs[sorted(outputs)[0]]
@@ -666,9 +656,7 @@ def _tflite_latency_ms(tflite_model, sample, repeats):
 def _keras_latency_ms(model, sample, repeats):
     from keras import ops
 
-    return median_latency_ms(
-        lambda: ops.convert_to_numpy(model(sample, training=False)), repeats
-    )
+    return median_latency_ms(lambda: ops.convert_to_numpy(model(sample, training=False)), repeats)
 
 
 def _tflite_per_sample(flatbuffer, inputs):
@@ -756,9 +744,7 @@ def _keras_reference(model, inputs):
     """The Keras outputs per sample at batch 1, and their max difference from
     the same samples run in batches (see `batch_tolerance`)."""
     per_sample = model.predict(inputs, batch_size=1, verbose=0)
-    batched = model.predict(
-        inputs, batch_size=min(len(inputs), VERIFY_BATCH_SIZE), verbose=0
-    )
+    batched = model.predict(inputs, batch_size=min(len(inputs), VERIFY_BATCH_SIZE), verbose=0)
     return np.asarray(per_sample, "float64"), _max_abs_diff(batched, per_sample)
 
 
@@ -974,9 +960,7 @@ def export_model(
                 _write_artifacts(model, staging_dir, request)
             else:
                 _write_artifacts_in_tensorflow_process(model, staging_dir, request)
-            staged = {
-                f: os.path.join(staging_dir, os.path.basename(targets[f])) for f in formats
-            }
+            staged = {f: os.path.join(staging_dir, os.path.basename(targets[f])) for f in formats}
             _verify_artifacts(
                 report, staged, targets, (inputs, labels), reference,
                 latency_sample, latency_runs,
@@ -1051,9 +1035,7 @@ def _verify_artifacts(report, staged, targets, verify_data, reference, sample, l
         if format == "saved_model":
             artifact = _verify_saved_model(path, inputs, labels, reference)
         else:
-            artifact = _verify_tflite(
-                path, inputs, labels, reference, sample, latency_runs
-            )
+            artifact = _verify_tflite(path, inputs, labels, reference, sample, latency_runs)
         artifact.path = targets[format]
         artifact.size_bytes = _path_size(path)
         report.artifacts.append(artifact)

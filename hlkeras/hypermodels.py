@@ -114,9 +114,7 @@ def load_space(source):
     path = os.fspath(source)
     extension = os.path.splitext(path)[1].lower()
     if extension not in (".toml", ".json"):
-        raise ValueError(
-            f"A space file must end in .toml or .json. Received: {path!r}"
-        )
+        raise ValueError(f"A space file must end in .toml or .json. Received: {path!r}")
     if not os.path.isfile(path):
         raise ValueError(f"The space file {path!r} does not exist.")
     try:
@@ -212,9 +210,7 @@ def _parse_range(key, fields, default):
 def _parse_choice(key, values, default):
     scalar_types = (bool, int, float, str)
     if not isinstance(values, list) or not values:
-        raise ValueError(
-            f"space[{key!r}]: `values` must be a non-empty list. Received: {values!r}"
-        )
+        raise ValueError(f"space[{key!r}]: `values` must be a non-empty list. Received: {values!r}")
     if not all(isinstance(v, scalar_types) for v in values):
         raise ValueError(
             f"space[{key!r}]: choices must be numbers, strings or booleans. Received: {values!r}"
@@ -238,9 +234,7 @@ def parse_entry(key, raw, default=None):
     """
     if isinstance(raw, (bool, int, float, str)):
         if _value_kind(default) == "int" and not _is_int(raw):
-            raise ValueError(
-                f"space[{key!r}] is an integer hyperparameter. Received: {raw!r}"
-            )
+            raise ValueError(f"space[{key!r}] is an integer hyperparameter. Received: {raw!r}")
         return {"fixed": raw}
     if isinstance(raw, list):
         if len(raw) != 2:
@@ -252,9 +246,7 @@ def parse_entry(key, raw, default=None):
     if isinstance(raw, dict):
         if "values" in raw:
             if set(raw) != {"values"}:
-                raise ValueError(
-                    f"space[{key!r}]: a choice has only `values`. Received: {raw!r}"
-                )
+                raise ValueError(f"space[{key!r}]: a choice has only `values`. Received: {raw!r}")
             return _parse_choice(key, raw["values"], default)
         return _parse_range(key, raw, default)
     raise ValueError(
@@ -306,8 +298,7 @@ def resolve_space(arch, overrides=None):
     for key, raw in overrides.items():
         if key not in allowed:
             raise ValueError(
-                f"space[{key!r}] is not a hyperparameter of arch={arch!r}. "
-                f"Allowed keys: {allowed}"
+                f"space[{key!r}] is not a hyperparameter of arch={arch!r}. Allowed keys: {allowed}"
             )
         space[key] = parse_entry(key, raw, space.get(key))
     return dict(sorted(space.items()))
@@ -353,9 +344,7 @@ class SpecHyperModel(kt.HyperModel):
     'mlp'
     """
 
-    def __init__(
-        self, arch, input_shape, num_classes, space=None, *, num_train=None, epochs=None
-    ):
+    def __init__(self, arch, input_shape, num_classes, space=None, *, num_train=None, epochs=None):
         super().__init__(name=f"hlkeras_{arch}")
         space_arch({"arch": arch})
         self.arch = arch
@@ -783,14 +772,21 @@ def leaderboard(rows, space, objective, direction="max", top=5):
     table = [header]
     for rank, row in enumerate(ranked(rows, direction)[:top], start=1):
         table.append(
-            [str(rank), row["trial"], f"{row['score']:.4f}", str(row["epochs"]),
-             f"{row['seconds']:.1f}"]
+            [
+                str(rank),
+                row["trial"],
+                f"{row['score']:.4f}",
+                str(row["epochs"]),
+                f"{row['seconds']:.1f}",
+            ]
             + [_format_value(row.get(k)) for k in tuned]
         )
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in table]
     failed = sum(row["status"] != "COMPLETED" for row in rows)
-    lines.append(f"{len(rows)} trials, {len(rows) - failed} completed, {failed} failed or unfinished")
+    lines.append(
+        f"{len(rows)} trials, {len(rows) - failed} completed, {failed} failed or unfinished"
+    )
     return lines
 
 
@@ -802,8 +798,7 @@ def plot_trials(rows, space, objective, path):
     from matplotlib.figure import Figure
 
     tuned = [
-        k for k, entry in space.items()
-        if "fixed" not in entry and _value_kind(entry) is not None
+        k for k, entry in space.items() if "fixed" not in entry and _value_kind(entry) is not None
     ][:4]
     figure = Figure(figsize=(4 * (1 + len(tuned)), 3.5), layout="constrained")
     FigureCanvasAgg(figure)
@@ -852,9 +847,7 @@ def write_reports(tuner, hypermodel, directory):
     values = best_values(rows, hypermodel.space, objective.direction)
     if values is not None:
         best = ranked(rows, objective.direction)[0]
-        training.atomic_write_json(
-            os.path.join(directory, BEST_SPEC_JSON), hypermodel.spec(values)
-        )
+        training.atomic_write_json(os.path.join(directory, BEST_SPEC_JSON), hypermodel.spec(values))
         training.atomic_write_json(
             os.path.join(directory, BEST_TRIAL_JSON),
             {"trial": best["trial"], objective.name: best["score"], "hyperparameters": values},
@@ -862,7 +855,9 @@ def write_reports(tuner, hypermodel, directory):
     return rows, values
 
 
-def retrain_best(hypermodel, values, train_ds, val_ds, directory, *, epochs, patience=10, verbose=0):
+def retrain_best(
+    hypermodel, values, train_ds, val_ds, directory, *, epochs, patience=10, verbose=0
+):
     """Retrains the best configuration with `hlkeras.training.compile_and_fit`
     in `directory/retrain` (resumable) and copies its best checkpoint to
     `directory/best.keras`. `train_ds` must be batched with `values["batch_size"]`.

@@ -83,9 +83,7 @@ def _clone(model, clone_layer):
         ),
         model.input,
     )
-    return keras.models.clone_model(
-        model, input_tensors=inputs, clone_function=clone_layer
-    )
+    return keras.models.clone_model(model, input_tensors=inputs, clone_function=clone_layer)
 
 
 def lora_dense_sublayers(layer):
@@ -139,9 +137,7 @@ def select_targets(model, targets=None):
         names = [layer.name for layer in adaptable if layer.name != head]
     elif callable(targets):
         names = [layer.name for layer in adaptable if targets(layer)]
-    elif isinstance(targets, (list, tuple, set)) and all(
-        isinstance(name, str) for name in targets
-    ):
+    elif isinstance(targets, (list, tuple, set)) and all(isinstance(name, str) for name in targets):
         names = _check_target_names(model, adaptable, list(targets))
     else:
         raise ValueError(
@@ -315,14 +311,9 @@ def apply_lora(model, rank=8, alpha=None, dropout=0.0, targets=None):
 def _merged_values(layer):
     """`layer`'s base weights and their NumPy values, each `LoRADense`
     kernel replaced by its merged kernel."""
-    merged_kernels = {
-        id(sub.kernel): sub.merged_kernel() for sub in lora_dense_sublayers(layer)
-    }
+    merged_kernels = {id(sub.kernel): sub.merged_kernel() for sub in lora_dense_sublayers(layer)}
     base = _base_weights(layer)
-    values = [
-        merged_kernels[id(w)] if id(w) in merged_kernels else _as_numpy([w])[0]
-        for w in base
-    ]
+    values = [merged_kernels[id(w)] if id(w) in merged_kernels else _as_numpy([w])[0] for w in base]
     return base, values
 
 
@@ -415,9 +406,7 @@ def save_adapters(model, path):
                 "class": type(layer).__name__,
                 "kind": kind,
                 "ranks": ranks,
-                "weights": [
-                    {"name": w.name, "shape": list(w.shape)} for w in weights
-                ],
+                "weights": [{"name": w.name, "shape": list(w.shape)} for w in weights],
             }
         )
     metadata = {
@@ -454,29 +443,25 @@ def _mismatches(model, metadata):
     """Every way the file's layers differ from the model's, as sentences."""
     problems = []
     in_model = {
-        layer.name: (kind, weights, ranks)
-        for layer, kind, weights, ranks in _saved_layers(model)
+        layer.name: (kind, weights, ranks) for layer, kind, weights, ranks in _saved_layers(model)
     }
     in_file = {entry["name"]: entry for entry in metadata["layers"]}
     for name in in_model.keys() - in_file.keys():
         problems.append(
-            f"layer '{name}' has {in_model[name][0]} weights in the model but "
-            "none in the file"
+            f"layer '{name}' has {in_model[name][0]} weights in the model but none in the file"
         )
     for name, entry in in_file.items():
         if name not in in_model:
             known = name in [layer.name for layer in model.layers]
             where = "is frozen and has no adapter" if known else "does not exist"
             problems.append(
-                f"layer '{name}' has {entry['kind']} weights in the file but "
-                f"{where} in the model"
+                f"layer '{name}' has {entry['kind']} weights in the file but {where} in the model"
             )
             continue
         kind, weights, ranks = in_model[name]
         if kind != entry["kind"]:
             problems.append(
-                f"layer '{name}' is '{entry['kind']}' in the file but '{kind}' "
-                "in the model"
+                f"layer '{name}' is '{entry['kind']}' in the file but '{kind}' in the model"
             )
             continue
         if ranks != entry["ranks"]:
@@ -492,9 +477,7 @@ def _mismatches(model, metadata):
                 f"{model_shapes} in the model"
             )
             continue
-        for (file_name, file_shape), (model_name, model_shape) in zip(
-            file_shapes, model_shapes
-        ):
+        for (file_name, file_shape), (model_name, model_shape) in zip(file_shapes, model_shapes):
             if file_name != model_name or file_shape != model_shape:
                 problems.append(
                     f"layer '{name}' weight '{model_name}': shape {file_shape} "
@@ -525,9 +508,7 @@ def load_adapters(model, path):
             f"'{model.name}' (nothing was loaded). Received: path={path!r}\n- "
             + "\n- ".join(problems)
         )
-    weights_by_name = {
-        layer.name: weights for layer, _, weights, _ in _saved_layers(model)
-    }
+    weights_by_name = {layer.name: weights for layer, _, weights, _ in _saved_layers(model)}
     for layer_index, entry in enumerate(metadata["layers"]):
         for weight_index, variable in enumerate(weights_by_name[entry["name"]]):
             variable.assign(arrays[f"layer{layer_index}_weight{weight_index}"])

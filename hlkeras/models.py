@@ -47,9 +47,7 @@ def _classifier_head(x, num_classes, dropout):
         x = keras.layers.Dropout(dropout, name="head_dropout")(x)
     logits = keras.layers.Dense(num_classes, name="head")(x)
     # float32 probabilities even under a mixed precision policy.
-    return keras.layers.Activation("softmax", dtype="float32", name="probabilities")(
-        logits
-    )
+    return keras.layers.Activation("softmax", dtype="float32", name="probabilities")(logits)
 
 
 def mlp(
@@ -159,7 +157,11 @@ def resnet(
     dropout = _checks.check_rate("dropout", dropout)
     inputs = keras.Input(shape=input_shape, name="images")
     x = keras.layers.Conv2D(
-        width, 3, padding="same", use_bias=False, kernel_initializer="he_normal",
+        width,
+        3,
+        padding="same",
+        use_bias=False,
+        kernel_initializer="he_normal",
         name="stem_conv",
     )(inputs)
     x = keras.layers.BatchNormalization(name="stem_bn")(x)
@@ -250,9 +252,7 @@ def vit(
         )
     num_patches = (height // patch_size) * (image_width // patch_size)
     inputs = keras.Input(shape=input_shape, name="images")
-    x = keras.layers.Conv2D(
-        width, patch_size, strides=patch_size, name="patch_embedding"
-    )(inputs)
+    x = keras.layers.Conv2D(width, patch_size, strides=patch_size, name="patch_embedding")(inputs)
     x = keras.layers.Reshape((num_patches, width), name="patch_tokens")(x)
     x = PositionEmbedding(num_patches, name="position_embedding")(x)
     for block in range(depth):
@@ -280,8 +280,7 @@ ARCHITECTURES = {"mlp": mlp, "resnet": resnet, "vit": vit}
 def _builder_for(arch):
     if arch not in ARCHITECTURES:
         raise ValueError(
-            f"spec['arch'] must be one of {sorted(ARCHITECTURES)}. "
-            f"Received: arch={arch!r}"
+            f"spec['arch'] must be one of {sorted(ARCHITECTURES)}. Received: arch={arch!r}"
         )
     return ARCHITECTURES[arch]
 

@@ -244,8 +244,7 @@ class RoutingStatistics(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self.moe_layers = [
-            layer for layer in _compat.sublayers(self.model)
-            if isinstance(layer, MixtureOfExperts)
+            layer for layer in _compat.sublayers(self.model) if isinstance(layer, MixtureOfExperts)
         ]
         self.expert_load = {layer.name: [] for layer in self.moe_layers}
 
@@ -268,9 +267,7 @@ class RoutingStatistics(keras.callbacks.Callback):
 def _routing_totals(layer):
     return tuple(
         np.array(ops.convert_to_numpy(variable), dtype="float64")
-        for variable in (
-            layer.routing_calls, layer.routing_dropped_total, layer.routing_load_total
-        )
+        for variable in (layer.routing_calls, layer.routing_dropped_total, layer.routing_load_total)
     )
 
 
@@ -529,7 +526,9 @@ def compile_and_fit(
         A `FitResult`, written to disk as `history.csv` and `curves.png` too.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"Argument `epochs` must be a positive integer. Received: epochs={epochs!r}")
+        raise ValueError(
+            f"Argument `epochs` must be a positive integer. Received: epochs={epochs!r}"
+        )
     steps_per_epoch = int(train_ds.cardinality())
     if steps_per_epoch < 1:
         raise ValueError(

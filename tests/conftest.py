@@ -14,14 +14,28 @@ def pytest_configure(config):
     print(f"\nhlkeras tests on KERAS_BACKEND={BACKEND}")
 
 
+# End-to-end tests (marked `slow`: subprocesses, training runs, exports,
+# searches) run on this backend only, unless a `backends` marker names the
+# backends where their behaviour differs. Layer and unit tests run on all.
+END_TO_END_BACKEND = "tensorflow"
+
+
+def _skip_reason(item):
+    marker = item.get_closest_marker("backends")
+    if marker and BACKEND not in marker.args:
+        return f"needs the {' or '.join(marker.args)} backend; running on {BACKEND}"
+    if not marker and item.get_closest_marker("slow") and BACKEND != END_TO_END_BACKEND:
+        return (
+            f"end-to-end test: runs on the {END_TO_END_BACKEND} backend only "
+            "(its behaviour does not differ by backend)"
+        )
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        marker = item.get_closest_marker("backends")
-        if marker and BACKEND not in marker.args:
-            reason = (
-                f"needs the {' or '.join(marker.args)} backend; "
-                f"running on {BACKEND}"
-            )
+        reason = _skip_reason(item)
+        if reason:
             item.add_marker(pytest.mark.skip(reason=reason))
 
 

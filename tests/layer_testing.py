@@ -27,8 +27,11 @@ BACKEND = keras.backend.backend()
 JIT_BACKENDS = ("tensorflow", "jax")
 # Non-trainable state that a forward pass in training mode updates by design.
 RUNNING_STATISTICS = (
-    "moving_mean", "moving_variance",  # BatchNormalization
-    "routing_calls", "routing_dropped_total", "routing_load_total",  # MixtureOfExperts
+    "moving_mean",
+    "moving_variance",  # BatchNormalization
+    "routing_calls",
+    "routing_dropped_total",
+    "routing_load_total",  # MixtureOfExperts
 )
 
 
@@ -65,9 +68,7 @@ def check_config_round_trip(layer):
     config = layer.get_config()
     clone = layer.__class__.from_config(config)
     assert clone.get_config() == config
-    revived = keras.saving.deserialize_keras_object(
-        keras.saving.serialize_keras_object(layer)
-    )
+    revived = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
     assert type(revived) is type(layer)
     assert revived.get_config() == config
 
@@ -81,12 +82,8 @@ def check_keras_file_round_trip(model, inputs, expected):
 
 
 def check_fit_updates_only_trainable(model, inputs, jit_compile):
-    target = np.random.default_rng(0).normal(size=(len(inputs[0]),) + tuple(
-        model.output_shape[1:]
-    ))
-    model.compile(
-        optimizer=keras.optimizers.Adam(1e-2), loss="mse", jit_compile=jit_compile
-    )
+    target = np.random.default_rng(0).normal(size=(len(inputs[0]),) + tuple(model.output_shape[1:]))
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse", jit_compile=jit_compile)
     trainable_before = _weights_by_path(model.trainable_weights)
     frozen_before = {
         path: value

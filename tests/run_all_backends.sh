@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
-# Runs the whole test suite once per Keras backend and fails if any run fails.
+# Runs the whole test suite once per Keras backend, on both cores
+# (pytest-xdist, one test file per worker so module fixtures are built once),
+# prints each backend's duration, and fails if any run fails.
 # Usage: bash tests/run_all_backends.sh [extra pytest args]
 # PYTHON picks the interpreter (default: the project's .venv).
 set -u
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-.venv/bin/python}"
 status=0
+durations=""
 for backend in tensorflow jax torch; do
   echo "=== KERAS_BACKEND=$backend ==="
-  KERAS_BACKEND=$backend "$PYTHON" -m pytest tests "$@" || status=1
+  start=$SECONDS
+  KERAS_BACKEND=$backend "$PYTHON" -m pytest tests -n 2 --dist loadfile "$@" || status=1
+  durations="$durations $backend=$((SECONDS - start))s"
 done
+echo "=== durations:$durations"
 exit $status

@@ -27,6 +27,7 @@ def _run_app(name, monkeypatch, tmp_path, data_dir, *flags):
     runpy.run_path(os.path.join(ROOT, "apps", name), run_name="__main__")
 
 
+@pytest.mark.slow
 @pytest.mark.backends("tensorflow")
 def test_train_digits(monkeypatch, tmp_path, data_dir, capsys):
     _run_app("train_digits.py", monkeypatch, tmp_path, data_dir, "--out", "m.keras")
@@ -34,6 +35,7 @@ def test_train_digits(monkeypatch, tmp_path, data_dir, capsys):
     assert (tmp_path / "m.keras").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.backends("tensorflow")
 def test_export_mobile(monkeypatch, tmp_path, data_dir, capsys):
     _run_app("export_mobile.py", monkeypatch, tmp_path, data_dir, "--out", "d.tflite")
@@ -41,6 +43,7 @@ def test_export_mobile(monkeypatch, tmp_path, data_dir, capsys):
     assert (tmp_path / "d.tflite").read_bytes()[4:8] == b"TFL3"  # flatbuffer file id
 
 
+@pytest.mark.slow
 @pytest.mark.backends("tensorflow")
 def test_vit_moe(monkeypatch, tmp_path, data_dir, capsys):
     _run_app("vit_moe.py", monkeypatch, tmp_path, data_dir, "--out", "v.keras")
@@ -48,6 +51,7 @@ def test_vit_moe(monkeypatch, tmp_path, data_dir, capsys):
     assert (tmp_path / "v.keras").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.backends("tensorflow")
 def test_lora_finetune(monkeypatch, tmp_path, data_dir, capsys):
     _run_app("lora_finetune.py", monkeypatch, tmp_path, data_dir, "--out", "l")

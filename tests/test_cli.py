@@ -22,12 +22,15 @@ def test_unknown_command_exits_non_zero(capsys):
     assert "invalid choice: 'fly'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.backends("tensorflow")
 def test_help_runs_as_a_module_without_traceback():
     # Backend-independent: argparse only, once is enough.
     result = subprocess.run(
         [sys.executable, "-m", "hlkeras.cli", "--help"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0
     assert "info" in result.stdout and "Traceback" not in result.stderr

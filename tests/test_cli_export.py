@@ -33,9 +33,7 @@ def trained_keras_file(digits, tmp_path_factory):
     inputs = keras.Input((8, 8, 1))
     hidden = keras.layers.Dense(128, activation="relu")(keras.layers.Flatten()(inputs))
     model = keras.Model(inputs, keras.layers.Dense(10)(hidden))
-    model.compile(
-        "adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    )
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x_train, y_train, epochs=8, batch_size=32, verbose=0)
     path = tmp_path_factory.mktemp("model") / "mlp.keras"
     model.save(path)
@@ -65,6 +63,7 @@ def assert_one_line_error(status, err, *fragments):
         assert fragment in lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.backends("tensorflow")
 def test_export_prints_a_table_and_writes_export_json(
     trained_keras_file, data_files, digits, tmp_path, capsys
@@ -79,7 +78,13 @@ def test_export_prints_a_table_and_writes_export_json(
     assert status == 0
     lines = stdout.strip().splitlines()
     assert lines[0].split() == [
-        "artifact", "size", "max", "diff", "agreement", "accuracy", "latency"
+        "artifact",
+        "size",
+        "max",
+        "diff",
+        "agreement",
+        "accuracy",
+        "latency",
     ]
     assert lines[1].startswith("saved_model ")
     assert lines[2].startswith("model_int8.tflite ")
@@ -101,6 +106,7 @@ def test_export_prints_a_table_and_writes_export_json(
     assert f"{tflite.accuracy:.2%}" in lines[2]
 
 
+@pytest.mark.slow
 @pytest.mark.backends("tensorflow")
 def test_dataset_supplies_calibration_and_verification_data(
     trained_keras_file, digits, tmp_path, capsys, monkeypatch
@@ -131,6 +137,7 @@ def test_dataset_supplies_calibration_and_verification_data(
     assert abs(report["artifacts"][0]["accuracy"] - report["keras_accuracy"]) <= 0.015
 
 
+@pytest.mark.slow
 @pytest.mark.backends("tensorflow")
 def test_overwrite_flag_replaces_an_existing_export(trained_keras_file, tmp_path, capsys):
     keras_path, _ = trained_keras_file
@@ -240,6 +247,7 @@ def test_dataset_that_cannot_be_loaded(tmp_path, capsys):
     assert_one_line_error(status, err, "--dataset no_such_dataset", "--representative FILE.npy")
 
 
+@pytest.mark.slow
 @pytest.mark.backends("tensorflow")
 def test_a_user_mistake_exits_non_zero_without_traceback(tmp_path):
     path = tmp_path / "model.keras"
@@ -262,13 +270,12 @@ def test_a_user_mistake_exits_non_zero_without_traceback(tmp_path):
 @pytest.mark.parametrize("value", ["-1", "abc", "nan"])
 def test_bad_max_accuracy_drop(tmp_path, capsys, value):
     path = small_keras_file(tmp_path)
-    status, _, err = run_cli(
-        capsys, path, "--out", tmp_path / "o", "--max-accuracy-drop", value
-    )
+    status, _, err = run_cli(capsys, path, "--out", tmp_path / "o", "--max-accuracy-drop", value)
     assert_one_line_error(status, err, "--max-accuracy-drop", repr(value), ">= 0")
     assert not os.path.exists(tmp_path / "o")
 
 
+@pytest.mark.slow
 @pytest.mark.backends("tensorflow")
 def test_a_refused_export_exits_non_zero_with_one_line_and_publishes_nothing(
     digits, tmp_path, capsys
@@ -292,7 +299,12 @@ def test_a_refused_export_exits_non_zero_with_one_line_and_publishes_nothing(
         "--verify", tmp_path / "verify.npz", "--latency-runs", "0",
     )  # fmt: skip
     assert_one_line_error(
-        status, err, "refused", "model_int8.tflite", "100.00%", "--quantize dynamic",
+        status,
+        err,
+        "refused",
+        "model_int8.tflite",
+        "100.00%",
+        "--quantize dynamic",
         str(out / export.REFUSED_REPORT_FILENAME),
     )
     assert "model_int8.tflite" in stdout  # the table still shows the numbers

@@ -34,6 +34,8 @@ def _train(capsys, *flags):
     return status, captured.out, captured.err
 
 
+@pytest.mark.slow
+@pytest.mark.backends("tensorflow", "jax", "torch")  # fit and export differ by backend
 def test_short_run_writes_a_verified_run_directory(capsys, data_dir, tmp_path):
     out = str(tmp_path / "run")
     status, stdout, stderr = _train(
@@ -50,7 +52,9 @@ def test_short_run_writes_a_verified_run_directory(capsys, data_dir, tmp_path):
     assert spec["arch"] == "vit" and spec["depth"] == 1 and spec["width"] == 16
     assert spec["num_experts"] == cli.MOE_EXPERTS_DEFAULT
     assert metrics["backend"] == keras.backend.backend() and metrics["epochs"] == 2
-    assert [row["epoch"] for row in training.read_history_rows(os.path.join(out, "history.csv"))] == [0, 1]
+    assert [
+        row["epoch"] for row in training.read_history_rows(os.path.join(out, "history.csv"))
+    ] == [0, 1]
     # The recorded accuracy is model.keras's accuracy on the test split.
     model = keras.saving.load_model(os.path.join(out, "model.keras"))
     _, _, test_ds, _ = data.load("digits", data_dir=data_dir)
@@ -84,12 +88,18 @@ def test_short_run_writes_a_verified_run_directory(capsys, data_dir, tmp_path):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--arch", "transformerish"], "--arch must be one of ['mlp', 'resnet', 'vit'], got 'transformerish'"),
+        (
+            ["--arch", "transformerish"],
+            "--arch must be one of ['mlp', 'resnet', 'vit'], got 'transformerish'",
+        ),
         (["--epochs", "-3"], "--epochs must be a positive integer, got -3"),
         (["--batch-size", "5000"], "--batch-size 5000 is larger than the 1293 training examples"),
         (["--dropout", "1.5"], "--dropout must be in [0, 1), got 1.5"),
         (["--seed", "-1"], "--seed must be >= 0, got -1"),
-        (["--arch", "mlp", "--experts", "4"], "--experts needs an arch with MoE FFNs; --arch mlp has none"),
+        (
+            ["--arch", "mlp", "--experts", "4"],
+            "--experts needs an arch with MoE FFNs; --arch mlp has none",
+        ),
         (["--dataset", "no_such_set"], "unknown dataset 'no_such_set'"),
         (["--resume"], "--resume needs --out"),
     ],
@@ -101,12 +111,15 @@ def test_user_mistakes_get_one_line_and_exit_2(capsys, data_dir, flags, message)
     assert stderr.count("\n") == 1 and "Traceback" not in stderr
 
 
+@pytest.mark.slow
 def test_existing_out_is_refused_unless_overwrite(capsys, data_dir, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "history.csv").write_text("epoch,loss\n0,1.0\n")
     (out / "notes.txt").write_text("mine")
-    status, _, stderr = _train(capsys, "--data-dir", data_dir, "--out", str(out), "--epochs", "1", *SMALL)
+    status, _, stderr = _train(
+        capsys, "--data-dir", data_dir, "--out", str(out), "--epochs", "1", *SMALL
+    )
     assert status == 2 and "already exists" in stderr and "--overwrite" in stderr
     assert (out / "history.csv").read_text() == "epoch,loss\n0,1.0\n"
     status, _, stderr = _train(
@@ -117,6 +130,7 @@ def test_existing_out_is_refused_unless_overwrite(capsys, data_dir, tmp_path):
     assert (out / "notes.txt").read_text() == "mine"  # only run files are replaced
 
 
+@pytest.mark.slow
 @pytest.mark.backends("tensorflow")
 def test_nan_loss_gives_a_clear_message(capsys, data_dir, tmp_path):
     out = str(tmp_path / "run")
@@ -138,17 +152,30 @@ def _backup_epoch(out):
         return 0
 
 
-@pytest.mark.backends("tensorflow")
 @pytest.mark.slow
+@pytest.mark.backends("tensorflow")
 def test_resume_after_sigkill_continues_from_last_finished_epoch(data_dir, tmp_path):
     out = str(tmp_path / "run")
     epochs = 4
     command = [
-        sys.executable, "-m", "hlkeras.cli", "train", "--data-dir", data_dir, "--out", out,
-        "--epochs", str(epochs), "--batch-size", "8", *SMALL,
+        sys.executable,
+        "-m",
+        "hlkeras.cli",
+        "train",
+        "--data-dir",
+        data_dir,
+        "--out",
+        out,
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "8",
+        *SMALL,
     ]
     env = {**os.environ, "KERAS_BACKEND": "tensorflow", "PYTHONPATH": ROOT}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.time() + 240
         while _backup_epoch(out) < 1 and process.poll() is None and time.time() < deadline:
@@ -163,7 +190,11 @@ def test_resume_after_sigkill_continues_from_last_finished_epoch(data_dir, tmp_p
     rows_before = training.read_history_rows(os.path.join(out, "history.csv"))
 
     resumed = subprocess.run(
-        command[:-len(SMALL) - 4] + ["--resume"], env=env, capture_output=True, text=True, timeout=300
+        command[: -len(SMALL) - 4] + ["--resume"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     epoch_lines = [line for line in resumed.stdout.splitlines() if line.startswith("Epoch ")]
@@ -177,6 +208,7 @@ def test_resume_after_sigkill_continues_from_last_finished_epoch(data_dir, tmp_p
         assert json.load(f)["epochs"] == epochs
 
 
+@pytest.mark.slow
 @pytest.mark.backends("tensorflow")
 def test_mixed_precision_trains_bfloat16_and_exports_float32(capsys, data_dir, tmp_path):
     from hlkeras import export

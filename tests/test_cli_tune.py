@@ -35,8 +35,20 @@ def tiny_space(tmp_path):
 
 def _tune_argv(tmp_path, space, directory, *extra):
     return [
-        "tune", "--tuner", "random", "--max-epochs", "1", "--space", space,
-        "--dir", str(directory), "--data-dir", str(tmp_path / "tfds"), "--seed", "3", *extra,
+        "tune",
+        "--tuner",
+        "random",
+        "--max-epochs",
+        "1",
+        "--space",
+        space,
+        "--dir",
+        str(directory),
+        "--data-dir",
+        str(tmp_path / "tfds"),
+        "--seed",
+        "3",
+        *extra,
     ]
 
 
@@ -56,7 +68,10 @@ def _one_line_error(argv, capsys):
         (["--max-epochs", "-1"], "--max-epochs must be a positive integer, got -1"),
         (["--workers", "-2"], "--workers must be >= 0, got -2"),
         (["--objective", "auc"], "--objective must be one of val_accuracy, val_loss"),
-        (["--arch", "transformer"], "--arch must be one of ['mlp', 'resnet', 'vit'], got 'transformer'"),
+        (
+            ["--arch", "transformer"],
+            "--arch must be one of ['mlp', 'resnet', 'vit'], got 'transformer'",
+        ),
     ],
 )
 def test_bad_arguments_are_one_line_errors(argv, message, capsys):
@@ -76,8 +91,12 @@ def test_a_malformed_space_file_is_a_one_line_error_naming_the_key(tmp_path, cap
 def test_a_dir_holding_a_different_search_refuses_to_resume(tmp_path, tiny_space, capsys):
     directory = tmp_path / "search"
     recorded = hypermodels.search_config(
-        arch="mlp", dataset="digits", tuner="random", objective="val_accuracy",
-        max_epochs=1, space=hypermodels.resolve_space("mlp"),
+        arch="mlp",
+        dataset="digits",
+        tuner="random",
+        objective="val_accuracy",
+        max_epochs=1,
+        space=hypermodels.resolve_space("mlp"),
     )
     hypermodels.check_search_dir(str(directory), recorded)
     err = _one_line_error(_tune_argv(tmp_path, tiny_space, directory, "--max-trials", "1"), capsys)
@@ -102,6 +121,7 @@ def _read_trial(directory, trial_id):
         return json.load(f)
 
 
+@pytest.mark.slow
 @pytest.mark.backends("tensorflow")
 def test_sigkill_mid_trial_then_the_rerun_continues_without_losing_or_rerunning(
     tmp_path, tiny_space
@@ -113,8 +133,12 @@ def test_sigkill_mid_trial_then_the_rerun_continues_without_losing_or_rerunning(
     second_trial = directory / "search" / "trial_1" / "trial.json"
     with open(tmp_path / "first.log", "wb") as log:
         first = subprocess.Popen(
-            command, env=_subprocess_env(), cwd=REPO_ROOT, stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True,
+            command,
+            env=_subprocess_env(),
+            cwd=REPO_ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         deadline = time.monotonic() + 240
@@ -144,20 +168,26 @@ def test_sigkill_mid_trial_then_the_rerun_continues_without_losing_or_rerunning(
     assert "(resuming)" in rerun.stdout
     assert "2 trials, 2 completed, 0 failed or unfinished" in rerun.stdout
     rows = hypermodels.read_trials_csv(directory / hypermodels.TRIALS_CSV)
-    assert [(row["trial"], row["status"]) for row in rows] == [("0", "COMPLETED"), ("1", "COMPLETED")]
+    assert [(row["trial"], row["status"]) for row in rows] == [
+        ("0", "COMPLETED"),
+        ("1", "COMPLETED"),
+    ]
     # The trial completed before the kill was neither lost nor run again.
     assert (completed_trial / "trial.json").read_bytes() == completed_record
     assert (completed_trial / "checkpoint.weights.h5").stat().st_mtime_ns == completed_checkpoint
     assert (directory / hypermodels.BEST_MODEL).exists()
 
 
+@pytest.mark.slow
 @pytest.mark.backends("tensorflow")
 def test_a_chief_and_two_workers_share_one_oracle(tmp_path, tiny_space, monkeypatch, capfd):
     monkeypatch.setenv("PYTHONPATH", REPO_ROOT)
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
     monkeypatch.chdir(REPO_ROOT)
     directory = tmp_path / "search"
-    code = cli.main(_tune_argv(tmp_path, tiny_space, directory, "--max-trials", "4", "--workers", "2"))
+    code = cli.main(
+        _tune_argv(tmp_path, tiny_space, directory, "--max-trials", "4", "--workers", "2")
+    )
     output = capfd.readouterr()
     assert code == 0, output.out + output.err
     # trials.csv is written by the chief from its own oracle.

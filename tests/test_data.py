@@ -48,7 +48,9 @@ def test_splits_partition_the_embedded_file(data_dir):
     assert _example_keys(images, labels) == _example_keys(
         np.round(source_images * 16.0 * 255.0 / 16.0) / 255.0, source_labels
     )
-    np.testing.assert_allclose(np.sort(images.ravel()), np.sort(source_images.ravel()), atol=1 / 510)
+    np.testing.assert_allclose(
+        np.sort(images.ravel()), np.sort(source_images.ravel()), atol=1 / 510
+    )
     # The test split is the documented fixed permutation's first 360 images.
     test_ids = np.random.default_rng(0).permutation(1797)[:360]
     assert _example_keys(*splits[2]) == _example_keys(
@@ -95,10 +97,16 @@ def test_validation_split_zero_has_no_validation_set(data_dir):
 def test_pipeline_feeds_model_fit_on_this_backend(digits):
     train_ds, val_ds, _, info = digits
     model = keras.Sequential(
-        [keras.Input(info.input_shape), keras.layers.Flatten(), keras.layers.Dense(10, activation="softmax")]
+        [
+            keras.Input(info.input_shape),
+            keras.layers.Flatten(),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
     )
     model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
-    history = model.fit(train_ds.take(3), validation_data=val_ds.take(1), epochs=2, verbose=0, shuffle=False)
+    history = model.fit(
+        train_ds.take(3), validation_data=val_ds.take(1), epochs=2, verbose=0, shuffle=False
+    )
     assert np.isfinite(history.history["loss"]).all()
     assert len(history.history["val_accuracy"]) == 2
 

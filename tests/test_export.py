@@ -75,9 +75,7 @@ def read_bytes(path):
 @pytest.mark.backends("tensorflow")
 @pytest.mark.parametrize("quantization", QUANTIZATIONS)
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURE_SPECS))
-def test_every_mode_is_builtins_only_and_runs_in_litert(
-    matrix, digits, arch, quantization
-):
+def test_every_mode_is_builtins_only_and_runs_in_litert(matrix, digits, arch, quantization):
     model, reports = matrix[arch]
     artifact = reports[quantization].artifact("tflite")
     flatbuffer = read_bytes(artifact.path)
@@ -101,9 +99,7 @@ def test_every_mode_is_builtins_only_and_runs_in_litert(
         np.mean(outputs.argmax(-1) == expected.argmax(-1))
     )
     assert artifact.accuracy == pytest.approx(accuracy(outputs, y_test))
-    assert reports[quantization].keras_accuracy == pytest.approx(
-        accuracy(expected, y_test)
-    )
+    assert reports[quantization].keras_accuracy == pytest.approx(accuracy(expected, y_test))
     assert artifact.latency_ms > 0 and reports[quantization].keras_latency_ms > 0
 
 
@@ -119,7 +115,8 @@ def test_outputs_do_not_depend_on_the_batch_in_keras_and_litert(matrix, digits, 
     np.testing.assert_allclose(
         model.predict(x_test, batch_size=len(x_test), verbose=0),
         model.predict(x_test, batch_size=1, verbose=0),
-        rtol=0, atol=1e-5,
+        rtol=0,
+        atol=1e-5,
     )
     assert reports["none"].keras_batch_max_abs_diff <= 1e-5
 
@@ -201,9 +198,7 @@ def test_int8_io_takes_and_returns_int8(matrix, digits, tmp_path):
 
 
 @pytest.mark.backends("tensorflow")
-def test_saved_model_loads_with_plain_tensorflow_without_hlkeras(
-    matrix, digits, tmp_path
-):
+def test_saved_model_loads_with_plain_tensorflow_without_hlkeras(matrix, digits, tmp_path):
     model, _ = matrix["resnet"]
     x_test = digits[2][:32]
     report = export.export_model(
@@ -263,9 +258,7 @@ def reference_tensorflow_export(keras_path, out_dir):
     env["PYTHONPATH"] = REPO_ROOT
     command = [sys.executable, "-m", "hlkeras.cli", "export", str(keras_path)]
     command += ["--out", str(out_dir), "--format", "tflite", "--latency-runs", "0"]
-    completed = subprocess.run(
-        command, env=env, capture_output=True, text=True, timeout=600
-    )
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-2000:]
     return os.path.join(out_dir, export.tflite_filename("none"))
 
@@ -275,9 +268,7 @@ def test_jax_and_torch_export_equals_tensorflow_export(digits, tmp_path):
     x_test = digits[2][:64]
     keras.utils.set_random_seed(3)
     model = build_resnet()  # Random weights are enough to compare numbers.
-    report = export.export_model(
-        model, tmp_path / BACKEND, verify_data=x_test, latency_runs=5
-    )
+    report = export.export_model(model, tmp_path / BACKEND, verify_data=x_test, latency_runs=5)
     assert report.backend == BACKEND
     assert report.artifact("tflite").max_abs_diff <= 1e-4
     assert report.artifact("saved_model").max_abs_diff <= 1e-4
@@ -306,9 +297,7 @@ def lora_model():
     hidden = keras.layers.Dense(16, name="adapted")(inputs)
     model = apply_lora(keras.Model(inputs, keras.layers.Dense(3)(hidden)), rank=2)
     adapter = model.get_layer("adapted")
-    adapter.lora_kernel_b.assign(
-        np.random.default_rng(1).normal(size=adapter.lora_kernel_b.shape)
-    )
+    adapter.lora_kernel_b.assign(np.random.default_rng(1).normal(size=adapter.lora_kernel_b.shape))
     return model
 
 
@@ -344,9 +333,7 @@ def moe_model(capacity_factor):
     from hlkeras.layers import MixtureOfExperts
 
     inputs = keras.Input((6, 8))
-    outputs = MixtureOfExperts(
-        4, 16, capacity_factor=capacity_factor, name="moe"
-    )(inputs)
+    outputs = MixtureOfExperts(4, 16, capacity_factor=capacity_factor, name="moe")(inputs)
     return keras.Model(inputs, outputs)
 
 
@@ -363,8 +350,10 @@ def test_moe_exports_match_keras_per_sample(capacity_factor, tmp_path):
         assert artifact.max_abs_diff <= 1e-4, artifact.format
     flatbuffer = read_bytes(report.artifact("tflite").path)
     np.testing.assert_allclose(
-        export.run_tflite(flatbuffer, x), model.predict(x, batch_size=1, verbose=0),
-        rtol=0, atol=1e-4,
+        export.run_tflite(flatbuffer, x),
+        model.predict(x, batch_size=1, verbose=0),
+        rtol=0,
+        atol=1e-4,
     )
 
 
@@ -378,14 +367,14 @@ def random_classifier(seed):
     inputs = keras.Input((8, 8, 1))
     x = keras.layers.Flatten()(inputs)
     x = keras.layers.Dense(64, activation="relu")(x)
-    logits = keras.layers.Dense(10, kernel_initializer=keras.initializers.RandomNormal(stddev=1e-3))(x)
+    logits = keras.layers.Dense(
+        10, kernel_initializer=keras.initializers.RandomNormal(stddev=1e-3)
+    )(x)
     return keras.Model(inputs, keras.layers.Softmax()(logits))
 
 
 @pytest.mark.backends("tensorflow")
-def test_an_artifact_that_loses_accuracy_is_refused_and_nothing_is_published(
-    digits, tmp_path
-):
+def test_an_artifact_that_loses_accuracy_is_refused_and_nothing_is_published(digits, tmp_path):
     x_train, y_train, x_test, y_test = digits
     model = random_classifier(0)
     # Labels equal to the Keras predictions make Keras 100% accurate, so
@@ -509,9 +498,7 @@ def test_existing_artifacts_need_overwrite_and_failures_keep_them(tmp_path):
     with pytest.raises(export.ExportError, match="Erfinv"):
         export.export_model(failing, tmp_path, overwrite=True, **tflite_only)
     assert read_bytes(tflite_path) == original
-    assert sorted(os.listdir(tmp_path)) == sorted(
-        ["model_float32.tflite", "export.json"]
-    )
+    assert sorted(os.listdir(tmp_path)) == sorted(["model_float32.tflite", "export.json"])
 
     second_model = tiny_model(2)
     export.export_model(second_model, tmp_path, overwrite=True, **tflite_only)
@@ -522,9 +509,7 @@ def test_existing_artifacts_need_overwrite_and_failures_keep_them(tmp_path):
         ops.convert_to_numpy(second_model(x)),
         atol=1e-5,
     )
-    assert sorted(os.listdir(tmp_path)) == sorted(
-        ["model_float32.tflite", "export.json"]
-    )
+    assert sorted(os.listdir(tmp_path)) == sorted(["model_float32.tflite", "export.json"])
 
 
 # ---------------------------------------------------------------- bad input

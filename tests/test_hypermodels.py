@@ -61,8 +61,12 @@ def test_a_narrowed_range_keeps_the_tables_log_scale():
 
 
 def test_toml_json_and_dict_give_the_same_space(tmp_path):
-    overrides = {"arch": "resnet", "depth": [1, 2], "lr": {"min": 1e-4, "max": 1e-3, "log": True},
-                 "width": {"values": [8, 16]}}
+    overrides = {
+        "arch": "resnet",
+        "depth": [1, 2],
+        "lr": {"min": 1e-4, "max": 1e-3, "log": True},
+        "width": {"values": [8, 16]},
+    }
     toml_path = tmp_path / "space.toml"
     toml_path.write_text(
         'arch = "resnet"\ndepth = [1, 2]\nlr = {min = 1e-4, max = 1e-3, log = true}\n'
@@ -115,17 +119,29 @@ def test_a_space_file_that_does_not_parse_is_a_value_error(tmp_path):
 
 def test_build_is_models_build_of_the_sampled_spec_compiled_at_the_sampled_lr():
     hypermodel = hypermodels.SpecHyperModel(
-        "mlp", (8, 8, 1), 10, {"depth": 2, "width": 24, "dropout": 0.0, "lr": 2e-3, "weight_decay": 0.0}
+        "mlp",
+        (8, 8, 1),
+        10,
+        {"depth": 2, "width": 24, "dropout": 0.0, "lr": 2e-3, "weight_decay": 0.0},
     )
     model = hypermodel.build(kt.HyperParameters())
-    reference = models.build({"arch": "mlp", "input_shape": [8, 8, 1], "num_classes": 10,
-                              "depth": 2, "width": 24, "dropout": 0.0})
+    reference = models.build(
+        {
+            "arch": "mlp",
+            "input_shape": [8, 8, 1],
+            "num_classes": 10,
+            "depth": 2,
+            "width": 24,
+            "dropout": 0.0,
+        }
+    )
     assert [layer.get_config() | {"name": ""} for layer in model.layers] == [
         layer.get_config() | {"name": ""} for layer in reference.layers
     ]
     assert model.count_params() == reference.count_params()
-    assert math.isclose(float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)), 2e-3,
-                        rel_tol=1e-6)
+    assert math.isclose(
+        float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)), 2e-3, rel_tol=1e-6
+    )
 
 
 def test_fit_trains_with_the_sampled_batch_size():
@@ -154,14 +170,33 @@ def test_vit_space_maps_every_key_to_the_builder(monkeypatch):
     builder with vit's keyword arguments shows what it will receive."""
     received = {}
 
-    def vit(input_shape, num_classes, *, depth=2, width=64, num_heads=2, patch_size=2,
-            dropout=0.0, num_experts=0, top_k=2):
-        received.update(depth=depth, width=width, num_heads=num_heads, patch_size=patch_size,
-                        dropout=dropout, num_experts=num_experts, top_k=top_k)
+    def vit(
+        input_shape,
+        num_classes,
+        *,
+        depth=2,
+        width=64,
+        num_heads=2,
+        patch_size=2,
+        dropout=0.0,
+        num_experts=0,
+        top_k=2,
+    ):
+        received.update(
+            depth=depth,
+            width=width,
+            num_heads=num_heads,
+            patch_size=patch_size,
+            dropout=dropout,
+            num_experts=num_experts,
+            top_k=top_k,
+        )
         if width % num_heads:
             raise ValueError(f"width={width} is not divisible by num_heads={num_heads}")
         inputs = keras.Input(input_shape)
-        outputs = keras.layers.Dense(num_classes, activation="softmax")(keras.layers.Flatten()(inputs))
+        outputs = keras.layers.Dense(num_classes, activation="softmax")(
+            keras.layers.Flatten()(inputs)
+        )
         return keras.Model(inputs, outputs)
 
     monkeypatch.setitem(models.ARCHITECTURES, "vit", vit)
@@ -171,7 +206,12 @@ def test_vit_space_maps_every_key_to_the_builder(monkeypatch):
     expected = {key: hp.values[key] for key in received}
     assert received == expected
     assert (received["num_heads"], received["num_experts"]) == (4, 4)
-    assert set(hypermodels.SEARCH_SPACES["vit"]) >= {"num_heads", "num_experts", "top_k", "patch_size"}
+    assert set(hypermodels.SEARCH_SPACES["vit"]) >= {
+        "num_heads",
+        "num_experts",
+        "top_k",
+        "patch_size",
+    }
     bad = hypermodels.ViTHyperModel((8, 8, 1), 10, {"width": 30, "num_heads": 4})
     with pytest.raises(ValueError, match="divisible"):
         bad.build(kt.HyperParameters())
@@ -179,8 +219,14 @@ def test_vit_space_maps_every_key_to_the_builder(monkeypatch):
 
 def test_a_directory_with_another_search_refuses_and_says_why(tmp_path):
     space = hypermodels.resolve_space("mlp")
-    config = hypermodels.search_config(arch="mlp", dataset="digits", tuner="random",
-                                       objective="val_accuracy", max_epochs=2, space=space)
+    config = hypermodels.search_config(
+        arch="mlp",
+        dataset="digits",
+        tuner="random",
+        objective="val_accuracy",
+        max_epochs=2,
+        space=space,
+    )
     assert hypermodels.check_search_dir(str(tmp_path), config) is False
     assert hypermodels.check_search_dir(str(tmp_path), config) is True
     other_space = hypermodels.resolve_space("mlp", {"depth": [1, 2]})
@@ -193,15 +239,19 @@ def test_a_directory_with_another_search_refuses_and_says_why(tmp_path):
 # --- A tiny search ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_search_records_a_failed_trial_goes_on_and_retrains_the_best(tmp_path):
     images, labels = load_digits_arrays()
     x_train, y_train = images[:400], labels[:400]
     x_val, y_val = images[1500:1600], labels[1500:1600]
     # depth 0 makes `mlp` raise: that trial fails and the search goes on.
     hypermodel = hypermodels.SpecHyperModel(
-        "mlp", (8, 8, 1), 10,
+        "mlp",
+        (8, 8, 1),
+        10,
         {"depth": {"values": [0, 1]}, "width": 8, "dropout": 0.0, "batch_size": 128, "lr": 3e-3},
-        num_train=len(x_train), epochs=1,
+        num_train=len(x_train),
+        epochs=1,
     )
     directory = str(tmp_path)
     tuner = hypermodels.make_tuner("random", hypermodel, directory=directory, max_trials=2, seed=1)
@@ -226,14 +276,22 @@ def test_search_records_a_failed_trial_goes_on_and_retrains_the_best(tmp_path):
     with open(os.path.join(directory, hypermodels.BEST_SPEC_JSON)) as f:
         best_spec = json.load(f)
     assert best_spec == models.resolve_spec(
-        {"arch": "mlp", "input_shape": [8, 8, 1], "num_classes": 10, "depth": 1, "width": 8,
-         "dropout": 0.0}
+        {
+            "arch": "mlp",
+            "input_shape": [8, 8, 1],
+            "num_classes": 10,
+            "depth": 1,
+            "width": 8,
+            "dropout": 0.0,
+        }
     )
-    train_ds, val_ds, _, _ = data.load("digits", batch_size=best["batch_size"],
-                                       data_dir=str(tmp_path / "tfds"))
+    train_ds, val_ds, _, _ = data.load(
+        "digits", batch_size=best["batch_size"], data_dir=str(tmp_path / "tfds")
+    )
     hypermodels.retrain_best(hypermodel, best, train_ds.take(2), val_ds, directory, epochs=1)
-    retrained = keras.saving.load_model(os.path.join(directory, hypermodels.BEST_MODEL),
-                                        safe_mode=True)
+    retrained = keras.saving.load_model(
+        os.path.join(directory, hypermodels.BEST_MODEL), safe_mode=True
+    )
     assert retrained.count_params() == models.build(best_spec).count_params()
     probabilities = retrained.predict(x_val[:4], verbose=0)
     np.testing.assert_allclose(probabilities.sum(axis=-1), 1.0, atol=1e-5)

@@ -61,9 +61,7 @@ class LoRAProtocolProbe(keras.layers.Layer):
         return LoRADense(self.units, rank=self.lora_rank, alpha=self.lora_alpha, name=name)
 
     def build(self, input_shape):
-        self.norm = keras.layers.LayerNormalization(
-            trainable=self.lora_rank is None, name="norm"
-        )
+        self.norm = keras.layers.LayerNormalization(trainable=self.lora_rank is None, name="norm")
         self.first = self._projection("first")
         self.second = self._projection("second")
         self.norm.build(input_shape)
@@ -100,12 +98,19 @@ def test_apply_lora_keeps_outputs_and_trains_only_adapters_and_head():
     model = _mlp()
     adapted = lora.apply_lora(model, rank=2)
     assert [type(layer).__name__ for layer in adapted.layers] == [
-        "InputLayer", "LoRADense", "LayerNormalization", "LoRADense", "Dense"
+        "InputLayer",
+        "LoRADense",
+        "LayerNormalization",
+        "LoRADense",
+        "Dense",
     ]
     assert [w.path for w in adapted.trainable_weights] == [
-        "hidden_1/lora_kernel_a", "hidden_1/lora_kernel_b",
-        "hidden_2/lora_kernel_a", "hidden_2/lora_kernel_b",
-        "head/kernel", "head/bias",
+        "hidden_1/lora_kernel_a",
+        "hidden_1/lora_kernel_b",
+        "hidden_2/lora_kernel_a",
+        "hidden_2/lora_kernel_b",
+        "head/kernel",
+        "head/bias",
     ]
     assert [layer.name for layer in adapted.layers] == [layer.name for layer in model.layers]
     np.testing.assert_allclose(
@@ -137,12 +142,11 @@ def test_targets_by_name_and_by_predicate():
     model = _mlp()
     by_name = lora.apply_lora(model, rank=2, targets=["hidden_2"])
     assert [type(by_name.get_layer(n)).__name__ for n in ("hidden_1", "hidden_2")] == [
-        "Dense", "LoRADense"
+        "Dense",
+        "LoRADense",
     ]
     assert not by_name.get_layer("hidden_1").trainable
-    by_predicate = lora.apply_lora(
-        model, rank=2, targets=lambda layer: layer.units >= 12
-    )
+    by_predicate = lora.apply_lora(model, rank=2, targets=lambda layer: layer.units >= 12)
     assert [
         type(layer).__name__ for layer in by_predicate.layers if "Dense" in type(layer).__name__
     ] == ["LoRADense", "LoRADense", "Dense"]
@@ -248,9 +252,12 @@ def test_protocol_layer_is_rebuilt_with_lora_rank_and_merged_back():
     block = adapted.get_layer("block")
     assert block.lora_rank == 2 and block.lora_alpha == 3.0
     assert [w.path for w in adapted.trainable_weights] == [
-        "block/first/lora_kernel_a", "block/first/lora_kernel_b",
-        "block/second/lora_kernel_a", "block/second/lora_kernel_b",
-        "head/kernel", "head/bias",
+        "block/first/lora_kernel_a",
+        "block/first/lora_kernel_b",
+        "block/second/lora_kernel_a",
+        "block/second/lora_kernel_b",
+        "head/kernel",
+        "head/bias",
     ]
     np.testing.assert_allclose(
         _predict(adapted, VECTORS), _predict(model, VECTORS), rtol=1e-6, atol=1e-6

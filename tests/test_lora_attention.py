@@ -22,8 +22,12 @@ TOKENS = RNG.normal(size=(4, LENGTH, FEATURES)).astype("float32")
 CONTEXT = RNG.normal(size=(4, 3, 8)).astype("float32")
 # The four attention projections, then the two FFN ones, in creation order.
 BLOCK_PROJECTIONS = [
-    "attention/query", "attention/key", "attention/value",
-    "attention/attention_output", "ffn/hidden_dense", "ffn/output_dense",
+    "attention/query",
+    "attention/key",
+    "attention/value",
+    "attention/attention_output",
+    "ffn/hidden_dense",
+    "ffn/output_dense",
 ]
 ATTENTION_PROJECTIONS = ["query", "key", "value", "attention_output"]
 
@@ -122,8 +126,10 @@ def test_multi_head_attention_takes_adapters_outputs_unchanged(cross):
         "mha", ATTENTION_PROJECTIONS
     ) + ["head/kernel", "head/bias"]
     np.testing.assert_allclose(
-        _predict(adapted, _data(cross)), _predict(model, _data(cross)),
-        rtol=0, atol=1e-6,
+        _predict(adapted, _data(cross)),
+        _predict(model, _data(cross)),
+        rtol=0,
+        atol=1e-6,
     )
 
 
@@ -141,9 +147,7 @@ def _check_merge(model, adapted, inputs):
     original parameter count and layer types."""
     merged = lora.merge_lora(adapted)
     assert _lora_dense_count(merged) == 0
-    assert [type(layer) for layer in merged.layers] == [
-        type(layer) for layer in model.layers
-    ]
+    assert [type(layer) for layer in merged.layers] == [type(layer) for layer in model.layers]
     assert merged.count_params() == model.count_params()
     np.testing.assert_allclose(
         _predict(merged, inputs), _predict(adapted, inputs), rtol=0, atol=1e-5
@@ -223,8 +227,7 @@ def test_transformer_block_with_lora_rank_contract():
     # projection runs here (self-attention, unfused).
     run_layer_test(
         TransformerBlock,
-        {"num_heads": 4, "ffn_units": 24, "num_kv_heads": 2, "lora_rank": 2,
-         "lora_alpha": 4.0},
+        {"num_heads": 4, "ffn_units": 24, "num_kv_heads": 2, "lora_rank": 2, "lora_alpha": 4.0},
         TOKENS,
         expected_output_shape=TOKENS.shape,
     )
@@ -246,9 +249,7 @@ def test_lora_rank_config_and_projection_types(layer_cls, init_kwargs):
         {**plain.get_config(), "lora_rank": 2, "lora_alpha": 3.0, "lora_dropout": 0.1}
     )
     config = adapted.get_config()
-    assert (config["lora_rank"], config["lora_alpha"], config["lora_dropout"]) == (
-        2, 3.0, 0.1
-    )
+    assert (config["lora_rank"], config["lora_alpha"], config["lora_dropout"]) == (2, 3.0, 0.1)
     if layer_cls is MultiHeadAttention:
         adapted.build(TOKENS.shape, TOKENS.shape)
         plain.build(TOKENS.shape, TOKENS.shape)

@@ -70,7 +70,9 @@ def test_mlp_is_functional_and_made_of_residual_blocks():
 @pytest.mark.backends("tensorflow")
 def test_resnet_stages_downsample_and_double_width():
     model = models.resnet((8, 8, 3), 5, depth=2, width=4, stages=2)
-    blocks = [l for l in model.layers if isinstance(l, hlkeras.layers.ConvResidualBlock)]
+    blocks = [
+        layer for layer in model.layers if isinstance(layer, hlkeras.layers.ConvResidualBlock)
+    ]
     assert [b.filters for b in blocks] == [4, 4, 8, 8]
     assert [b.strides for b in blocks] == [1, 1, 2, 1]
     assert model.get_layer("pool").input.shape[1:] == (4, 4, 8)
@@ -100,16 +102,46 @@ def test_resolve_spec_fills_defaults_and_survives_json():
 @pytest.mark.parametrize(
     "spec, pattern",
     [
-        ({"arch": "transformerish", "input_shape": [8], "num_classes": 2}, r"arch.*\['mlp', 'resnet', 'vit'\].*transformerish"),
-        ({"arch": "mlp", "input_shape": [8], "num_classes": 2, "layers": 3}, r"Unknown key 'layers'.*Allowed keys.*depth"),
+        (
+            {"arch": "transformerish", "input_shape": [8], "num_classes": 2},
+            r"arch.*\['mlp', 'resnet', 'vit'\].*transformerish",
+        ),
+        (
+            {"arch": "mlp", "input_shape": [8], "num_classes": 2, "layers": 3},
+            r"Unknown key 'layers'.*Allowed keys.*depth",
+        ),
         ({"arch": "mlp", "num_classes": 2}, r"missing key.*input_shape"),
         ({"arch": "mlp", "input_shape": [8], "num_classes": 2, "depth": -1}, r"`depth`.*depth=-1"),
         ({"arch": "mlp", "input_shape": [8, 0], "num_classes": 2}, r"`input_shape`"),
-        ({"arch": "resnet", "input_shape": [8], "num_classes": 2}, r"`input_shape`.*height, width, channels"),
+        (
+            {"arch": "resnet", "input_shape": [8], "num_classes": 2},
+            r"`input_shape`.*height, width, channels",
+        ),
         ({"arch": "mlp", "input_shape": [8], "num_classes": 2, "dropout": 1.5}, r"`dropout`"),
-        ({"arch": "vit", "input_shape": [8, 8, 1], "num_classes": 2, "width": 30, "num_heads": 4}, r"`num_heads`.*num_heads=4, width=30"),
-        ({"arch": "vit", "input_shape": [8, 8, 1], "num_classes": 2, "patch_size": 3}, r"`patch_size`.*patch_size=3"),
-        ({"arch": "vit", "input_shape": [8, 8, 1], "num_classes": 2, "num_experts": 2, "top_k": 3}, r"`top_k`.*3"),
+        (
+            {
+                "arch": "vit",
+                "input_shape": [8, 8, 1],
+                "num_classes": 2,
+                "width": 30,
+                "num_heads": 4,
+            },
+            r"`num_heads`.*num_heads=4, width=30",
+        ),
+        (
+            {"arch": "vit", "input_shape": [8, 8, 1], "num_classes": 2, "patch_size": 3},
+            r"`patch_size`.*patch_size=3",
+        ),
+        (
+            {
+                "arch": "vit",
+                "input_shape": [8, 8, 1],
+                "num_classes": 2,
+                "num_experts": 2,
+                "top_k": 3,
+            },
+            r"`top_k`.*3",
+        ),
     ],
 )
 def test_bad_specs_raise_value_error_naming_the_key(spec, pattern):
@@ -119,7 +151,9 @@ def test_bad_specs_raise_value_error_naming_the_key(spec, pattern):
 
 @pytest.mark.parametrize("arch", ["mlp", "resnet", "vit"])
 def test_keras_file_round_trip_with_safe_mode(arch, tmp_path):
-    model = models.build({"arch": arch, "input_shape": [8, 8, 1], "num_classes": 10, "depth": 1, "width": 4})
+    model = models.build(
+        {"arch": arch, "input_shape": [8, 8, 1], "num_classes": 10, "depth": 1, "width": 4}
+    )
     path = os.path.join(tmp_path, "model.keras")
     model.save(path)
     reloaded = keras.saving.load_model(path, safe_mode=True)
@@ -161,7 +195,8 @@ def test_vit_tokens_equal_a_hand_computed_patch_embedding():
 def test_vit_with_experts_has_moe_ffns_and_their_losses():
     model = models.vit((8, 8, 1), 10, depth=2, width=16, num_heads=2, num_experts=4, top_k=2)
     moe_layers = [
-        layer for layer in model._flatten_layers(include_self=False)
+        layer
+        for layer in model._flatten_layers(include_self=False)
         if isinstance(layer, hlkeras.layers.MixtureOfExperts)
     ]
     assert [layer.num_experts for layer in moe_layers] == [4, 4]

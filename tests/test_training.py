@@ -22,7 +22,9 @@ def _reference_rate(step, peak, total, warmup, final):
 
 @pytest.mark.parametrize("warmup", [0, 7])
 def test_warmup_cosine_matches_formula(warmup):
-    schedule = training.WarmupCosine(2e-3, total_steps=50, warmup_steps=warmup, final_learning_rate=1e-5)
+    schedule = training.WarmupCosine(
+        2e-3, total_steps=50, warmup_steps=warmup, final_learning_rate=1e-5
+    )
     for step in [0, 1, 6, 7, 8, 25, 49, 50, 80]:
         expected = _reference_rate(step, 2e-3, 50, warmup, 1e-5)
         actual = float(keras.ops.convert_to_numpy(schedule(step)))
@@ -51,7 +53,9 @@ def test_warmup_cosine_rejects_bad_arguments(kwargs, argument):
 
 def test_compile_model_uses_adamw_and_the_schedule():
     model = models.mlp((4,), 3, depth=1, width=8)
-    training.compile_model(model, learning_rate=3e-3, weight_decay=0.01, clipnorm=1.0, total_steps=20, warmup_steps=2)
+    training.compile_model(
+        model, learning_rate=3e-3, weight_decay=0.01, clipnorm=1.0, total_steps=20, warmup_steps=2
+    )
     optimizer = model.optimizer
     assert isinstance(optimizer, keras.optimizers.AdamW)
     assert optimizer.weight_decay == pytest.approx(0.01) and optimizer.clipnorm == 1.0
@@ -82,7 +86,14 @@ def test_compile_and_fit_writes_history_curves_and_best(tmp_path):
     train, val = _toy_datasets()
     run_dir = str(tmp_path)
     result = training.compile_and_fit(
-        _toy_model(), train, val, run_dir=run_dir, epochs=3, learning_rate=1e-2, warmup_epochs=1, verbose=0
+        _toy_model(),
+        train,
+        val,
+        run_dir=run_dir,
+        epochs=3,
+        learning_rate=1e-2,
+        warmup_epochs=1,
+        verbose=0,
     )
     rows = training.read_history_rows(os.path.join(run_dir, "history.csv"))
     assert rows == result.rows and [r["epoch"] for r in rows] == [0, 1, 2]
@@ -90,7 +101,9 @@ def test_compile_and_fit_writes_history_curves_and_best(tmp_path):
     # The logged rate is the schedule after each epoch's 4 steps.
     for row in rows:
         step = 4 * (row["epoch"] + 1)
-        assert row["learning_rate"] == pytest.approx(_reference_rate(step, 1e-2, 12, 4, 0.0), abs=1e-7)
+        assert row["learning_rate"] == pytest.approx(
+            _reference_rate(step, 1e-2, 12, 4, 0.0), abs=1e-7
+        )
     with open(os.path.join(run_dir, "curves.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     best_epoch = min(rows, key=lambda r: r["val_loss"])
@@ -118,7 +131,13 @@ def test_nan_loss_stops_and_keeps_the_best_checkpoint(tmp_path):
     train, val = _toy_datasets()
     poison = _PoisonAtEpoch()
     result = training.compile_and_fit(
-        _toy_model(), train, val, run_dir=str(tmp_path), epochs=5, verbose=0, extra_callbacks=[poison]
+        _toy_model(),
+        train,
+        val,
+        run_dir=str(tmp_path),
+        epochs=5,
+        verbose=0,
+        extra_callbacks=[poison],
     )
     assert result.nan_epoch == 1
     assert len(result.rows) == 2  # stopped in the NaN epoch
@@ -159,7 +178,9 @@ def test_killed_run_resumes_from_last_finished_epoch(tmp_path):
     run_dir = str(tmp_path)
     kill = _KillAtEpoch(2)
     with pytest.raises(KeyboardInterrupt):
-        training.compile_and_fit(_toy_model(), train, val, run_dir=run_dir, epochs=4, verbose=0, extra_callbacks=[kill])
+        training.compile_and_fit(
+            _toy_model(), train, val, run_dir=run_dir, epochs=4, verbose=0, extra_callbacks=[kill]
+        )
     assert os.path.exists(os.path.join(run_dir, "backup"))
     record = _RecordStart()
     result = training.compile_and_fit(
@@ -185,7 +206,9 @@ def test_history_csv_drops_rows_a_resume_reruns(tmp_path):
 
 def test_plot_history_accepts_keras_history_dict(tmp_path):
     path = str(tmp_path / "curves.png")
-    training.plot_history({"loss": [1.0, 0.5], "val_loss": [1.1, 0.7], "accuracy": [0.5, 0.8]}, path)
+    training.plot_history(
+        {"loss": [1.0, 0.5], "val_loss": [1.1, 0.7], "accuracy": [0.5, 0.8]}, path
+    )
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert os.listdir(tmp_path) == ["curves.png"]

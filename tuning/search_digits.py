@@ -21,8 +21,12 @@ train_ds, val_ds, _, info = data.load("digits")
 x_train, y_train = data.to_numpy(train_ds)
 x_val, y_val = data.to_numpy(val_ds)
 hypermodel = hypermodels.SpecHyperModel(
-    hypermodels.space_arch(overrides), info.input_shape, info.num_classes, overrides,
-    num_train=len(x_train), epochs=max_epochs,
+    hypermodels.space_arch(overrides),
+    info.input_shape,
+    info.num_classes,
+    overrides,
+    num_train=len(x_train),
+    epochs=max_epochs,
 )
 tuner = hypermodels.make_tuner(
     "hyperband", hypermodel, directory=directory, max_trials=60, max_epochs=max_epochs

@@ -8,36 +8,26 @@ deep inside a backend.
 import keras
 
 # Activations whose variance-preserving init is He (Kaiming), not Glorot.
-RELU_FAMILY = frozenset(
-    {"relu", "relu6", "leaky_relu", "elu", "gelu", "silu", "swish", "selu"}
-)
+RELU_FAMILY = frozenset({"relu", "relu6", "leaky_relu", "elu", "gelu", "silu", "swish", "selu"})
 
 
 def check_positive_int(name, value):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(
-            f"Argument `{name}` must be a positive integer. "
-            f"Received: {name}={value!r}"
+            f"Argument `{name}` must be a positive integer. Received: {name}={value!r}"
         )
     return value
 
 
 def check_rate(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-        0.0 <= value < 1.0
-    ):
-        raise ValueError(
-            f"Argument `{name}` must be a float in [0, 1). "
-            f"Received: {name}={value!r}"
-        )
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= value < 1.0):
+        raise ValueError(f"Argument `{name}` must be a float in [0, 1). Received: {name}={value!r}")
     return float(value)
 
 
 def check_non_negative(name, value):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ValueError(
-            f"Argument `{name}` must be a number >= 0. Received: {name}={value!r}"
-        )
+        raise ValueError(f"Argument `{name}` must be a number >= 0. Received: {name}={value!r}")
     return float(value)
 
 

@@ -56,6 +56,7 @@ def attention_core():
 def _jax_has_accelerator():
     return not keras.distribution.list_devices()[0].lower().startswith("cpu")
 
+
 # Added to masked logits before the float32 softmax. Finite, so a fully
 # masked row becomes a uniform distribution (as in Keras) and never NaN.
 MASKED_LOGIT = -1e9
@@ -169,8 +170,7 @@ def _and_masks(*masks):
     return merged
 
 
-def einsum_attention(query, key, value, mask, scale, dropout_layer=None,
-                     training=None):
+def einsum_attention(query, key, value, mask, scale, dropout_layer=None, training=None):
     """Grouped scaled dot-product attention with a float32 softmax.
 
     Args:
@@ -194,9 +194,7 @@ def einsum_attention(query, key, value, mask, scale, dropout_layer=None,
     # kv head serve its G query heads as G*T rows of one matmul, so K and V
     # are never repeated.
     query = ops.transpose(query * ops.cast(scale, query.dtype), (0, 2, 1, 3))
-    query = ops.reshape(
-        query, (batch, num_kv_heads, group_size * query_length, key_dim)
-    )
+    query = ops.reshape(query, (batch, num_kv_heads, group_size * query_length, key_dim))
     key = ops.transpose(key, (0, 2, 3, 1))
     value = ops.transpose(value, (0, 2, 1, 3))
     logits = ops.matmul(query, key)
@@ -208,13 +206,9 @@ def einsum_attention(query, key, value, mask, scale, dropout_layer=None,
     dropped = probabilities
     if dropout_layer is not None:
         dropped = dropout_layer(probabilities, training=training)
-    dropped = ops.reshape(
-        dropped, (batch, num_kv_heads, group_size * query_length, key_length)
-    )
+    dropped = ops.reshape(dropped, (batch, num_kv_heads, group_size * query_length, key_length))
     output = ops.matmul(dropped, value)
-    output = ops.reshape(
-        output, (batch, num_heads, query_length, value.shape[-1])
-    )
+    output = ops.reshape(output, (batch, num_heads, query_length, value.shape[-1]))
     return ops.transpose(output, (0, 2, 1, 3)), probabilities
 
 
@@ -223,9 +217,7 @@ def _check_lora_arguments(lora_rank, lora_alpha, lora_dropout):
     if lora_rank is not None:
         _checks.check_positive_int("lora_rank", lora_rank)
     if lora_alpha is not None and (
-        isinstance(lora_alpha, bool)
-        or not isinstance(lora_alpha, (int, float))
-        or lora_alpha <= 0
+        isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or lora_alpha <= 0
     ):
         raise ValueError(
             "Argument `lora_alpha` must be a number > 0, or None to use "
@@ -262,10 +254,7 @@ def _dense_or_lora(layer, units, name, activation=None, use_bias=True, **dense_k
 def _dynamic_shape(x):
     """Static sizes where known, scalar tensors where not (e.g. TF's None)."""
     dynamic = ops.shape(x)
-    return tuple(
-        static if static is not None else dynamic[i]
-        for i, static in enumerate(x.shape)
-    )
+    return tuple(static if static is not None else dynamic[i] for i, static in enumerate(x.shape))
 
 
 @keras.saving.register_keras_serializable(package="hlkeras")
@@ -372,9 +361,7 @@ class MultiHeadAttention(keras.layers.Layer):
             else _checks.check_positive_int("value_dim", value_dim)
         )
         self.output_dim = (
-            None
-            if output_dim is None
-            else _checks.check_positive_int("output_dim", output_dim)
+            None if output_dim is None else _checks.check_positive_int("output_dim", output_dim)
         )
         self.dropout = _checks.check_rate("dropout", dropout)
         self.use_bias = bool(use_bias)
@@ -398,9 +385,7 @@ class MultiHeadAttention(keras.layers.Layer):
 
     def build(self, query_shape, value_shape, key_shape=None):
         key_shape = value_shape if key_shape is None else key_shape
-        for name, shape in (
-            ("query", query_shape), ("value", value_shape), ("key", key_shape)
-        ):
+        for name, shape in (("query", query_shape), ("value", value_shape), ("key", key_shape)):
             _check_sequence_shape(name, shape)
         if tuple(value_shape[:-1]) != tuple(key_shape[:-1]):
             raise ValueError(
@@ -410,21 +395,15 @@ class MultiHeadAttention(keras.layers.Layer):
             )
         self.query_dense = self._projection(self.num_heads * self.key_dim, "query")
         self.key_dense = self._projection(self.num_kv_heads * self.key_dim, "key")
-        self.value_dense = self._projection(
-            self.num_kv_heads * self.value_dim, "value"
-        )
-        self.output_dense = self._projection(
-            self.output_dim or query_shape[-1], "attention_output"
-        )
+        self.value_dense = self._projection(self.num_kv_heads * self.value_dim, "value")
+        self.output_dense = self._projection(self.output_dim or query_shape[-1], "attention_output")
         self.attention_dropout = keras.layers.Dropout(
             self.dropout, seed=self.seed, dtype=self.dtype_policy
         )
         self.query_dense.build(query_shape)
         self.key_dense.build(key_shape)
         self.value_dense.build(value_shape)
-        self.output_dense.build(
-            tuple(query_shape[:-1]) + (self.num_heads * self.value_dim,)
-        )
+        self.output_dense.build(tuple(query_shape[:-1]) + (self.num_heads * self.value_dim,))
 
     def _projection(self, units, name):
         """Every projection is made here: a `Dense`, whose `kernel` and
@@ -452,22 +431,16 @@ class MultiHeadAttention(keras.layers.Layer):
         if is_self_attention and self.lora_rank is None:
             query_heads, key_heads, value_heads = self._project_self(query)
         else:
-            query_heads, key_heads, value_heads = self._project_cross(
-                query, key, value, training
-            )
+            query_heads, key_heads, value_heads = self._project_cross(query, key, value, training)
         if self.rope:
             query_heads = rotary_embedding(query_heads, self.rope_max_wavelength)
             key_heads = rotary_embedding(key_heads, self.rope_max_wavelength)
 
         is_causal = self.causal or use_causal_mask
-        logits_shape = (
-            query.shape[0], self.num_heads, query.shape[1], value.shape[1]
-        )
+        logits_shape = (query.shape[0], self.num_heads, query.shape[1], value.shape[1])
         explicit_mask = _and_masks(
             padding_mask(query_mask, value_mask, key_mask),
-            None
-            if attention_mask is None
-            else attention_mask_to_4d(attention_mask, logits_shape),
+            None if attention_mask is None else attention_mask_to_4d(attention_mask, logits_shape),
         )
         use_dropout = bool(training) and self.dropout > 0.0
         if (
@@ -509,9 +482,7 @@ class MultiHeadAttention(keras.layers.Layer):
         if is_causal and mask is not None:
             # Backends differ in how they combine `is_causal` with a mask;
             # one explicit mask means the same thing everywhere.
-            mask = ops.logical_and(
-                mask, causal_mask(ops.shape(query)[1], ops.shape(key)[1])
-            )
+            mask = ops.logical_and(mask, causal_mask(ops.shape(query)[1], ops.shape(key)[1]))
             is_causal = False
         if self.num_kv_heads == 1 and self.num_heads > 1:
             # Backends repeat kv heads only when there are several of them.
@@ -529,9 +500,7 @@ class MultiHeadAttention(keras.layers.Layer):
     def _project_self(self, inputs):
         """Q, K and V heads of one input from a single fused matmul."""
         projections = (self.query_dense, self.key_dense, self.value_dense)
-        kernel = ops.concatenate(
-            [self._kernel_of(dense) for dense in projections], axis=-1
-        )
+        kernel = ops.concatenate([self._kernel_of(dense) for dense in projections], axis=-1)
         fused = ops.matmul(inputs, kernel)
         if self.use_bias:
             fused = fused + ops.concatenate(
@@ -541,9 +510,7 @@ class MultiHeadAttention(keras.layers.Layer):
         key_size = self.num_kv_heads * self.key_dim
         # One split, not three slices: torch's slice backward writes each
         # gradient into a zero tensor of the full fused width.
-        query, key, value = ops.split(
-            fused, [query_size, query_size + key_size], axis=-1
-        )
+        query, key, value = ops.split(fused, [query_size, query_size + key_size], axis=-1)
         return (
             self._split_heads(query, self.num_heads, self.key_dim),
             self._split_heads(key, self.num_kv_heads, self.key_dim),
@@ -602,8 +569,10 @@ class MultiHeadAttention(keras.layers.Layer):
                     f"{built_features[name]}; a built layer cannot project "
                     f"other sizes. Received: {name}.shape={tuple(tensor.shape)}"
                 )
-        if value.shape[1] is not None and key.shape[1] is not None and (
-            value.shape[1] != key.shape[1]
+        if (
+            value.shape[1] is not None
+            and key.shape[1] is not None
+            and (value.shape[1] != key.shape[1])
         ):
             raise ValueError(
                 "Arguments `value` and `key` must have the same sequence "
@@ -633,9 +602,7 @@ class MultiHeadAttention(keras.layers.Layer):
         )
         if not return_attention_scores:
             return output
-        scores_shape = (
-            query.shape[0], self.num_heads, query.shape[1], value.shape[1]
-        )
+        scores_shape = (query.shape[0], self.num_heads, query.shape[1], value.shape[1])
         return output, keras.KerasTensor(scores_shape, dtype=self.compute_dtype)
 
     def get_config(self):
@@ -737,11 +704,7 @@ class FeedForward(keras.layers.Layer):
         initializer = {}
         if self.lora_rank is None:
             # A LoRADense base is always copied in, never initialized.
-            initializer = {
-                "kernel_initializer": _checks.kernel_initializer_for(
-                    self.activation
-                )
-            }
+            initializer = {"kernel_initializer": _checks.kernel_initializer_for(self.activation)}
         self.hidden_dense = _dense_or_lora(
             self, self.ffn_units, "hidden_dense", self.activation, **initializer
         )
@@ -849,17 +812,13 @@ class TransformerBlock(keras.layers.Layer):
         super().__init__(**kwargs)
         self.num_heads = _checks.check_positive_int("num_heads", num_heads)
         self.ffn_units = _checks.check_positive_int("ffn_units", ffn_units)
-        self.key_dim = (
-            None if key_dim is None else _checks.check_positive_int("key_dim", key_dim)
-        )
+        self.key_dim = None if key_dim is None else _checks.check_positive_int("key_dim", key_dim)
         self.num_kv_heads = _check_num_kv_heads(num_kv_heads, num_heads)
         self.dropout = _checks.check_rate("dropout", dropout)
         self.drop_path = _checks.check_rate("drop_path", drop_path)
         self.causal = bool(causal)
         self.activation = _checks.check_activation("activation", activation)
-        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or (
-            num_experts < 0
-        ):
+        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or (num_experts < 0):
             raise ValueError(
                 "Argument `num_experts` must be an integer >= 0 (0 means a "
                 f"dense FFN). Received: num_experts={num_experts!r}"
@@ -915,9 +874,7 @@ class TransformerBlock(keras.layers.Layer):
             epsilon=1e-5, dtype=policy, trainable=norms_train, name="ffn_norm"
         )
         self.ffn = self._build_ffn()
-        self.attention_output_dropout = keras.layers.Dropout(
-            self.dropout, dtype=policy
-        )
+        self.attention_output_dropout = keras.layers.Dropout(self.dropout, dtype=policy)
         self.ffn_output_dropout = keras.layers.Dropout(self.dropout, dtype=policy)
         self.attention_drop_path = DropPath(self.drop_path, dtype=policy)
         self.ffn_drop_path = DropPath(self.drop_path, dtype=policy)

@@ -148,9 +148,7 @@ class LoRADense(keras.layers.Layer):
             adapter_inputs = self.adapter_dropout(inputs, training=training)
         # Scale the thin (..., rank) activation, not the (..., units) one.
         low_rank = ops.matmul(adapter_inputs, self.lora_kernel_a) * self.scale
-        outputs = ops.add(
-            ops.matmul(inputs, self.kernel), ops.matmul(low_rank, self.lora_kernel_b)
-        )
+        outputs = ops.add(ops.matmul(inputs, self.kernel), ops.matmul(low_rank, self.lora_kernel_b))
         if self.bias is not None:
             outputs = ops.add(outputs, self.bias)
         if self.activation_fn is not None:
@@ -207,4 +205,3 @@ class LoRADense(keras.layers.Layer):
             }
         )
         return config
-

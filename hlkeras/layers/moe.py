@@ -145,7 +145,9 @@ def expert_positions(expert_index, num_experts, group_size=None):
     sort_keys = assignment_queue * (top_k * group_size) + priority
     sorted_assignments = ops.cast(ops.argsort(sort_keys), "int32")
     return (
-        assignment_queue, in_assignment_order(position), queue_lengths,
+        assignment_queue,
+        in_assignment_order(position),
+        queue_lengths,
         sorted_assignments,
     )
 
@@ -172,7 +174,11 @@ BufferLayout = collections.namedtuple(
 
 
 def _rows_to_assignments(
-    block_expert, first_block, block_size, tokens_per_expert, sorted_assignments,
+    block_expert,
+    first_block,
+    block_size,
+    tokens_per_expert,
+    sorted_assignments,
     max_position,
 ):
     """The assignment that fills each buffer row, and whether the row is used."""
@@ -183,9 +189,7 @@ def _rows_to_assignments(
     ) * block_size
     position = ops.reshape(block_offset[:, None] + row_in_block[None, :], (-1,))
     row_expert = ops.repeat(block_expert, block_size)
-    queue_length = ops.minimum(
-        ops.take(tokens_per_expert, row_expert, axis=0), max_position
-    )
+    queue_length = ops.minimum(ops.take(tokens_per_expert, row_expert, axis=0), max_position)
     row_valid = position < queue_length
     queue_start = ops.cumsum(tokens_per_expert) - tokens_per_expert
     sorted_slot = ops.take(queue_start, row_expert, axis=0) + position
@@ -198,8 +202,12 @@ def _rows_to_assignments(
 
 
 def capacity_layout(
-    assignment_queue, position_in_queue, queue_lengths, sorted_assignments,
-    num_tokens, expert_capacity,
+    assignment_queue,
+    position_in_queue,
+    queue_lengths,
+    sorted_assignments,
+    num_tokens,
+    expert_capacity,
 ):
     """One block of `expert_capacity` rows per queue; overflow is dropped.
 
@@ -218,11 +226,19 @@ def capacity_layout(
     )
     block_queue = ops.arange(num_queues, dtype="int32")
     row_assignment, row_valid = _rows_to_assignments(
-        block_queue, block_queue, expert_capacity, queue_lengths,
-        sorted_assignments, expert_capacity,
+        block_queue,
+        block_queue,
+        expert_capacity,
+        queue_lengths,
+        sorted_assignments,
+        expert_capacity,
     )
     return BufferLayout(
-        assignment_row, assignment_kept, row_assignment, row_valid, None,
+        assignment_row,
+        assignment_kept,
+        row_assignment,
+        row_valid,
+        None,
         expert_capacity,
     )
 
@@ -244,8 +260,13 @@ def dropless_num_blocks(num_assignments, num_experts, block_size):
 
 
 def dropless_layout(
-    assignment_expert, position_in_expert, tokens_per_expert, sorted_assignments,
-    num_tokens, block_size, num_blocks,
+    assignment_expert,
+    position_in_expert,
+    tokens_per_expert,
+    sorted_assignments,
+    num_tokens,
+    block_size,
+    num_blocks,
 ):
     """Every assignment kept: each expert gets `ceil(load / block_size)` blocks.
 
@@ -264,26 +285,29 @@ def dropless_layout(
     first_block = block_end - blocks_per_expert
     block_index = ops.arange(num_blocks, dtype="int32")
     # Block j belongs to the first expert whose blocks end after j.
-    block_expert = ops.sum(
-        ops.cast(block_end[None, :] <= block_index[:, None], "int32"), axis=-1
-    )
+    block_expert = ops.sum(ops.cast(block_end[None, :] <= block_index[:, None], "int32"), axis=-1)
     block_expert = ops.minimum(block_expert, num_experts - 1)
     row_assignment, row_valid = _rows_to_assignments(
-        block_expert, first_block, block_size, tokens_per_expert,
-        sorted_assignments, num_tokens,
+        block_expert,
+        first_block,
+        block_size,
+        tokens_per_expert,
+        sorted_assignments,
+        num_tokens,
     )
     # Trailing spare blocks were clamped onto the last expert: mask them.
     spare_block = block_index >= block_end[-1]
-    row_valid = ops.logical_and(
-        row_valid, ops.logical_not(ops.repeat(spare_block, block_size))
-    )
+    row_valid = ops.logical_and(row_valid, ops.logical_not(ops.repeat(spare_block, block_size)))
     assignment_row = (
-        ops.take(first_block, assignment_expert, axis=0) * block_size
-        + position_in_expert
+        ops.take(first_block, assignment_expert, axis=0) * block_size + position_in_expert
     )
     assignment_kept = ops.ones_like(position_in_expert, dtype="bool")
     return BufferLayout(
-        assignment_row, assignment_kept, row_assignment, row_valid, block_expert,
+        assignment_row,
+        assignment_kept,
+        row_assignment,
+        row_valid,
+        block_expert,
         block_size,
     )
 
@@ -319,9 +343,7 @@ def _gather_rows(source, index, valid, inverse_index, inverse_valid, groups):
             if upstream is None:
                 (upstream,) = args
             source_grad = _masked_take(upstream, inverse_index, inverse_valid)
-            source_grad = ops.reshape(
-                source_grad, (groups, -1, ops.shape(source_grad)[-1])
-            )
+            source_grad = ops.reshape(source_grad, (groups, -1, ops.shape(source_grad)[-1]))
             return ops.sum(source_grad, axis=0)
 
         return _masked_take(source, index, valid), grad
@@ -344,8 +366,15 @@ def dispatch_tokens(tokens, layout, top_k):
 
 
 def expert_ffn(
-    expert_inputs, hidden_kernel, hidden_bias, output_kernel, output_bias,
-    activation, block_expert=None, hidden_dropout=None, training=None,
+    expert_inputs,
+    hidden_kernel,
+    hidden_bias,
+    output_kernel,
+    output_bias,
+    activation,
+    block_expert=None,
+    hidden_dropout=None,
+    training=None,
 ):
     """Runs every block of the buffer through its expert's FFN.
 
@@ -535,9 +564,11 @@ class MixtureOfExperts(keras.layers.Layer):
                 f"Received: top_k={top_k!r} with num_experts={num_experts}"
             )
         if capacity_factor is not None:
-            if isinstance(capacity_factor, bool) or not isinstance(
-                capacity_factor, (int, float)
-            ) or not capacity_factor > 0:
+            if (
+                isinstance(capacity_factor, bool)
+                or not isinstance(capacity_factor, (int, float))
+                or not capacity_factor > 0
+            ):
                 raise ValueError(
                     "Argument `capacity_factor` must be a number > 0, or None "
                     f"for dropless routing. Received: capacity_factor={capacity_factor!r}"
@@ -553,15 +584,11 @@ class MixtureOfExperts(keras.layers.Layer):
         self.load_balance_weight = _checks.check_non_negative(
             "load_balance_weight", load_balance_weight
         )
-        self.router_z_weight = _checks.check_non_negative(
-            "router_z_weight", router_z_weight
-        )
+        self.router_z_weight = _checks.check_non_negative("router_z_weight", router_z_weight)
         self.router_jitter = _checks.check_rate("router_jitter", router_jitter)
         self.dropout = _checks.check_rate("dropout", dropout)
         self.activation_fn = keras.activations.get(self.activation)
-        self.jitter_seed = (
-            keras.random.SeedGenerator() if self.router_jitter > 0 else None
-        )
+        self.jitter_seed = keras.random.SeedGenerator() if self.router_jitter > 0 else None
 
     @property
     def is_dropless(self):
@@ -575,9 +602,7 @@ class MixtureOfExperts(keras.layers.Layer):
         experts, hidden = self.num_experts, self.hidden_units
         # Router logits in float32 even under mixed precision: the top-k
         # choice and the z-loss are sensitive to rounding.
-        self.router = keras.layers.Dense(
-            experts, use_bias=False, dtype="float32", name="router"
-        )
+        self.router = keras.layers.Dense(experts, use_bias=False, dtype="float32", name="router")
         self.router.build(tuple(input_shape[:-1]) + (input_dim,))
         self.expert_hidden_kernel = self.add_weight(
             name="expert_hidden_kernel",
@@ -596,9 +621,7 @@ class MixtureOfExperts(keras.layers.Layer):
             name="expert_output_bias", shape=(experts, output_dim), initializer="zeros"
         )
         self.hidden_dropout = (
-            keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
-            if self.dropout
-            else None
+            keras.layers.Dropout(self.dropout, dtype=self.dtype_policy) if self.dropout else None
         )
         # Routing statistics are layer state that training calls update, as
         # BatchNormalization's moving statistics are: unlike a metric inside
@@ -609,8 +632,12 @@ class MixtureOfExperts(keras.layers.Layer):
 
     def _routing_state(self, name, shape):
         return self.add_weight(
-            name=name, shape=shape, initializer="zeros", trainable=False,
-            dtype="float32", autocast=False,
+            name=name,
+            shape=shape,
+            initializer="zeros",
+            trainable=False,
+            dtype="float32",
+            autocast=False,
         )
 
     def call(self, inputs, training=None):
@@ -626,9 +653,7 @@ class MixtureOfExperts(keras.layers.Layer):
         expert_inputs = dispatch_tokens(tokens, layout, self.top_k)
         if layout.block_expert is None:
             # Capacity mode: each expert's queues are contiguous blocks.
-            expert_inputs = ops.reshape(
-                expert_inputs, (self.num_experts, -1, input_shape[-1])
-            )
+            expert_inputs = ops.reshape(expert_inputs, (self.num_experts, -1, input_shape[-1]))
         expert_outputs = expert_ffn(
             expert_inputs,
             self.expert_hidden_kernel,
@@ -740,8 +765,12 @@ def routing_summary(calls, dropped_total, load_total):
     if calls <= 0:
         nan = float("nan")
         expert_load = np.full(np.shape(load_total), nan)
-        return {"calls": 0.0, "dropped_fraction": nan, "expert_load": expert_load,
-                "max_expert_load": nan}
+        return {
+            "calls": 0.0,
+            "dropped_fraction": nan,
+            "expert_load": expert_load,
+            "max_expert_load": nan,
+        }
     expert_load = np.asarray(load_total, "float64") / calls
     return {
         "calls": calls,

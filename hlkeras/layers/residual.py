@@ -51,9 +51,7 @@ class DropPath(keras.layers.Layer):
         keep_prob = 1.0 - self.rate
         # One draw per sample, broadcast over every other axis.
         mask_shape = (ops.shape(inputs)[0],) + (1,) * (len(inputs.shape) - 1)
-        uniform = keras.random.uniform(
-            mask_shape, seed=self.seed_generator, dtype="float32"
-        )
+        uniform = keras.random.uniform(mask_shape, seed=self.seed_generator, dtype="float32")
         keep_mask = ops.cast(uniform < keep_prob, inputs.dtype)
         return inputs * keep_mask / ops.cast(keep_prob, inputs.dtype)
 
@@ -143,9 +141,7 @@ class ResidualBlock(keras.layers.Layer):
             name="hidden_dense",
         )
         self.hidden_dropout = keras.layers.Dropout(self.dropout, dtype=policy)
-        self.output_dense = keras.layers.Dense(
-            self.units, dtype=policy, name="output_dense"
-        )
+        self.output_dense = keras.layers.Dense(self.units, dtype=policy, name="output_dense")
         self.branch_drop_path = DropPath(self.drop_path, dtype=policy)
         self.shortcut = None
         if input_dim != self.units:
@@ -281,9 +277,7 @@ class ConvResidualBlock(keras.layers.Layer):
             ]
         self.branch_convs = convs
         self.branch_norms = [self._batch_norm(f"bn_{i + 1}") for i in range(len(convs))]
-        self.activation_fn = keras.layers.Activation(
-            self.activation, dtype=self.dtype_policy
-        )
+        self.activation_fn = keras.layers.Activation(self.activation, dtype=self.dtype_policy)
         self.branch_drop_path = DropPath(self.drop_path, dtype=self.dtype_policy)
         self.shortcut_conv = self.shortcut_norm = None
         if self.strides != 1 or in_channels != self.filters:

@@ -25,8 +25,7 @@ def to_numpy(x):
 
 def randomize_biases(layer):
     """Zero-initialized biases would hide a bias that is never added."""
-    for dense in (layer.query_dense, layer.key_dense, layer.value_dense,
-                  layer.output_dense):
+    for dense in (layer.query_dense, layer.key_dense, layer.value_dense, layer.output_dense):
         dense.bias.assign(RNG.normal(size=dense.bias.shape).astype("float32"))
 
 
@@ -35,8 +34,10 @@ def weights_of(layer):
     return {
         name: (to_numpy(dense.kernel), to_numpy(dense.bias))
         for name, dense in (
-            ("query", layer.query_dense), ("key", layer.key_dense),
-            ("value", layer.value_dense), ("output", layer.output_dense),
+            ("query", layer.query_dense),
+            ("key", layer.key_dense),
+            ("value", layer.value_dense),
+            ("output", layer.output_dense),
         )
     }
 
@@ -66,9 +67,7 @@ def numpy_rope(x, max_wavelength=10000):
     for position in range(length):
         for i in range(half):
             angle = position * max_wavelength ** (-2.0 * i / dim)
-            rotation = np.array(
-                [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
-            )
+            rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
             pair = np.stack([x[:, position, :, i], x[:, position, :, i + half]], -1)
             turned = pair @ rotation.T
             rotated[:, position, :, i] = turned[..., 0]
@@ -116,14 +115,21 @@ def numpy_attention(layer, query, value, mask=None, causal=False):
     [
         ({"num_heads": 4, "key_dim": 8}, [QUERY, VALUE], (2, 5, 16)),
         (
-            {"num_heads": 4, "key_dim": 8, "num_kv_heads": 2, "rope": True,
-             "causal": True},
+            {"num_heads": 4, "key_dim": 8, "num_kv_heads": 2, "rope": True, "causal": True},
             [QUERY, VALUE],
             (2, 5, 16),
         ),
         (
-            {"num_heads": 2, "key_dim": 6, "value_dim": 4, "output_dim": 10,
-             "num_kv_heads": 1, "use_bias": False, "dropout": 0.2, "seed": 3},
+            {
+                "num_heads": 2,
+                "key_dim": 6,
+                "value_dim": 4,
+                "output_dim": 10,
+                "num_kv_heads": 1,
+                "use_bias": False,
+                "dropout": 0.2,
+                "seed": 3,
+            },
             [QUERY, VALUE_12],
             (2, 5, 10),
         ),
@@ -132,7 +138,9 @@ def numpy_attention(layer, query, value, mask=None, causal=False):
 )
 def test_multi_head_attention_contract(init_kwargs, input_data, expected_shape):
     run_layer_test(
-        MultiHeadAttention, init_kwargs, input_data,
+        MultiHeadAttention,
+        init_kwargs,
+        input_data,
         expected_output_shape=expected_shape,
     )
 
@@ -141,12 +149,17 @@ def test_transformer_block_contract():
     # A single input: the attention inside runs the fused self-attention path.
     # One config only (CI budget); the default config is covered by the
     # composition and padding tests below.
-    init_kwargs = {"num_heads": 4, "ffn_units": 24, "num_kv_heads": 2,
-                   "causal": True, "dropout": 0.1, "drop_path": 0.2,
-                   "activation": "silu", "key_dim": 6}
-    run_layer_test(
-        TransformerBlock, init_kwargs, QUERY, expected_output_shape=QUERY.shape
-    )
+    init_kwargs = {
+        "num_heads": 4,
+        "ffn_units": 24,
+        "num_kv_heads": 2,
+        "causal": True,
+        "dropout": 0.1,
+        "drop_path": 0.2,
+        "activation": "silu",
+        "key_dim": 6,
+    }
+    run_layer_test(TransformerBlock, init_kwargs, QUERY, expected_output_shape=QUERY.shape)
 
 
 # --- oracle: keras.layers.MultiHeadAttention with the same weights -------------
@@ -154,8 +167,12 @@ def test_transformer_block_contract():
 
 @pytest.mark.parametrize(
     "call_kwargs",
-    [{}, {"attention_mask": MASK}, {"use_causal_mask": True},
-     {"attention_mask": MASK, "use_causal_mask": True}],
+    [
+        {},
+        {"attention_mask": MASK},
+        {"use_causal_mask": True},
+        {"attention_mask": MASK, "use_causal_mask": True},
+    ],
     ids=["plain", "attention-mask", "causal", "mask-and-causal"],
 )
 def test_cross_attention_equals_keras(call_kwargs):
@@ -168,7 +185,8 @@ def test_cross_attention_equals_keras(call_kwargs):
     np.testing.assert_allclose(
         to_numpy(ours(QUERY, VALUE, **call_kwargs)),
         to_numpy(reference(QUERY, VALUE, **call_kwargs)),
-        rtol=1e-5, atol=1e-5,
+        rtol=1e-5,
+        atol=1e-5,
     )
 
 
@@ -187,7 +205,8 @@ def test_fused_self_attention_equals_keras(call_kwargs):
     np.testing.assert_allclose(
         to_numpy(ours(QUERY, QUERY, **call_kwargs)),
         to_numpy(reference(QUERY, QUERY, **call_kwargs)),
-        rtol=1e-5, atol=1e-5,
+        rtol=1e-5,
+        atol=1e-5,
     )
 
 
@@ -201,7 +220,8 @@ def test_causal_constructor_argument_equals_keras_use_causal_mask():
     np.testing.assert_allclose(
         to_numpy(ours(QUERY, QUERY)),
         to_numpy(reference(QUERY, QUERY, use_causal_mask=True)),
-        rtol=1e-5, atol=1e-5,
+        rtol=1e-5,
+        atol=1e-5,
     )
 
 
@@ -211,15 +231,13 @@ def test_attention_scores_equal_keras():
     reference = keras.layers.MultiHeadAttention(4, 8)
     reference(QUERY, VALUE)
     copy_into_keras(ours, reference)
-    output, scores = ours(QUERY, VALUE, attention_mask=MASK,
-                          return_attention_scores=True)
-    ref_output, ref_scores = reference(QUERY, VALUE, attention_mask=MASK,
-                                       return_attention_scores=True)
+    output, scores = ours(QUERY, VALUE, attention_mask=MASK, return_attention_scores=True)
+    ref_output, ref_scores = reference(
+        QUERY, VALUE, attention_mask=MASK, return_attention_scores=True
+    )
     assert tuple(scores.shape) == (BATCH, 4, QUERY_LENGTH, KEY_LENGTH)
-    np.testing.assert_allclose(to_numpy(scores), to_numpy(ref_scores),
-                               rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(to_numpy(output), to_numpy(ref_output),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(to_numpy(scores), to_numpy(ref_scores), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(to_numpy(output), to_numpy(ref_output), rtol=1e-5, atol=1e-5)
 
 
 def _masked_model(layer, vocabulary=10):
@@ -266,25 +284,28 @@ def test_grouped_query_equals_mha_with_repeated_kv_heads(num_kv_heads, self_atte
         dense = getattr(full, f"{name}_dense")
         if name in ("key", "value"):
             # kv head k serves query heads k*G .. k*G+G-1: repeat each head.
-            kernel = np.repeat(kernel.reshape(FEATURES, num_kv_heads, 8), group,
-                               axis=1).reshape(FEATURES, -1)
+            kernel = np.repeat(kernel.reshape(FEATURES, num_kv_heads, 8), group, axis=1).reshape(
+                FEATURES, -1
+            )
             bias = np.repeat(bias.reshape(num_kv_heads, 8), group, axis=0).ravel()
         dense.kernel.assign(kernel)
         dense.bias.assign(bias)
-    for kwargs in ({}, {"attention_mask": MASK[:, :, : value.shape[1]]},
-                   {"use_causal_mask": True}):
+    for kwargs in ({}, {"attention_mask": MASK[:, :, : value.shape[1]]}, {"use_causal_mask": True}):
         np.testing.assert_allclose(
             to_numpy(grouped(QUERY, value, **kwargs)),
             to_numpy(full(QUERY, value, **kwargs)),
-            rtol=1e-5, atol=1e-5,
+            rtol=1e-5,
+            atol=1e-5,
         )
 
 
 def test_rotary_embedding_equals_numpy_rotation():
     x = RNG.normal(size=(2, 6, 3, 8)).astype("float32")
     np.testing.assert_allclose(
-        to_numpy(attention.rotary_embedding(x)), numpy_rope(x),
-        rtol=1e-5, atol=1e-5,
+        to_numpy(attention.rotary_embedding(x)),
+        numpy_rope(x),
+        rtol=1e-5,
+        atol=1e-5,
     )
 
 
@@ -317,15 +338,17 @@ def test_layer_equals_numpy_reference(init_kwargs, self_attention, mask):
     np.testing.assert_allclose(
         to_numpy(layer(QUERY, value, **call_kwargs)),
         numpy_attention(layer, QUERY, value, mask, causal=layer.causal),
-        rtol=1e-4, atol=1e-4,
+        rtol=1e-4,
+        atol=1e-4,
     )
 
 
 def test_attention_dropout_only_in_training():
     layer = MultiHeadAttention(4, 8, dropout=0.5, seed=1)
     inference = to_numpy(layer(QUERY, VALUE, training=False))
-    np.testing.assert_allclose(inference, numpy_attention(layer, QUERY, VALUE),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        inference, numpy_attention(layer, QUERY, VALUE), rtol=1e-4, atol=1e-4
+    )
     assert np.abs(to_numpy(layer(QUERY, VALUE, training=True)) - inference).max() > 1e-3
 
 
@@ -353,15 +376,14 @@ def test_transformer_block_ignores_padded_positions():
     # block applied to that sequence cut to its valid length.
     lengths = (3, 5)
     padded = QUERY.copy()
-    padded[0, lengths[0]:] = 0.0
+    padded[0, lengths[0] :] = 0.0
     block = TransformerBlock(4, 32, causal=False)
     tokens = keras.Input(shape=(None, FEATURES))
     model = keras.Model(tokens, block(keras.layers.Masking(0.0)(tokens)))
     output = to_numpy(model(padded))
     for row, length in enumerate(lengths):
         alone = to_numpy(block(padded[row : row + 1, :length]))
-        np.testing.assert_allclose(output[row : row + 1, :length], alone,
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(output[row : row + 1, :length], alone, rtol=1e-5, atol=1e-5)
 
 
 # --- variable sequence length ------------------------------------------------------
@@ -373,11 +395,16 @@ def test_variable_length_input_matches_fixed_length_layer():
     model = keras.Model(tokens, layer(tokens, tokens))
     assert model.output_shape == (None, None, FEATURES)
     for length in (3, 6):
-        x = QUERY[:, :length] if length <= QUERY_LENGTH else np.concatenate(
-            [QUERY, QUERY[:, : length - QUERY_LENGTH]], axis=1)
+        x = (
+            QUERY[:, :length]
+            if length <= QUERY_LENGTH
+            else np.concatenate([QUERY, QUERY[:, : length - QUERY_LENGTH]], axis=1)
+        )
         np.testing.assert_allclose(
             to_numpy(model.predict(x, verbose=0)),
-            numpy_attention(layer, x, x, causal=True), rtol=1e-4, atol=1e-4,
+            numpy_attention(layer, x, x, causal=True),
+            rtol=1e-4,
+            atol=1e-4,
         )
 
 
@@ -392,7 +419,9 @@ def test_variable_length_transformer_block_converts_to_tflite():
         x = np.concatenate([QUERY, QUERY], axis=1)[:, :length]
         np.testing.assert_allclose(
             export.run_tflite(tflite_model, x),
-            to_numpy(model.predict(x, verbose=0)), rtol=0, atol=1e-4,
+            to_numpy(model.predict(x, verbose=0)),
+            rtol=0,
+            atol=1e-4,
         )
 
 
@@ -441,14 +470,20 @@ def test_inputs_must_be_sequences():
 
 @pytest.mark.parametrize(
     "mask_shape",
-    [(BATCH, QUERY_LENGTH, 3), (3, QUERY_LENGTH, KEY_LENGTH), (BATCH, 3, QUERY_LENGTH, KEY_LENGTH),
-     (KEY_LENGTH,)],
+    [
+        (BATCH, QUERY_LENGTH, 3),
+        (3, QUERY_LENGTH, KEY_LENGTH),
+        (BATCH, 3, QUERY_LENGTH, KEY_LENGTH),
+        (KEY_LENGTH,),
+    ],
 )
 def test_mask_that_cannot_broadcast_shows_both_shapes(mask_shape):
     layer = MultiHeadAttention(4, 8)
     expected = (
-        r"`attention_mask`.*" + _escaped((BATCH, 4, QUERY_LENGTH, KEY_LENGTH))
-        + r".*attention_mask\.shape=" + _escaped(mask_shape)
+        r"`attention_mask`.*"
+        + _escaped((BATCH, 4, QUERY_LENGTH, KEY_LENGTH))
+        + r".*attention_mask\.shape="
+        + _escaped(mask_shape)
     )
     with pytest.raises(ValueError, match=expected):
         layer(QUERY, VALUE, attention_mask=np.ones(mask_shape, bool))

@@ -33,8 +33,14 @@ def _with_random_adapter(layer):
     [
         ({"units": 6, "rank": 2}, VECTORS, (4, 6)),
         (
-            {"units": 5, "rank": 3, "alpha": 6.0, "dropout": 0.1,
-             "activation": "gelu", "rslora": True},
+            {
+                "units": 5,
+                "rank": 3,
+                "alpha": 6.0,
+                "dropout": 0.1,
+                "activation": "gelu",
+                "rslora": True,
+            },
             SEQUENCES,
             (4, 5, 5),
         ),
@@ -158,8 +164,10 @@ def test_dropout_touches_only_the_adapter_path():
     layer.build(VECTORS.shape)
     # With B = 0 the adapter adds nothing, so dropout must change nothing.
     np.testing.assert_allclose(
-        _numpy(layer(VECTORS, training=True)), _numpy(layer(VECTORS, training=False)),
-        rtol=1e-6, atol=1e-6,
+        _numpy(layer(VECTORS, training=True)),
+        _numpy(layer(VECTORS, training=False)),
+        rtol=1e-6,
+        atol=1e-6,
     )
     _with_random_adapter(layer)
     assert not np.allclose(
@@ -206,9 +214,7 @@ def test_bad_arguments_raise_value_error_naming_them(kwargs, argument):
         LoRADense(**kwargs)
 
 
-@pytest.mark.parametrize(
-    "units, input_dim", [(4, 6), (8, 3)], ids=["units-limits", "d_in-limits"]
-)
+@pytest.mark.parametrize("units, input_dim", [(4, 6), (8, 3)], ids=["units-limits", "d_in-limits"])
 def test_rank_above_min_of_d_in_and_units_raises_at_build(units, input_dim):
     layer = LoRADense(units, rank=5)
     with pytest.raises(ValueError, match=r"`rank` must be <= min\(d_in, units\)"):

@@ -94,18 +94,26 @@ def randomize_biases(layer):
         # rounding that flips one routing choice can change which later
         # token is dropped, and the bfloat16 parity check would compare two
         # different (both correct) routings.
-        ({"num_experts": 4, "hidden_units": 8, "capacity_factor": 2.0},
-         SEQUENCES, (4, 5, 6)),
-        ({"num_experts": 3, "hidden_units": 8, "capacity_factor": None,
-          "top_k": 1, "activation": "relu", "output_units": 3, "dropout": 0.1,
-          "router_jitter": 0.1}, VECTORS, (8, 3)),
+        ({"num_experts": 4, "hidden_units": 8, "capacity_factor": 2.0}, SEQUENCES, (4, 5, 6)),
+        (
+            {
+                "num_experts": 3,
+                "hidden_units": 8,
+                "capacity_factor": None,
+                "top_k": 1,
+                "activation": "relu",
+                "output_units": 3,
+                "dropout": 0.1,
+                "router_jitter": 0.1,
+            },
+            VECTORS,
+            (8, 3),
+        ),
     ],
     ids=["capacity-sequences", "dropless-top1-vectors-projection-jitter"],
 )
 def test_moe_contract(init_kwargs, inputs, expected_shape):
-    run_layer_test(
-        MixtureOfExperts, init_kwargs, inputs, expected_output_shape=expected_shape
-    )
+    run_layer_test(MixtureOfExperts, init_kwargs, inputs, expected_output_shape=expected_shape)
 
 
 # --- oracle tests ---------------------------------------------------------------
@@ -120,25 +128,29 @@ def test_equals_naive_all_experts_reference_when_nothing_drops(
     capacity_factor, top_k, activation, output_units
 ):
     layer = MixtureOfExperts(
-        4, 8, top_k=top_k, capacity_factor=capacity_factor,
-        activation=activation, output_units=output_units,
+        4,
+        8,
+        top_k=top_k,
+        capacity_factor=capacity_factor,
+        activation=activation,
+        output_units=output_units,
     )
     layer.build(SEQUENCES.shape)
     randomize_biases(layer)
     output = to_numpy(layer(SEQUENCES))
     tokens = SEQUENCES.reshape(-1, 6)
     reference = np_moe(tokens, layer_weights(layer), top_k, activation)
-    np.testing.assert_allclose(
-        output.reshape(len(tokens), -1), reference, rtol=1e-5, atol=1e-5
-    )
+    np.testing.assert_allclose(output.reshape(len(tokens), -1), reference, rtol=1e-5, atol=1e-5)
 
 
 def np_kept_per_example(expert_index, num_experts, capacity, group_size):
     """The slot rule applied to each example's tokens on its own."""
-    return np.concatenate([
-        np_kept(expert_index[start:start + group_size], num_experts, capacity)
-        for start in range(0, len(expert_index), group_size)
-    ])
+    return np.concatenate(
+        [
+            np_kept(expert_index[start : start + group_size], num_experts, capacity)
+            for start in range(0, len(expert_index), group_size)
+        ]
+    )
 
 
 def test_tiny_capacity_drops_exactly_the_numpy_slot_rule_per_example():
@@ -176,9 +188,7 @@ def test_capacity_layout_keeps_the_numpy_slot_rule_assignments():
     positions = moe.expert_positions(keras.ops.convert_to_tensor(expert_index, "int32"), 4)
     layout = moe.capacity_layout(*positions, 30, capacity)
     assignment_kept = to_numpy(layout[1]).reshape(2, 30).T
-    np.testing.assert_array_equal(
-        assignment_kept, np_kept(expert_index, 4, capacity)
-    )
+    np.testing.assert_array_equal(assignment_kept, np_kept(expert_index, 4, capacity))
 
 
 def test_grouped_capacity_layout_keeps_the_slot_rule_of_each_group():
@@ -219,9 +229,7 @@ def test_dropless_layout_places_every_assignment_in_its_experts_block():
     block_size = moe.dropless_block_size(num_assignments, num_experts)
     num_blocks = moe.dropless_num_blocks(num_assignments, num_experts, block_size)
     layout = moe.dropless_layout(*positions, num_tokens, block_size, num_blocks)
-    row, kept, row_assignment, row_valid, block_expert = (
-        to_numpy(t) for t in layout[:5]
-    )
+    row, kept, row_assignment, row_valid, block_expert = (to_numpy(t) for t in layout[:5])
     assert kept.all()
     assert len(set(row.tolist())) == num_assignments, "two assignments share a row"
     assignment_expert = expert_index.T.reshape(-1)
@@ -234,9 +242,7 @@ def test_dropless_layout_places_every_assignment_in_its_experts_block():
 
 
 def test_aux_losses_equal_numpy_formulas():
-    layer = MixtureOfExperts(
-        4, 8, top_k=2, load_balance_weight=0.3, router_z_weight=0.07
-    )
+    layer = MixtureOfExperts(4, 8, top_k=2, load_balance_weight=0.3, router_z_weight=0.07)
     layer.build(SEQUENCES.shape)
     # Large logits, so the z-loss is far from its value at zero logits.
     layer.router.kernel.assign(3.0 * RNG.normal(size=(6, 4)).astype("float32"))
@@ -282,8 +288,11 @@ def test_gradients_reach_router_and_exactly_the_experts_that_got_tokens(capacity
     num_experts = 4
     inputs = keras.Input(shape=(5, 6))
     layer = MixtureOfExperts(
-        num_experts, 8, capacity_factor=capacity_factor,
-        load_balance_weight=0.0, router_z_weight=0.0,
+        num_experts,
+        8,
+        capacity_factor=capacity_factor,
+        load_balance_weight=0.0,
+        router_z_weight=0.0,
     )
     model = keras.Model(inputs, layer(inputs))
     # With positive inputs, experts 0-2 get logits > 0 and expert 3 gets 0:
@@ -346,17 +355,19 @@ def test_one_sgd_step_equals_the_all_experts_reference(capacity_factor):
     target = RNG.normal(size=tokens.shape).astype("float32")
     inputs = keras.Input(shape=(6,))
     layer = MixtureOfExperts(
-        4, 8, capacity_factor=capacity_factor, activation="relu",
-        load_balance_weight=0.0, router_z_weight=0.0,
+        4,
+        8,
+        capacity_factor=capacity_factor,
+        activation="relu",
+        load_balance_weight=0.0,
+        router_z_weight=0.0,
     )
     sparse = keras.Model(inputs, layer(inputs))
     randomize_biases(layer)
     reference_layer = AllExpertsMoE(4, 8, 2)
     reference = keras.Model(inputs, reference_layer(inputs))
     weights = layer_weights(layer)
-    reference.set_weights(
-        [weights[name] for name in ("router", "w1", "b1", "w2", "b2")]
-    )
+    reference.set_weights([weights[name] for name in ("router", "w1", "b1", "w2", "b2")])
     for model in (sparse, reference):
         model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
         model.fit(tokens, target, batch_size=len(tokens), epochs=1, verbose=0)
@@ -382,8 +393,12 @@ def test_nan_router_logits_give_nan_outputs_for_exactly_those_tokens():
     w1 = RNG.normal(size=(num_experts, 6, 8)).astype("float32")
     w2 = RNG.normal(size=(num_experts, 8, 6)).astype("float32")
     expert_outputs = moe.expert_ffn(
-        buffer, w1, np.zeros((num_experts, 8), "float32"), w2,
-        np.zeros((num_experts, 6), "float32"), keras.activations.relu,
+        buffer,
+        w1,
+        np.zeros((num_experts, 8), "float32"),
+        w2,
+        np.zeros((num_experts, 6), "float32"),
+        keras.activations.relu,
     )
     output = to_numpy(moe.combine_expert_outputs(expert_outputs, layout, gates))
     # Which experts a NaN token picks is backend-specific; here token 19, the
@@ -405,7 +420,11 @@ def test_nan_router_weights_make_the_output_and_loss_nan_and_stop_fit():
     assert np.isnan(to_numpy(model(SEQUENCES))).all()
     model.compile(optimizer="sgd", loss="mse")
     history = model.fit(
-        SEQUENCES, SEQUENCES, batch_size=2, epochs=3, verbose=0,
+        SEQUENCES,
+        SEQUENCES,
+        batch_size=2,
+        epochs=3,
+        verbose=0,
         callbacks=[keras.callbacks.TerminateOnNaN()],
     )
     assert model.stop_training
@@ -433,8 +452,13 @@ def test_fit_logs_routing_statistics_matching_the_numpy_slot_rule():
     model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
     routing = RoutingStatistics()
     history = model.fit(
-        SEQUENCES, SEQUENCES, batch_size=len(SEQUENCES), epochs=2, verbose=0,
-        validation_data=(SEQUENCES, SEQUENCES), callbacks=[routing],
+        SEQUENCES,
+        SEQUENCES,
+        batch_size=len(SEQUENCES),
+        epochs=2,
+        verbose=0,
+        validation_data=(SEQUENCES, SEQUENCES),
+        callbacks=[routing],
     ).history
 
     tokens = SEQUENCES.reshape(-1, 6)
@@ -509,9 +533,7 @@ def test_expert_capacity_formula():
     assert moe.expert_capacity_for(100, 8, 2, 1.25) == math.ceil(1.25 * 100 * 2 / 8)
     # Never more than the token count: an expert gets each token at most once.
     assert moe.expert_capacity_for(10, 2, 2, 4.0) == 10
-    tensor_capacity = moe.expert_capacity_for(
-        keras.ops.convert_to_tensor(100, "int32"), 8, 2, 1.25
-    )
+    tensor_capacity = moe.expert_capacity_for(keras.ops.convert_to_tensor(100, "int32"), 8, 2, 1.25)
     assert int(to_numpy(tensor_capacity)) == 32
 
 
@@ -533,10 +555,16 @@ def test_dropless_flag():
         ({"num_experts": 4, "hidden_units": 8, "top_k": 0}, "top_k", "0"),
         ({"num_experts": 4, "hidden_units": 8, "capacity_factor": 0.0}, "capacity_factor", "0.0"),
         ({"num_experts": 4, "hidden_units": 8, "capacity_factor": -1}, "capacity_factor", "-1"),
-        ({"num_experts": 4, "hidden_units": 8, "load_balance_weight": -0.1},
-         "load_balance_weight", "-0.1"),
-        ({"num_experts": 4, "hidden_units": 8, "router_z_weight": -1e-3},
-         "router_z_weight", "-0.001"),
+        (
+            {"num_experts": 4, "hidden_units": 8, "load_balance_weight": -0.1},
+            "load_balance_weight",
+            "-0.1",
+        ),
+        (
+            {"num_experts": 4, "hidden_units": 8, "router_z_weight": -1e-3},
+            "router_z_weight",
+            "-0.001",
+        ),
         ({"num_experts": 4, "hidden_units": 8, "router_jitter": 1.0}, "router_jitter", "1.0"),
         ({"num_experts": 4, "hidden_units": 8, "dropout": -0.5}, "dropout", "-0.5"),
         ({"num_experts": 4, "hidden_units": 8, "output_units": 0}, "output_units", "0"),

@@ -89,12 +89,15 @@ def test_expert_parallel_layout_shards_experts_and_trains_like_unsharded(tmp_pat
         TF_CPP_MIN_LOG_LEVEL="2",
     )
     completed = subprocess.run(
-        [sys.executable, str(script)], env=env, capture_output=True, text=True,
+        [sys.executable, str(script)],
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=300,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
-    line = next(l for l in completed.stdout.splitlines() if l.startswith("RESULT"))
-    result = json.loads(line[len("RESULT"):])
+    line = next(out for out in completed.stdout.splitlines() if out.startswith("RESULT"))
+    result = json.loads(line[len("RESULT") :])
 
     assert result["devices"] == 4
     np.testing.assert_allclose(

@@ -18,8 +18,14 @@ IMAGES = RNG.normal(size=(4, 8, 8, 3)).astype("float32")
     [
         ({"units": 6}, VECTORS, (4, 6)),
         (
-            {"units": 8, "hidden_units": 12, "norm": "batch", "dropout": 0.1,
-             "drop_path": 0.2, "activation": "gelu"},
+            {
+                "units": 8,
+                "hidden_units": 12,
+                "norm": "batch",
+                "dropout": 0.1,
+                "drop_path": 0.2,
+                "activation": "gelu",
+            },
             VECTORS,
             (4, 8),
         ),
@@ -28,9 +34,7 @@ IMAGES = RNG.normal(size=(4, 8, 8, 3)).astype("float32")
     ids=["identity-shortcut", "projection-batchnorm", "sequence-no-norm"],
 )
 def test_residual_block_contract(init_kwargs, inputs, expected_shape):
-    run_layer_test(
-        ResidualBlock, init_kwargs, inputs, expected_output_shape=expected_shape
-    )
+    run_layer_test(ResidualBlock, init_kwargs, inputs, expected_output_shape=expected_shape)
 
 
 @pytest.mark.parametrize(
@@ -43,16 +47,12 @@ def test_residual_block_contract(init_kwargs, inputs, expected_shape):
     ids=["identity-shortcut", "strided-projection", "bottleneck"],
 )
 def test_conv_residual_block_contract(init_kwargs, expected_shape):
-    run_layer_test(
-        ConvResidualBlock, init_kwargs, IMAGES, expected_output_shape=expected_shape
-    )
+    run_layer_test(ConvResidualBlock, init_kwargs, IMAGES, expected_output_shape=expected_shape)
 
 
 def test_drop_path_contract():
     # DropPath has no weights, so there is nothing for the fit check to move.
-    run_layer_test(
-        DropPath, {"rate": 0.3, "seed": 3}, SEQUENCES, run_training_check=False
-    )
+    run_layer_test(DropPath, {"rate": 0.3, "seed": 3}, SEQUENCES, run_training_check=False)
 
 
 def test_residual_block_equals_hand_written_dense_stack():

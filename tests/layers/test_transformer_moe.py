@@ -20,8 +20,7 @@ def test_moe_transformer_block_contract():
     # capacity_factor 4 keeps every token, so TFLite parity covers the full path.
     run_layer_test(
         TransformerBlock,
-        {"num_heads": 4, "ffn_units": 24, "num_experts": 4, "top_k": 2,
-         "capacity_factor": 4.0},
+        {"num_heads": 4, "ffn_units": 24, "num_experts": 4, "top_k": 2, "capacity_factor": 4.0},
         TOKENS,
         expected_output_shape=TOKENS.shape,
     )
