@@ -4,9 +4,10 @@ Runs on any backend:
 
     KERAS_BACKEND=jax python apps/vit_moe.py --epochs 30
 
-`fit` shows the MoE routing metrics (dropped fraction, expert load) on the
-TensorFlow and torch backends; the load-balance and router z-losses are
-added to the training loss on every backend.
+The `RoutingStatistics` callback logs each epoch's MoE routing statistics
+(dropped fraction, max expert load) on every backend; the load-balance and
+router z-losses are added to the training loss. Capacity is per image, so a
+prediction does not depend on the other images in its batch.
 """
 
 import argparse
@@ -16,6 +17,7 @@ import keras
 from hlkeras import data
 from hlkeras.layers import PositionEmbedding
 from hlkeras.layers import TransformerBlock
+from hlkeras.training import RoutingStatistics
 
 
 def vit_moe(input_shape, num_classes, *, width=64, depth=2, num_experts=4):
@@ -52,7 +54,7 @@ def main():
         metrics=["accuracy"],
     )
     model.summary()
-    model.fit(train_ds, validation_data=val_ds, epochs=args.epochs)
+    model.fit(train_ds, validation_data=val_ds, epochs=args.epochs, callbacks=[RoutingStatistics()])
     results = model.evaluate(test_ds, verbose=0, return_dict=True)
     print(f"test accuracy: {results['accuracy']:.4f}")
     model.save(args.out)

@@ -2,10 +2,10 @@
 
 The scripts run in this process (`runpy`, as `__main__`), which saves a
 TensorFlow start-up per script, and on one backend only: they call library
-code that the other tests cover on every backend, and `export_mobile.py`
-needs the TFLite converter.
+code that the other tests cover on every backend.
 """
 
+import json
 import os
 import runpy
 import sys
@@ -38,9 +38,15 @@ def test_train_digits(monkeypatch, tmp_path, data_dir, capsys):
 @pytest.mark.slow
 @pytest.mark.backends("tensorflow")
 def test_export_mobile(monkeypatch, tmp_path, data_dir, capsys):
-    _run_app("export_mobile.py", monkeypatch, tmp_path, data_dir, "--out", "d.tflite")
-    assert "litert" in capsys.readouterr().out
-    assert (tmp_path / "d.tflite").read_bytes()[4:8] == b"TFL3"  # flatbuffer file id
+    _run_app("export_mobile.py", monkeypatch, tmp_path, data_dir, "--out", "d")
+    out = capsys.readouterr().out
+    assert "same prediction on 100.0% of images" in out
+    tflite = tmp_path / "d" / "model_float32.tflite"
+    assert tflite.read_bytes()[4:8] == b"TFL3"  # flatbuffer file id
+    with open(tmp_path / "d" / "export.json") as file:
+        report = json.load(file)
+    assert report["artifacts"][0]["top1_agreement"] == 1.0
+    assert f"keras {report['keras_accuracy']:.4f}" in out
 
 
 @pytest.mark.slow
