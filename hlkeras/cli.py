@@ -5,7 +5,6 @@ line to stderr and exit with status 2, without a traceback.
 """
 
 import argparse
-import contextlib
 import importlib
 import os
 import platform
@@ -14,6 +13,10 @@ import zipfile
 
 # TensorFlow's C++ start-up logging drowns the CLI's own output.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from hlkeras import runs  # noqa: E402
+from hlkeras.runs import MOE_EXPERTS_DEFAULT  # noqa: E402
+from hlkeras.runs import TRAIN_DEFAULTS  # noqa: E402
 
 
 class UsageError(Exception):
@@ -296,41 +299,6 @@ def build_parser():
 
 # --- hlkeras train ------------------------------------------------------------
 
-# Defaults of the training settings. The flags default to None so that a
-# resumed run can tell the flags a user gave from the ones recorded in its
-# train_config.json. `experts` None means MOE_EXPERTS_DEFAULT for an arch
-# with MoE FFNs (vit) and none for the others.
-TRAIN_DEFAULTS = {
-    "arch": "vit",
-    "dataset": "digits",
-    "data_dir": None,
-    "epochs": 40,
-    "batch_size": 64,
-    "lr": 1e-3,
-    "weight_decay": 1e-4,
-    "clipnorm": None,
-    "depth": None,
-    "width": None,
-    "dropout": None,
-    "experts": None,
-    "seed": 0,
-    "patience": 10,
-    "mixed_precision": False,
-}
-# Files a run directory may hold; --overwrite deletes only these.
-RUN_FILES = (
-    "model.keras",
-    "best.keras",
-    "spec.json",
-    "train_config.json",
-    "history.csv",
-    "curves.png",
-    "metrics.json",
-    "model.tflite",
-)
-RUN_DIRS = ("backup", "logs")
-MOE_EXPERTS_DEFAULT = 4
-
 
 def _add_train_command(commands):
     train = commands.add_parser(
@@ -375,299 +343,34 @@ def _add_train_command(commands):
     train.set_defaults(func=cmd_train)
 
 
-def _check_settings(settings):
-    positive = ("epochs", "batch_size", "depth", "width", "patience")
-    for name in positive:
-        value = settings[name]
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    for name in ("lr", "clipnorm"):
-        value = settings[name]
-        if value is not None and not value > 0:
-            raise UsageError(f"--{name} must be a positive number, got {value}")
-    if settings["weight_decay"] < 0:
-        raise UsageError(f"--weight-decay must be >= 0, got {settings['weight_decay']}")
-    if settings["dropout"] is not None and not 0 <= settings["dropout"] < 1:
-        raise UsageError(f"--dropout must be in [0, 1), got {settings['dropout']}")
-    if settings["seed"] < 0:
-        raise UsageError(f"--seed must be >= 0, got {settings['seed']}")
-    if settings["experts"] is not None and settings["experts"] < 0:
-        raise UsageError(f"--experts must be >= 0, got {settings['experts']}")
-
-
 def _given_settings(args):
     return {key: getattr(args, key) for key in TRAIN_DEFAULTS if getattr(args, key) is not None}
 
 
-def _clear_run_files(run_dir):
-    import shutil
-
-    for name in RUN_FILES:
-        path = os.path.join(run_dir, name)
-        if os.path.exists(path):
-            os.remove(path)
-    for name in RUN_DIRS:
-        shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
-
-
-def _prepare_run_dir(args):
-    """Returns `(run_dir, resuming)` or raises UsageError; never overwrites
-    a run without --resume or --overwrite."""
-    if args.resume and args.overwrite:
-        raise UsageError("--resume and --overwrite exclude each other")
-    if args.out is None:
-        if args.resume:
-            raise UsageError("--resume needs --out <run directory> to resume")
-        return None, False
-    occupied = os.path.isdir(args.out) and bool(os.listdir(args.out))
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UsageError(f"--out {args.out} is a file, not a directory")
-    if args.resume:
-        if not os.path.exists(os.path.join(args.out, "train_config.json")):
-            raise UsageError(f"--resume: {args.out} holds no hlkeras run (no train_config.json)")
-        if os.path.exists(os.path.join(args.out, "metrics.json")):
-            raise UsageError(f"--resume: the run in {args.out} already finished")
-        return args.out, True
-    if occupied and not args.overwrite:
-        raise UsageError(
-            f"--out {args.out} already exists and is not empty; pass --resume to "
-            "continue that run or --overwrite to replace it"
-        )
-    if occupied:
-        _clear_run_files(args.out)
-    os.makedirs(args.out, exist_ok=True)
-    return args.out, False
-
-
-def _resumed_settings(run_dir, given):
-    """The recorded settings of the run; a flag that contradicts them is an error."""
-    import json
-
-    with open(os.path.join(run_dir, "train_config.json")) as f:
-        recorded = json.load(f)
-    for key, value in given.items():
-        if key != "data_dir" and recorded.get(key) != value:
-            raise UsageError(
-                f"--resume continues the recorded run, which has "
-                f"--{key.replace('_', '-')} {recorded.get(key)}; got {value}"
-            )
-    recorded.update({k: v for k, v in given.items() if k == "data_dir"})
-    return recorded
-
-
-def _model_spec(settings, info):
-    from hlkeras import models
-
-    arch = settings["arch"]
-    if arch not in models.ARCHITECTURES:
-        raise UsageError(f"--arch must be one of {sorted(models.ARCHITECTURES)}, got {arch!r}")
-    spec = {"arch": arch, "input_shape": list(info.input_shape), "num_classes": info.num_classes}
-    for key in ("depth", "width", "dropout"):
-        if settings[key] is not None:
-            spec[key] = settings[key]
-    has_moe = "num_experts" in models.hyperparameter_defaults(arch)
-    experts = settings["experts"]
-    if experts is None:
-        experts = MOE_EXPERTS_DEFAULT if has_moe else 0
-    if experts:
-        if not has_moe:
-            raise UsageError(f"--experts needs an arch with MoE FFNs; --arch {arch} has none")
-        spec["num_experts"] = experts
-    try:
-        return models.resolve_spec(spec)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-
-
-def _float32_copy(model, spec):
-    """The same model under the float32 policy, with the same weights: the
-    TFLite converter rejects the bfloat16 ops of a mixed_bfloat16 model."""
-    import keras
-
-    from hlkeras import models
-
-    policy = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("float32")
-    try:
-        copy = models.build(spec)
-    finally:
-        keras.config.set_dtype_policy(policy)
-    copy.set_weights(model.get_weights())
-    return copy
-
-
-def export_and_score_tflite(model, test_images, test_labels, path):
-    """Exports `model` to `path` as a builtins-only float32 .tflite through
-    `hlkeras.export` (any backend), verified per sample at batch 1.
-
-    Returns:
-        The `ExportReport`. When verification refused the file, nothing is
-        written to `path` and `report.refused` says why.
-    """
-    import shutil
-    import tempfile
-
-    from hlkeras import export
-
-    with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as staging:
-        try:
-            report = export.export_model(
-                model,
-                os.path.join(staging, "export"),
-                formats=("tflite",),
-                verify_data=(test_images, test_labels),
-                latency_runs=0,
-            )
-        except export.ExportRefused as refusal:
-            return refusal.report
-        shutil.move(report.artifact("tflite").path, path)  # same filesystem: a rename
-    return report
-
-
-@contextlib.contextmanager
-def _dtype_policy(name):
-    """Sets Keras' global dtype policy for a block (no change for None)."""
-    import keras
-
-    previous = keras.config.dtype_policy()
-    if name:
-        keras.config.set_dtype_policy(name)
-    try:
-        yield
-    finally:
-        keras.config.set_dtype_policy(previous)
-
-
-def _load_data(settings):
-    from hlkeras import data
-
-    try:
-        train_ds, val_ds, test_ds, info = data.load(
-            settings["dataset"],
-            batch_size=settings["batch_size"],
-            data_dir=settings["data_dir"],
-            seed=settings["seed"],
-        )
-    except data.DatasetError as error:
-        raise UsageError(str(error)) from None
-    if settings["batch_size"] > info.num_train:
-        raise UsageError(
-            f"--batch-size {settings['batch_size']} is larger than the "
-            f"{info.num_train} training examples of {info.name}"
-        )
-    return (train_ds, val_ds, test_ds), info
-
-
-def _evaluate_and_export(model, spec, settings, run_dir, test_ds):
-    """Saves model.keras, evaluates it on the test split, exports and scores
-    model.tflite; returns the accuracy metrics."""
-    from hlkeras import data
-    from hlkeras import training
-
-    training.save_model_atomic(model, os.path.join(run_dir, "model.keras"))
-    # return_dict: an MoE model also reports its routing metrics.
-    results = model.evaluate(test_ds, verbose=0, return_dict=True)
-    test_loss, test_accuracy = results["loss"], results["accuracy"]
-    test_images, test_labels = data.to_numpy(test_ds)
-    exportable = _float32_copy(model, spec) if settings["mixed_precision"] else model
-    report = export_and_score_tflite(
-        exportable, test_images, test_labels, os.path.join(run_dir, "model.tflite")
-    )
-    metrics = {
-        "test_accuracy": float(test_accuracy),
-        "test_loss": float(test_loss),
-        "keras_batch1_accuracy": report.keras_accuracy,
-        "tflite_refused": report.refused,
-    }
-    # A model refused before conversion (its outputs depend on the batch)
-    # has no .tflite measurements.
-    for artifact in report.artifacts:
-        metrics.update(
-            tflite_accuracy=artifact.accuracy,
-            tflite_top1_agreement=artifact.top1_agreement,
-            tflite_max_abs_diff=artifact.max_abs_diff,
-            tflite_gap_points=round(100 * (report.keras_accuracy - artifact.accuracy), 4),
-        )
-    return metrics
-
-
 def cmd_train(args):
     import json
-    import time
 
-    started = time.perf_counter()
-    given = _given_settings(args)
-    run_dir, resuming = _prepare_run_dir(args)
-    settings = _resumed_settings(run_dir, given) if resuming else {**TRAIN_DEFAULTS, **given}
-    _check_settings(settings)
-
-    import keras
-
-    from hlkeras import models
-    from hlkeras import training
-
-    keras.utils.set_random_seed(settings["seed"])
-    (train_ds, val_ds, test_ds), info = _load_data(settings)
-    spec = _model_spec(settings, info)
-    if run_dir is None:
-        run_dir = training.new_run_dir("runs")
-    if not resuming:
-        training.atomic_write_json(os.path.join(run_dir, "spec.json"), spec)
-        training.atomic_write_json(os.path.join(run_dir, "train_config.json"), settings)
-    backend = keras.backend.backend()
-    print(f"hlkeras train: {spec['arch']} on {info.name} ({backend} backend) -> {run_dir}")
-
-    with _dtype_policy("mixed_bfloat16" if settings["mixed_precision"] else None):
-        model = models.build(spec)
-        result = training.compile_and_fit(
-            model,
-            train_ds,
-            val_ds,
-            run_dir=run_dir,
-            epochs=settings["epochs"],
-            learning_rate=settings["lr"],
-            weight_decay=settings["weight_decay"],
-            clipnorm=settings["clipnorm"],
-            patience=settings["patience"],
-            tensorboard=args.tensorboard,
-        )
-        if result.nan_epoch is not None:
-            print(f"hlkeras train: error: {training.nan_message(result)}", file=sys.stderr)
-            return 1
-        if result.best_path:
-            # In place, so the compiled evaluation functions are reused.
-            model.load_weights(result.best_path)
-        metrics = _evaluate_and_export(model, spec, settings, run_dir, test_ds)
-
-    monitor = "val_loss" if val_ds is not None else "loss"
-    best_row = min(result.rows, key=lambda row: row.get(monitor, float("inf")))
-    metrics.update(
-        {
-            "epochs": len(result.rows),
-            "best_epoch": int(best_row["epoch"]) + 1,
-            "seconds": round(result.seconds, 2),
-            "total_seconds": round(time.perf_counter() - started, 2),
-            "backend": backend,
-            "dataset": info.name,
-            "arch": spec["arch"],
-            "params": int(model.count_params()),
-        }
-    )
-    training.atomic_write_json(os.path.join(run_dir, "metrics.json"), metrics)
+    try:
+        run_dir, resuming = runs.RunDir.open(args.out, resume=args.resume, overwrite=args.overwrite)
+        settings = runs.settings_for(run_dir, resuming, _given_settings(args))
+        outcome = runs.train_run(settings, run_dir, resuming=resuming, tensorboard=args.tensorboard)
+    except runs.RunError as error:
+        raise UsageError(str(error)) from None
+    if outcome.nan_message:
+        print(f"hlkeras train: error: {outcome.nan_message}", file=sys.stderr)
+        return 1
+    metrics = outcome.metrics
     if "tflite_accuracy" in metrics:
         print(
             f"test accuracy: keras {metrics['test_accuracy']:.4f}, "
             f"litert {metrics['tflite_accuracy']:.4f} at batch 1 "
             f"(top-1 agreement with keras {metrics['tflite_top1_agreement']:.2%})"
         )
-    written = [f for f in RUN_FILES if os.path.exists(os.path.join(run_dir, f))]
-    print(f"wrote {run_dir}: {' '.join(written)}")
+    print(f"wrote {run_dir.path}: {' '.join(run_dir.written_files())}")
     print(json.dumps(metrics, sort_keys=True))
-    if metrics["tflite_refused"]:
-        print(
-            f"hlkeras train: error: model.tflite was not written: {metrics['tflite_refused']}",
-            file=sys.stderr,
-        )
+    if outcome.refused:
+        message = f"model.tflite was not written: {outcome.refused}"
+        print(f"hlkeras train: error: {message}", file=sys.stderr)
         return 1
     return 0
 

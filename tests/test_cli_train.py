@@ -15,6 +15,7 @@ import pytest
 from hlkeras import cli
 from hlkeras import data
 from hlkeras import models
+from hlkeras import runs
 from hlkeras import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +51,7 @@ def test_short_run_writes_a_verified_run_directory(capsys, data_dir, tmp_path):
         spec = json.load(f)
     # The main job's defaults: a vit with MoE FFNs.
     assert spec["arch"] == "vit" and spec["depth"] == 1 and spec["width"] == 16
-    assert spec["num_experts"] == cli.MOE_EXPERTS_DEFAULT
+    assert spec["num_experts"] == runs.MOE_EXPERTS_DEFAULT
     assert metrics["backend"] == keras.backend.backend() and metrics["epochs"] == 2
     assert [
         row["epoch"] for row in training.read_history_rows(os.path.join(out, "history.csv"))
@@ -70,7 +71,7 @@ def test_short_run_writes_a_verified_run_directory(capsys, data_dir, tmp_path):
     # The MoE routing statistics reach the history on every backend.
     rows = training.read_history_rows(os.path.join(out, "history.csv"))
     assert 0.0 <= rows[-1]["block_0_moe_dropped_fraction"] < 1.0
-    assert 1.0 <= rows[-1]["block_0_moe_max_expert_load"] <= cli.MOE_EXPERTS_DEFAULT
+    assert 1.0 <= rows[-1]["block_0_moe_max_expert_load"] <= runs.MOE_EXPERTS_DEFAULT
     assert not [name for name in rows[-1] if name.startswith("val_") and "moe" in name]
     # spec.json rebuilds the same architecture.
     rebuilt = models.build(spec)

@@ -1,0 +1,393 @@
+"""A training run: its directory (`RunDir`) and the train -> evaluate ->
+export -> verify flow of `hlkeras train`, as one library call (`train_run`).
+
+A run directory holds `spec.json` (the model spec, `hlkeras.models.build`),
+`train_config.json` (the settings), the training files of
+`hlkeras.training` (`best.keras`, `history.csv`, `curves.png`, `backup/`),
+then `model.keras`, `model.tflite` (only when it passes the per-sample
+check of `hlkeras.export`) and `metrics.json`, written last: a run with
+`metrics.json` has finished. Every file is written to a temporary name and
+renamed into place.
+
+Example:
+
+```python
+from hlkeras import runs
+
+run_dir, resuming = runs.RunDir.open("runs/vit", resume=False, overwrite=False)
+settings = runs.settings_for(run_dir, resuming, {"epochs": 10})
+outcome = runs.train_run(settings, run_dir, resuming=resuming)
+print(outcome.metrics["test_accuracy"], outcome.refused)
+```
+"""
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+
+# The settings of a run and their defaults (the `hlkeras train` flags; the
+# error messages name them as flags). `experts` None means
+# MOE_EXPERTS_DEFAULT for an arch with MoE FFNs (vit) and none for the others.
+TRAIN_DEFAULTS = {
+    "arch": "vit",
+    "dataset": "digits",
+    "data_dir": None,
+    "epochs": 40,
+    "batch_size": 64,
+    "lr": 1e-3,
+    "weight_decay": 1e-4,
+    "clipnorm": None,
+    "depth": None,
+    "width": None,
+    "dropout": None,
+    "experts": None,
+    "seed": 0,
+    "patience": 10,
+    "mixed_precision": False,
+}
+MOE_EXPERTS_DEFAULT = 4
+
+
+class RunError(ValueError):
+    """A user mistake about a run (its settings or directory), in one line."""
+
+
+class RunDir:
+    """A run directory: every file name in it, and create / resume / overwrite.
+
+    Attributes:
+        path: The directory.
+    """
+
+    SPEC = "spec.json"
+    CONFIG = "train_config.json"
+    MODEL = "model.keras"
+    TFLITE = "model.tflite"
+    METRICS = "metrics.json"
+    # Files a run directory may hold, in the order they are listed; an
+    # overwrite deletes only these and RUN_DIRS.
+    FILES = (
+        MODEL,
+        "best.keras",
+        SPEC,
+        CONFIG,
+        "history.csv",
+        "curves.png",
+        METRICS,
+        TFLITE,
+    )
+    DIRS = ("backup", "logs")
+
+    def __init__(self, path):
+        self.path = path
+
+    def file(self, name):
+        """The path of `name` inside the run directory."""
+        return os.path.join(self.path, name)
+
+    @classmethod
+    def open(cls, out, *, resume=False, overwrite=False):
+        """Returns `(RunDir, resuming)` for `out`; never overwrites a run
+        without `resume` or `overwrite`. With `out=None` the path is `None`
+        until `train_run` makes `runs/<timestamp>/` (after the settings
+        checked out, so a mistake leaves no empty directory).
+        """
+        if resume and overwrite:
+            raise RunError("--resume and --overwrite exclude each other")
+        if out is None:
+            if resume:
+                raise RunError("--resume needs --out <run directory> to resume")
+            return cls(None), False
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise RunError(f"--out {out} is a file, not a directory")
+        run_dir = cls(out)
+        if resume:
+            run_dir.check_resumable()
+            return run_dir, True
+        if os.path.isdir(out) and os.listdir(out):
+            if not overwrite:
+                raise RunError(
+                    f"--out {out} already exists and is not empty; pass --resume to "
+                    "continue that run or --overwrite to replace it"
+                )
+            run_dir.clear()
+        os.makedirs(out, exist_ok=True)
+        return run_dir, False
+
+    def check_resumable(self):
+        if not os.path.exists(self.file(self.CONFIG)):
+            raise RunError(f"--resume: {self.path} holds no hlkeras run (no {self.CONFIG})")
+        if os.path.exists(self.file(self.METRICS)):
+            raise RunError(f"--resume: the run in {self.path} already finished")
+
+    def clear(self):
+        """Deletes the run's own files and folders, nothing else."""
+        for name in self.FILES:
+            if os.path.exists(self.file(name)):
+                os.remove(self.file(name))
+        for name in self.DIRS:
+            shutil.rmtree(self.file(name), ignore_errors=True)
+
+    def recorded_settings(self):
+        with open(self.file(self.CONFIG)) as file:
+            return json.load(file)
+
+    def written_files(self):
+        return [name for name in self.FILES if os.path.exists(self.file(name))]
+
+
+def settings_for(run_dir, resuming, given):
+    """The settings of a run: the defaults updated with `given` (the flags
+    the user gave), or, when resuming, the recorded settings, which a
+    contradicting flag may not change. Checked; raises `RunError`."""
+    if not resuming:
+        settings = {**TRAIN_DEFAULTS, **given}
+    else:
+        settings = run_dir.recorded_settings()
+        for key, value in given.items():
+            if key != "data_dir" and settings.get(key) != value:
+                raise RunError(
+                    f"--resume continues the recorded run, which has "
+                    f"--{key.replace('_', '-')} {settings.get(key)}; got {value}"
+                )
+        settings.update({k: v for k, v in given.items() if k == "data_dir"})
+    check_settings(settings)
+    return settings
+
+
+def check_settings(settings):
+    """Raises `RunError` naming the first setting out of its range."""
+    for name in ("epochs", "batch_size", "depth", "width", "patience"):
+        value = settings[name]
+        if value is not None and value < 1:
+            raise RunError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    for name in ("lr", "clipnorm"):
+        value = settings[name]
+        if value is not None and not value > 0:
+            raise RunError(f"--{name} must be a positive number, got {value}")
+    if settings["weight_decay"] < 0:
+        raise RunError(f"--weight-decay must be >= 0, got {settings['weight_decay']}")
+    if settings["dropout"] is not None and not 0 <= settings["dropout"] < 1:
+        raise RunError(f"--dropout must be in [0, 1), got {settings['dropout']}")
+    if settings["seed"] < 0:
+        raise RunError(f"--seed must be >= 0, got {settings['seed']}")
+    if settings["experts"] is not None and settings["experts"] < 0:
+        raise RunError(f"--experts must be >= 0, got {settings['experts']}")
+
+
+def model_spec(settings, info):
+    """The `hlkeras.models` spec the settings describe for dataset `info`."""
+    from hlkeras import models
+
+    arch = settings["arch"]
+    if arch not in models.ARCHITECTURES:
+        raise RunError(f"--arch must be one of {sorted(models.ARCHITECTURES)}, got {arch!r}")
+    spec = {"arch": arch, "input_shape": list(info.input_shape), "num_classes": info.num_classes}
+    for key in ("depth", "width", "dropout"):
+        if settings[key] is not None:
+            spec[key] = settings[key]
+    has_moe = "num_experts" in models.hyperparameter_defaults(arch)
+    experts = settings["experts"]
+    if experts is None:
+        experts = MOE_EXPERTS_DEFAULT if has_moe else 0
+    if experts:
+        if not has_moe:
+            raise RunError(f"--experts needs an arch with MoE FFNs; --arch {arch} has none")
+        spec["num_experts"] = experts
+    try:
+        return models.resolve_spec(spec)
+    except ValueError as error:
+        raise RunError(str(error)) from None
+
+
+@dataclasses.dataclass
+class RunOutcome:
+    """What `train_run` did.
+
+    Attributes:
+        run_dir: The `RunDir`.
+        metrics: What `metrics.json` holds, or `None` when training stopped
+            on a NaN loss (then `nan_message` says why).
+        nan_message: The one-line explanation of a NaN stop, else `None`.
+        refused: Why `model.tflite` was not written, else `None`.
+    """
+
+    run_dir: RunDir
+    metrics: dict = None
+    nan_message: str = None
+    refused: str = None
+
+
+def train_run(settings, run_dir, *, resuming=False, tensorboard=False, log=print):
+    """Trains, evaluates, exports and verifies one run, as `hlkeras train` does.
+
+    Args:
+        settings: Checked settings (`settings_for`).
+        run_dir: The `RunDir` (`RunDir.open`).
+        resuming: Continue the killed run in `run_dir`.
+        tensorboard: Also log to `run_dir/logs`.
+        log: Where the one-line progress messages go.
+
+    Returns:
+        A `RunOutcome`.
+    """
+    import keras
+
+    from hlkeras import models
+    from hlkeras import training
+
+    started = time.perf_counter()
+    keras.utils.set_random_seed(settings["seed"])
+    (train_ds, val_ds, test_ds), info = load_data(settings)
+    spec = model_spec(settings, info)
+    if run_dir.path is None:
+        run_dir.path = training.new_run_dir("runs")
+    if not resuming:
+        training.atomic_write_json(run_dir.file(RunDir.SPEC), spec)
+        training.atomic_write_json(run_dir.file(RunDir.CONFIG), settings)
+    backend = keras.backend.backend()
+    log(f"hlkeras train: {spec['arch']} on {info.name} ({backend} backend) -> {run_dir.path}")
+
+    with _dtype_policy("mixed_bfloat16" if settings["mixed_precision"] else None):
+        model = models.build(spec)
+        result = training.compile_and_fit(
+            model,
+            train_ds,
+            val_ds,
+            run_dir=run_dir.path,
+            epochs=settings["epochs"],
+            learning_rate=settings["lr"],
+            weight_decay=settings["weight_decay"],
+            clipnorm=settings["clipnorm"],
+            patience=settings["patience"],
+            tensorboard=tensorboard,
+        )
+        if result.nan_epoch is not None:
+            return RunOutcome(run_dir, nan_message=training.nan_message(result))
+        if result.best_path:
+            # In place, so the compiled evaluation functions are reused.
+            model.load_weights(result.best_path)
+        metrics = evaluate_and_export(model, spec, settings, run_dir, test_ds)
+
+    monitor = "val_loss" if val_ds is not None else "loss"
+    best_row = min(result.rows, key=lambda row: row.get(monitor, float("inf")))
+    metrics.update(
+        {
+            "epochs": len(result.rows),
+            "best_epoch": int(best_row["epoch"]) + 1,
+            "seconds": round(result.seconds, 2),
+            "total_seconds": round(time.perf_counter() - started, 2),
+            "backend": backend,
+            "dataset": info.name,
+            "arch": spec["arch"],
+            "params": int(model.count_params()),
+        }
+    )
+    training.atomic_write_json(run_dir.file(RunDir.METRICS), metrics)
+    return RunOutcome(run_dir, metrics=metrics, refused=metrics["tflite_refused"])
+
+
+def load_data(settings):
+    """`((train_ds, val_ds, test_ds), info)` of the run's dataset."""
+    from hlkeras import data
+
+    try:
+        train_ds, val_ds, test_ds, info = data.load(
+            settings["dataset"],
+            batch_size=settings["batch_size"],
+            data_dir=settings["data_dir"],
+            seed=settings["seed"],
+        )
+    except data.DatasetError as error:
+        raise RunError(str(error)) from None
+    if settings["batch_size"] > info.num_train:
+        raise RunError(
+            f"--batch-size {settings['batch_size']} is larger than the "
+            f"{info.num_train} training examples of {info.name}"
+        )
+    return (train_ds, val_ds, test_ds), info
+
+
+def evaluate_and_export(model, spec, settings, run_dir, test_ds):
+    """Saves model.keras, evaluates it on the test split, exports and
+    verifies model.tflite; returns the accuracy metrics."""
+    from hlkeras import data
+    from hlkeras import training
+
+    training.save_model_atomic(model, run_dir.file(RunDir.MODEL))
+    results = model.evaluate(test_ds, verbose=0, return_dict=True)
+    test_images, test_labels = data.to_numpy(test_ds)
+    exportable = float32_copy(model, spec) if settings["mixed_precision"] else model
+    report = export_verified_tflite(
+        exportable, test_images, test_labels, run_dir.file(RunDir.TFLITE)
+    )
+    metrics = {
+        "test_accuracy": float(results["accuracy"]),
+        "test_loss": float(results["loss"]),
+        "keras_batch1_accuracy": report.keras_accuracy,
+        "tflite_refused": report.refused,
+    }
+    # A model refused before conversion (its outputs depend on the batch)
+    # has no .tflite measurements.
+    for artifact in report.artifacts:
+        metrics.update(
+            tflite_accuracy=artifact.accuracy,
+            tflite_top1_agreement=artifact.top1_agreement,
+            tflite_max_abs_diff=artifact.max_abs_diff,
+            tflite_gap_points=round(100 * (report.keras_accuracy - artifact.accuracy), 4),
+        )
+    return metrics
+
+
+def export_verified_tflite(model, test_images, test_labels, path):
+    """Exports `model` to `path` as a builtins-only float32 .tflite through
+    `hlkeras.export` (any backend), verified per sample at batch 1.
+
+    Returns:
+        The `ExportReport`. When verification refused the file, nothing is
+        written to `path` and `report.refused` says why.
+    """
+    from hlkeras import export
+
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as staging:
+        try:
+            report = export.export_model(
+                model,
+                os.path.join(staging, "export"),
+                formats=("tflite",),
+                verify_data=(test_images, test_labels),
+                latency_runs=0,
+            )
+        except export.ExportRefused as refusal:
+            return refusal.report
+        shutil.move(report.artifact("tflite").path, path)  # same filesystem: a rename
+    return report
+
+
+def float32_copy(model, spec):
+    """The same model under the float32 policy, with the same weights: the
+    TFLite converter rejects the bfloat16 ops of a mixed_bfloat16 model."""
+    from hlkeras import models
+
+    with _dtype_policy("float32"):
+        copy = models.build(spec)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+@contextlib.contextmanager
+def _dtype_policy(name):
+    """Sets Keras' global dtype policy for a block (no change for None)."""
+    import keras
+
+    previous = keras.config.dtype_policy()
+    if name:
+        keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
