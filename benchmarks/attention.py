@@ -12,7 +12,7 @@ median over repeats of (hlkeras time / Keras time).
 
 It also times hlkeras with each attention core (einsum+softmax against
 `ops.dot_product_attention`) and reports the faster one: that is how
-`hlkeras.layers.attention.ATTENTION_CORE` was chosen per backend (the issue
+`hlkeras.layers.attention.DEFAULT_ATTENTION_CORE` was chosen per backend (the issue
 asks for this measurement on TensorFlow).
 
 Usage:
@@ -89,41 +89,26 @@ def make_step(layer, inputs):
     return step
 
 
-def hlkeras_layer(num_kv_heads):
-    return attention.MultiHeadAttention(NUM_HEADS, KEY_DIM, num_kv_heads=num_kv_heads)
+def hlkeras_layer(num_kv_heads, core):
+    return attention.MultiHeadAttention(
+        NUM_HEADS, KEY_DIM, num_kv_heads=num_kv_heads, attention_core=core
+    )
 
 
 def keras_layer():
     return keras.layers.MultiHeadAttention(NUM_HEADS, KEY_DIM)
 
 
-def with_core(core, step):
-    """Runs `step` with hlkeras' attention core for this backend set to
-    `core`. Compiled steps read it when traced (on their first call),
-    eager torch steps on every call."""
-
-    def run():
-        saved = attention.ATTENTION_CORE[BACKEND]
-        attention.ATTENTION_CORE[BACKEND] = core
-        try:
-            return step()
-        finally:
-            attention.ATTENTION_CORE[BACKEND] = saved
-
-    return run
-
-
 def run_case(length, num_kv_heads, repeats, warmup):
     """Times hlkeras with each attention core and Keras, alternating."""
     inputs = np.random.default_rng(0).normal(size=(BATCH, length, MODEL_DIM)).astype("float32")
     steps = [
-        with_core(core, make_step(hlkeras_layer(num_kv_heads), inputs))
-        for core in attention.ATTENTION_CORES
+        make_step(hlkeras_layer(num_kv_heads, core), inputs) for core in attention.ATTENTION_CORES
     ] + [make_step(keras_layer(), inputs)]
     *cores, theirs = _timing.time_interleaved(steps, repeats, warmup)
     # On a JAX GPU/TPU the layer always takes the fused kernel, so both
     # "cores" time the same thing there; this comparison is for CPU.
-    used = attention.attention_core()
+    used = attention.default_attention_core()
     ours = cores[attention.ATTENTION_CORES.index(used)]
     result = {
         "ratio": _timing.median_pair_ratio(ours, theirs),
@@ -161,7 +146,7 @@ def main():
     print(
         f"{BACKEND} faster_core={min(summed, key=summed.get)} "
         f"(summed ratios {summed}); the layer uses "
-        f"{attention.attention_core()}"
+        f"{attention.default_attention_core()}"
     )
     if args.json:
         payload = {

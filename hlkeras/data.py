@@ -15,6 +15,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from etils import epath
 
+from hlkeras import _validation
+
 EMBEDDED_DATASETS = ("digits",)
 # Kept as a full-size buffer for these small datasets; the cap bounds memory
 # for a large one.
@@ -102,19 +104,8 @@ def _read_digits_file():
 
 
 def _check_arguments(batch_size, validation_split):
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(
-            f"Argument `batch_size` must be a positive integer. Received: batch_size={batch_size!r}"
-        )
-    if (
-        isinstance(validation_split, bool)
-        or not isinstance(validation_split, (int, float))
-        or not 0.0 <= validation_split < 1.0
-    ):
-        raise ValueError(
-            "Argument `validation_split` must be a float in [0, 1). "
-            f"Received: validation_split={validation_split!r}"
-        )
+    _validation.check_positive_int("batch_size", batch_size)
+    _validation.check_rate("validation_split", validation_split)
 
 
 def _not_found_error(name, data_dir):
@@ -272,8 +263,7 @@ def representative_samples(name="digits", count=200, data_dir=None):
     The samples come from the training part (never validation or test), in
     the dataset's fixed order, so calibration is reproducible.
     """
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(f"Argument `count` must be a positive integer. Received: count={count!r}")
+    _validation.check_positive_int("count", count)
     builder = _builder(name, data_dir)
     examples = _read_split(builder, "train", name, data_dir)
     images, _ = next(iter(examples.take(count).batch(count).map(_scale)))

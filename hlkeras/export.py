@@ -33,6 +33,7 @@ import numpy as np
 
 from hlkeras import _compat
 from hlkeras import _timing
+from hlkeras import _validation
 
 QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
 FORMATS = ("saved_model", "tflite")
@@ -175,12 +176,7 @@ class ExportReport:
 
 
 def _check_choice(name, value, allowed):
-    if value not in allowed:
-        raise ExportError(
-            f"Argument `{name}` must be one of {', '.join(map(repr, allowed))}. "
-            f"Received: {name}={value!r}"
-        )
-    return value
+    return _validation.check_choice(name, value, allowed, error=ExportError)
 
 
 def _check_formats(formats):
@@ -754,12 +750,9 @@ def _keras_reference(model, inputs):
 
 def check_max_accuracy_drop(value):
     """`max_accuracy_drop` must be a number of accuracy points >= 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ExportError(
-            "Argument `max_accuracy_drop` (CLI: --max-accuracy-drop) must be a "
-            f"number of accuracy points >= 0. Received: max_accuracy_drop={value!r}"
-        )
-    return float(value)
+    return _validation.check_non_negative(
+        "max_accuracy_drop (CLI: --max-accuracy-drop)", value, error=ExportError
+    )
 
 
 def batch_dependence(report, reference):

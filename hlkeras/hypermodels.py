@@ -36,6 +36,7 @@ from keras_tuner.src import utils as kt_utils
 from keras_tuner.src.distribute import utils as kt_distribute
 from keras_tuner.src.engine import tuner_utils
 
+from hlkeras import _validation
 from hlkeras import models
 from hlkeras import training
 
@@ -139,10 +140,6 @@ def space_arch(overrides, default="mlp"):
     return arch
 
 
-def _is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -156,7 +153,7 @@ def _value_kind(entry):
     values = entry["values"] if "values" in entry else [entry["fixed"]]
     if all(_is_int(v) for v in values):
         return "int"
-    if all(_is_number(v) for v in values):
+    if all(_validation.is_number(v) for v in values):
         return "float"
     return None
 
@@ -170,7 +167,7 @@ def _parse_range(key, fields, default):
             f"and `log`; use {{values = [...]}} for a choice. Received: {fields!r}"
         )
     low, high = fields["min"], fields["max"]
-    if not (_is_number(low) and _is_number(high)):
+    if not (_validation.is_number(low) and _validation.is_number(high)):
         raise ValueError(
             f"space[{key!r}]: `min` and `max` must be numbers. Received: min={low!r}, max={high!r}"
         )
@@ -195,7 +192,7 @@ def _parse_range(key, fields, default):
         )
     step = fields.get("step", None if log else inherited.get("step"))
     if step is not None and (
-        not _is_number(step) or step <= 0 or (kind == "int" and not _is_int(step))
+        not _validation.is_number(step) or step <= 0 or (kind == "int" and not _is_int(step))
     ):
         raise ValueError(
             f"space[{key!r}]: `step` must be a positive {kind}. Received: step={step!r}"
@@ -391,27 +388,6 @@ class SpecHyperModel(kt.HyperModel):
 
     def fit(self, hp, model, *args, **kwargs):
         return model.fit(*args, batch_size=hp.get("batch_size"), **kwargs)
-
-
-class MLPHyperModel(SpecHyperModel):
-    """`SpecHyperModel` for `hlkeras.models.mlp`."""
-
-    def __init__(self, input_shape, num_classes, space=None, **kwargs):
-        super().__init__("mlp", input_shape, num_classes, space, **kwargs)
-
-
-class ResNetHyperModel(SpecHyperModel):
-    """`SpecHyperModel` for `hlkeras.models.resnet`."""
-
-    def __init__(self, input_shape, num_classes, space=None, **kwargs):
-        super().__init__("resnet", input_shape, num_classes, space, **kwargs)
-
-
-class ViTHyperModel(SpecHyperModel):
-    """`SpecHyperModel` for `hlkeras.models.vit` (heads, experts, top_k)."""
-
-    def __init__(self, input_shape, num_classes, space=None, **kwargs):
-        super().__init__("vit", input_shape, num_classes, space, **kwargs)
 
 
 # --- Tuners -----------------------------------------------------------------------

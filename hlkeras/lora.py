@@ -37,7 +37,7 @@ import numpy as np
 from keras import ops
 
 from hlkeras import _compat
-from hlkeras.layers import _checks
+from hlkeras import _validation
 from hlkeras.layers.lora import LoRADense
 from hlkeras.layers.lora import check_alpha
 
@@ -279,9 +279,9 @@ def apply_lora(model, rank=8, alpha=None, dropout=0.0, targets=None):
     ['hidden/lora_kernel_a', 'hidden/lora_kernel_b', 'head/kernel', 'head/bias']
     """
     _check_model(model)
-    _checks.check_positive_int("rank", rank)
+    _validation.check_positive_int("rank", rank)
     check_alpha(alpha)
-    _checks.check_rate("dropout", dropout)
+    _validation.check_rate("dropout", dropout)
     target_names = set(select_targets(model, targets))
     head_name = _last_dense_name(model)
 

@@ -11,11 +11,11 @@ import inspect
 
 import keras
 
+from hlkeras import _validation
 from hlkeras.layers import ConvResidualBlock
 from hlkeras.layers import PositionEmbedding
 from hlkeras.layers import ResidualBlock
 from hlkeras.layers import TransformerBlock
-from hlkeras.layers import _checks
 
 SPEC_FIXED_KEYS = ("arch", "input_shape", "num_classes")
 
@@ -87,11 +87,11 @@ def mlp(
     (None, 10)
     """
     input_shape = _check_input_shape(input_shape)
-    _checks.check_positive_int("num_classes", num_classes)
-    _checks.check_positive_int("depth", depth)
-    _checks.check_positive_int("width", width)
-    _checks.check_positive_int("hidden_ratio", hidden_ratio)
-    dropout = _checks.check_rate("dropout", dropout)
+    _validation.check_positive_int("num_classes", num_classes)
+    _validation.check_positive_int("depth", depth)
+    _validation.check_positive_int("width", width)
+    _validation.check_positive_int("hidden_ratio", hidden_ratio)
+    dropout = _validation.check_rate("dropout", dropout)
     inputs = keras.Input(shape=input_shape, name="images")
     x = keras.layers.Flatten(name="flatten")(inputs)
     x = keras.layers.Dense(width, name="stem")(x)
@@ -150,11 +150,11 @@ def resnet(
     (None, 10)
     """
     input_shape = _check_image_shape(input_shape, "resnet")
-    _checks.check_positive_int("num_classes", num_classes)
-    _checks.check_positive_int("depth", depth)
-    _checks.check_positive_int("width", width)
-    _checks.check_positive_int("stages", stages)
-    dropout = _checks.check_rate("dropout", dropout)
+    _validation.check_positive_int("num_classes", num_classes)
+    _validation.check_positive_int("depth", depth)
+    _validation.check_positive_int("width", width)
+    _validation.check_positive_int("stages", stages)
+    dropout = _validation.check_rate("dropout", dropout)
     inputs = keras.Input(shape=input_shape, name="images")
     x = keras.layers.Conv2D(
         width,
@@ -231,13 +231,13 @@ def vit(
     (None, 10)
     """
     input_shape = _check_image_shape(input_shape, "vit")
-    _checks.check_positive_int("num_classes", num_classes)
-    _checks.check_positive_int("depth", depth)
-    _checks.check_positive_int("width", width)
-    _checks.check_positive_int("num_heads", num_heads)
-    _checks.check_positive_int("patch_size", patch_size)
-    _checks.check_positive_int("ffn_ratio", ffn_ratio)
-    dropout = _checks.check_rate("dropout", dropout)
+    _validation.check_positive_int("num_classes", num_classes)
+    _validation.check_positive_int("depth", depth)
+    _validation.check_positive_int("width", width)
+    _validation.check_positive_int("num_heads", num_heads)
+    _validation.check_positive_int("patch_size", patch_size)
+    _validation.check_positive_int("ffn_ratio", ffn_ratio)
+    dropout = _validation.check_rate("dropout", dropout)
     if width % num_heads:
         raise ValueError(
             "Argument `num_heads` must divide `width` (each head gets "

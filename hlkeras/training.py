@@ -19,6 +19,7 @@ import numpy as np
 from keras import ops
 
 from hlkeras import _compat
+from hlkeras import _validation
 from hlkeras.layers import MixtureOfExperts
 from hlkeras.layers import moe
 
@@ -105,11 +106,7 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
                 "Argument `peak_learning_rate` must be a positive float. "
                 f"Received: peak_learning_rate={peak_learning_rate!r}"
             )
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-            raise ValueError(
-                "Argument `total_steps` must be a positive integer. "
-                f"Received: total_steps={total_steps!r}"
-            )
+        _validation.check_positive_int("total_steps", total_steps)
         if (
             isinstance(warmup_steps, bool)
             or not isinstance(warmup_steps, int)
@@ -525,10 +522,7 @@ def compile_and_fit(
     Returns:
         A `FitResult`, written to disk as `history.csv` and `curves.png` too.
     """
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(
-            f"Argument `epochs` must be a positive integer. Received: epochs={epochs!r}"
-        )
+    _validation.check_positive_int("epochs", epochs)
     steps_per_epoch = int(train_ds.cardinality())
     if steps_per_epoch < 1:
         raise ValueError(

@@ -200,7 +200,9 @@ def test_vit_space_maps_every_key_to_the_builder(monkeypatch):
         return keras.Model(inputs, outputs)
 
     monkeypatch.setitem(models.ARCHITECTURES, "vit", vit)
-    hypermodel = hypermodels.ViTHyperModel((8, 8, 1), 10, {"num_heads": 4, "num_experts": 4})
+    hypermodel = hypermodels.SpecHyperModel(
+        "vit", (8, 8, 1), 10, {"num_heads": 4, "num_experts": 4}
+    )
     hp = kt.HyperParameters()
     hypermodel.build(hp)
     expected = {key: hp.values[key] for key in received}
@@ -212,7 +214,7 @@ def test_vit_space_maps_every_key_to_the_builder(monkeypatch):
         "top_k",
         "patch_size",
     }
-    bad = hypermodels.ViTHyperModel((8, 8, 1), 10, {"width": 30, "num_heads": 4})
+    bad = hypermodels.SpecHyperModel("vit", (8, 8, 1), 10, {"width": 30, "num_heads": 4})
     with pytest.raises(ValueError, match="divisible"):
         bad.build(kt.HyperParameters())
 
@@ -295,3 +297,36 @@ def test_search_records_a_failed_trial_goes_on_and_retrains_the_best(tmp_path):
     assert retrained.count_params() == models.build(best_spec).count_params()
     probabilities = retrained.predict(x_val[:4], verbose=0)
     np.testing.assert_allclose(probabilities.sum(axis=-1), 1.0, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tuner_name", ["hyperband", "bayesian"])
+def test_hyperband_and_bayesian_search_the_real_vit_builder(tmp_path, tuner_name):
+    images, labels = load_digits_arrays()
+    x_train, y_train = images[:256], labels[:256]
+    x_val, y_val = images[1500:1564], labels[1500:1564]
+    space = {
+        "depth": 1,
+        "width": 8,
+        "num_heads": 2,
+        "num_experts": {"values": [0, 2]},
+        "dropout": 0.0,
+        "batch_size": 64,
+        "lr": 3e-3,
+    }
+    hypermodel = hypermodels.SpecHyperModel("vit", (8, 8, 1), 10, space, num_train=256, epochs=2)
+    directory = str(tmp_path)
+    tuner = hypermodels.make_tuner(
+        tuner_name, hypermodel, directory=directory, max_trials=2, max_epochs=2, seed=1
+    )
+    hypermodels.search(tuner, x_train, y_train, validation_data=(x_val, y_val), epochs=2)
+    rows, best = hypermodels.write_reports(tuner, hypermodel, directory)
+
+    written = hypermodels.read_trials_csv(os.path.join(directory, hypermodels.TRIALS_CSV))
+    assert written and all(row["status"] == "COMPLETED" for row in written)
+    assert {int(row["num_experts"]) for row in written} <= {0, 2}
+    assert all(1 <= int(row["epochs"]) <= 2 for row in written)
+    # The reported best is the oracle's best trial, and the best score in the CSV.
+    best_trial = tuner.oracle.get_best_trials(1)[0]
+    assert best["num_experts"] == best_trial.hyperparameters.values["num_experts"]
+    assert max(float(row["score"]) for row in written) == pytest.approx(best_trial.score)

@@ -3,14 +3,15 @@
 position embeddings and a fused QKV projection), the pre-LayerNorm
 `TransformerBlock`, and its dense `FeedForward` sublayer.
 
-The attention core is one of two implementations, picked per backend by
-`attention_core()`:
+The attention core is one of two implementations, a per-layer choice
+(`MultiHeadAttention(attention_core=...)`, serialized with the layer) whose
+default, `None`, takes `default_attention_core()`:
 - `"dot_product_attention"`: `keras.ops.dot_product_attention`, the backend's
   fused kernel: SDPA on torch, flash/cuDNN through
   `jax.nn.dot_product_attention` on a JAX GPU or TPU;
 - `"einsum"`: head-major batched matmuls and a float32 softmax, written so
   grouped-query attention never copies the key/value heads.
-On CPU the choice per backend is `ATTENTION_CORE`, measured by
+On CPU the default per backend is `DEFAULT_ATTENTION_CORE`, measured by
 `benchmarks/attention.py` (forward + backward, jit where the backend has it).
 The einsum core also serves the cases the fused kernel cannot: attention
 dropout in training, `return_attention_scores=True` and
@@ -23,7 +24,7 @@ import math
 import keras
 from keras import ops
 
-from hlkeras.layers import _checks
+from hlkeras import _validation
 from hlkeras.layers.lora import LoRADense
 from hlkeras.layers.moe import MixtureOfExperts
 from hlkeras.layers.residual import DropPath
@@ -32,7 +33,7 @@ from hlkeras.layers.residual import DropPath
 # prints both cores' ratios in every run. On JAX CPU, XLA runs
 # `jax.nn.dot_product_attention` as the same einsums but with a
 # time-major layout, which measured 10-20% slower.
-ATTENTION_CORE = {
+DEFAULT_ATTENTION_CORE = {
     "tensorflow": "einsum",
     "jax": "einsum",
     "torch": "dot_product_attention",
@@ -40,16 +41,16 @@ ATTENTION_CORE = {
 ATTENTION_CORES = ("einsum", "dot_product_attention")
 
 
-def attention_core():
+def default_attention_core():
     """The attention core for the active backend and device.
 
     On a JAX GPU or TPU the fused kernel (cuDNN / splash flash attention) is
-    the fast path; everywhere else it is `ATTENTION_CORE[backend]`.
+    the fast path; everywhere else it is `DEFAULT_ATTENTION_CORE[backend]`.
     """
     backend = keras.backend.backend()
     if backend == "jax" and _jax_has_accelerator():
         return "dot_product_attention"
-    return ATTENTION_CORE[backend]
+    return DEFAULT_ATTENTION_CORE[backend]
 
 
 @functools.cache
@@ -215,7 +216,7 @@ def einsum_attention(query, key, value, mask, scale, dropout_layer=None, trainin
 def _check_lora_arguments(lora_rank, lora_alpha, lora_dropout):
     """Checks the LoRA arguments shared by the layers of this module."""
     if lora_rank is not None:
-        _checks.check_positive_int("lora_rank", lora_rank)
+        _validation.check_positive_int("lora_rank", lora_rank)
     if lora_alpha is not None and (
         isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or lora_alpha <= 0
     ):
@@ -223,7 +224,7 @@ def _check_lora_arguments(lora_rank, lora_alpha, lora_dropout):
             "Argument `lora_alpha` must be a number > 0, or None to use "
             f"`lora_rank`. Received: lora_alpha={lora_alpha!r}"
         )
-    _checks.check_rate("lora_dropout", lora_dropout)
+    _validation.check_rate("lora_dropout", lora_dropout)
 
 
 def _dense_or_lora(layer, units, name, activation=None, use_bias=True, **dense_kwargs):
@@ -295,6 +296,10 @@ class MultiHeadAttention(keras.layers.Layer):
             queries and keys. Needs an even `key_dim`.
         rope_max_wavelength: Positive int, the longest rotary wavelength.
         seed: Optional int seed for the attention dropout.
+        attention_core: `"einsum"`, `"dot_product_attention"` or `None` (the
+            faster one measured for the backend, `default_attention_core()`).
+            Attention dropout, `return_attention_scores=True` and
+            `value_dim != key_dim` always use the einsum core.
         lora_rank: Optional positive int. When set, the query, key, value
             and output projections are `hlkeras.layers.LoRADense` (frozen
             base, trainable rank-`lora_rank` adapter) and the fused QKV
@@ -349,21 +354,27 @@ class MultiHeadAttention(keras.layers.Layer):
         lora_rank=None,
         lora_alpha=None,
         lora_dropout=0.0,
+        attention_core=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.num_heads = _checks.check_positive_int("num_heads", num_heads)
-        self.key_dim = _checks.check_positive_int("key_dim", key_dim)
+        self.attention_core = (
+            None
+            if attention_core is None
+            else _validation.check_choice("attention_core", attention_core, ATTENTION_CORES)
+        )
+        self.num_heads = _validation.check_positive_int("num_heads", num_heads)
+        self.key_dim = _validation.check_positive_int("key_dim", key_dim)
         self.num_kv_heads = _check_num_kv_heads(num_kv_heads, num_heads)
         self.value_dim = (
             self.key_dim
             if value_dim is None
-            else _checks.check_positive_int("value_dim", value_dim)
+            else _validation.check_positive_int("value_dim", value_dim)
         )
         self.output_dim = (
-            None if output_dim is None else _checks.check_positive_int("output_dim", output_dim)
+            None if output_dim is None else _validation.check_positive_int("output_dim", output_dim)
         )
-        self.dropout = _checks.check_rate("dropout", dropout)
+        self.dropout = _validation.check_rate("dropout", dropout)
         self.use_bias = bool(use_bias)
         self.causal = bool(causal)
         self.rope = bool(rope)
@@ -373,7 +384,7 @@ class MultiHeadAttention(keras.layers.Layer):
                 "embeddings rotate pairs of features). "
                 f"Received: key_dim={key_dim}"
             )
-        self.rope_max_wavelength = _checks.check_positive_int(
+        self.rope_max_wavelength = _validation.check_positive_int(
             "rope_max_wavelength", rope_max_wavelength
         )
         self.seed = seed
@@ -448,7 +459,7 @@ class MultiHeadAttention(keras.layers.Layer):
             or use_dropout
             # JAX's fused kernel needs value heads as wide as key heads.
             or self.value_dim != self.key_dim
-            or attention_core() == "einsum"
+            or (self.attention_core or default_attention_core()) == "einsum"
         ):
             if is_causal:
                 explicit_mask = _and_masks(
@@ -623,6 +634,7 @@ class MultiHeadAttention(keras.layers.Layer):
                 "lora_rank": self.lora_rank,
                 "lora_alpha": self.lora_alpha,
                 "lora_dropout": self.lora_dropout,
+                "attention_core": self.attention_core,
             }
         )
         return config
@@ -631,7 +643,7 @@ class MultiHeadAttention(keras.layers.Layer):
 def _check_num_kv_heads(num_kv_heads, num_heads):
     if num_kv_heads is None:
         return num_heads
-    _checks.check_positive_int("num_kv_heads", num_kv_heads)
+    _validation.check_positive_int("num_kv_heads", num_kv_heads)
     if num_heads % num_kv_heads:
         raise ValueError(
             "Argument `num_kv_heads` must divide `num_heads` (each key/value "
@@ -689,9 +701,9 @@ class FeedForward(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.ffn_units = _checks.check_positive_int("ffn_units", ffn_units)
-        self.activation = _checks.check_activation("activation", activation)
-        self.dropout = _checks.check_rate("dropout", dropout)
+        self.ffn_units = _validation.check_positive_int("ffn_units", ffn_units)
+        self.activation = _validation.check_activation("activation", activation)
+        self.dropout = _validation.check_rate("dropout", dropout)
         _check_lora_arguments(lora_rank, lora_alpha, lora_dropout)
         self.lora_rank = lora_rank
         self.lora_alpha = lora_alpha
@@ -699,12 +711,14 @@ class FeedForward(keras.layers.Layer):
         self.supports_masking = True
 
     def build(self, input_shape):
-        input_dim = _checks.check_feature_dim("FeedForward", input_shape)
+        input_dim = _validation.check_feature_dim("FeedForward", input_shape)
         policy = self.dtype_policy
         initializer = {}
         if self.lora_rank is None:
             # A LoRADense base is always copied in, never initialized.
-            initializer = {"kernel_initializer": _checks.kernel_initializer_for(self.activation)}
+            initializer = {
+                "kernel_initializer": _validation.kernel_initializer_for(self.activation)
+            }
         self.hidden_dense = _dense_or_lora(
             self, self.ffn_units, "hidden_dense", self.activation, **initializer
         )
@@ -810,21 +824,23 @@ class TransformerBlock(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.num_heads = _checks.check_positive_int("num_heads", num_heads)
-        self.ffn_units = _checks.check_positive_int("ffn_units", ffn_units)
-        self.key_dim = None if key_dim is None else _checks.check_positive_int("key_dim", key_dim)
+        self.num_heads = _validation.check_positive_int("num_heads", num_heads)
+        self.ffn_units = _validation.check_positive_int("ffn_units", ffn_units)
+        self.key_dim = (
+            None if key_dim is None else _validation.check_positive_int("key_dim", key_dim)
+        )
         self.num_kv_heads = _check_num_kv_heads(num_kv_heads, num_heads)
-        self.dropout = _checks.check_rate("dropout", dropout)
-        self.drop_path = _checks.check_rate("drop_path", drop_path)
+        self.dropout = _validation.check_rate("dropout", dropout)
+        self.drop_path = _validation.check_rate("drop_path", drop_path)
         self.causal = bool(causal)
-        self.activation = _checks.check_activation("activation", activation)
+        self.activation = _validation.check_activation("activation", activation)
         if isinstance(num_experts, bool) or not isinstance(num_experts, int) or (num_experts < 0):
             raise ValueError(
                 "Argument `num_experts` must be an integer >= 0 (0 means a "
                 f"dense FFN). Received: num_experts={num_experts!r}"
             )
         self.num_experts = num_experts
-        self.top_k = _checks.check_positive_int("top_k", top_k)
+        self.top_k = _validation.check_positive_int("top_k", top_k)
         self.capacity_factor = capacity_factor
         _check_lora_arguments(lora_rank, lora_alpha, lora_dropout)
         if num_experts and lora_rank is not None:
@@ -977,7 +993,7 @@ class PositionEmbedding(keras.layers.Layer):
 
     def __init__(self, max_length, **kwargs):
         super().__init__(**kwargs)
-        self.max_length = _checks.check_positive_int("max_length", max_length)
+        self.max_length = _validation.check_positive_int("max_length", max_length)
         self.supports_masking = True
 
     def build(self, input_shape):

@@ -12,7 +12,7 @@ import math
 import keras
 from keras import ops
 
-from hlkeras.layers import _checks
+from hlkeras import _validation
 
 
 def check_alpha(alpha):
@@ -91,13 +91,13 @@ class LoRADense(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.units = _checks.check_positive_int("units", units)
-        self.rank = _checks.check_positive_int("rank", rank)
+        self.units = _validation.check_positive_int("units", units)
+        self.rank = _validation.check_positive_int("rank", rank)
         self.alpha = check_alpha(alpha)
-        self.dropout = _checks.check_rate("dropout", dropout)
+        self.dropout = _validation.check_rate("dropout", dropout)
         self.activation = activation
         self.activation_fn = keras.activations.get(
-            _checks.check_activation("activation", activation)
+            _validation.check_activation("activation", activation)
         )
         self.use_bias = bool(use_bias)
         self.rslora = bool(rslora)
@@ -106,8 +106,8 @@ class LoRADense(keras.layers.Layer):
         self.supports_masking = True
 
     def build(self, input_shape):
-        _checks.check_min_rank("LoRADense", input_shape, 2)
-        input_dim = _checks.check_feature_dim("LoRADense", input_shape)
+        _validation.check_min_rank("LoRADense", input_shape, 2)
+        input_dim = _validation.check_feature_dim("LoRADense", input_shape)
         if self.rank > min(input_dim, self.units):
             raise ValueError(
                 f"LoRADense '{self.name}': argument `rank` must be <= "

@@ -34,7 +34,7 @@ import math
 import keras
 from keras import ops
 
-from hlkeras.layers import _checks
+from hlkeras import _validation
 
 # Rows per block in dropless mode, as a fraction of the average expert load:
 # a block of `ceil(assignments / (experts * DROPLESS_BLOCKS_PER_EXPERT))`
@@ -555,9 +555,9 @@ class MixtureOfExperts(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.num_experts = _checks.check_positive_int("num_experts", num_experts)
-        self.hidden_units = _checks.check_positive_int("hidden_units", hidden_units)
-        self.top_k = _checks.check_positive_int("top_k", top_k)
+        self.num_experts = _validation.check_positive_int("num_experts", num_experts)
+        self.hidden_units = _validation.check_positive_int("hidden_units", hidden_units)
+        self.top_k = _validation.check_positive_int("top_k", top_k)
         if self.top_k > self.num_experts:
             raise ValueError(
                 "Argument `top_k` must be in [1, num_experts]. "
@@ -578,15 +578,15 @@ class MixtureOfExperts(keras.layers.Layer):
         self.output_units = (
             None
             if output_units is None
-            else _checks.check_positive_int("output_units", output_units)
+            else _validation.check_positive_int("output_units", output_units)
         )
-        self.activation = _checks.check_activation("activation", activation)
-        self.load_balance_weight = _checks.check_non_negative(
+        self.activation = _validation.check_activation("activation", activation)
+        self.load_balance_weight = _validation.check_non_negative(
             "load_balance_weight", load_balance_weight
         )
-        self.router_z_weight = _checks.check_non_negative("router_z_weight", router_z_weight)
-        self.router_jitter = _checks.check_rate("router_jitter", router_jitter)
-        self.dropout = _checks.check_rate("dropout", dropout)
+        self.router_z_weight = _validation.check_non_negative("router_z_weight", router_z_weight)
+        self.router_jitter = _validation.check_rate("router_jitter", router_jitter)
+        self.dropout = _validation.check_rate("dropout", dropout)
         self.activation_fn = keras.activations.get(self.activation)
         self.jitter_seed = keras.random.SeedGenerator() if self.router_jitter > 0 else None
 
@@ -596,8 +596,8 @@ class MixtureOfExperts(keras.layers.Layer):
         return self.capacity_factor is None
 
     def build(self, input_shape):
-        _checks.check_min_rank("MixtureOfExperts", input_shape, 2)
-        input_dim = _checks.check_feature_dim("MixtureOfExperts", input_shape)
+        _validation.check_min_rank("MixtureOfExperts", input_shape, 2)
+        input_dim = _validation.check_feature_dim("MixtureOfExperts", input_shape)
         output_dim = self.output_units or input_dim
         experts, hidden = self.num_experts, self.hidden_units
         # Router logits in float32 even under mixed precision: the top-k
@@ -809,7 +809,7 @@ def _per_expert_initializer(activation, num_experts):
     Keras computes the fans of an `(E, d, h)` kernel as `(E*d, E*h)`;
     scaling by E restores the per-expert `(d, h)` fans.
     """
-    if _checks.kernel_initializer_for(activation) == "he_normal":
+    if _validation.kernel_initializer_for(activation) == "he_normal":
         return keras.initializers.VarianceScaling(
             scale=2.0 * num_experts, mode="fan_in", distribution="untruncated_normal"
         )

@@ -6,7 +6,7 @@ import math
 import keras
 from keras import ops
 
-from hlkeras.layers import _checks
+from hlkeras import _validation
 
 NORMS = ("layer", "batch", None)
 
@@ -39,7 +39,7 @@ class DropPath(keras.layers.Layer):
 
     def __init__(self, rate, seed=None, **kwargs):
         super().__init__(**kwargs)
-        self.rate = _checks.check_rate("rate", rate)
+        self.rate = _validation.check_rate("rate", rate)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.supports_masking = True
@@ -116,27 +116,27 @@ class ResidualBlock(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.units = _checks.check_positive_int("units", units)
+        self.units = _validation.check_positive_int("units", units)
         self.hidden_units = (
             None
             if hidden_units is None
-            else _checks.check_positive_int("hidden_units", hidden_units)
+            else _validation.check_positive_int("hidden_units", hidden_units)
         )
-        self.activation = _checks.check_activation("activation", activation)
-        self.norm = _checks.check_choice("norm", norm, NORMS)
-        self.dropout = _checks.check_rate("dropout", dropout)
-        self.drop_path = _checks.check_rate("drop_path", drop_path)
+        self.activation = _validation.check_activation("activation", activation)
+        self.norm = _validation.check_choice("norm", norm, NORMS)
+        self.dropout = _validation.check_rate("dropout", dropout)
+        self.drop_path = _validation.check_rate("drop_path", drop_path)
         self.supports_masking = True
 
     def build(self, input_shape):
-        _checks.check_min_rank("ResidualBlock", input_shape, 2)
-        input_dim = _checks.check_feature_dim("ResidualBlock", input_shape)
+        _validation.check_min_rank("ResidualBlock", input_shape, 2)
+        input_dim = _validation.check_feature_dim("ResidualBlock", input_shape)
         policy = self.dtype_policy
         self.branch_norm = _make_norm(self.norm, policy, "branch_norm")
         self.hidden_dense = keras.layers.Dense(
             self.hidden_units or self.units,
             activation=self.activation,
-            kernel_initializer=_checks.kernel_initializer_for(self.activation),
+            kernel_initializer=_validation.kernel_initializer_for(self.activation),
             dtype=policy,
             name="hidden_dense",
         )
@@ -229,16 +229,16 @@ class ConvResidualBlock(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.filters = _checks.check_positive_int("filters", filters)
-        self.strides = _checks.check_positive_int("strides", strides)
+        self.filters = _validation.check_positive_int("filters", filters)
+        self.strides = _validation.check_positive_int("strides", strides)
         if bottleneck and filters % 4:
             raise ValueError(
                 "With `bottleneck=True`, argument `filters` must be divisible "
                 f"by 4 (the inner width is filters // 4). Received: filters={filters}"
             )
         self.bottleneck = bool(bottleneck)
-        self.activation = _checks.check_activation("activation", activation)
-        self.drop_path = _checks.check_rate("drop_path", drop_path)
+        self.activation = _validation.check_activation("activation", activation)
+        self.drop_path = _validation.check_rate("drop_path", drop_path)
 
     def _conv(self, filters, kernel_size, strides, name):
         return keras.layers.Conv2D(
@@ -247,7 +247,7 @@ class ConvResidualBlock(keras.layers.Layer):
             strides=strides,
             padding="same",
             use_bias=False,
-            kernel_initializer=_checks.kernel_initializer_for(self.activation),
+            kernel_initializer=_validation.kernel_initializer_for(self.activation),
             dtype=self.dtype_policy,
             name=name,
         )
@@ -262,7 +262,7 @@ class ConvResidualBlock(keras.layers.Layer):
                 "(batch, height, width, channels). "
                 f"Received input_shape={tuple(input_shape)}"
             )
-        in_channels = _checks.check_feature_dim("ConvResidualBlock", input_shape)
+        in_channels = _validation.check_feature_dim("ConvResidualBlock", input_shape)
         if self.bottleneck:
             inner = self.filters // 4
             convs = [

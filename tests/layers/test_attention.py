@@ -329,9 +329,11 @@ def test_rope_logits_depend_only_on_relative_position():
     ],
     ids=["self-gqa-rope", "self-gqa-rope-causal-mask", "cross-mqa-rope-value-dim"],
 )
-def test_layer_equals_numpy_reference(init_kwargs, self_attention, mask):
+@pytest.mark.parametrize("core", attention.ATTENTION_CORES)
+def test_layer_equals_numpy_reference(init_kwargs, self_attention, mask, core):
     value = QUERY if self_attention else VALUE
-    layer = MultiHeadAttention(4, 8, **init_kwargs)
+    layer = MultiHeadAttention(4, 8, attention_core=core, **init_kwargs)
+    assert MultiHeadAttention.from_config(layer.get_config()).attention_core == core
     layer(QUERY, value)
     randomize_biases(layer)
     call_kwargs = {} if mask is None else {"attention_mask": mask}
@@ -437,6 +439,10 @@ def test_variable_length_transformer_block_converts_to_tflite():
         (lambda: MultiHeadAttention(4, 8, dropout=1.0), r"`dropout`.*1.0"),
         (lambda: MultiHeadAttention(4, 8, value_dim=-2), r"`value_dim`.*-2"),
         (lambda: MultiHeadAttention(4, 8, num_kv_heads=0), r"`num_kv_heads`.*=0"),
+        (
+            lambda: MultiHeadAttention(4, 8, attention_core="flash"),
+            r"`attention_core`.*'dot_product_attention'.*attention_core='flash'",
+        ),
         (lambda: TransformerBlock(4, 0), r"`ffn_units`.*0"),
         (lambda: TransformerBlock(4, 8, num_kv_heads=3), r"`num_kv_heads`.*=3"),
         (lambda: TransformerBlock(4, 8, drop_path=1.5), r"`drop_path`.*1.5"),
@@ -503,3 +509,34 @@ def test_docstring_examples_run():
         attention, extraglobs={"keras": keras}, optionflags=doctest.ELLIPSIS
     )
     assert tried > 0 and failures == 0
+
+
+# --- PositionEmbedding ------------------------------------------------------------------
+
+
+def test_position_embedding_contract():
+    run_layer_test(
+        attention.PositionEmbedding,
+        {"max_length": 8},
+        QUERY,
+        expected_output_shape=QUERY.shape,
+    )
+
+
+def test_position_embedding_adds_row_i_to_position_i_for_any_length():
+    layer = attention.PositionEmbedding(8)
+    layer.build((None, None, QUERY.shape[-1]))
+    table = np.random.default_rng(3).normal(size=(8, QUERY.shape[-1])).astype("float32")
+    layer.embeddings.assign(table)
+    for length in (QUERY.shape[1], 2):
+        inputs = QUERY[:, :length]
+        np.testing.assert_allclose(
+            to_numpy(layer(inputs)), inputs + table[None, :length], rtol=1e-6, atol=1e-6
+        )
+
+
+def test_position_embedding_refuses_sequences_longer_than_its_table():
+    with pytest.raises(ValueError, match=r"max_length=2.*length 5"):
+        attention.PositionEmbedding(2).build((None, 5, 8))
+    with pytest.raises(ValueError, match=r"`max_length`.*0"):
+        attention.PositionEmbedding(0)

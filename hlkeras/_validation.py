@@ -1,8 +1,10 @@
-"""Argument checks shared by the hlkeras layers.
+"""The one argument-check module of hlkeras: layers, models, LoRA and
+export check their arguments here.
 
-Every check raises a `ValueError` that names the argument, the value it got
-and what is allowed, so a user mistake never surfaces later as a shape error
-deep inside a backend.
+Every check raises an error that names the argument, the value it got and
+what is allowed, so a user mistake never surfaces later as a shape error
+deep inside a backend. The error class is a parameter (`ValueError` by
+default; e.g. `hlkeras.export.ExportError`, which the CLI prints as one line).
 """
 
 import keras
@@ -11,29 +13,32 @@ import keras
 RELU_FAMILY = frozenset({"relu", "relu6", "leaky_relu", "elu", "gelu", "silu", "swish", "selu"})
 
 
-def check_positive_int(name, value):
+def is_number(value):
+    """An int or float that is not a bool (`True` is an int in Python)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_positive_int(name, value, error=ValueError):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(
-            f"Argument `{name}` must be a positive integer. Received: {name}={value!r}"
-        )
+        raise error(f"Argument `{name}` must be a positive integer. Received: {name}={value!r}")
     return value
 
 
-def check_rate(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= value < 1.0):
-        raise ValueError(f"Argument `{name}` must be a float in [0, 1). Received: {name}={value!r}")
+def check_rate(name, value, error=ValueError):
+    if not is_number(value) or not (0.0 <= value < 1.0):
+        raise error(f"Argument `{name}` must be a float in [0, 1). Received: {name}={value!r}")
     return float(value)
 
 
-def check_non_negative(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ValueError(f"Argument `{name}` must be a number >= 0. Received: {name}={value!r}")
+def check_non_negative(name, value, error=ValueError):
+    if not is_number(value) or not value >= 0:  # `not >=` refuses NaN too
+        raise error(f"Argument `{name}` must be a number >= 0. Received: {name}={value!r}")
     return float(value)
 
 
-def check_choice(name, value, allowed):
+def check_choice(name, value, allowed, error=ValueError):
     if value not in allowed:
-        raise ValueError(
+        raise error(
             f"Argument `{name}` must be one of {sorted(allowed, key=str)}. "
             f"Received: {name}={value!r}"
         )
