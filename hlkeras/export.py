@@ -750,9 +750,7 @@ def _keras_reference(model, inputs):
 
 def check_max_accuracy_drop(value):
     """`max_accuracy_drop` must be a number of accuracy points >= 0."""
-    return _validation.check_non_negative(
-        "max_accuracy_drop (CLI: --max-accuracy-drop)", value, error=ExportError
-    )
+    return _validation.check_non_negative("max_accuracy_drop", value, error=ExportError)
 
 
 def batch_dependence(report, reference):

@@ -155,6 +155,7 @@ def _backup_epoch(out):
 
 @pytest.mark.slow
 @pytest.mark.backends("tensorflow")
+@pytest.mark.serial
 def test_resume_after_sigkill_continues_from_last_finished_epoch(data_dir, tmp_path):
     out = str(tmp_path / "run")
     epochs = 4

@@ -123,6 +123,7 @@ def _read_trial(directory, trial_id):
 
 @pytest.mark.slow
 @pytest.mark.backends("tensorflow")
+@pytest.mark.serial
 def test_sigkill_mid_trial_then_the_rerun_continues_without_losing_or_rerunning(
     tmp_path, tiny_space
 ):
@@ -180,6 +181,7 @@ def test_sigkill_mid_trial_then_the_rerun_continues_without_losing_or_rerunning(
 
 @pytest.mark.slow
 @pytest.mark.backends("tensorflow")
+@pytest.mark.serial
 def test_a_chief_and_two_workers_share_one_oracle(tmp_path, tiny_space, monkeypatch, capfd):
     monkeypatch.setenv("PYTHONPATH", REPO_ROOT)
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -6,7 +6,9 @@ the data moves:
 
 1. `route_top_k`: router logits -> chosen experts, gates, router probabilities.
 2. `expert_positions`: each (token, choice) assignment's position in its
-   expert's queue, and the assignments sorted by expert.
+   queue, and the assignments sorted by queue. In capacity mode every
+   (expert, example) pair has its own queue (GShard groups), so a token's
+   fate never depends on the other examples in the batch.
 3. `capacity_layout` / `dropless_layout`: which buffer row each assignment
    goes to (or that it is dropped), and which token fills each buffer row.
 4. `dispatch_tokens`: gathers the tokens into the expert buffer.
@@ -17,9 +19,10 @@ the data moves:
 Tokens move only by gathers (`ops.take`), never by a dense
 `[tokens, experts, capacity]` one-hot einsum (quadratic in tokens) nor by
 `ops.scatter` (a Python loop on torch); a custom gradient makes the backward
-pass gathers too, instead of the scatter-adds autodiff would emit. Priority in the expert queues is
-"choice-major": every token's first choice is queued before any second
-choice, and within a choice earlier tokens come first (Switch/GShard). Sorting
+pass gathers too, instead of the scatter-adds autodiff would emit. Priority
+in a queue is "choice-major": every token's first choice is queued before
+any second choice, and within a choice earlier tokens come first
+(Switch/GShard). Sorting
 uses unique keys, so the order is deterministic on every backend even where
 argsort is unstable.
 
