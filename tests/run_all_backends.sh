@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite once per Keras backend, on both cores
-# (pytest-xdist, one test file per worker so module fixtures are built once)
-# and then the `serial` tests alone, prints each backend's duration, and
+# (pytest-xdist, one test file per worker so module fixtures are built once),
+# the `serial` tests alone before that, prints each backend's duration, and
 # fails if any run fails.
 # Usage: bash tests/run_all_backends.sh [extra pytest args]
 # PYTHON picks the interpreter (default: the project's .venv).
@@ -13,10 +13,10 @@ durations=""
 for backend in tensorflow jax torch; do
   echo "=== KERAS_BACKEND=$backend ==="
   start=$SECONDS
-  KERAS_BACKEND=$backend "$PYTHON" -m pytest tests -n 2 --dist loadfile -m "not serial" "$@" || status=1
   # SIGKILL and chief/worker tests time their subprocesses: they run alone,
   # without a second worker competing for the two cores.
   KERAS_BACKEND=$backend "$PYTHON" -m pytest tests -m serial "$@" || status=1
+  KERAS_BACKEND=$backend "$PYTHON" -m pytest tests -n 2 --dist loadfile -m "not serial" "$@" || status=1
   durations="$durations $backend=$((SECONDS - start))s"
 done
 echo "=== durations:$durations"
