@@ -246,26 +246,32 @@ class RoutingStatistics(keras.callbacks.Callback):
         self.expert_load = {layer.name: [] for layer in self.moe_layers}
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.model  # On JAX, reading `self.model` syncs the training state.
-        self.epoch_start = {layer.name: _routing_totals(layer) for layer in self.moe_layers}
+        self.epoch_start = self._routing_totals()
 
     def on_epoch_end(self, epoch, logs=None):
-        self.model  # Sync the state on JAX (see on_epoch_begin).
+        epoch_end = self._routing_totals()
         for layer in self.moe_layers:
-            totals = _routing_totals(layer)
-            start = self.epoch_start[layer.name]
+            totals, start = epoch_end[layer.name], self.epoch_start[layer.name]
             summary = moe.routing_summary(*(now - then for now, then in zip(totals, start)))
             self.expert_load[layer.name].append(summary["expert_load"])
             if logs is not None and summary["calls"] > 0:
                 logs[f"{layer.name}_dropped_fraction"] = summary["dropped_fraction"]
                 logs[f"{layer.name}_max_expert_load"] = summary["max_expert_load"]
 
-
-def _routing_totals(layer):
-    return tuple(
-        np.array(ops.convert_to_numpy(variable), dtype="float64")
-        for variable in (layer.routing_calls, layer.routing_dropped_total, layer.routing_load_total)
-    )
+    def _routing_totals(self):
+        """`{layer name: (calls, dropped total, load totals)}` as NumPy."""
+        self.model  # On JAX, reading `self.model` syncs the training state.
+        return {
+            layer.name: tuple(
+                np.array(ops.convert_to_numpy(variable), dtype="float64")
+                for variable in (
+                    layer.routing_calls,
+                    layer.routing_dropped_total,
+                    layer.routing_load_total,
+                )
+            )
+            for layer in self.moe_layers
+        }
 
 
 class HistoryCSV(keras.callbacks.Callback):
