@@ -628,9 +628,14 @@ def run_tflite(tflite_model, inputs):
         outputs = runner(**named)
         return outputs[sorted(outputs)[0]]
     interpreter = _prepared_interpreter(tflite_model, np.shape(inputs))
-    _set_input(interpreter, np.asarray(inputs, "float32"))
+    return _invoke(interpreter, np.asarray(inputs, "float32"))
+
+
+def _invoke(interpreter, array):
+    """Runs a prepared interpreter on `array`; returns a copy of its output."""
+    _set_input(interpreter, array)
     interpreter.invoke()
-    return _get_output(interpreter)
+    return np.array(_get_output(interpreter))
 
 
 def median_latency_ms(run_once, repeats=50, warmup=5):
@@ -642,9 +647,7 @@ def _tflite_latency_ms(tflite_model, sample, repeats):
     interpreter = _prepared_interpreter(tflite_model, sample.shape)
 
     def run_once():
-        _set_input(interpreter, sample)
-        interpreter.invoke()
-        _get_output(interpreter)
+        _invoke(interpreter, sample)
 
     return median_latency_ms(run_once, repeats)
 
@@ -658,12 +661,7 @@ def _keras_latency_ms(model, sample, repeats):
 def _tflite_per_sample(flatbuffer, inputs):
     """Runs the `.tflite` on each sample alone (batch 1), as a device does."""
     interpreter = _prepared_interpreter(flatbuffer, (1,) + inputs.shape[1:])
-    outputs = []
-    for sample in inputs:
-        _set_input(interpreter, sample[None])
-        interpreter.invoke()
-        outputs.append(np.array(_get_output(interpreter)))
-    return np.concatenate(outputs)
+    return np.concatenate([_invoke(interpreter, sample[None]) for sample in inputs])
 
 
 def _saved_model_per_sample(path, inputs):
