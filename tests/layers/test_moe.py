@@ -602,7 +602,9 @@ def test_int8_tflite_keeps_the_capacity_of_longer_sequences_than_calibration():
     output = export.run_tflite(flatbuffer, long_sequences)
     dropped = np.all(expected == 0.0, axis=-1)
     assert 0 < dropped.mean() < 0.5, "premise: capacity 6 of 24 drops some tokens"
-    np.testing.assert_array_equal(np.all(output == 0.0, axis=-1), dropped)
-    # int8 rounding may flip a near-tied routing choice, but not many.
+    # int8 rounding may flip a near-tied routing choice, which moves a token
+    # in its queues, so a few drops may differ; a saturated float capacity
+    # differs on 65% of the tokens (measured with the old formula).
+    assert np.mean(np.all(output == 0.0, axis=-1) != dropped) <= 0.05
     close = np.all(np.abs(output - expected) <= 0.1 * np.abs(expected).max(), axis=-1)
     assert close.mean() >= 0.95
