@@ -39,7 +39,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 
 from hlkeras import data  # noqa: E402
-from hlkeras import hypermodels  # noqa: E402
+from hlkeras import search  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPACE_FILE = os.path.join(REPO_ROOT, "tuning", "digits_mlp.toml")
@@ -55,16 +55,16 @@ lr = {min = 1e-3, max = 1e-2, log = true}
 
 
 def run_tuner(kind, x_train, y_train, x_val, y_val, *, max_trials, max_epochs, seed, root):
-    hypermodel = hypermodels.SpecHyperModel(
+    hypermodel = search.SpecHyperModel(
         "mlp",
         x_train.shape[1:],
         10,
-        hypermodels.load_space(SPACE_FILE),
+        search.load_space(SPACE_FILE),
         num_train=len(x_train),
         epochs=max_epochs,
     )
     directory = os.path.join(root, kind)
-    tuner = hypermodels.make_tuner(
+    tuner = search.make_tuner(
         kind,
         hypermodel,
         directory=directory,
@@ -73,10 +73,10 @@ def run_tuner(kind, x_train, y_train, x_val, y_val, *, max_trials, max_epochs, s
         seed=seed,
     )
     start = time.perf_counter()
-    hypermodels.search(tuner, x_train, y_train, validation_data=(x_val, y_val), epochs=max_epochs)
+    search.run_trials(tuner, x_train, y_train, validation_data=(x_val, y_val), epochs=max_epochs)
     seconds = time.perf_counter() - start
-    rows = hypermodels.trial_rows(tuner.oracle, tuner.project_dir)
-    completed = hypermodels.ranked(rows)
+    rows = search.trial_rows(tuner.oracle, tuner.project_dir)
+    completed = search.ranked(rows)
     return {
         "best": completed[0]["score"] if completed else float("nan"),
         "trials": len(rows),
@@ -89,7 +89,7 @@ def warm_up(x_train, y_train):
     """One tiny fit first, so the first tuner does not pay for the first trace."""
     import keras_tuner
 
-    hypermodel = hypermodels.SpecHyperModel("mlp", x_train.shape[1:], 10, {"depth": 1, "width": 32})
+    hypermodel = search.SpecHyperModel("mlp", x_train.shape[1:], 10, {"depth": 1, "width": 32})
     hp = keras_tuner.HyperParameters()
     hypermodel.fit(hp, hypermodel.build(hp), x_train[:256], y_train[:256], epochs=1, verbose=0)
 
@@ -139,10 +139,10 @@ def compare_tuners(args, root):
 
 def search_span(directory):
     """Seconds from the first trial's start to the last trial's end."""
-    project = os.path.join(directory, hypermodels.SEARCH_PROJECT)
+    project = os.path.join(directory, search.SEARCH_PROJECT)
     starts = [
         os.path.getmtime(p)
-        for p in glob.glob(os.path.join(project, "trial_*", hypermodels.TRIAL_TUNER_FILE))
+        for p in glob.glob(os.path.join(project, "trial_*", search.TRIAL_TUNER_FILE))
     ]
     ends = [os.path.getmtime(p) for p in glob.glob(os.path.join(project, "trial_*", "trial.json"))]
     return max(ends) - min(starts), len(ends)

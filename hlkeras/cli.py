@@ -377,10 +377,11 @@ def cmd_train(args):
 
 # --- hlkeras tune -----------------------------------------------------------------
 
-TUNE_OBJECTIVES = ("val_accuracy", "val_loss", "accuracy", "loss")
-
 
 def _add_tune_command(commands):
+    from hlkeras.search import OBJECTIVES
+    from hlkeras.search import SEARCH_DEFAULTS as DEFAULTS
+
     tune = commands.add_parser(
         "tune",
         help="search depth, width, dropout, learning rate, ... with KerasTuner",
@@ -401,298 +402,68 @@ def _add_tune_command(commands):
     )
     flag(
         "--dataset",
-        default="digits",
+        default=DEFAULTS["dataset"],
         help="'digits' (embedded, default) or a TFDS dataset in --data-dir",
     )
     flag("--data-dir", help="TFDS data directory (default: TFDS' own)")
-    flag("--tuner", default="hyperband", help="random, bayesian or hyperband (default hyperband)")
+    flag(
+        "--tuner",
+        default=DEFAULTS["tuner"],
+        help="random, bayesian or hyperband (default hyperband)",
+    )
     flag(
         "--max-trials",
         type=int,
-        default=10,
+        default=DEFAULTS["max_trials"],
         help="number of trials (a cap for hyperband; default 10)",
     )
     flag(
         "--max-epochs",
         type=int,
-        default=20,
+        default=DEFAULTS["max_epochs"],
         help="epochs of a full trial and of the retraining (default 20)",
     )
     flag("--space", help="TOML or JSON file that narrows or fixes the default space")
-    flag("--dir", help="search directory (default runs/tune-<arch>-<dataset>)")
+    flag("--dir", dest="directory", help="search directory (default runs/tune-<arch>-<dataset>)")
     flag(
         "--objective",
-        default="val_accuracy",
-        help=f"one of {', '.join(TUNE_OBJECTIVES)} (default val_accuracy)",
+        default=DEFAULTS["objective"],
+        help=f"one of {', '.join(OBJECTIVES)} (default val_accuracy)",
     )
-    flag("--seed", type=int, default=0, help="random seed (default 0)")
+    flag("--seed", type=int, default=DEFAULTS["seed"], help="random seed (default 0)")
     flag(
         "--patience",
         type=int,
-        default=3,
+        default=DEFAULTS["patience"],
         help="early-stopping patience per trial in epochs (default 3)",
     )
     flag(
         "--workers",
         type=int,
-        default=0,
+        default=DEFAULTS["workers"],
         help="run a chief and N worker processes on this machine (default 0: one process)",
     )
     tune.set_defaults(func=cmd_tune)
 
 
-def _check_tune_args(args):
-    from hlkeras import hypermodels
-
-    if args.tuner not in hypermodels.TUNERS:
-        raise UsageError(
-            f"--tuner must be one of {', '.join(hypermodels.TUNERS)}, got {args.tuner!r}"
-        )
-    for name in ("max_trials", "max_epochs", "patience"):
-        value = getattr(args, name)
-        if value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    if args.workers < 0:
-        raise UsageError(f"--workers must be >= 0, got {args.workers}")
-    if args.objective not in TUNE_OBJECTIVES:
-        raise UsageError(
-            f"--objective must be one of {', '.join(TUNE_OBJECTIVES)}, got {args.objective!r}"
-        )
-
-
-def _tune_space(args):
-    """`(arch, overrides)` from --arch and --space."""
-    from hlkeras import hypermodels
-
-    try:
-        overrides = hypermodels.load_space(args.space)
-        arch = args.arch or hypermodels.space_arch(overrides)
-        if args.arch and overrides.get("arch", arch) != arch:
-            raise UsageError(
-                f"--arch {arch} contradicts arch = {overrides['arch']!r} in {args.space}"
-            )
-        if arch not in hypermodels.SEARCH_SPACES:
-            raise UsageError(
-                f"--arch must be one of {sorted(hypermodels.SEARCH_SPACES)}, got {arch!r}"
-            )
-        hypermodels.resolve_space(arch, overrides)
-    except ValueError as error:
-        raise UsageError(f"{args.space or '--arch'}: {error}") from None
-    return arch, overrides
-
-
-def _tune_argv(args):
-    """The command line of one process of a `--workers` search."""
-    argv = ["tune"]
-    for name in (
-        "arch",
-        "dataset",
-        "data_dir",
-        "tuner",
-        "max_trials",
-        "max_epochs",
-        "space",
-        "dir",
-        "objective",
-        "seed",
-        "patience",
-    ):
-        value = getattr(args, name)
-        if value is not None:
-            argv += [f"--{name.replace('_', '-')}", str(value)]
-    return argv
-
-
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run_chief_and_workers(args, directory):
-    """Starts a chief and `args.workers` workers on 127.0.0.1 (KerasTuner's
-    gRPC mode) and waits for them; kills every process group it started on
-    the way out, whatever happens."""
-    import signal
-    import subprocess
-    import time
-
-    from hlkeras import data
-
-    # Prepares the dataset once, so the processes do not race to write it
-    # (and a bad --dataset fails here, before any process starts).
-    try:
-        data.load(args.dataset, data_dir=args.data_dir)
-    except data.DatasetError as error:
-        raise UsageError(str(error)) from None
-    command = [sys.executable, "-m", "hlkeras.cli"] + _tune_argv(args)
-    log_dir = os.path.join(directory, "logs")
-    os.makedirs(log_dir, exist_ok=True)
-    base_env = {
-        **os.environ,
-        "KERASTUNER_ORACLE_IP": "127.0.0.1",
-        "KERASTUNER_ORACLE_PORT": str(_free_port()),
-    }
-    print(
-        f"hlkeras tune: chief + {args.workers} workers on "
-        f"127.0.0.1:{base_env['KERASTUNER_ORACLE_PORT']}; worker logs in {log_dir}",
-        flush=True,
-    )
-    processes = []
-    try:
-        chief = subprocess.Popen(
-            command, env={**base_env, "KERASTUNER_TUNER_ID": "chief"}, start_new_session=True
-        )
-        processes.append(chief)
-        workers = []
-        for i in range(args.workers):
-            with open(os.path.join(log_dir, f"worker{i}.log"), "wb") as log:
-                workers.append(
-                    subprocess.Popen(
-                        command,
-                        env={**base_env, "KERASTUNER_TUNER_ID": f"worker{i}"},
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                    )
-                )
-            processes.append(workers[-1])
-        while chief.poll() is None:
-            crashed = [i for i, w in enumerate(workers) if w.poll() not in (None, 0)]
-            if crashed:
-                # The chief would wait forever for the crashed worker's trial.
-                raise UsageError(
-                    f"worker{crashed[0]} exited with status {workers[crashed[0]].returncode}; "
-                    f"see {os.path.join(log_dir, f'worker{crashed[0]}.log')}"
-                )
-            time.sleep(0.5)
-        if chief.returncode != 0:
-            return chief.returncode
-        for i, worker in enumerate(workers):
-            if worker.wait(timeout=60) != 0:
-                raise UsageError(f"worker{i} failed; see {os.path.join(log_dir, f'worker{i}.log')}")
-        return 0
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-
-
 def cmd_tune(args):
-    import json
+    from hlkeras import search
 
-    _check_tune_args(args)
-    arch, overrides = _tune_space(args)
-    directory = args.dir or os.path.join("runs", f"tune-{arch}-{args.dataset}")
-    if args.workers:
-        return _run_chief_and_workers(args, directory)
-
-    import keras
-    from keras_tuner.src.distribute import utils as kt_distribute
-
-    from hlkeras import data
-    from hlkeras import hypermodels
-    from hlkeras import training
-
-    keras.utils.set_random_seed(args.seed)
+    settings = {key: getattr(args, key) for key in search.SEARCH_DEFAULTS}
     try:
-        train_ds, val_ds, _, info = data.load(args.dataset, data_dir=args.data_dir, seed=args.seed)
-    except data.DatasetError as error:
+        outcome = search.run_search(log=lambda line: print(line, flush=True), **settings)
+    except search.SearchError as error:
         raise UsageError(str(error)) from None
-    if val_ds is None and args.objective.startswith("val_"):
-        raise UsageError(f"--objective {args.objective} needs a validation split")
-    x_train, y_train = data.to_numpy(train_ds)
-    x_val, y_val = data.to_numpy(val_ds)
-    hypermodel = hypermodels.SpecHyperModel(
-        arch,
-        info.input_shape,
-        info.num_classes,
-        overrides,
-        num_train=len(x_train),
-        epochs=args.max_epochs,
-    )
-    is_worker = kt_distribute.has_chief_oracle() and not kt_distribute.is_chief_oracle()
-    if not is_worker:
-        config = hypermodels.search_config(
-            arch=arch,
-            dataset=args.dataset,
-            tuner=args.tuner,
-            objective=args.objective,
-            max_epochs=args.max_epochs,
-            space=hypermodel.space,
-        )
-        try:
-            resuming = hypermodels.check_search_dir(directory, config)
-        except ValueError as error:
-            raise UsageError(str(error)) from None
-        print(
-            f"hlkeras tune: {args.tuner} search over {arch} on {info.name} "
-            f"({keras.backend.backend()} backend) in {directory}"
-            + (" (resuming)" if resuming else ""),
-            flush=True,
-        )
-    tuner = hypermodels.make_tuner(
-        args.tuner,
-        hypermodel,
-        directory=directory,
-        objective=args.objective,
-        max_trials=args.max_trials,
-        max_epochs=args.max_epochs,
-        seed=args.seed,
-    )
-    hypermodels.search(
-        tuner,
-        x_train,
-        y_train,
-        validation_data=(x_val, y_val),
-        epochs=args.max_epochs,
-        patience=args.patience,
-    )
-    if is_worker:
-        return 0
-    rows, best = hypermodels.write_reports(tuner, hypermodel, directory)
-    print(
-        "\n".join(
-            hypermodels.leaderboard(
-                rows, hypermodel.space, args.objective, tuner.oracle.objective.direction
-            )
-        )
-    )
-    if best is None:
-        print(
-            f"hlkeras tune: error: no trial completed; see {directory}/trials.csv", file=sys.stderr
-        )
+    if outcome.error:
+        print(f"hlkeras tune: error: {outcome.error}", file=sys.stderr)
         return 1
-    print(f"best spec: {json.dumps(hypermodel.spec(best), sort_keys=True)}", flush=True)
-    train_ds, val_ds, _, _ = data.load(
-        args.dataset, batch_size=best["batch_size"], data_dir=args.data_dir, seed=args.seed
-    )
-    result = hypermodels.retrain_best(
-        hypermodel,
-        best,
-        train_ds,
-        val_ds,
-        directory,
-        epochs=args.max_epochs,
-        patience=max(args.patience, 5),
-    )
-    if result.nan_epoch is not None:
+    if outcome.best_path:  # a worker process has no best model to report
+        accuracy = outcome.best_val_accuracy
+        score = "" if accuracy is None else f" (val_accuracy {accuracy:.4f})"
         print(
-            f"hlkeras tune: error: retraining the best: {training.nan_message(result)}",
-            file=sys.stderr,
+            f"retrained best: {outcome.best_path}{score}; "
+            f"also trials.csv, trials.png, best_spec.json in {outcome.directory}"
         )
-        return 1
-    if result.best_path is None:
-        print("hlkeras tune: error: the retraining saved no checkpoint", file=sys.stderr)
-        return 1
-    print(
-        f"retrained best: {os.path.join(directory, hypermodels.BEST_MODEL)} "
-        f"(val_accuracy {max(r.get('val_accuracy', 0.0) for r in result.rows):.4f}); "
-        f"also trials.csv, trials.png, best_spec.json in {directory}"
-    )
     return 0
 
 

@@ -429,12 +429,18 @@ def first_nan_epoch(rows):
     return None
 
 
+def monitor_mode(monitor):
+    """`"min"` for a loss, else `"max"` (the `mode` of Keras callbacks and
+    the direction of a KerasTuner objective)."""
+    return "min" if "loss" in monitor else "max"
+
+
 def best_value(rows, monitor):
     """The best finite `monitor` value in `rows` (min for losses), or None."""
     values = [row[monitor] for row in rows if monitor in row and math.isfinite(row[monitor])]
     if not values:
         return None
-    return min(values) if "loss" in monitor else max(values)
+    return min(values) if monitor_mode(monitor) == "min" else max(values)
 
 
 def plot_history(rows, path):

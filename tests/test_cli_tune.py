@@ -13,7 +13,7 @@ import time
 import pytest
 
 from hlkeras import cli
-from hlkeras import hypermodels
+from hlkeras import search
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_SPACE = """\
@@ -90,15 +90,15 @@ def test_a_malformed_space_file_is_a_one_line_error_naming_the_key(tmp_path, cap
 
 def test_a_dir_holding_a_different_search_refuses_to_resume(tmp_path, tiny_space, capsys):
     directory = tmp_path / "search"
-    recorded = hypermodels.search_config(
+    recorded = search.search_config(
         arch="mlp",
         dataset="digits",
         tuner="random",
         objective="val_accuracy",
         max_epochs=1,
-        space=hypermodels.resolve_space("mlp"),
+        space=search.resolve_space("mlp"),
     )
-    hypermodels.check_search_dir(str(directory), recorded)
+    search.check_search_dir(str(directory), recorded)
     err = _one_line_error(_tune_argv(tmp_path, tiny_space, directory, "--max-trials", "1"), capsys)
     assert "holds a different search, so it cannot resume" in err
     assert "the space differs in ['batch_size', 'depth', 'dropout', 'lr', 'width']" in err
@@ -168,7 +168,7 @@ def test_sigkill_mid_trial_then_the_rerun_continues_without_losing_or_rerunning(
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert "(resuming)" in rerun.stdout
     assert "2 trials, 2 completed, 0 failed or unfinished" in rerun.stdout
-    rows = hypermodels.read_trials_csv(directory / hypermodels.TRIALS_CSV)
+    rows = search.read_trials_csv(directory / search.TRIALS_CSV)
     assert [(row["trial"], row["status"]) for row in rows] == [
         ("0", "COMPLETED"),
         ("1", "COMPLETED"),
@@ -176,7 +176,7 @@ def test_sigkill_mid_trial_then_the_rerun_continues_without_losing_or_rerunning(
     # The trial completed before the kill was neither lost nor run again.
     assert (completed_trial / "trial.json").read_bytes() == completed_record
     assert (completed_trial / "checkpoint.weights.h5").stat().st_mtime_ns == completed_checkpoint
-    assert (directory / hypermodels.BEST_MODEL).exists()
+    assert (directory / search.BEST_MODEL).exists()
 
 
 @pytest.mark.slow
@@ -193,7 +193,7 @@ def test_a_chief_and_two_workers_share_one_oracle(tmp_path, tiny_space, monkeypa
     output = capfd.readouterr()
     assert code == 0, output.out + output.err
     # trials.csv is written by the chief from its own oracle.
-    rows = hypermodels.read_trials_csv(directory / hypermodels.TRIALS_CSV)
+    rows = search.read_trials_csv(directory / search.TRIALS_CSV)
     assert [row["trial"] for row in rows] == ["0", "1", "2", "3"]
     assert all(row["status"] == "COMPLETED" for row in rows)
     assert {row["tuner"] for row in rows} == {"worker0", "worker1"}
@@ -201,4 +201,4 @@ def test_a_chief_and_two_workers_share_one_oracle(tmp_path, tiny_space, monkeypa
         oracle_state = json.load(f)
     assert sorted(oracle_state["end_order"]) == ["0", "1", "2", "3"]
     assert oracle_state["ongoing_trials"] == {}
-    assert (directory / hypermodels.BEST_MODEL).exists()
+    assert (directory / search.BEST_MODEL).exists()

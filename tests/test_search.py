@@ -1,4 +1,4 @@
-"""Tests of hlkeras.hypermodels: the space table and its overrides, the
+"""Tests of hlkeras.search: the space table and its overrides, the
 HyperModel's mapping to `hlkeras.models.build`, and a tiny search with a
 failing trial, its reports and the retrained best model."""
 
@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 
 from hlkeras import data
-from hlkeras import hypermodels
 from hlkeras import models
+from hlkeras import search
 from tests.digits_testing import load_digits_arrays
 
 
 def _declared(space):
     hp = kt.HyperParameters()
     for key, entry in space.items():
-        hypermodels.declare(hp, key, entry)
+        search.declare(hp, key, entry)
     return {p.name: p for p in hp.space}
 
 
@@ -28,7 +28,7 @@ def _declared(space):
 
 
 def test_overrides_narrow_fix_and_choose_in_kerastuner_terms():
-    space = hypermodels.resolve_space(
+    space = search.resolve_space(
         "mlp",
         {
             "depth": [2, 6],
@@ -49,13 +49,13 @@ def test_overrides_narrow_fix_and_choose_in_kerastuner_terms():
     assert isinstance(declared["dropout"], kt.engine.hyperparameters.Fixed)
     assert declared["dropout"].value == 0.1
     # Keys left alone keep the table's defaults.
-    assert space["batch_size"] == hypermodels.parse_entry(
-        "batch_size", hypermodels.SEARCH_SPACES["mlp"]["batch_size"]
+    assert space["batch_size"] == search.parse_entry(
+        "batch_size", search.SEARCH_SPACES["mlp"]["batch_size"]
     )
 
 
 def test_a_narrowed_range_keeps_the_tables_log_scale():
-    space = hypermodels.resolve_space("mlp", {"lr": [1e-4, 1e-3]})
+    space = search.resolve_space("mlp", {"lr": [1e-4, 1e-3]})
     assert space["lr"]["log"] is True
     assert _declared(space)["lr"].sampling == "log"
 
@@ -74,9 +74,9 @@ def test_toml_json_and_dict_give_the_same_space(tmp_path):
     )
     json_path = tmp_path / "space.json"
     json_path.write_text(json.dumps(overrides))
-    expected = hypermodels.resolve_space("resnet", overrides)
-    assert hypermodels.resolve_space("resnet", hypermodels.load_space(str(toml_path))) == expected
-    assert hypermodels.resolve_space("resnet", hypermodels.load_space(str(json_path))) == expected
+    expected = search.resolve_space("resnet", overrides)
+    assert search.resolve_space("resnet", search.load_space(str(toml_path))) == expected
+    assert search.resolve_space("resnet", search.load_space(str(json_path))) == expected
 
 
 @pytest.mark.parametrize(
@@ -100,25 +100,25 @@ def test_toml_json_and_dict_give_the_same_space(tmp_path):
 )
 def test_malformed_space_names_the_key(overrides, named):
     with pytest.raises(ValueError, match=named):
-        hypermodels.resolve_space("mlp", overrides)
+        search.resolve_space("mlp", overrides)
 
 
 def test_a_space_file_that_does_not_parse_is_a_value_error(tmp_path):
     path = tmp_path / "space.toml"
     path.write_text("depth = [2, \n")
     with pytest.raises(ValueError, match="does not parse"):
-        hypermodels.load_space(str(path))
+        search.load_space(str(path))
     with pytest.raises(ValueError, match=r"\.toml or \.json"):
-        hypermodels.load_space(str(tmp_path / "space.yaml"))
+        search.load_space(str(tmp_path / "space.yaml"))
     with pytest.raises(ValueError, match="does not exist"):
-        hypermodels.load_space(str(tmp_path / "missing.json"))
+        search.load_space(str(tmp_path / "missing.json"))
 
 
 # --- The HyperModel ---------------------------------------------------------------
 
 
 def test_build_is_models_build_of_the_sampled_spec_compiled_at_the_sampled_lr():
-    hypermodel = hypermodels.SpecHyperModel(
+    hypermodel = search.SpecHyperModel(
         "mlp",
         (8, 8, 1),
         10,
@@ -147,7 +147,7 @@ def test_build_is_models_build_of_the_sampled_spec_compiled_at_the_sampled_lr():
 def test_fit_trains_with_the_sampled_batch_size():
     images, labels = load_digits_arrays()
     images, labels = images[:100], labels[:100]
-    hypermodel = hypermodels.SpecHyperModel(
+    hypermodel = search.SpecHyperModel(
         "mlp", (8, 8, 1), 10, {"depth": 1, "width": 8, "batch_size": {"values": [32, 64]}}
     )
     hp = kt.HyperParameters()
@@ -200,28 +200,26 @@ def test_vit_space_maps_every_key_to_the_builder(monkeypatch):
         return keras.Model(inputs, outputs)
 
     monkeypatch.setitem(models.ARCHITECTURES, "vit", vit)
-    hypermodel = hypermodels.SpecHyperModel(
-        "vit", (8, 8, 1), 10, {"num_heads": 4, "num_experts": 4}
-    )
+    hypermodel = search.SpecHyperModel("vit", (8, 8, 1), 10, {"num_heads": 4, "num_experts": 4})
     hp = kt.HyperParameters()
     hypermodel.build(hp)
     expected = {key: hp.values[key] for key in received}
     assert received == expected
     assert (received["num_heads"], received["num_experts"]) == (4, 4)
-    assert set(hypermodels.SEARCH_SPACES["vit"]) >= {
+    assert set(search.SEARCH_SPACES["vit"]) >= {
         "num_heads",
         "num_experts",
         "top_k",
         "patch_size",
     }
-    bad = hypermodels.SpecHyperModel("vit", (8, 8, 1), 10, {"width": 30, "num_heads": 4})
+    bad = search.SpecHyperModel("vit", (8, 8, 1), 10, {"width": 30, "num_heads": 4})
     with pytest.raises(ValueError, match="divisible"):
         bad.build(kt.HyperParameters())
 
 
 def test_a_directory_with_another_search_refuses_and_says_why(tmp_path):
-    space = hypermodels.resolve_space("mlp")
-    config = hypermodels.search_config(
+    space = search.resolve_space("mlp")
+    config = search.search_config(
         arch="mlp",
         dataset="digits",
         tuner="random",
@@ -229,13 +227,13 @@ def test_a_directory_with_another_search_refuses_and_says_why(tmp_path):
         max_epochs=2,
         space=space,
     )
-    assert hypermodels.check_search_dir(str(tmp_path), config) is False
-    assert hypermodels.check_search_dir(str(tmp_path), config) is True
-    other_space = hypermodels.resolve_space("mlp", {"depth": [1, 2]})
+    assert search.check_search_dir(str(tmp_path), config) is False
+    assert search.check_search_dir(str(tmp_path), config) is True
+    other_space = search.resolve_space("mlp", {"depth": [1, 2]})
     with pytest.raises(ValueError, match=r"space differs in \['depth'\]"):
-        hypermodels.check_search_dir(str(tmp_path), {**config, "space": other_space})
+        search.check_search_dir(str(tmp_path), {**config, "space": other_space})
     with pytest.raises(ValueError, match="tuner='random', this run asks for 'hyperband'"):
-        hypermodels.check_search_dir(str(tmp_path), {**config, "tuner": "hyperband"})
+        search.check_search_dir(str(tmp_path), {**config, "tuner": "hyperband"})
 
 
 # --- A tiny search ------------------------------------------------------------------
@@ -247,7 +245,7 @@ def test_search_records_a_failed_trial_goes_on_and_retrains_the_best(tmp_path):
     x_train, y_train = images[:400], labels[:400]
     x_val, y_val = images[1500:1600], labels[1500:1600]
     # depth 0 makes `mlp` raise: that trial fails and the search goes on.
-    hypermodel = hypermodels.SpecHyperModel(
+    hypermodel = search.SpecHyperModel(
         "mlp",
         (8, 8, 1),
         10,
@@ -256,11 +254,11 @@ def test_search_records_a_failed_trial_goes_on_and_retrains_the_best(tmp_path):
         epochs=1,
     )
     directory = str(tmp_path)
-    tuner = hypermodels.make_tuner("random", hypermodel, directory=directory, max_trials=2, seed=1)
-    hypermodels.search(tuner, x_train, y_train, validation_data=(x_val, y_val), epochs=1)
-    rows, best = hypermodels.write_reports(tuner, hypermodel, directory)
+    tuner = search.make_tuner("random", hypermodel, directory=directory, max_trials=2, seed=1)
+    search.run_trials(tuner, x_train, y_train, validation_data=(x_val, y_val), epochs=1)
+    rows, best = search.write_reports(tuner, hypermodel, directory)
 
-    written = hypermodels.read_trials_csv(os.path.join(directory, hypermodels.TRIALS_CSV))
+    written = search.read_trials_csv(os.path.join(directory, search.TRIALS_CSV))
     by_depth = {int(row["depth"]): row for row in written}
     assert set(by_depth) == {0, 1}
     assert by_depth[0]["status"] == "FAILED"
@@ -273,9 +271,9 @@ def test_search_records_a_failed_trial_goes_on_and_retrains_the_best(tmp_path):
     checkpoint = tuner.load_model(trial)
     _, accuracy = checkpoint.evaluate(x_val, y_val, verbose=0)
     assert float(completed["score"]) == pytest.approx(accuracy, abs=1e-6)
-    assert os.path.getsize(os.path.join(directory, hypermodels.TRIALS_PNG)) > 0
+    assert os.path.getsize(os.path.join(directory, search.TRIALS_PNG)) > 0
 
-    with open(os.path.join(directory, hypermodels.BEST_SPEC_JSON)) as f:
+    with open(os.path.join(directory, search.BEST_SPEC_JSON)) as f:
         best_spec = json.load(f)
     assert best_spec == models.resolve_spec(
         {
@@ -290,10 +288,8 @@ def test_search_records_a_failed_trial_goes_on_and_retrains_the_best(tmp_path):
     train_ds, val_ds, _, _ = data.load(
         "digits", batch_size=best["batch_size"], data_dir=str(tmp_path / "tfds")
     )
-    hypermodels.retrain_best(hypermodel, best, train_ds.take(2), val_ds, directory, epochs=1)
-    retrained = keras.saving.load_model(
-        os.path.join(directory, hypermodels.BEST_MODEL), safe_mode=True
-    )
+    search.retrain_best(hypermodel, best, train_ds.take(2), val_ds, directory, epochs=1)
+    retrained = keras.saving.load_model(os.path.join(directory, search.BEST_MODEL), safe_mode=True)
     assert retrained.count_params() == models.build(best_spec).count_params()
     probabilities = retrained.predict(x_val[:4], verbose=0)
     np.testing.assert_allclose(probabilities.sum(axis=-1), 1.0, atol=1e-5)
@@ -314,15 +310,15 @@ def test_hyperband_and_bayesian_search_the_real_vit_builder(tmp_path, tuner_name
         "batch_size": 64,
         "lr": 3e-3,
     }
-    hypermodel = hypermodels.SpecHyperModel("vit", (8, 8, 1), 10, space, num_train=256, epochs=2)
+    hypermodel = search.SpecHyperModel("vit", (8, 8, 1), 10, space, num_train=256, epochs=2)
     directory = str(tmp_path)
-    tuner = hypermodels.make_tuner(
+    tuner = search.make_tuner(
         tuner_name, hypermodel, directory=directory, max_trials=2, max_epochs=2, seed=1
     )
-    hypermodels.search(tuner, x_train, y_train, validation_data=(x_val, y_val), epochs=2)
-    rows, best = hypermodels.write_reports(tuner, hypermodel, directory)
+    search.run_trials(tuner, x_train, y_train, validation_data=(x_val, y_val), epochs=2)
+    rows, best = search.write_reports(tuner, hypermodel, directory)
 
-    written = hypermodels.read_trials_csv(os.path.join(directory, hypermodels.TRIALS_CSV))
+    written = search.read_trials_csv(os.path.join(directory, search.TRIALS_CSV))
     assert written and all(row["status"] == "COMPLETED" for row in written)
     assert {int(row["num_experts"]) for row in written} <= {0, 2}
     assert all(1 <= int(row["epochs"]) <= 2 for row in written)

@@ -1,0 +1,88 @@
+"""`SpecHyperModel`: KerasTuner's `hp` -> a `hlkeras.models.build` spec plus
+the training hyperparameters (`lr`, `weight_decay`, `batch_size`)."""
+
+import math
+
+import keras_tuner as kt
+
+from hlkeras import models
+from hlkeras import training
+from hlkeras.search.space import TRAINING_KEYS
+from hlkeras.search.space import declare
+from hlkeras.search.space import load_space
+from hlkeras.search.space import resolve_space
+from hlkeras.search.space import space_arch
+
+
+class SpecHyperModel(kt.HyperModel):
+    """A KerasTuner `HyperModel` for one hlkeras architecture.
+
+    `build(hp)` samples the space, builds `hlkeras.models.build(spec)` and
+    compiles it with AdamW at the sampled `lr` and `weight_decay` (warmup +
+    cosine over `epochs` when `num_train` and `epochs` are given, so trials
+    train like `hlkeras train`). `fit` trains with the sampled `batch_size`,
+    so `x`/`y` are arrays (e.g. from `hlkeras.data.to_numpy`).
+
+    Args:
+        arch: A key of `SEARCH_SPACES` (`"mlp"`, `"resnet"`, `"vit"`).
+        input_shape: The images' shape without the batch axis.
+        num_classes: Positive int.
+        space: Overrides in user notation (dict), or None for the defaults.
+        num_train: Number of training examples (for the schedule length).
+        epochs: Epochs of a full trial (for the schedule length).
+
+    Example:
+
+    >>> hypermodel = SpecHyperModel("mlp", (8, 8, 1), 10, space={"depth": 1, "width": 32})
+    >>> model = hypermodel.build(keras_tuner.HyperParameters())
+    >>> model.name
+    'mlp'
+    """
+
+    def __init__(self, arch, input_shape, num_classes, space=None, *, num_train=None, epochs=None):
+        super().__init__(name=f"hlkeras_{arch}")
+        space_arch({"arch": arch})
+        self.arch = arch
+        self.input_shape = tuple(input_shape)
+        self.num_classes = num_classes
+        self.space = resolve_space(arch, load_space(space))
+        self.num_train = num_train
+        self.epochs = epochs
+
+    def declare_hyperparameters(self, hp):
+        for key, entry in self.space.items():
+            declare(hp, key, entry)
+
+    def values(self, hp):
+        """`{key: value}` of this hypermodel's space, declared on `hp`."""
+        return {key: declare(hp, key, entry) for key, entry in self.space.items()}
+
+    def spec(self, values):
+        """The resolved `hlkeras.models` spec for a dict of sampled values."""
+        spec = {
+            "arch": self.arch,
+            "input_shape": list(self.input_shape),
+            "num_classes": self.num_classes,
+        }
+        spec.update({k: v for k, v in values.items() if k not in TRAINING_KEYS})
+        return models.resolve_spec(spec)
+
+    def build(self, hp):
+        values = self.values(hp)
+        model = models.build(self.spec(values))
+        schedule = {}
+        if self.num_train and self.epochs:
+            steps_per_epoch = math.ceil(self.num_train / values["batch_size"])
+            schedule = {
+                "total_steps": steps_per_epoch * self.epochs,
+                "warmup_steps": steps_per_epoch,
+            }
+        return training.compile_model(
+            model,
+            learning_rate=values["lr"],
+            weight_decay=values["weight_decay"],
+            **schedule,
+        )
+
+    def fit(self, hp, model, *args, **kwargs):
+        return model.fit(*args, batch_size=hp.get("batch_size"), **kwargs)

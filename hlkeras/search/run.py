@@ -1,0 +1,321 @@
+"""`run_search`: what `hlkeras tune` does, as one library call.
+
+It checks the settings, loads the data, refuses a directory holding a
+different search, runs the trials (here, or in a chief and worker processes
+with `workers=N`), writes the reports and retrains the best configuration
+into `DIR/best.keras`.
+
+Example:
+
+```python
+from hlkeras import search
+
+outcome = search.run_search(space="tuning/digits_mlp.toml", directory="runs/s", max_trials=5)
+print(outcome.best_spec, outcome.best_path)
+```
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+
+from hlkeras import _compat
+from hlkeras import models
+from hlkeras import training
+from hlkeras.search import reports
+from hlkeras.search import tuners
+from hlkeras.search.hypermodel import SpecHyperModel
+from hlkeras.search.space import SEARCH_SPACES
+from hlkeras.search.space import TRAINING_KEYS
+from hlkeras.search.space import load_space
+from hlkeras.search.space import resolve_space
+from hlkeras.search.space import space_arch
+
+BEST_MODEL = "best.keras"
+RETRAIN_DIR = "retrain"
+OBJECTIVES = ("val_accuracy", "val_loss", "accuracy", "loss")
+# The settings of a search and their defaults (the `hlkeras tune` flags; the
+# error messages name them as flags). `arch` None: the space file's, else mlp.
+SEARCH_DEFAULTS = {
+    "arch": None,
+    "space": None,
+    "dataset": "digits",
+    "data_dir": None,
+    "tuner": "hyperband",
+    "max_trials": 10,
+    "max_epochs": 20,
+    "objective": "val_accuracy",
+    "seed": 0,
+    "patience": 3,
+    "directory": None,
+    "workers": 0,
+}
+
+
+class SearchError(ValueError):
+    """A user mistake about a search (its settings, space or directory), in one line."""
+
+
+@dataclasses.dataclass
+class SearchOutcome:
+    """What `run_search` did.
+
+    Attributes:
+        directory: The search directory.
+        rows: One dict per trial (as in `trials.csv`); None in a worker.
+        best_values: The best trial's hyperparameters; None when no trial
+            completed (then `error` says so) or in a worker.
+        best_spec: The `hlkeras.models` spec of the best trial.
+        best_path: The retrained best model (`DIR/best.keras`).
+        best_val_accuracy: The retrained model's best validation accuracy.
+        error: Why the search produced no best model, else None.
+    """
+
+    directory: str
+    rows: list = None
+    best_values: dict = None
+    best_spec: dict = None
+    best_path: str = None
+    best_val_accuracy: float = None
+    error: str = None
+
+
+def check_search_settings(settings):
+    """Raises `SearchError` naming the first setting out of its range."""
+    if settings["tuner"] not in tuners.TUNERS:
+        raise SearchError(
+            f"--tuner must be one of {', '.join(tuners.TUNERS)}, got {settings['tuner']!r}"
+        )
+    for name in ("max_trials", "max_epochs", "patience"):
+        if settings[name] < 1:
+            raise SearchError(
+                f"--{name.replace('_', '-')} must be a positive integer, got {settings[name]}"
+            )
+    if settings["workers"] < 0:
+        raise SearchError(f"--workers must be >= 0, got {settings['workers']}")
+    if settings["objective"] not in OBJECTIVES:
+        raise SearchError(
+            f"--objective must be one of {', '.join(OBJECTIVES)}, got {settings['objective']!r}"
+        )
+
+
+def arch_and_space(arch, space):
+    """`(arch, overrides)` from an `arch` and a space (file or dict); checked."""
+    where = space if isinstance(space, (str, os.PathLike)) else "--arch"
+    try:
+        overrides = load_space(space)
+        chosen = arch or space_arch(overrides)
+        if arch and overrides.get("arch", arch) != arch:
+            raise SearchError(f"--arch {arch} contradicts arch = {overrides['arch']!r} in {space}")
+        if chosen not in SEARCH_SPACES:
+            raise SearchError(f"--arch must be one of {sorted(SEARCH_SPACES)}, got {chosen!r}")
+        resolve_space(chosen, overrides)
+    except SearchError:
+        raise
+    except ValueError as error:
+        raise SearchError(f"{where}: {error}") from None
+    return chosen, overrides
+
+
+def run_search(log=print, **given):
+    """Runs a whole search, as `hlkeras tune` does.
+
+    Args:
+        log: Where the one-line progress messages go.
+        **given: Settings (keys of `SEARCH_DEFAULTS`): `arch`, `space` (a
+            `.toml`/`.json` path or a dict), `dataset`, `data_dir`, `tuner`
+            (`"random"`, `"bayesian"`, `"hyperband"`), `max_trials`,
+            `max_epochs`, `objective`, `seed`, `patience` (early stopping per
+            trial), `directory` (default `runs/tune-<arch>-<dataset>`; an
+            existing search of the same fingerprint resumes), `workers` (run a
+            chief and this many worker processes on this machine).
+
+    Returns:
+        A `SearchOutcome`.
+
+    Raises:
+        SearchError: for a bad setting, space or directory.
+    """
+    unknown = sorted(set(given) - set(SEARCH_DEFAULTS))
+    if unknown:
+        raise TypeError(f"run_search() got unknown settings {unknown}")
+    settings = {**SEARCH_DEFAULTS, **given}
+    check_search_settings(settings)
+    arch, overrides = arch_and_space(settings["arch"], settings["space"])
+    settings["arch"] = arch
+    settings["directory"] = settings["directory"] or os.path.join(
+        "runs", f"tune-{arch}-{settings['dataset']}"
+    )
+    if settings["workers"]:
+        from hlkeras.search import workers
+
+        return workers.run_chief_and_workers(settings, log=log)
+    return _search_here(settings, overrides, log)
+
+
+def _search_here(settings, overrides, log):
+    """The search in this process: alone, or as the chief or a worker."""
+    import keras
+
+    from hlkeras import data
+
+    directory = settings["directory"]
+    keras.utils.set_random_seed(settings["seed"])
+    (x_train, y_train), validation, info = _load_arrays(settings)
+    hypermodel = SpecHyperModel(
+        settings["arch"],
+        info.input_shape,
+        info.num_classes,
+        overrides,
+        num_train=len(x_train),
+        epochs=settings["max_epochs"],
+    )
+    is_worker = _compat.kerastuner_role() == "worker"
+    if not is_worker:
+        resuming = _check_directory(settings, hypermodel)
+        log(
+            f"hlkeras tune: {settings['tuner']} search over {settings['arch']} on {info.name} "
+            f"({keras.backend.backend()} backend) in {directory}"
+            + (" (resuming)" if resuming else "")
+        )
+    tuner = tuners.make_tuner(
+        settings["tuner"],
+        hypermodel,
+        directory=directory,
+        objective=settings["objective"],
+        max_trials=settings["max_trials"],
+        max_epochs=settings["max_epochs"],
+        seed=settings["seed"],
+    )
+    tuners.run_trials(
+        tuner,
+        x_train,
+        y_train,
+        validation_data=validation,
+        epochs=settings["max_epochs"],
+        patience=settings["patience"],
+    )
+    if is_worker:
+        return SearchOutcome(directory)
+    rows, best = reports.write_reports(tuner, hypermodel, directory)
+    direction = tuner.oracle.objective.direction
+    log("\n".join(reports.leaderboard(rows, hypermodel.space, settings["objective"], direction)))
+    outcome = SearchOutcome(directory, rows=rows, best_values=best)
+    if best is None:
+        outcome.error = f"no trial completed; see {directory}/{reports.TRIALS_CSV}"
+        return outcome
+    outcome.best_spec = hypermodel.spec(best)
+    log(f"best spec: {json.dumps(outcome.best_spec, sort_keys=True)}")
+    train_ds, val_ds, _, _ = data.load(
+        settings["dataset"],
+        batch_size=best["batch_size"],
+        data_dir=settings["data_dir"],
+        seed=settings["seed"],
+    )
+    result = retrain_best(
+        hypermodel,
+        best,
+        train_ds,
+        val_ds,
+        directory,
+        epochs=settings["max_epochs"],
+        patience=max(settings["patience"], 5),
+    )
+    if result.nan_epoch is not None:
+        outcome.error = f"retraining the best: {training.nan_message(result)}"
+    elif result.best_path is None:
+        outcome.error = "the retraining saved no checkpoint"
+    else:
+        outcome.best_path = os.path.join(directory, BEST_MODEL)
+        outcome.best_val_accuracy = retrained_val_accuracy(directory)
+    return outcome
+
+
+def _load_arrays(settings):
+    """`((x_train, y_train), (x_val, y_val), info)` of the search's dataset."""
+    from hlkeras import data
+
+    try:
+        train_ds, val_ds, _, info = data.load(
+            settings["dataset"], data_dir=settings["data_dir"], seed=settings["seed"]
+        )
+    except data.DatasetError as error:
+        raise SearchError(str(error)) from None
+    if val_ds is None and settings["objective"].startswith("val_"):
+        raise SearchError(f"--objective {settings['objective']} needs a validation split")
+    return data.to_numpy(train_ds), data.to_numpy(val_ds), info
+
+
+def _check_directory(settings, hypermodel):
+    """Records the search's fingerprint, or checks it against the recorded
+    one; returns whether this is a resume."""
+    config = tuners.search_config(
+        arch=settings["arch"],
+        dataset=settings["dataset"],
+        tuner=settings["tuner"],
+        objective=settings["objective"],
+        max_epochs=settings["max_epochs"],
+        space=hypermodel.space,
+    )
+    try:
+        return tuners.check_search_dir(settings["directory"], config)
+    except ValueError as error:
+        raise SearchError(str(error)) from None
+
+
+def retrained_val_accuracy(directory):
+    """The best validation accuracy of the retraining in `directory`, or None."""
+    path = os.path.join(directory, RETRAIN_DIR, training.HISTORY_CSV)
+    if not os.path.exists(path):
+        return None
+    return training.best_value(training.read_history_rows(path), "val_accuracy")
+
+
+def retrain_best(
+    hypermodel, values, train_ds, val_ds, directory, *, epochs, patience=10, verbose=0
+):
+    """Retrains the best configuration with `hlkeras.training.compile_and_fit`
+    in `directory/retrain` (resumable) and copies its best checkpoint to
+    `directory/best.keras`. `train_ds` must be batched with `values["batch_size"]`.
+
+    Returns:
+        The `hlkeras.training.FitResult` of the retraining.
+    """
+    run_dir = os.path.join(directory, RETRAIN_DIR)
+    os.makedirs(run_dir, exist_ok=True)
+    record_path = os.path.join(run_dir, "retrain.json")
+    spec = hypermodel.spec(values)
+    record = {"spec": spec, "training": {k: values[k] for k in TRAINING_KEYS}, "epochs": epochs}
+    if os.path.exists(record_path):
+        with open(record_path) as f:
+            if json.load(f) != record:
+                # A resumed search found a new best: retrain it from scratch.
+                shutil.rmtree(run_dir)
+                os.makedirs(run_dir)
+    done_path = os.path.join(run_dir, "done.json")
+    target = os.path.join(directory, BEST_MODEL)
+    if os.path.exists(target) and os.path.exists(done_path):
+        with open(done_path) as f:
+            if json.load(f) == record:
+                # This configuration was retrained before: keep that model.
+                rows = training.read_history_rows(os.path.join(run_dir, training.HISTORY_CSV))
+                return training.FitResult(rows=rows, nan_epoch=None, best_path=target, seconds=0.0)
+    training.atomic_write_json(record_path, record)
+    result = training.compile_and_fit(
+        models.build(spec),
+        train_ds,
+        val_ds,
+        run_dir=run_dir,
+        epochs=epochs,
+        learning_rate=values["lr"],
+        weight_decay=values["weight_decay"],
+        patience=patience,
+        verbose=verbose,
+    )
+    if result.best_path and result.nan_epoch is None:
+        partial = training._partial_path(target, ".keras")
+        shutil.copyfile(result.best_path, partial)
+        os.replace(partial, target)
+        training.atomic_write_json(done_path, record)
+    return result
