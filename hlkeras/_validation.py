@@ -77,3 +77,13 @@ def check_feature_dim(layer_name, input_shape):
             f"Received input_shape={tuple(input_shape)}"
         )
     return input_shape[-1]
+
+
+def check_sequence_shape(name, shape):
+    """`shape` is `(batch, length, features)` with known features."""
+    if len(shape) != 3 or shape[-1] is None:
+        raise ValueError(
+            f"Argument `{name}` must be a sequence of shape (batch, length, "
+            f"features) with known features. Received: {name}.shape="
+            f"{tuple(shape)}"
+        )

@@ -11,10 +11,10 @@ import pytest
 from layer_testing import run_layer_test
 
 from hlkeras import lora
+from hlkeras.layers import FeedForward
 from hlkeras.layers import LoRADense
 from hlkeras.layers import MultiHeadAttention
 from hlkeras.layers import TransformerBlock
-from hlkeras.layers.attention import FeedForward
 
 RNG = np.random.default_rng(0)
 LENGTH, FEATURES = 5, 16

@@ -1,17 +1,19 @@
 """The hlkeras custom layers. Each family lives in its own module."""
 
 from hlkeras.layers.attention import MultiHeadAttention
-from hlkeras.layers.attention import PositionEmbedding
-from hlkeras.layers.attention import TransformerBlock
+from hlkeras.layers.embeddings import PositionEmbedding
 from hlkeras.layers.lora import LoRADense
 from hlkeras.layers.moe import MixtureOfExperts
 from hlkeras.layers.residual import ConvResidualBlock
 from hlkeras.layers.residual import DropPath
 from hlkeras.layers.residual import ResidualBlock
+from hlkeras.layers.transformer import FeedForward
+from hlkeras.layers.transformer import TransformerBlock
 
 __all__ = [
     "ConvResidualBlock",
     "DropPath",
+    "FeedForward",
     "LoRADense",
     "MixtureOfExperts",
     "MultiHeadAttention",

@@ -1,7 +1,6 @@
-"""Attention layers: `MultiHeadAttention` (a drop-in for
-`keras.layers.MultiHeadAttention` with grouped-query attention, rotary
-position embeddings and a fused QKV projection), the pre-LayerNorm
-`TransformerBlock`, and its dense `FeedForward` sublayer.
+"""`MultiHeadAttention`: a drop-in for `keras.layers.MultiHeadAttention` with
+grouped-query attention, rotary position embeddings and a fused QKV
+projection, and its attention cores.
 
 The attention core is one of two implementations, a per-layer choice
 (`MultiHeadAttention(attention_core=...)`, serialized with the layer) whose
@@ -25,9 +24,16 @@ import keras
 from keras import ops
 
 from hlkeras import _validation
+from hlkeras.layers.attention_ops import MASKED_LOGIT
+from hlkeras.layers.attention_ops import and_masks
+from hlkeras.layers.attention_ops import attention_mask_to_4d
+from hlkeras.layers.attention_ops import causal_mask
+from hlkeras.layers.attention_ops import dynamic_shape
+from hlkeras.layers.attention_ops import padding_mask
+from hlkeras.layers.attention_ops import rotary_embedding
 from hlkeras.layers.lora import LoRADense
-from hlkeras.layers.moe import MixtureOfExperts
-from hlkeras.layers.residual import DropPath
+from hlkeras.layers.lora import check_lora_arguments
+from hlkeras.layers.lora import dense_or_lora
 
 # The faster core on CPU, measured with `benchmarks/attention.py`, which
 # prints both cores' ratios in every run. On JAX CPU, XLA runs
@@ -58,119 +64,6 @@ def _jax_has_accelerator():
     return not keras.distribution.list_devices()[0].lower().startswith("cpu")
 
 
-# Added to masked logits before the float32 softmax. Finite, so a fully
-# masked row becomes a uniform distribution (as in Keras) and never NaN.
-MASKED_LOGIT = -1e9
-
-
-def rotary_embedding(x, max_wavelength=10000):
-    """Rotates `x` of shape `(batch, length, heads, dim)` by its positions.
-
-    Rotary position embedding (Su et al., 2021) in the "rotate half" layout
-    used by GPT-NeoX, Llama and KerasHub: feature `i` is paired with feature
-    `i + dim / 2`, and the pair at position `p` is rotated by the angle
-    `p * max_wavelength ** (-2 i / dim)`. Positions are `0 .. length - 1`.
-
-    Args:
-        x: Tensor of shape `(batch, length, heads, dim)` with an even `dim`.
-        max_wavelength: The longest wavelength of the rotation frequencies.
-
-    Returns:
-        A tensor of the same shape and dtype as `x`.
-    """
-    x = ops.convert_to_tensor(x)
-    half_dim = x.shape[-1] // 2
-    positions = ops.cast(ops.arange(ops.shape(x)[1]), "float32")
-    exponents = ops.cast(ops.arange(half_dim), "float32") / half_dim
-    inverse_frequencies = ops.power(float(max_wavelength), -exponents)
-    angles = ops.expand_dims(positions, -1) * inverse_frequencies
-    # (length, 1, dim): both halves of a pair share one angle; the head axis
-    # broadcasts.
-    angles = ops.expand_dims(ops.concatenate([angles, angles], axis=-1), 1)
-    cos = ops.cast(ops.cos(angles), x.dtype)
-    sin = ops.cast(ops.sin(angles), x.dtype)
-    first_half, second_half = x[..., :half_dim], x[..., half_dim:]
-    rotated_half = ops.concatenate([-second_half, first_half], axis=-1)
-    return x * cos + rotated_half * sin
-
-
-def causal_mask(query_length, key_length):
-    """Boolean `(1, 1, query_length, key_length)`: query `t` sees keys `<= t`."""
-    # Reshapes, not `[None, ...]` indexing: TFLite has no builtin for a
-    # new-axis strided slice of a dynamic boolean tensor.
-    rows = ops.reshape(ops.arange(query_length), (1, 1, -1, 1))
-    columns = ops.reshape(ops.arange(key_length), (1, 1, 1, -1))
-    return ops.greater_equal(rows, columns)
-
-
-def attention_mask_to_4d(attention_mask, target_shape):
-    """Expands a user mask to rank 4 and checks it broadcasts to the logits.
-
-    Like Keras, a rank-3 `(batch, query, key)` mask gains the head axis and a
-    rank-2 `(query, key)` mask gains the batch and head axes.
-
-    Args:
-        attention_mask: Boolean-like tensor of rank 2, 3 or 4.
-        target_shape: The logits shape `(batch, heads, query_length,
-            key_length)`; `None` entries are unknown and not checked.
-
-    Returns:
-        A boolean tensor of rank 4.
-    """
-    mask_shape = tuple(attention_mask.shape)
-    if len(mask_shape) not in (2, 3, 4):
-        raise _mask_shape_error(mask_shape, target_shape)
-    if len(mask_shape) == 3:
-        expanded_shape = (mask_shape[0], 1) + mask_shape[1:]
-    else:
-        expanded_shape = (1,) * (4 - len(mask_shape)) + mask_shape
-    for mask_size, target_size in zip(expanded_shape, target_shape):
-        if mask_size not in (None, 1) and target_size not in (None, mask_size):
-            raise _mask_shape_error(mask_shape, target_shape)
-    attention_mask = ops.cast(attention_mask, "bool")
-    for _ in range(4 - len(mask_shape)):
-        attention_mask = ops.expand_dims(attention_mask, -3)
-    return attention_mask
-
-
-def _mask_shape_error(mask_shape, target_shape):
-    return ValueError(
-        "Argument `attention_mask` must broadcast to the attention logits of "
-        "shape (batch, heads, query_length, key_length) = "
-        f"{tuple(target_shape)}; a rank-3 mask is (batch, query_length, "
-        "key_length), a rank-2 mask (query_length, key_length). "
-        f"Received: attention_mask.shape={mask_shape}"
-    )
-
-
-def padding_mask(query_mask, value_mask, key_mask):
-    """Merges Keras padding masks into a boolean `(batch, 1, T|1, S|1)` mask.
-
-    As in `keras.layers.MultiHeadAttention`, a padded query attends to
-    nothing (its row is fully masked, hence uniform after the softmax) and no
-    query attends to a padded key or value.
-    """
-
-    def expanded(mask, axes):
-        return None if mask is None else ops.expand_dims(ops.cast(mask, "bool"), axes)
-
-    return _and_masks(
-        expanded(query_mask, (1, 3)),
-        expanded(value_mask, (1, 2)),
-        expanded(key_mask, (1, 2)),
-    )
-
-
-def _and_masks(*masks):
-    present = [mask for mask in masks if mask is not None]
-    if not present:
-        return None
-    merged = present[0]
-    for mask in present[1:]:
-        merged = ops.logical_and(merged, mask)
-    return merged
-
-
 def einsum_attention(query, key, value, mask, scale, dropout_layer=None, training=None):
     """Grouped scaled dot-product attention with a float32 softmax.
 
@@ -188,7 +81,7 @@ def einsum_attention(query, key, value, mask, scale, dropout_layer=None, trainin
         and the attention probabilities `(batch, num_heads, T, S)` before
         dropout.
     """
-    batch, query_length, num_heads, key_dim = _dynamic_shape(query)
+    batch, query_length, num_heads, key_dim = dynamic_shape(query)
     key_length, num_kv_heads = ops.shape(key)[1], key.shape[2]
     group_size = num_heads // num_kv_heads
     # Query heads k*G .. k*G+G-1 share kv head k. Head-major layout lets each
@@ -213,49 +106,17 @@ def einsum_attention(query, key, value, mask, scale, dropout_layer=None, trainin
     return ops.transpose(output, (0, 2, 1, 3)), probabilities
 
 
-def _check_lora_arguments(lora_rank, lora_alpha, lora_dropout):
-    """Checks the LoRA arguments shared by the layers of this module."""
-    if lora_rank is not None:
-        _validation.check_positive_int("lora_rank", lora_rank)
-    if lora_alpha is not None and (
-        isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or lora_alpha <= 0
-    ):
+def check_num_kv_heads(num_kv_heads, num_heads):
+    if num_kv_heads is None:
+        return num_heads
+    _validation.check_positive_int("num_kv_heads", num_kv_heads)
+    if num_heads % num_kv_heads:
         raise ValueError(
-            "Argument `lora_alpha` must be a number > 0, or None to use "
-            f"`lora_rank`. Received: lora_alpha={lora_alpha!r}"
+            "Argument `num_kv_heads` must divide `num_heads` (each key/value "
+            f"head serves num_heads // num_kv_heads query heads). "
+            f"Received: num_kv_heads={num_kv_heads}, num_heads={num_heads}"
         )
-    _validation.check_rate("lora_dropout", lora_dropout)
-
-
-def _dense_or_lora(layer, units, name, activation=None, use_bias=True, **dense_kwargs):
-    """A `Dense` projection of `layer`, or a `LoRADense` when its `lora_rank`
-    is set. Both create `kernel` then `bias` first, so `hlkeras.lora` can
-    line up the plain and adapted weights (the LoRA protocol)."""
-    if layer.lora_rank is None:
-        return keras.layers.Dense(
-            units,
-            activation=activation,
-            use_bias=use_bias,
-            dtype=layer.dtype_policy,
-            name=name,
-            **dense_kwargs,
-        )
-    return LoRADense(
-        units,
-        rank=layer.lora_rank,
-        alpha=layer.lora_alpha,
-        dropout=layer.lora_dropout,
-        activation=activation,
-        use_bias=use_bias,
-        dtype=layer.dtype_policy,
-        name=name,
-    )
-
-
-def _dynamic_shape(x):
-    """Static sizes where known, scalar tensors where not (e.g. TF's None)."""
-    dynamic = ops.shape(x)
-    return tuple(static if static is not None else dynamic[i] for i, static in enumerate(x.shape))
+    return num_kv_heads
 
 
 @keras.saving.register_keras_serializable(package="hlkeras")
@@ -365,7 +226,7 @@ class MultiHeadAttention(keras.layers.Layer):
         )
         self.num_heads = _validation.check_positive_int("num_heads", num_heads)
         self.key_dim = _validation.check_positive_int("key_dim", key_dim)
-        self.num_kv_heads = _check_num_kv_heads(num_kv_heads, num_heads)
+        self.num_kv_heads = check_num_kv_heads(num_kv_heads, num_heads)
         self.value_dim = (
             self.key_dim
             if value_dim is None
@@ -388,7 +249,7 @@ class MultiHeadAttention(keras.layers.Layer):
             "rope_max_wavelength", rope_max_wavelength
         )
         self.seed = seed
-        _check_lora_arguments(lora_rank, lora_alpha, lora_dropout)
+        check_lora_arguments(lora_rank, lora_alpha, lora_dropout)
         self.lora_rank = lora_rank
         self.lora_alpha = lora_alpha
         self.lora_dropout = lora_dropout
@@ -397,7 +258,7 @@ class MultiHeadAttention(keras.layers.Layer):
     def build(self, query_shape, value_shape, key_shape=None):
         key_shape = value_shape if key_shape is None else key_shape
         for name, shape in (("query", query_shape), ("value", value_shape), ("key", key_shape)):
-            _check_sequence_shape(name, shape)
+            _validation.check_sequence_shape(name, shape)
         if tuple(value_shape[:-1]) != tuple(key_shape[:-1]):
             raise ValueError(
                 "Arguments `value` and `key` must have the same batch and "
@@ -420,7 +281,7 @@ class MultiHeadAttention(keras.layers.Layer):
         """Every projection is made here: a `Dense`, whose `kernel` and
         `bias` `call` reads directly, or a `LoRADense` (with `lora_rank`),
         which `call` calls so that its adapter applies."""
-        return _dense_or_lora(self, units, name, use_bias=self.use_bias)
+        return dense_or_lora(self, units, name, use_bias=self.use_bias)
 
     def call(
         self,
@@ -449,7 +310,7 @@ class MultiHeadAttention(keras.layers.Layer):
 
         is_causal = self.causal or use_causal_mask
         logits_shape = (query.shape[0], self.num_heads, query.shape[1], value.shape[1])
-        explicit_mask = _and_masks(
+        explicit_mask = and_masks(
             padding_mask(query_mask, value_mask, key_mask),
             None if attention_mask is None else attention_mask_to_4d(attention_mask, logits_shape),
         )
@@ -462,7 +323,7 @@ class MultiHeadAttention(keras.layers.Layer):
             or (self.attention_core or default_attention_core()) == "einsum"
         ):
             if is_causal:
-                explicit_mask = _and_masks(
+                explicit_mask = and_masks(
                     explicit_mask,
                     causal_mask(ops.shape(query)[1], ops.shape(value)[1]),
                 )
@@ -482,7 +343,7 @@ class MultiHeadAttention(keras.layers.Layer):
             scores = None
         attended = ops.reshape(
             attended,
-            _dynamic_shape(query)[:2] + (self.num_heads * self.value_dim,),
+            dynamic_shape(query)[:2] + (self.num_heads * self.value_dim,),
         )
         output = self._apply_dense(self.output_dense, attended, training)
         if return_attention_scores:
@@ -563,7 +424,7 @@ class MultiHeadAttention(keras.layers.Layer):
 
     @staticmethod
     def _split_heads(x, heads, head_dim):
-        return ops.reshape(x, _dynamic_shape(x)[:2] + (heads, head_dim))
+        return ops.reshape(x, dynamic_shape(x)[:2] + (heads, head_dim))
 
     def _check_call_features(self, query, value, key):
         built_features = {
@@ -572,7 +433,7 @@ class MultiHeadAttention(keras.layers.Layer):
             "key": self.key_dense.kernel.shape[0],
         }
         for name, tensor in (("query", query), ("value", value), ("key", key)):
-            _check_sequence_shape(name, tensor.shape)
+            _validation.check_sequence_shape(name, tensor.shape)
             if tensor.shape[-1] != built_features[name]:
                 raise ValueError(
                     f"Argument `{name}` has {tensor.shape[-1]} features but "
@@ -637,388 +498,4 @@ class MultiHeadAttention(keras.layers.Layer):
                 "attention_core": self.attention_core,
             }
         )
-        return config
-
-
-def _check_num_kv_heads(num_kv_heads, num_heads):
-    if num_kv_heads is None:
-        return num_heads
-    _validation.check_positive_int("num_kv_heads", num_kv_heads)
-    if num_heads % num_kv_heads:
-        raise ValueError(
-            "Argument `num_kv_heads` must divide `num_heads` (each key/value "
-            f"head serves num_heads // num_kv_heads query heads). "
-            f"Received: num_kv_heads={num_kv_heads}, num_heads={num_heads}"
-        )
-    return num_kv_heads
-
-
-def _check_sequence_shape(name, shape):
-    if len(shape) != 3 or shape[-1] is None:
-        raise ValueError(
-            f"Argument `{name}` must be a sequence of shape (batch, length, "
-            f"features) with known features. Received: {name}.shape="
-            f"{tuple(shape)}"
-        )
-
-
-@keras.saving.register_keras_serializable(package="hlkeras")
-class FeedForward(keras.layers.Layer):
-    """The position-wise MLP of a Transformer: `Dense(ffn_units, activation)`,
-    dropout, then `Dense` back to the input width.
-
-    Args:
-        ffn_units: Positive int, the hidden width.
-        activation: Name of a Keras activation for the hidden layer.
-        dropout: Float in [0, 1), dropout on the hidden activations.
-        lora_rank: Optional positive int. When set, both projections are
-            `hlkeras.layers.LoRADense` with rank-`lora_rank` adapters.
-            Usually set by `hlkeras.lora.apply_lora`.
-        lora_alpha: Optional number > 0, the adapters' strength. Defaults to
-            `lora_rank`.
-        lora_dropout: Float in [0, 1), dropout on the adapters' inputs.
-        **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
-
-    Call arguments:
-        inputs: Tensor `(batch, ..., d)`.
-        training: Python boolean, enables dropout.
-
-    Example:
-
-    >>> tuple(FeedForward(64)(keras.ops.ones((2, 5, 16))).shape)
-    (2, 5, 16)
-    """
-
-    def __init__(
-        self,
-        ffn_units,
-        *,
-        activation="gelu",
-        dropout=0.0,
-        lora_rank=None,
-        lora_alpha=None,
-        lora_dropout=0.0,
-        **kwargs,
-    ):
-        super().__init__(**kwargs)
-        self.ffn_units = _validation.check_positive_int("ffn_units", ffn_units)
-        self.activation = _validation.check_activation("activation", activation)
-        self.dropout = _validation.check_rate("dropout", dropout)
-        _check_lora_arguments(lora_rank, lora_alpha, lora_dropout)
-        self.lora_rank = lora_rank
-        self.lora_alpha = lora_alpha
-        self.lora_dropout = lora_dropout
-        self.supports_masking = True
-
-    def build(self, input_shape):
-        input_dim = _validation.check_feature_dim("FeedForward", input_shape)
-        policy = self.dtype_policy
-        initializer = {}
-        if self.lora_rank is None:
-            # A LoRADense base is always copied in, never initialized.
-            initializer = {
-                "kernel_initializer": _validation.kernel_initializer_for(self.activation)
-            }
-        self.hidden_dense = _dense_or_lora(
-            self, self.ffn_units, "hidden_dense", self.activation, **initializer
-        )
-        self.hidden_dropout = keras.layers.Dropout(self.dropout, dtype=policy)
-        self.output_dense = _dense_or_lora(self, input_dim, "output_dense")
-        self.hidden_dense.build(input_shape)
-        self.output_dense.build(tuple(input_shape[:-1]) + (self.ffn_units,))
-
-    def call(self, inputs, training=None):
-        hidden = self.hidden_dropout(
-            self.hidden_dense(inputs, training=training), training=training
-        )
-        return self.output_dense(hidden, training=training)
-
-    def compute_output_shape(self, input_shape):
-        return tuple(input_shape)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            {
-                "ffn_units": self.ffn_units,
-                "activation": self.activation,
-                "dropout": self.dropout,
-                "lora_rank": self.lora_rank,
-                "lora_alpha": self.lora_alpha,
-                "lora_dropout": self.lora_dropout,
-            }
-        )
-        return config
-
-
-@keras.saving.register_keras_serializable(package="hlkeras")
-class TransformerBlock(keras.layers.Layer):
-    """Pre-LayerNorm Transformer block for sequences `(batch, length, d)`.
-
-    Computes `x = x + drop_path(dropout(MHA(LN(x))))`, then
-    `x = x + drop_path(dropout(FFN(LN(x))))` (Xiong et al., 2020), with
-    self-attention from `hlkeras.layers.MultiHeadAttention` and the
-    `FeedForward` MLP. Padding masks propagate to the attention and to the
-    output.
-
-    Args:
-        num_heads: Positive int, number of attention heads.
-        ffn_units: Positive int, hidden width of the feed-forward network.
-        key_dim: Positive int, size of each attention head. Defaults to
-            `d // num_heads`, which then must divide exactly.
-        num_kv_heads: Positive int dividing `num_heads`, for grouped-query
-            attention. Defaults to `num_heads`.
-        dropout: Float in [0, 1): attention-probability dropout, FFN hidden
-            dropout and dropout on both branch outputs.
-        drop_path: Float in [0, 1), stochastic-depth rate of both branches.
-        causal: Whether the attention masks the future.
-        activation: Name of a Keras activation for the FFN.
-        num_experts: Int >= 0. With `num_experts > 0` the FFN is a sparse
-            `MixtureOfExperts` with `num_experts` experts of hidden width
-            `ffn_units`; its auxiliary losses reach `model.losses`.
-        top_k: Positive int <= `num_experts`, experts per token when
-            `num_experts > 0`.
-        capacity_factor: Expert capacity factor of the `MixtureOfExperts`
-            (`None`: dropless).
-        lora_rank: Optional positive int. When set, the attention's Q, K, V
-            and output projections and both `FeedForward` projections are
-            `hlkeras.layers.LoRADense` with rank-`lora_rank` adapters, and
-            the LayerNorms are frozen, so only the adapters train. Usually
-            set by `hlkeras.lora.apply_lora`. Not available with
-            `num_experts > 0`.
-        lora_alpha: Optional number > 0, the adapters' strength. Defaults to
-            `lora_rank`.
-        lora_dropout: Float in [0, 1), dropout on the adapters' inputs.
-        **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
-
-    Call arguments:
-        inputs: Tensor `(batch, length, d)`, optionally with a Keras padding
-            mask.
-        training: Python boolean, enables dropout and drop path.
-
-    Example:
-
-    >>> tokens = keras.Input(shape=(None, 32))
-    >>> block = TransformerBlock(4, 64, dropout=0.1, causal=True)
-    >>> keras.Model(tokens, block(tokens)).output_shape
-    (None, None, 32)
-    """
-
-    def __init__(
-        self,
-        num_heads,
-        ffn_units,
-        *,
-        key_dim=None,
-        num_kv_heads=None,
-        dropout=0.0,
-        drop_path=0.0,
-        causal=False,
-        activation="gelu",
-        num_experts=0,
-        top_k=2,
-        capacity_factor=1.25,
-        lora_rank=None,
-        lora_alpha=None,
-        lora_dropout=0.0,
-        **kwargs,
-    ):
-        super().__init__(**kwargs)
-        self.num_heads = _validation.check_positive_int("num_heads", num_heads)
-        self.ffn_units = _validation.check_positive_int("ffn_units", ffn_units)
-        self.key_dim = (
-            None if key_dim is None else _validation.check_positive_int("key_dim", key_dim)
-        )
-        self.num_kv_heads = _check_num_kv_heads(num_kv_heads, num_heads)
-        self.dropout = _validation.check_rate("dropout", dropout)
-        self.drop_path = _validation.check_rate("drop_path", drop_path)
-        self.causal = bool(causal)
-        self.activation = _validation.check_activation("activation", activation)
-        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or (num_experts < 0):
-            raise ValueError(
-                "Argument `num_experts` must be an integer >= 0 (0 means a "
-                f"dense FFN). Received: num_experts={num_experts!r}"
-            )
-        self.num_experts = num_experts
-        self.top_k = _validation.check_positive_int("top_k", top_k)
-        self.capacity_factor = capacity_factor
-        _check_lora_arguments(lora_rank, lora_alpha, lora_dropout)
-        if num_experts and lora_rank is not None:
-            raise ValueError(
-                "Argument `lora_rank` must be None when `num_experts > 0`: "
-                "the MixtureOfExperts experts take no adapters. "
-                f"Received: lora_rank={lora_rank}, num_experts={num_experts}"
-            )
-        self.lora_rank = lora_rank
-        self.lora_alpha = lora_alpha
-        self.lora_dropout = lora_dropout
-        if num_experts:
-            # Built now so that MoE argument errors surface at construction.
-            self._build_ffn()
-        self.supports_masking = True
-
-    def build(self, input_shape):
-        _check_sequence_shape("inputs", input_shape)
-        model_dim = input_shape[-1]
-        key_dim = self.key_dim
-        if key_dim is None:
-            if model_dim % self.num_heads:
-                raise ValueError(
-                    "Argument `num_heads` must divide the input feature size "
-                    "when `key_dim` is not given (key_dim = d // num_heads). "
-                    f"Received: num_heads={self.num_heads}, input feature "
-                    f"size d={model_dim}"
-                )
-            key_dim = model_dim // self.num_heads
-        policy = self.dtype_policy
-        # With adapters only they train (the LoRA protocol): norms frozen.
-        norms_train = self.lora_rank is None
-        self.attention_norm = keras.layers.LayerNormalization(
-            epsilon=1e-5, dtype=policy, trainable=norms_train, name="attention_norm"
-        )
-        self.attention = MultiHeadAttention(
-            self.num_heads,
-            key_dim,
-            num_kv_heads=self.num_kv_heads,
-            dropout=self.dropout,
-            causal=self.causal,
-            dtype=policy,
-            name="attention",
-            **self._lora_arguments(),
-        )
-        self.ffn_norm = keras.layers.LayerNormalization(
-            epsilon=1e-5, dtype=policy, trainable=norms_train, name="ffn_norm"
-        )
-        self.ffn = self._build_ffn()
-        self.attention_output_dropout = keras.layers.Dropout(self.dropout, dtype=policy)
-        self.ffn_output_dropout = keras.layers.Dropout(self.dropout, dtype=policy)
-        self.attention_drop_path = DropPath(self.drop_path, dtype=policy)
-        self.ffn_drop_path = DropPath(self.drop_path, dtype=policy)
-        self.attention_norm.build(input_shape)
-        self.attention.build(input_shape, input_shape)
-        self.ffn_norm.build(input_shape)
-        self.ffn.build(input_shape)
-
-    def _lora_arguments(self):
-        return {
-            "lora_rank": self.lora_rank,
-            "lora_alpha": self.lora_alpha,
-            "lora_dropout": self.lora_dropout,
-        }
-
-    def _build_ffn(self):
-        """The feed-forward sublayer `(..., d) -> (..., d)`: a dense
-        `FeedForward`, or a sparse `MixtureOfExperts` when `num_experts > 0`."""
-        if self.num_experts:
-            return MixtureOfExperts(
-                self.num_experts,
-                self.ffn_units,
-                top_k=self.top_k,
-                capacity_factor=self.capacity_factor,
-                activation=self.activation,
-                dropout=self.dropout,
-                dtype=self.dtype_policy,
-                # The block's name prefixes the routing metrics, so each
-                # MoE layer of a model shows its own in the `fit` logs.
-                name=f"{self.name}_moe",
-            )
-        return FeedForward(
-            self.ffn_units,
-            activation=self.activation,
-            dropout=self.dropout,
-            dtype=self.dtype_policy,
-            name="ffn",
-            **self._lora_arguments(),
-        )
-
-    def call(self, inputs, training=None, mask=None):
-        normed = self.attention_norm(inputs)
-        branch = self.attention(
-            normed,
-            normed,
-            query_mask=mask,
-            value_mask=mask,
-            training=training,
-        )
-        branch = self.attention_output_dropout(branch, training=training)
-        x = inputs + self.attention_drop_path(branch, training=training)
-        branch = self.ffn(self.ffn_norm(x), training=training)
-        branch = self.ffn_output_dropout(branch, training=training)
-        return x + self.ffn_drop_path(branch, training=training)
-
-    def compute_output_shape(self, input_shape):
-        return tuple(input_shape)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            {
-                "num_heads": self.num_heads,
-                "ffn_units": self.ffn_units,
-                "key_dim": self.key_dim,
-                "num_kv_heads": self.num_kv_heads,
-                "dropout": self.dropout,
-                "drop_path": self.drop_path,
-                "causal": self.causal,
-                "activation": self.activation,
-                "num_experts": self.num_experts,
-                "top_k": self.top_k,
-                "capacity_factor": self.capacity_factor,
-                **self._lora_arguments(),
-            }
-        )
-        return config
-
-
-@keras.saving.register_keras_serializable(package="hlkeras")
-class PositionEmbedding(keras.layers.Layer):
-    """Adds a learned position embedding to a sequence `(batch, length, d)`.
-
-    Position `i` adds row `i` of a `(max_length, d)` table, so sequences up to
-    `max_length` tokens work, including variable lengths. Used by
-    `hlkeras.models.vit` for its patch tokens.
-
-    Args:
-        max_length: Positive int, the longest sequence the table covers.
-        **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
-
-    Call arguments:
-        inputs: Tensor `(batch, length, d)` with `length <= max_length`.
-
-    Example:
-
-    >>> tuple(PositionEmbedding(16)(keras.ops.zeros((2, 5, 8))).shape)
-    (2, 5, 8)
-    """
-
-    def __init__(self, max_length, **kwargs):
-        super().__init__(**kwargs)
-        self.max_length = _validation.check_positive_int("max_length", max_length)
-        self.supports_masking = True
-
-    def build(self, input_shape):
-        _check_sequence_shape("inputs", input_shape)
-        if input_shape[1] is not None and input_shape[1] > self.max_length:
-            raise ValueError(
-                f"PositionEmbedding(max_length={self.max_length}) got sequences "
-                f"of length {input_shape[1]}. Received input_shape="
-                f"{tuple(input_shape)}"
-            )
-        self.embeddings = self.add_weight(
-            shape=(self.max_length, input_shape[-1]),
-            initializer=keras.initializers.RandomNormal(stddev=0.02),
-            name="embeddings",
-        )
-
-    def call(self, inputs):
-        length = ops.shape(inputs)[1]
-        positions = ops.cast(self.embeddings[:length], inputs.dtype)
-        return inputs + positions[None]
-
-    def compute_output_shape(self, input_shape):
-        return tuple(input_shape)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update({"max_length": self.max_length})
         return config

@@ -15,16 +15,25 @@ from keras import ops
 from hlkeras import _validation
 
 
-def check_alpha(alpha):
+def check_alpha(alpha, name="alpha", rank_name="rank"):
     """`alpha` is None (meaning `rank`) or a number > 0."""
     if alpha is None:
         return None
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+    if not _validation.is_number(alpha) or not alpha > 0:
         raise ValueError(
-            f"Argument `alpha` must be a number > 0, or None to use `rank`. "
-            f"Received: alpha={alpha!r}"
+            f"Argument `{name}` must be a number > 0, or None to use `{rank_name}`. "
+            f"Received: {name}={alpha!r}"
         )
     return alpha
+
+
+def check_lora_arguments(lora_rank, lora_alpha, lora_dropout):
+    """Checks the `lora_rank` / `lora_alpha` / `lora_dropout` arguments of a
+    layer that follows the LoRA protocol (see ARCHITECTURE.md)."""
+    if lora_rank is not None:
+        _validation.check_positive_int("lora_rank", lora_rank)
+    check_alpha(lora_alpha, name="lora_alpha", rank_name="lora_rank")
+    _validation.check_rate("lora_dropout", lora_dropout)
 
 
 def lora_scale(rank, alpha=None, rslora=False):
@@ -205,3 +214,28 @@ class LoRADense(keras.layers.Layer):
             }
         )
         return config
+
+
+def dense_or_lora(layer, units, name, activation=None, use_bias=True, **dense_kwargs):
+    """A `Dense` projection of `layer`, or a `LoRADense` when its `lora_rank`
+    is set. Both create `kernel` then `bias` first, so `hlkeras.lora` can
+    line up the plain and adapted weights (the LoRA protocol)."""
+    if layer.lora_rank is None:
+        return keras.layers.Dense(
+            units,
+            activation=activation,
+            use_bias=use_bias,
+            dtype=layer.dtype_policy,
+            name=name,
+            **dense_kwargs,
+        )
+    return LoRADense(
+        units,
+        rank=layer.lora_rank,
+        alpha=layer.lora_alpha,
+        dropout=layer.lora_dropout,
+        activation=activation,
+        use_bias=use_bias,
+        dtype=layer.dtype_policy,
+        name=name,
+    )

@@ -6,8 +6,10 @@ import pytest
 from layer_testing import run_layer_test
 
 from hlkeras.layers import MultiHeadAttention
+from hlkeras.layers import PositionEmbedding
 from hlkeras.layers import TransformerBlock
 from hlkeras.layers import attention
+from hlkeras.layers import attention_ops
 
 BACKEND = keras.backend.backend()
 RNG = np.random.default_rng(0)
@@ -302,7 +304,7 @@ def test_grouped_query_equals_mha_with_repeated_kv_heads(num_kv_heads, self_atte
 def test_rotary_embedding_equals_numpy_rotation():
     x = RNG.normal(size=(2, 6, 3, 8)).astype("float32")
     np.testing.assert_allclose(
-        to_numpy(attention.rotary_embedding(x)),
+        to_numpy(attention_ops.rotary_embedding(x)),
         numpy_rope(x),
         rtol=1e-5,
         atol=1e-5,
@@ -313,7 +315,10 @@ def test_rope_logits_depend_only_on_relative_position():
     # The defining property of RoPE: <rot(q, i), rot(k, j)> depends on i - j.
     q = np.tile(RNG.normal(size=(1, 1, 1, 8)), (1, 6, 1, 1)).astype("float32")
     k = np.tile(RNG.normal(size=(1, 1, 1, 8)), (1, 6, 1, 1)).astype("float32")
-    rq, rk = to_numpy(attention.rotary_embedding(q)), to_numpy(attention.rotary_embedding(k))
+    rq, rk = (
+        to_numpy(attention_ops.rotary_embedding(q)),
+        to_numpy(attention_ops.rotary_embedding(k)),
+    )
     logits = np.einsum("btnh,bsnh->ts", rq, rk)
     for offset in range(-5, 6):
         diagonal = np.diagonal(logits, offset)
@@ -516,7 +521,7 @@ def test_docstring_examples_run():
 
 def test_position_embedding_contract():
     run_layer_test(
-        attention.PositionEmbedding,
+        PositionEmbedding,
         {"max_length": 8},
         QUERY,
         expected_output_shape=QUERY.shape,
@@ -524,7 +529,7 @@ def test_position_embedding_contract():
 
 
 def test_position_embedding_adds_row_i_to_position_i_for_any_length():
-    layer = attention.PositionEmbedding(8)
+    layer = PositionEmbedding(8)
     layer.build((None, None, QUERY.shape[-1]))
     table = np.random.default_rng(3).normal(size=(8, QUERY.shape[-1])).astype("float32")
     layer.embeddings.assign(table)
@@ -537,6 +542,6 @@ def test_position_embedding_adds_row_i_to_position_i_for_any_length():
 
 def test_position_embedding_refuses_sequences_longer_than_its_table():
     with pytest.raises(ValueError, match=r"max_length=2.*length 5"):
-        attention.PositionEmbedding(2).build((None, 5, 8))
+        PositionEmbedding(2).build((None, 5, 8))
     with pytest.raises(ValueError, match=r"`max_length`.*0"):
-        attention.PositionEmbedding(0)
+        PositionEmbedding(0)

@@ -78,10 +78,10 @@ def np_moe(tokens, weights, top_k, activation, kept=None):
     return np.sum(chosen * gates[:, :, None], axis=1)
 
 
-def randomize_biases(layer):
+def randomize_biases(layer, rng=RNG):
     # Zero-initialized biases would let a missing bias pass the oracle.
     for variable in (layer.expert_hidden_bias, layer.expert_output_bias):
-        variable.assign(RNG.normal(size=variable.shape).astype("float32"))
+        variable.assign(rng.normal(size=variable.shape).astype("float32"))
 
 
 # --- the layer contract -----------------------------------------------------------
@@ -589,15 +589,20 @@ def test_int8_tflite_keeps_the_capacity_of_longer_sequences_than_calibration():
     # Keras keeps.
     from hlkeras import export
 
+    # Seeded here, not by the module's shared RNG: under xdist the shared
+    # RNG's state depends on which tests ran before in the worker. Over seeds
+    # 0-7 the drops differed on 0-3.1% of tokens and 94.8-100% were close.
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
     inputs = keras.Input(shape=(None, 6))
     layer = MixtureOfExperts(4, 8, capacity_factor=0.5, activation="relu")
     model = keras.Model(inputs, layer(inputs))
-    randomize_biases(layer)
-    calibration = RNG.normal(size=(64, 3, 6)).astype("float32")
+    randomize_biases(layer, rng)
+    calibration = rng.normal(size=(64, 3, 6)).astype("float32")
     with tempfile.TemporaryDirectory() as tmp:
         export.export_saved_model(model, tmp + "/saved_model")
         flatbuffer = export.convert_saved_model(tmp + "/saved_model", "int8", calibration)
-    long_sequences = RNG.normal(size=(4, 24, 6)).astype("float32")
+    long_sequences = rng.normal(size=(4, 24, 6)).astype("float32")
     expected = to_numpy(model(long_sequences))
     output = export.run_tflite(flatbuffer, long_sequences)
     dropped = np.all(expected == 0.0, axis=-1)

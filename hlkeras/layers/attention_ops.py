@@ -1,0 +1,126 @@
+"""Mask and rotary-position ops for attention, in `keras.ops` alone (the
+counterpart of KerasHub's `transformer_layer_utils` and `RotaryEmbedding`).
+
+Masks are boolean, True where attention is allowed, and broadcast against
+attention logits of shape `(batch, heads, query_length, key_length)`.
+"""
+
+from keras import ops
+
+# Added to masked logits before the float32 softmax. Finite, so a fully
+# masked row becomes a uniform distribution (as in Keras) and never NaN.
+MASKED_LOGIT = -1e9
+
+
+def rotary_embedding(x, max_wavelength=10000):
+    """Rotates `x` of shape `(batch, length, heads, dim)` by its positions.
+
+    Rotary position embedding (Su et al., 2021) in the "rotate half" layout
+    used by GPT-NeoX, Llama and KerasHub: feature `i` is paired with feature
+    `i + dim / 2`, and the pair at position `p` is rotated by the angle
+    `p * max_wavelength ** (-2 i / dim)`. Positions are `0 .. length - 1`.
+
+    Args:
+        x: Tensor of shape `(batch, length, heads, dim)` with an even `dim`.
+        max_wavelength: The longest wavelength of the rotation frequencies.
+
+    Returns:
+        A tensor of the same shape and dtype as `x`.
+    """
+    x = ops.convert_to_tensor(x)
+    half_dim = x.shape[-1] // 2
+    positions = ops.cast(ops.arange(ops.shape(x)[1]), "float32")
+    exponents = ops.cast(ops.arange(half_dim), "float32") / half_dim
+    inverse_frequencies = ops.power(float(max_wavelength), -exponents)
+    angles = ops.expand_dims(positions, -1) * inverse_frequencies
+    # (length, 1, dim): both halves of a pair share one angle; the head axis
+    # broadcasts.
+    angles = ops.expand_dims(ops.concatenate([angles, angles], axis=-1), 1)
+    cos = ops.cast(ops.cos(angles), x.dtype)
+    sin = ops.cast(ops.sin(angles), x.dtype)
+    first_half, second_half = x[..., :half_dim], x[..., half_dim:]
+    rotated_half = ops.concatenate([-second_half, first_half], axis=-1)
+    return x * cos + rotated_half * sin
+
+
+def causal_mask(query_length, key_length):
+    """Boolean `(1, 1, query_length, key_length)`: query `t` sees keys `<= t`."""
+    # Reshapes, not `[None, ...]` indexing: TFLite has no builtin for a
+    # new-axis strided slice of a dynamic boolean tensor.
+    rows = ops.reshape(ops.arange(query_length), (1, 1, -1, 1))
+    columns = ops.reshape(ops.arange(key_length), (1, 1, 1, -1))
+    return ops.greater_equal(rows, columns)
+
+
+def attention_mask_to_4d(attention_mask, target_shape):
+    """Expands a user mask to rank 4 and checks it broadcasts to the logits.
+
+    Like Keras, a rank-3 `(batch, query, key)` mask gains the head axis and a
+    rank-2 `(query, key)` mask gains the batch and head axes.
+
+    Args:
+        attention_mask: Boolean-like tensor of rank 2, 3 or 4.
+        target_shape: The logits shape `(batch, heads, query_length,
+            key_length)`; `None` entries are unknown and not checked.
+
+    Returns:
+        A boolean tensor of rank 4.
+    """
+    mask_shape = tuple(attention_mask.shape)
+    if len(mask_shape) not in (2, 3, 4):
+        raise _mask_shape_error(mask_shape, target_shape)
+    if len(mask_shape) == 3:
+        expanded_shape = (mask_shape[0], 1) + mask_shape[1:]
+    else:
+        expanded_shape = (1,) * (4 - len(mask_shape)) + mask_shape
+    for mask_size, target_size in zip(expanded_shape, target_shape):
+        if mask_size not in (None, 1) and target_size not in (None, mask_size):
+            raise _mask_shape_error(mask_shape, target_shape)
+    attention_mask = ops.cast(attention_mask, "bool")
+    for _ in range(4 - len(mask_shape)):
+        attention_mask = ops.expand_dims(attention_mask, -3)
+    return attention_mask
+
+
+def _mask_shape_error(mask_shape, target_shape):
+    return ValueError(
+        "Argument `attention_mask` must broadcast to the attention logits of "
+        "shape (batch, heads, query_length, key_length) = "
+        f"{tuple(target_shape)}; a rank-3 mask is (batch, query_length, "
+        "key_length), a rank-2 mask (query_length, key_length). "
+        f"Received: attention_mask.shape={mask_shape}"
+    )
+
+
+def padding_mask(query_mask, value_mask, key_mask):
+    """Merges Keras padding masks into a boolean `(batch, 1, T|1, S|1)` mask.
+
+    As in `keras.layers.MultiHeadAttention`, a padded query attends to
+    nothing (its row is fully masked, hence uniform after the softmax) and no
+    query attends to a padded key or value.
+    """
+
+    def expanded(mask, axes):
+        return None if mask is None else ops.expand_dims(ops.cast(mask, "bool"), axes)
+
+    return and_masks(
+        expanded(query_mask, (1, 3)),
+        expanded(value_mask, (1, 2)),
+        expanded(key_mask, (1, 2)),
+    )
+
+
+def and_masks(*masks):
+    present = [mask for mask in masks if mask is not None]
+    if not present:
+        return None
+    merged = present[0]
+    for mask in present[1:]:
+        merged = ops.logical_and(merged, mask)
+    return merged
+
+
+def dynamic_shape(x):
+    """Static sizes where known, scalar tensors where not (e.g. TF's None)."""
+    dynamic = ops.shape(x)
+    return tuple(static if static is not None else dynamic[i] for i, static in enumerate(x.shape))
