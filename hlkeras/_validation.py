@@ -13,13 +13,18 @@ import keras
 RELU_FAMILY = frozenset({"relu", "relu6", "leaky_relu", "elu", "gelu", "silu", "swish", "selu"})
 
 
+def is_int(value):
+    """An int that is not a bool (`True` is an int in Python)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def is_number(value):
     """An int or float that is not a bool (`True` is an int in Python)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def check_positive_int(name, value, error=ValueError):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         raise error(f"Argument `{name}` must be a positive integer. Received: {name}={value!r}")
     return value
 
@@ -42,6 +47,14 @@ def check_choice(name, value, allowed, error=ValueError):
             f"Argument `{name}` must be one of {sorted(allowed, key=str)}. "
             f"Received: {name}={value!r}"
         )
+    return value
+
+
+def check_flag_choice(flag, value, allowed, error=ValueError):
+    """`check_choice` worded for a command-line flag or a setting named as
+    one (`--tuner must be one of random, hyperband, got 'grid'`)."""
+    if value not in allowed:
+        raise error(f"{flag} must be one of {', '.join(map(str, allowed))}, got {value!r}")
     return value
 
 

@@ -15,6 +15,7 @@ import zipfile
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from hlkeras import runs  # noqa: E402
+from hlkeras._validation import check_flag_choice  # noqa: E402
 from hlkeras.runs import MOE_EXPERTS_DEFAULT  # noqa: E402
 from hlkeras.runs import TRAIN_DEFAULTS  # noqa: E402
 
@@ -116,12 +117,6 @@ def add_export_parser(commands):
         "default 1.0)",
     )
     export.set_defaults(func=cmd_export)
-
-
-def _check_cli_choice(flag, value, allowed):
-    if value not in allowed:
-        raise UsageError(f"{flag} must be one of {', '.join(allowed)}; got {value!r}")
-    return value
 
 
 def _max_accuracy_drop(text):
@@ -233,10 +228,10 @@ def print_export_table(report):
 def cmd_export(args):
     from hlkeras import export
 
-    quantization = _check_cli_choice("--quantize", args.quantize, export.QUANTIZATIONS)
+    quantization = check_flag_choice("--quantize", args.quantize, export.QUANTIZATIONS, UsageError)
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     for format in formats or [""]:
-        _check_cli_choice("--format", format, export.FORMATS)
+        check_flag_choice("--format", format, export.FORMATS, UsageError)
     if args.latency_runs < 0:
         raise UsageError(f"--latency-runs must be >= 0; got {args.latency_runs}")
     max_accuracy_drop = _max_accuracy_drop(args.max_accuracy_drop)

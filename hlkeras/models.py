@@ -22,9 +22,7 @@ SPEC_FIXED_KEYS = ("arch", "input_shape", "num_classes")
 
 def _check_input_shape(input_shape):
     shape = tuple(input_shape) if isinstance(input_shape, (list, tuple)) else None
-    if not shape or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape
-    ):
+    if not shape or not all(_validation.is_int(d) and d > 0 for d in shape):
         raise ValueError(
             "Argument `input_shape` must be a non-empty tuple of positive "
             f"integers, without the batch axis. Received: input_shape={input_shape!r}"

@@ -29,6 +29,8 @@ import shutil
 import tempfile
 import time
 
+from hlkeras import _validation
+
 # The settings of a run and their defaults (the `hlkeras train` flags; the
 # error messages name them as flags). `experts` None means
 # MOE_EXPERTS_DEFAULT for an arch with MoE FFNs (vit) and none for the others.
@@ -184,8 +186,7 @@ def model_spec(settings, info):
     from hlkeras import models
 
     arch = settings["arch"]
-    if arch not in models.ARCHITECTURES:
-        raise RunError(f"--arch must be one of {sorted(models.ARCHITECTURES)}, got {arch!r}")
+    _validation.check_flag_choice("--arch", arch, sorted(models.ARCHITECTURES), RunError)
     spec = {"arch": arch, "input_shape": list(info.input_shape), "num_classes": info.num_classes}
     for key in ("depth", "width", "dropout"):
         if settings[key] is not None:

@@ -101,22 +101,18 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
     """
 
     def __init__(self, peak_learning_rate, total_steps, warmup_steps=0, final_learning_rate=0.0):
-        if not isinstance(peak_learning_rate, (int, float)) or not peak_learning_rate > 0:
+        if not _validation.is_number(peak_learning_rate) or not peak_learning_rate > 0:
             raise ValueError(
                 "Argument `peak_learning_rate` must be a positive float. "
                 f"Received: peak_learning_rate={peak_learning_rate!r}"
             )
         _validation.check_positive_int("total_steps", total_steps)
-        if (
-            isinstance(warmup_steps, bool)
-            or not isinstance(warmup_steps, int)
-            or not 0 <= warmup_steps <= total_steps
-        ):
+        if not _validation.is_int(warmup_steps) or not 0 <= warmup_steps <= total_steps:
             raise ValueError(
                 f"Argument `warmup_steps` must be an integer in [0, total_steps={total_steps}]. "
                 f"Received: warmup_steps={warmup_steps!r}"
             )
-        if not isinstance(final_learning_rate, (int, float)) or final_learning_rate < 0:
+        if not _validation.is_number(final_learning_rate) or final_learning_rate < 0:
             raise ValueError(
                 "Argument `final_learning_rate` must be a float >= 0. "
                 f"Received: final_learning_rate={final_learning_rate!r}"
@@ -180,7 +176,7 @@ def compile_model(
     >>> type(model.optimizer).__name__
     'AdamW'
     """
-    if not isinstance(learning_rate, (int, float)) or not learning_rate > 0:
+    if not _validation.is_number(learning_rate) or not learning_rate > 0:
         raise ValueError(
             "Argument `learning_rate` must be a positive float. "
             f"Received: learning_rate={learning_rate!r}"

@@ -567,11 +567,7 @@ class MixtureOfExperts(keras.layers.Layer):
                 f"Received: top_k={top_k!r} with num_experts={num_experts}"
             )
         if capacity_factor is not None:
-            if (
-                isinstance(capacity_factor, bool)
-                or not isinstance(capacity_factor, (int, float))
-                or not capacity_factor > 0
-            ):
+            if not _validation.is_number(capacity_factor) or not capacity_factor > 0:
                 raise ValueError(
                     "Argument `capacity_factor` must be a number > 0, or None "
                     f"for dropless routing. Received: capacity_factor={capacity_factor!r}"

@@ -184,7 +184,7 @@ class TransformerBlock(keras.layers.Layer):
         self.drop_path = _validation.check_rate("drop_path", drop_path)
         self.causal = bool(causal)
         self.activation = _validation.check_activation("activation", activation)
-        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or (num_experts < 0):
+        if not _validation.is_int(num_experts) or num_experts < 0:
             raise ValueError(
                 "Argument `num_experts` must be an integer >= 0 (0 means a "
                 f"dense FFN). Received: num_experts={num_experts!r}"

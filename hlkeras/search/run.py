@@ -21,6 +21,7 @@ import os
 import shutil
 
 from hlkeras import _compat
+from hlkeras import _validation
 from hlkeras import models
 from hlkeras import training
 from hlkeras.search import reports
@@ -83,10 +84,7 @@ class SearchOutcome:
 
 def check_search_settings(settings):
     """Raises `SearchError` naming the first setting out of its range."""
-    if settings["tuner"] not in tuners.TUNERS:
-        raise SearchError(
-            f"--tuner must be one of {', '.join(tuners.TUNERS)}, got {settings['tuner']!r}"
-        )
+    _validation.check_flag_choice("--tuner", settings["tuner"], tuners.TUNERS, SearchError)
     for name in ("max_trials", "max_epochs", "patience"):
         if settings[name] < 1:
             raise SearchError(
@@ -94,10 +92,7 @@ def check_search_settings(settings):
             )
     if settings["workers"] < 0:
         raise SearchError(f"--workers must be >= 0, got {settings['workers']}")
-    if settings["objective"] not in OBJECTIVES:
-        raise SearchError(
-            f"--objective must be one of {', '.join(OBJECTIVES)}, got {settings['objective']!r}"
-        )
+    _validation.check_flag_choice("--objective", settings["objective"], OBJECTIVES, SearchError)
 
 
 def arch_and_space(arch, space):
@@ -108,8 +103,7 @@ def arch_and_space(arch, space):
         chosen = arch or space_arch(overrides)
         if arch and overrides.get("arch", arch) != arch:
             raise SearchError(f"--arch {arch} contradicts arch = {overrides['arch']!r} in {space}")
-        if chosen not in SEARCH_SPACES:
-            raise SearchError(f"--arch must be one of {sorted(SEARCH_SPACES)}, got {chosen!r}")
+        _validation.check_flag_choice("--arch", chosen, sorted(SEARCH_SPACES), SearchError)
         resolve_space(chosen, overrides)
     except SearchError:
         raise

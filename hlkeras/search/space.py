@@ -102,10 +102,6 @@ def space_arch(overrides, default="mlp"):
     return arch
 
 
-def _is_int(value):
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _value_kind(entry):
     """'int' or 'float' for a numeric canonical entry, else None."""
     if entry is None:
@@ -113,7 +109,7 @@ def _value_kind(entry):
     if "type" in entry:
         return entry["type"]
     values = entry["values"] if "values" in entry else [entry["fixed"]]
-    if all(_is_int(v) for v in values):
+    if all(_validation.is_int(v) for v in values):
         return "int"
     if all(_validation.is_number(v) for v in values):
         return "float"
@@ -139,8 +135,10 @@ def _parse_range(key, fields, default):
             f"it). Received: min={low!r}, max={high!r}"
         )
     inherited = default if default and "min" in default else {}
-    kind = _value_kind(default) or ("int" if _is_int(low) and _is_int(high) else "float")
-    if kind == "int" and not (_is_int(low) and _is_int(high)):
+    kind = _value_kind(default) or (
+        "int" if _validation.is_int(low) and _validation.is_int(high) else "float"
+    )
+    if kind == "int" and not (_validation.is_int(low) and _validation.is_int(high)):
         raise ValueError(
             f"space[{key!r}] is an integer hyperparameter; `min` and `max` must be "
             f"integers. Received: min={low!r}, max={high!r}"
@@ -154,7 +152,9 @@ def _parse_range(key, fields, default):
         )
     step = fields.get("step", None if log else inherited.get("step"))
     if step is not None and (
-        not _validation.is_number(step) or step <= 0 or (kind == "int" and not _is_int(step))
+        not _validation.is_number(step)
+        or step <= 0
+        or (kind == "int" and not _validation.is_int(step))
     ):
         raise ValueError(
             f"space[{key!r}]: `step` must be a positive {kind}. Received: step={step!r}"
@@ -176,7 +176,7 @@ def _parse_choice(key, values, default):
         )
     if len(set(map(repr, values))) != len(values):
         raise ValueError(f"space[{key!r}]: `values` has duplicates. Received: {values!r}")
-    if _value_kind(default) == "int" and not all(_is_int(v) for v in values):
+    if _value_kind(default) == "int" and not all(_validation.is_int(v) for v in values):
         raise ValueError(
             f"space[{key!r}] is an integer hyperparameter; its values must be "
             f"integers. Received: {values!r}"
@@ -192,7 +192,7 @@ def parse_entry(key, raw, default=None):
     `log` and `step` from `default` (the table's canonical entry) unless given.
     """
     if isinstance(raw, (bool, int, float, str)):
-        if _value_kind(default) == "int" and not _is_int(raw):
+        if _value_kind(default) == "int" and not _validation.is_int(raw):
             raise ValueError(f"space[{key!r}] is an integer hyperparameter. Received: {raw!r}")
         return {"fixed": raw}
     if isinstance(raw, list):
