@@ -115,10 +115,17 @@ def check_mixed_bfloat16(layer, inputs, call_kwargs, expected, model):
     half_layer = layer.__class__.from_config(config)
     half_model = _functional_model(half_layer, inputs, call_kwargs)
     half_model.set_weights(model.get_weights())
-    output = _predict(half_model, inputs).astype("float32")
+    raw = _predict(half_model, inputs)
+    # The layer computes under the policy (a layer that ignored it would
+    # return float32 and pass any tolerance).
+    assert str(raw.dtype) == "bfloat16", f"mixed_bfloat16 layer returned {raw.dtype}"
+    output = raw.astype("float32")
     assert np.all(np.isfinite(output)), "mixed_bfloat16 output is not finite"
-    # bfloat16 keeps 8 bits of mantissa: allow a few percent of the scale.
-    tolerance = 0.05 * (1.0 + float(np.max(np.abs(expected))))
+    # bfloat16 keeps 8 bits of precision (epsilon 2**-8 = 0.0039). The worst
+    # error measured over every layer test on the three backends was
+    # 0.0100 * (1 + max|y|) (ConvResidualBlock; attention and MoE <= 0.0064),
+    # so 0.02 leaves a 2x margin.
+    tolerance = 0.02 * (1.0 + float(np.max(np.abs(expected))))
     np.testing.assert_allclose(output, expected, rtol=0, atol=tolerance)
 
 

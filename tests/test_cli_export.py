@@ -108,33 +108,32 @@ def test_export_prints_a_table_and_writes_export_json(
 
 @pytest.mark.slow
 @pytest.mark.backends("tensorflow")
-def test_dataset_supplies_calibration_and_verification_data(
-    trained_keras_file, digits, tmp_path, capsys, monkeypatch
+def test_dataset_supplies_calibration_and_verification_data_and_int8_io_holds(
+    trained_keras_file, tmp_path, capsys
 ):
-    keras_path, _ = trained_keras_file
-    x_train, _, x_test, y_test = digits
-    asked = []
+    from ai_edge_litert.interpreter import Interpreter
 
-    def representative(name):
-        asked.append(("representative", name))
-        return x_train[:150]
+    from hlkeras import data
 
-    def test_arrays(name):
-        asked.append(("test", name))
-        return x_test[:100], y_test[:100]
-
-    monkeypatch.setattr(cli, "dataset_representative_samples", representative)
-    monkeypatch.setattr(cli, "dataset_test_arrays", test_arrays)
+    keras_path, model = trained_keras_file
     status, _, err = run_cli(
-        capsys, keras_path, "--out", tmp_path, "--quantize", "int8",
+        capsys, keras_path, "--out", tmp_path, "--quantize", "int8", "--int8-io",
         "--dataset", "digits", "--format", "tflite", "--latency-runs", "0",
     )  # fmt: skip
     assert status == 0, err
-    assert asked == [("representative", "digits"), ("test", "digits")]
+    # Verified on the digits test split, as hlkeras.data loads it.
+    _, _, test_ds, _ = data.load("digits")
+    x_test, y_test = data.to_numpy(test_ds)
     with open(tmp_path / "export.json") as file:
         report = json.load(file)
-    assert report["verify_samples"] == 100
-    assert abs(report["artifacts"][0]["accuracy"] - report["keras_accuracy"]) <= 0.015
+    assert report["verify_samples"] == len(x_test) and report["int8_io"] is True
+    keras_accuracy = accuracy(ops.convert_to_numpy(model.predict(x_test, verbose=0)), y_test)
+    assert report["keras_accuracy"] == pytest.approx(keras_accuracy)
+    assert abs(report["artifacts"][0]["accuracy"] - keras_accuracy) <= 0.015
+    # --int8-io: the file takes and returns int8 tensors.
+    interpreter = Interpreter(model_path=str(tmp_path / "model_int8.tflite"))
+    assert interpreter.get_input_details()[0]["dtype"] == np.int8
+    assert interpreter.get_output_details()[0]["dtype"] == np.int8
 
 
 @pytest.mark.slow

@@ -234,3 +234,23 @@ def test_mixed_precision_trains_bfloat16_and_exports_float32(capsys, data_dir, t
     # One batch on both sides: MoE capacity drops depend on the batch.
     expected = twin.predict(images, batch_size=len(images), verbose=0)
     np.testing.assert_allclose(litert, expected, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.backends("tensorflow")
+def test_optimizer_early_stopping_and_tensorboard_flags_reach_the_run(capsys, data_dir, tmp_path):
+    out = tmp_path / "run"
+    flags = ["--weight-decay", "0.02", "--clipnorm", "0.5", "--patience", "4", "--tensorboard"]
+    status, _, stderr = _train(
+        capsys, "--data-dir", data_dir, "--out", str(out), "--epochs", "1", *SMALL, *flags
+    )
+    assert status == 0, stderr
+    model = keras.saving.load_model(out / "model.keras")
+    assert model.optimizer.weight_decay == pytest.approx(0.02)
+    assert model.optimizer.clipnorm == pytest.approx(0.5)
+    with open(out / "train_config.json") as f:
+        settings = json.load(f)
+    assert (settings["weight_decay"], settings["clipnorm"], settings["patience"]) == (0.02, 0.5, 4)
+    assert any(
+        name.startswith("events.out.tfevents") for name in os.listdir(out / "logs" / "train")
+    )

@@ -114,6 +114,33 @@ def test_compile_and_fit_writes_history_curves_and_best(tmp_path):
     assert sorted(os.listdir(run_dir)) == ["best.keras", "curves.png", "history.csv"]
 
 
+@pytest.mark.parametrize("patience", [1, 2])
+def test_training_stops_after_patience_epochs_without_improvement(tmp_path, patience):
+    # A frozen model's val_loss is the same every epoch: epoch 0 sets the
+    # best, and EarlyStopping ends the run `patience` epochs later.
+    train, val = _toy_datasets()
+    model = _toy_model()
+    model.trainable = False
+    result = training.compile_and_fit(
+        model, train, val, run_dir=str(tmp_path), epochs=8, patience=patience, verbose=0
+    )
+    assert len(result.rows) == 1 + patience
+
+
+def test_tensorboard_writes_event_files_to_run_dir_logs(tmp_path):
+    train, val = _toy_datasets()
+    training.compile_and_fit(
+        _toy_model(), train, val, run_dir=str(tmp_path), epochs=1, tensorboard=True, verbose=0
+    )
+    events = [
+        name
+        for _, _, names in os.walk(tmp_path / "logs")
+        for name in names
+        if name.startswith("events.out.tfevents")
+    ]
+    assert events, "no TensorBoard event file under logs/"
+
+
 class _PoisonAtEpoch(keras.callbacks.Callback):
     """Remembers the weights after epoch 0, then makes them NaN at epoch 1."""
 

@@ -111,7 +111,7 @@ class LoRADense(keras.layers.Layer):
         self.use_bias = bool(use_bias)
         self.rslora = bool(rslora)
         self.scale = lora_scale(self.rank, self.alpha, self.rslora)
-        self.adapter_dropout = keras.layers.Dropout(self.dropout)
+        self.adapter_dropout = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
         self.supports_masking = True
 
     def build(self, input_shape):
