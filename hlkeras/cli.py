@@ -1,4 +1,4 @@
-"""The `hlkeras` command line: `hlkeras train | tune | export | info`.
+"""The `hlkeras` command line: `hlkeras train | tune | export | predict | info`.
 
 It parses arguments and calls the library modules. User mistakes print one
 line to stderr and exit with status 2, without a traceback.
@@ -98,6 +98,12 @@ def add_export_parser(commands):
         metavar="FILE.npz",
         help="verification data: array `x` and optional labels `y`; overrides --dataset",
     )
+    export.add_argument(
+        "--data",
+        metavar="PATH",
+        help="the model's own data (hlkeras train --data): calibrates on 200 of its "
+        "training examples and verifies on its test split",
+    )
     export.add_argument("--int8-io", action="store_true", help="int8 input/output tensors for int8")
     export.add_argument("--overwrite", action="store_true", help="replace existing artifacts")
     export.add_argument(
@@ -170,6 +176,20 @@ def dataset_test_arrays(name):
     return data.to_numpy(test_ds)
 
 
+def _data_file_arrays(path):
+    """`(calibration samples, (test x, test y))` of `--data PATH`, split as
+    `hlkeras train --data PATH` splits it with its default seed and fractions."""
+    from hlkeras import data
+
+    try:
+        train_ds, _, test_ds, _ = data.load_path(path)
+    except data.DatasetError as error:
+        raise UsageError(str(error)) from None
+    if test_ds is None:
+        raise UsageError(f"--data {path}: no test split to verify on")
+    return data.to_numpy(train_ds)[0][:200], data.to_numpy(test_ds)
+
+
 def _from_dataset(fetch, name, what):
     from hlkeras import data
 
@@ -236,10 +256,15 @@ def cmd_export(args):
         raise UsageError(f"--latency-runs must be >= 0; got {args.latency_runs}")
     max_accuracy_drop = _max_accuracy_drop(args.max_accuracy_drop)
 
-    representative = None
+    if args.data:
+        if args.dataset:
+            raise UsageError(f"--data {args.data} and --dataset {args.dataset} exclude each other")
+        samples, test_arrays = _data_file_arrays(args.data)
+        args.representative_array, args.verify_arrays = samples, test_arrays
+    representative = getattr(args, "representative_array", None)
     if args.representative:
         representative = _load_npy("--representative", args.representative)
-    elif quantization == "int8" and "tflite" in formats:
+    elif representative is None and quantization == "int8" and "tflite" in formats:
         if not args.dataset:
             raise UsageError(
                 "--quantize int8 needs calibration data: pass --dataset NAME "
@@ -248,7 +273,7 @@ def cmd_export(args):
         representative = _from_dataset(
             dataset_representative_samples, args.dataset, "representative samples"
         )
-    verify = None
+    verify = getattr(args, "verify_arrays", None)
     if args.verify:
         verify = _load_verify_npz(args.verify)
     elif args.dataset:
@@ -289,6 +314,7 @@ def build_parser():
     _add_train_command(commands)
     _add_tune_command(commands)
     add_export_parser(commands)
+    _add_predict_command(commands)
     return parser
 
 
@@ -307,9 +333,10 @@ def _add_train_command(commands):
         ),
     )
     flag = train.add_argument
-    flag("--arch", help=f"model architecture (default {TRAIN_DEFAULTS['arch']})")
+    flag("--arch", help="model architecture: mlp, resnet, vit (default vit; mlp for a table)")
     flag("--dataset", help="'digits' (embedded, default) or a TFDS dataset in --data-dir")
     flag("--data-dir", help="TFDS data directory (default: TFDS' own)")
+    _add_data_flags(flag)
     flag("--epochs", type=int, help=f"epochs (default {TRAIN_DEFAULTS['epochs']})")
     flag("--batch-size", type=int, help=f"batch size (default {TRAIN_DEFAULTS['batch_size']})")
     flag("--lr", type=float, help=f"peak learning rate (default {TRAIN_DEFAULTS['lr']})")
@@ -336,6 +363,20 @@ def _add_train_command(commands):
         help="compute in bfloat16 with float32 weights (mixed_bfloat16)",
     )
     train.set_defaults(func=cmd_train)
+
+
+def _add_data_flags(flag):
+    """The flags of a user's own data (`hlkeras.data.load_path`)."""
+    flag(
+        "--data",
+        metavar="PATH",
+        help="your own data: a folder of class subfolders of images, a .csv or a .npz file",
+    )
+    flag("--image-size", type=int, nargs=2, metavar=("H", "W"), help="resize images to H x W")
+    flag("--color-mode", help="grayscale or rgb (default: the first image's)")
+    flag("--label", help="the CSV's label column (default 'label')")
+    flag("--val-split", type=float, help="validation fraction drawn from --data (default 0.1)")
+    flag("--test-split", type=float, help="test fraction drawn from --data (default 0.2)")
 
 
 def _given_settings(args):
@@ -397,10 +438,10 @@ def _add_tune_command(commands):
     )
     flag(
         "--dataset",
-        default=DEFAULTS["dataset"],
         help="'digits' (embedded, default) or a TFDS dataset in --data-dir",
     )
     flag("--data-dir", help="TFDS data directory (default: TFDS' own)")
+    flag("--data", metavar="PATH", help="your own data (see hlkeras train --data)")
     flag(
         "--tuner",
         default=DEFAULTS["tuner"],
@@ -459,6 +500,46 @@ def cmd_tune(args):
             f"retrained best: {outcome.best_path}{score}; "
             f"also trials.csv, trials.png, best_spec.json in {outcome.directory}"
         )
+    return 0
+
+
+# --- hlkeras predict ---------------------------------------------------------------
+
+
+def _add_predict_command(commands):
+    predict = commands.add_parser(
+        "predict",
+        help="run a trained model on image files, an image folder, a CSV or a .npz",
+        description=(
+            "Prints one line per input: input, class name, probability. MODEL is a "
+            "run directory, a .keras or a .tflite file (run in the LiteRT "
+            "interpreter, one input at a time)."
+        ),
+    )
+    predict.add_argument("model", metavar="MODEL")
+    predict.add_argument("inputs", metavar="INPUT", nargs="+")
+    predict.add_argument("--top", type=int, default=1, help="the K most probable classes")
+    predict.add_argument("--out", help="also write the predictions to this CSV file")
+    predict.add_argument("--label", default="label", help="a CSV input's label column, skipped")
+    predict.set_defaults(func=cmd_predict)
+
+
+def cmd_predict(args):
+    from hlkeras import predict
+
+    if args.top < 1:
+        raise UsageError(f"--top must be a positive integer, got {args.top}")
+    try:
+        model = predict.load_predictor(args.model)
+        names, inputs = predict.read_inputs(args.inputs, model.input_shape, label=args.label)
+    except predict.PredictError as error:
+        raise UsageError(str(error)) from None
+    tops = predict.top_classes(model.predict(inputs), model.class_names, k=args.top)
+    for name, top in zip(names, tops):
+        print(", ".join([name] + [f"{label}, {p:.4f}" for label, p in top]))
+    if args.out:
+        predict.write_csv(args.out, names, tops)
+        print(f"wrote {args.out}")
     return 0
 
 

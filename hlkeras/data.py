@@ -1,5 +1,7 @@
 """Datasets for hlkeras: TFDS loading into `tf.data` pipelines that feed
-`model.fit` on every Keras backend, and the embedded default dataset `digits`.
+`model.fit` on every Keras backend, the embedded default dataset `digits`,
+and a user's own files (`load_path`: a folder of class subfolders of images,
+a CSV table, or a `.npz` of arrays).
 
 `digits` (1,797 8x8 handwritten digits, shipped in `hlkeras/datasets/`) is a
 real TFDS builder registered when this module is imported, so it goes through
@@ -46,6 +48,12 @@ class DatasetInfo:
     num_train: int
     num_val: int
     num_test: int
+    # "images" or "table" (a CSV, or a .npz of feature vectors); a table has
+    # the training split's per-feature mean and variance for the model's
+    # Normalization layer.
+    kind: str = "images"
+    feature_mean: tuple = None
+    feature_variance: tuple = None
 
 
 class Digits(tfds.core.GeneratorBasedBuilder):
@@ -169,8 +177,13 @@ def _scale(images, labels):
     return tf.cast(images, tf.float32) / 255.0, tf.cast(labels, tf.int32)
 
 
-def _pipeline(examples, count, batch_size, shuffle_seed):
+def _as_float(features, labels):
+    return tf.cast(features, tf.float32), tf.cast(labels, tf.int32)
+
+
+def _pipeline(examples, count, batch_size, shuffle_seed, scale=_scale):
     """uint8 examples → cached, float32 [0, 1] batches; shuffled for training.
+    (`scale=_as_float` for examples that are already features.)
 
     The training pipeline drops its last partial batch: every step then has
     the same shape, so JAX and XLA compile the train step once, and the few
@@ -184,7 +197,7 @@ def _pipeline(examples, count, batch_size, shuffle_seed):
         )
     # Scaling after batching is one vectorized op per batch.
     ds = ds.batch(batch_size, drop_remainder=training)
-    ds = ds.map(_scale, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(scale, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -277,3 +290,328 @@ def to_numpy(ds):
         images.append(batch_images)
         labels.append(batch_labels)
     return np.concatenate(images), np.concatenate(labels)
+
+
+# --- A user's own files -----------------------------------------------------------
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+COLOR_MODES = ("grayscale", "rgb")
+SPLIT_FOLDERS = ("train", "val", "test")
+
+
+@dataclasses.dataclass
+class Examples:
+    """A split as arrays: `x` (uint8 images or float32 features), `y` (int class ids)."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+
+def load_path(
+    path,
+    *,
+    batch_size=64,
+    validation_split=0.1,
+    test_split=0.2,
+    seed=0,
+    image_size=None,
+    color_mode=None,
+    label="label",
+):
+    """Loads a user's own classification data as batched `tf.data` pipelines,
+    like `load` does a TFDS dataset.
+
+    What `path` is decides how it is read:
+    - a folder of class subfolders of images (png, jpg, bmp, gif): images,
+      resized to `image_size` (default: the first image's size) in
+      `color_mode` (default: the first image's). A folder holding `train/`
+      (and optionally `val/`, `test/`) class folders gives the splits;
+    - a `.csv` file: the `label` column and numeric feature columns;
+    - a `.npz` file: arrays `x` and `y`, optionally `x_test` and `y_test`.
+
+    Splits the files do not give are drawn from the training examples by a
+    permutation of `seed`: `test_split` of them for test, then
+    `validation_split` for validation. Images are scaled to [0, 1] as TFDS
+    images are; tables keep their values, and `info.feature_mean` /
+    `info.feature_variance` (of the training split) let the model normalize.
+
+    Returns:
+        `(train_ds, val_ds, test_ds, info)` as `load` returns them.
+
+    Raises:
+        DatasetError: naming the file, column or array that is wrong.
+    """
+    _check_arguments(batch_size, validation_split)
+    _validation.check_rate("test_split", test_split, error=DatasetError)
+    splits, class_names, kind = read_path(
+        path, image_size=image_size, color_mode=color_mode, label=label
+    )
+    splits = _draw_missing_splits(splits, validation_split, test_split, seed)
+    if len(splits["train"].y) < 1:
+        raise DatasetError(f"--data {path}: no training examples are left after the splits")
+    # uint8 images are scaled to [0, 1] as TFDS images are; floats are kept.
+    scale = _scale if splits["train"].x.dtype == np.uint8 else _as_float
+    datasets = {}
+    for name, examples in splits.items():
+        if examples is None or not len(examples.y):
+            datasets[name] = None
+            continue
+        dataset = tf.data.Dataset.from_tensor_slices((examples.x, examples.y))
+        datasets[name] = _pipeline(
+            dataset,
+            len(examples.y),
+            batch_size,
+            shuffle_seed=seed if name == "train" else None,
+            scale=scale,
+        )
+    info = DatasetInfo(
+        name=os.path.basename(os.path.normpath(path)),
+        input_shape=tuple(splits["train"].x.shape[1:]),
+        num_classes=len(class_names),
+        class_names=tuple(class_names),
+        num_train=len(splits["train"].y),
+        num_val=0 if splits["val"] is None else len(splits["val"].y),
+        num_test=0 if splits["test"] is None else len(splits["test"].y),
+        kind=kind,
+        **_feature_statistics(splits["train"].x, kind),
+    )
+    return datasets["train"], datasets["val"], datasets["test"], info
+
+
+def read_path(path, *, image_size=None, color_mode=None, label="label"):
+    """`(splits, class_names, kind)` of the files at `path` (see `load_path`);
+    `splits` maps "train" / "val" / "test" to `Examples`, or None for a split
+    the files do not give."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise DatasetError(f"--data {path}: no such file or folder")
+    if os.path.isdir(path):
+        splits, class_names = _read_image_folder(path, image_size, color_mode)
+        return splits, class_names, "images"
+    extension = os.path.splitext(path)[1].lower()
+    if extension == ".csv":
+        examples, class_names = _read_csv(path, label)
+        return {"train": examples, "val": None, "test": None}, class_names, "table"
+    if extension == ".npz":
+        return _read_npz(path)
+    raise DatasetError(
+        f"--data {path}: expected a folder of class subfolders of images, a .csv or a .npz file"
+    )
+
+
+def _draw_missing_splits(splits, validation_split, test_split, seed):
+    """Draws the test and validation splits the files did not give from the
+    training examples, by a permutation of `seed`."""
+    train = splits["train"]
+    order = np.random.default_rng(seed).permutation(len(train.y))
+    taken = 0
+    drawn = dict(splits)
+    for name, fraction in (("test", test_split), ("val", validation_split)):
+        if splits[name] is None and fraction:
+            count = int(round(len(order) * fraction))
+            ids = np.sort(order[taken : taken + count])
+            drawn[name] = Examples(train.x[ids], train.y[ids])
+            taken += count
+    ids = np.sort(order[taken:])
+    drawn["train"] = Examples(train.x[ids], train.y[ids])
+    return drawn
+
+
+def _feature_statistics(x, kind):
+    if kind != "table":
+        return {}
+    return {
+        "feature_mean": tuple(float(v) for v in x.mean(axis=0)),
+        "feature_variance": tuple(float(v) for v in x.var(axis=0)),
+    }
+
+
+def _class_names(path, folder):
+    names = sorted(
+        entry for entry in os.listdir(folder) if os.path.isdir(os.path.join(folder, entry))
+    )
+    if not names:
+        raise DatasetError(f"--data {path}: {folder} has no class subfolders")
+    if len(names) < 2:
+        raise DatasetError(
+            f"--data {path}: only one class ({names[0]!r}); classification needs at least two"
+        )
+    return names
+
+
+def _image_files(folder):
+    return sorted(
+        os.path.join(folder, name)
+        for name in os.listdir(folder)
+        if name.lower().endswith(IMAGE_EXTENSIONS)
+    )
+
+
+def _read_image_folder(path, image_size, color_mode):
+    if color_mode is not None and color_mode not in COLOR_MODES:
+        raise DatasetError(
+            f"--color-mode must be one of {', '.join(COLOR_MODES)}, got {color_mode!r}"
+        )
+    has_split_folders = os.path.isdir(os.path.join(path, "train"))
+    train_folder = os.path.join(path, "train") if has_split_folders else path
+    class_names = _class_names(path, train_folder)
+    splits = {"train": None, "val": None, "test": None}
+    shape = None
+    for split in SPLIT_FOLDERS:
+        folder = os.path.join(path, split) if has_split_folders else path
+        if split != "train" and not (has_split_folders and os.path.isdir(folder)):
+            continue
+        files, labels = [], []
+        for class_id, name in enumerate(class_names):
+            class_folder = os.path.join(folder, name)
+            found = _image_files(class_folder) if os.path.isdir(class_folder) else []
+            files += found
+            labels += [class_id] * len(found)
+        if not files:
+            raise DatasetError(f"--data {path}: no {'/'.join(IMAGE_EXTENSIONS)} images in {folder}")
+        if shape is None:
+            shape = _target_shape(files[0], image_size, color_mode)
+        images = np.stack([read_image(file, shape) for file in files])
+        splits[split] = Examples(images, np.asarray(labels, "int32"))
+    return splits, class_names
+
+
+def _decode(file):
+    try:
+        data = tf.io.read_file(file)
+        return tf.io.decode_image(data, expand_animations=False).numpy()
+    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DatasetError(f"cannot read the image {file}: {message}") from None
+
+
+def _target_shape(file, image_size, color_mode):
+    """`(height, width, channels)` of every image: `image_size` and
+    `color_mode` where given, else the first image's."""
+    first = _decode(file)
+    height, width = image_size or first.shape[:2]
+    if color_mode is None:
+        color_mode = "grayscale" if first.shape[-1] == 1 else "rgb"
+    return (int(height), int(width), 1 if color_mode == "grayscale" else 3)
+
+
+def read_image(file, shape):
+    """One image file as uint8 `shape` (resized, converted to gray or RGB)."""
+    image = _decode(file)
+    if image.shape[-1] == 4:
+        image = image[..., :3]  # drop alpha
+    if shape[-1] == 1 and image.shape[-1] == 3:
+        image = tf.image.rgb_to_grayscale(image).numpy()
+    elif shape[-1] == 3 and image.shape[-1] == 1:
+        image = np.repeat(image, 3, axis=-1)
+    if image.shape[:2] != tuple(shape[:2]):
+        resized = tf.image.resize(image, shape[:2], antialias=True)
+        image = np.clip(np.round(resized.numpy()), 0, 255)
+    return image.astype("uint8")
+
+
+def _labels_to_ids(values, where):
+    """Class ids for label values (ints sort numerically, strings by name)."""
+    values = [str(v).strip() for v in values]
+    if not values:
+        raise DatasetError(f"{where}: no examples")
+    unique = sorted(set(values))
+    try:
+        unique = sorted(unique, key=int)
+    except ValueError:
+        pass
+    if len(unique) < 2:
+        raise DatasetError(
+            f"{where}: only one class ({unique[0]!r}); classification needs at least two"
+        )
+    index = {name: i for i, name in enumerate(unique)}
+    return np.asarray([index[v] for v in values], "int32"), unique
+
+
+def _read_csv(path, label):
+    import csv
+
+    with open(path, newline="") as file:
+        rows = list(csv.reader(file))
+    rows = [row for row in rows if any(cell.strip() for cell in row)]
+    if not rows:
+        raise DatasetError(f"--data {path}: the CSV file is empty")
+    header, body = [name.strip() for name in rows[0]], rows[1:]
+    if label not in header:
+        raise DatasetError(
+            f"--data {path}: no label column {label!r} (pass --label COL); the columns are {header}"
+        )
+    if not body:
+        raise DatasetError(f"--data {path}: the CSV file has a header but no rows")
+    label_index = header.index(label)
+    feature_columns = [i for i in range(len(header)) if i != label_index]
+    if not feature_columns:
+        raise DatasetError(f"--data {path}: no feature columns besides {label!r}")
+    features = np.empty((len(body), len(feature_columns)), "float32")
+    for r, row in enumerate(body):
+        if len(row) != len(header):
+            raise DatasetError(
+                f"--data {path}: line {r + 2} has {len(row)} fields, the header {len(header)}"
+            )
+        for c, column in enumerate(feature_columns):
+            try:
+                features[r, c] = float(row[column])
+            except ValueError:
+                raise DatasetError(
+                    f"--data {path}: feature column {header[column]!r} is not numeric "
+                    f"(line {r + 2}: {row[column]!r}); only numeric features are supported"
+                ) from None
+    labels, class_names = _labels_to_ids([row[label_index] for row in body], f"--data {path}")
+    return Examples(features, labels), class_names
+
+
+def _read_npz(path):
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            arrays = {name: arrays[name] for name in arrays.files}
+    except (OSError, ValueError) as error:
+        raise DatasetError(f"--data {path}: cannot read a NumPy .npz file ({error})") from None
+    missing = [name for name in ("x", "y") if name not in arrays]
+    if missing:
+        raise DatasetError(
+            f"--data {path}: needs arrays 'x' and 'y' (optionally 'x_test', 'y_test'); "
+            f"found {sorted(arrays)}"
+        )
+    pairs = [("x", "y")] + ([("x_test", "y_test")] if "x_test" in arrays else [])
+    for x_name, y_name in pairs:
+        if y_name not in arrays or len(arrays[x_name]) != len(arrays[y_name]):
+            given = len(arrays[y_name]) if y_name in arrays else "no"
+            raise DatasetError(
+                f"--data {path}: len({x_name}) = {len(arrays[x_name])} but {given} {y_name}"
+            )
+    all_labels = np.concatenate([arrays["y"]] + ([arrays["y_test"]] if len(pairs) > 1 else []))
+    ids, class_names = _labels_to_ids(all_labels.tolist(), f"--data {path}")
+    x = arrays["x"]
+    kind = "table" if x.ndim == 2 else "images"
+    if kind == "table" or x.dtype != np.uint8:
+        x = x.astype("float32")
+    if x.ndim == 3:
+        x = x[..., None]  # (n, height, width) grayscale images
+    splits = {"train": Examples(x[: len(arrays["y"])], ids[: len(arrays["y"])])}
+    splits["val"] = None
+    splits["test"] = None
+    if len(pairs) > 1:
+        x_test = arrays["x_test"].astype(x.dtype)
+        splits["test"] = Examples(
+            x_test[..., None] if x_test.ndim == 3 else x_test, ids[len(arrays["y"]) :]
+        )
+    return splits, class_names, kind
+
+
+def load_source(dataset=None, path=None, *, batch_size=64, data_dir=None, seed=0, **file_options):
+    """`load(dataset)` or `load_path(path)`: the data a command was given,
+    `--dataset NAME` (TFDS, or the embedded digits when neither is given) or
+    `--data PATH`, never both. `file_options` go to `load_path`."""
+    if dataset is not None and path is not None:
+        raise DatasetError(
+            f"--data {path} and --dataset {dataset} exclude each other: "
+            "train on your files or on a TFDS dataset"
+        )
+    if path is not None:
+        return load_path(path, batch_size=batch_size, seed=seed, **file_options)
+    return load(dataset or "digits", batch_size=batch_size, data_dir=data_dir, seed=seed)

@@ -58,6 +58,8 @@ def mlp(
     hidden_ratio=2,
     activation="gelu",
     drop_path=0.0,
+    feature_mean=None,
+    feature_variance=None,
 ):
     """A residual MLP classifier: flatten, a linear stem to `width`, `depth`
     pre-norm `ResidualBlock`s, a final LayerNorm and a softmax head.
@@ -74,6 +76,10 @@ def mlp(
             `hidden_ratio * width`.
         activation: Name of a Keras activation for the blocks.
         drop_path: Float in [0, 1), stochastic depth of each block.
+        feature_mean, feature_variance: Per-feature statistics of the
+            training inputs (lists, e.g. `hlkeras.data.load_path`'s for a
+            CSV); the model then starts with a `Normalization` layer, so an
+            exported model takes raw features.
 
     Returns:
         A functional `keras.Model` from images to class probabilities.
@@ -92,6 +98,10 @@ def mlp(
     dropout = _validation.check_rate("dropout", dropout)
     inputs = keras.Input(shape=input_shape, name="images")
     x = keras.layers.Flatten(name="flatten")(inputs)
+    if feature_mean is not None:
+        x = keras.layers.Normalization(
+            mean=list(feature_mean), variance=list(feature_variance), name="normalize"
+        )(x)
     x = keras.layers.Dense(width, name="stem")(x)
     for i in range(depth):
         x = ResidualBlock(

@@ -35,8 +35,14 @@ from hlkeras import _validation
 # error messages name them as flags). `experts` None means
 # MOE_EXPERTS_DEFAULT for an arch with MoE FFNs (vit) and none for the others.
 TRAIN_DEFAULTS = {
-    "arch": "vit",
-    "dataset": "digits",
+    "arch": None,  # vit for images, mlp for tables
+    "dataset": None,  # the embedded digits unless --data is given
+    "data": None,
+    "image_size": None,
+    "color_mode": None,
+    "label": "label",
+    "val_split": 0.1,
+    "test_split": 0.2,
     "data_dir": None,
     "epochs": 40,
     "batch_size": 64,
@@ -66,6 +72,7 @@ class RunDir:
     """
 
     SPEC = "spec.json"
+    CLASS_NAMES = "class_names.json"
     CONFIG = "train_config.json"
     MODEL = "model.keras"
     TFLITE = "model.tflite"
@@ -76,6 +83,7 @@ class RunDir:
         MODEL,
         "best.keras",
         SPEC,
+        CLASS_NAMES,
         CONFIG,
         "history.csv",
         "curves.png",
@@ -177,6 +185,18 @@ def check_settings(settings):
         raise RunError(f"--dropout must be in [0, 1), got {settings['dropout']}")
     if settings["seed"] < 0:
         raise RunError(f"--seed must be >= 0, got {settings['seed']}")
+    for name in ("val_split", "test_split"):
+        if not 0 <= settings[name] < 1:
+            raise RunError(f"--{name.replace('_', '-')} must be in [0, 1), got {settings[name]}")
+    if settings["val_split"] + settings["test_split"] >= 1:
+        raise RunError("--val-split + --test-split must leave training examples (sum < 1)")
+    size = settings["image_size"]
+    if size is not None and (len(size) != 2 or min(size) < 1):
+        raise RunError(f"--image-size needs two positive integers H W, got {size}")
+    if settings["color_mode"] is not None:
+        from hlkeras.data import COLOR_MODES
+
+        _validation.check_flag_choice("--color-mode", settings["color_mode"], COLOR_MODES, RunError)
     if settings["experts"] is not None and settings["experts"] < 0:
         raise RunError(f"--experts must be >= 0, got {settings['experts']}")
 
@@ -185,7 +205,7 @@ def model_spec(settings, info):
     """The `hlkeras.models` spec the settings describe for dataset `info`."""
     from hlkeras import models
 
-    arch = settings["arch"]
+    arch = settings["arch"] or ("mlp" if info.kind == "table" else "vit")
     _validation.check_flag_choice("--arch", arch, sorted(models.ARCHITECTURES), RunError)
     spec = {"arch": arch, "input_shape": list(info.input_shape), "num_classes": info.num_classes}
     for key in ("depth", "width", "dropout"):
@@ -200,6 +220,10 @@ def model_spec(settings, info):
             raise RunError(f"--experts needs an arch with MoE FFNs; --arch {arch} has none")
         spec["num_experts"] = experts
     try:
+        if info.feature_mean is not None:
+            if arch != "mlp":
+                raise RunError(f"--arch {arch} takes images; a table trains with --arch mlp")
+            spec.update(feature_mean=info.feature_mean, feature_variance=info.feature_variance)
         return models.resolve_spec(spec)
     except ValueError as error:
         raise RunError(str(error)) from None
@@ -250,6 +274,7 @@ def train_run(settings, run_dir, *, resuming=False, tensorboard=False, log=print
     if not resuming:
         training.atomic_write_json(run_dir.file(RunDir.SPEC), spec)
         training.atomic_write_json(run_dir.file(RunDir.CONFIG), settings)
+        training.atomic_write_json(run_dir.file(RunDir.CLASS_NAMES), list(info.class_names))
     backend = keras.backend.backend()
     log(f"hlkeras train: {spec['arch']} on {info.name} ({backend} backend) -> {run_dir.path}")
 
@@ -297,20 +322,35 @@ def load_data(settings):
     from hlkeras import data
 
     try:
-        train_ds, val_ds, test_ds, info = data.load(
+        train_ds, val_ds, test_ds, info = data.load_source(
             settings["dataset"],
+            settings["data"],
             batch_size=settings["batch_size"],
             data_dir=settings["data_dir"],
             seed=settings["seed"],
+            **file_options(settings),
         )
     except data.DatasetError as error:
         raise RunError(str(error)) from None
+    if test_ds is None:
+        raise RunError(f"--data {settings['data']} gives no test split; use --test-split > 0")
     if settings["batch_size"] > info.num_train:
         raise RunError(
             f"--batch-size {settings['batch_size']} is larger than the "
             f"{info.num_train} training examples of {info.name}"
         )
     return (train_ds, val_ds, test_ds), info
+
+
+def file_options(settings):
+    """The `hlkeras.data.load_path` options among `settings`."""
+    return {
+        "image_size": settings["image_size"],
+        "color_mode": settings["color_mode"],
+        "label": settings["label"],
+        "validation_split": settings["val_split"],
+        "test_split": settings["test_split"],
+    }
 
 
 def evaluate_and_export(model, spec, settings, run_dir, test_ds):

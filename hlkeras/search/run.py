@@ -41,7 +41,8 @@ OBJECTIVES = ("val_accuracy", "val_loss", "accuracy", "loss")
 SEARCH_DEFAULTS = {
     "arch": None,
     "space": None,
-    "dataset": "digits",
+    "dataset": None,  # the embedded digits unless `data` is given
+    "data": None,
     "data_dir": None,
     "tuner": "hyperband",
     "max_trials": 10,
@@ -139,13 +140,18 @@ def run_search(log=print, **given):
     arch, overrides = arch_and_space(settings["arch"], settings["space"])
     settings["arch"] = arch
     settings["directory"] = settings["directory"] or os.path.join(
-        "runs", f"tune-{arch}-{settings['dataset']}"
+        "runs", f"tune-{arch}-{os.path.basename(os.path.normpath(data_name(settings)))}"
     )
     if settings["workers"]:
         from hlkeras.search import workers
 
         return workers.run_chief_and_workers(settings, log=log)
     return _search_here(settings, overrides, log)
+
+
+def data_name(settings):
+    """What the search trains on: the `data` path, the dataset, or digits."""
+    return settings["data"] or settings["dataset"] or "digits"
 
 
 def _search_here(settings, overrides, log):
@@ -201,8 +207,9 @@ def _search_here(settings, overrides, log):
         return outcome
     outcome.best_spec = hypermodel.spec(best)
     log(f"best spec: {json.dumps(outcome.best_spec, sort_keys=True)}")
-    train_ds, val_ds, _, _ = data.load(
+    train_ds, val_ds, _, _ = data.load_source(
         settings["dataset"],
+        settings["data"],
         batch_size=best["batch_size"],
         data_dir=settings["data_dir"],
         seed=settings["seed"],
@@ -231,8 +238,11 @@ def _load_arrays(settings):
     from hlkeras import data
 
     try:
-        train_ds, val_ds, _, info = data.load(
-            settings["dataset"], data_dir=settings["data_dir"], seed=settings["seed"]
+        train_ds, val_ds, _, info = data.load_source(
+            settings["dataset"],
+            settings["data"],
+            data_dir=settings["data_dir"],
+            seed=settings["seed"],
         )
     except data.DatasetError as error:
         raise SearchError(str(error)) from None
@@ -246,7 +256,7 @@ def _check_directory(settings, hypermodel):
     one; returns whether this is a resume."""
     config = tuners.search_config(
         arch=settings["arch"],
-        dataset=settings["dataset"],
+        dataset=data_name(settings),
         tuner=settings["tuner"],
         objective=settings["objective"],
         max_epochs=settings["max_epochs"],

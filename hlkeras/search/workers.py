@@ -38,7 +38,11 @@ def _prepare_dataset(settings):
     from hlkeras import data
 
     try:
-        data.load(settings["dataset"], data_dir=settings["data_dir"])
+        data.load_source(
+            settings["dataset"],
+            settings["data"],
+            data_dir=settings["data_dir"],
+        )
     except data.DatasetError as error:
         raise SearchError(str(error)) from None
 

@@ -1,0 +1,216 @@
+"""`hlkeras predict`: a trained model (a run directory, a `.keras` or a
+`.tflite` file) on new inputs (image files, an image folder, a CSV or a
+`.npz`), one row of class probabilities per input.
+
+A `.tflite` file runs in the LiteRT interpreter one input at a time, as a
+phone runs it, and gives the same classes as the `.keras` model it came
+from (`hlkeras.export` verified that per sample before writing it).
+
+Example:
+
+```python
+from hlkeras import predict
+
+model = predict.load_predictor("runs/vit")
+names, inputs = predict.read_inputs(["digit.png"], model.input_shape)
+for name, row in zip(names, predict.top_classes(model.predict(inputs), model.class_names)):
+    print(name, row)
+```
+"""
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+
+class PredictError(ValueError):
+    """A user mistake about a model or its inputs, in one line."""
+
+
+@dataclasses.dataclass
+class Predictor:
+    """A model ready to predict.
+
+    Attributes:
+        input_shape: One input's shape (no batch axis).
+        class_names: The class names, by class id.
+        predict: Maps a float32 batch `(n, *input_shape)` to probabilities `(n, classes)`.
+    """
+
+    input_shape: tuple
+    class_names: list
+    predict: callable
+
+
+def load_predictor(model_path):
+    """A `Predictor` for a run directory (its `model.keras`), a `.keras` or a
+    `.tflite` file. Class names come from `class_names.json` beside the
+    model, else they are the class ids."""
+    path = os.fspath(model_path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "model.keras")
+    if not os.path.isfile(path):
+        raise PredictError(f"MODEL {model_path}: no such file or run directory")
+    extension = os.path.splitext(path)[1].lower()
+    if extension == ".keras":
+        input_shape, predict = _keras_model(path)
+    elif extension == ".tflite":
+        input_shape, predict = _tflite_model(path)
+    else:
+        raise PredictError(f"MODEL {model_path}: expected a run directory, .keras or .tflite")
+    probe = predict(np.zeros((1, *input_shape), "float32"))
+    class_names = _class_names(os.path.dirname(path), probe.shape[-1])
+    return Predictor(input_shape, class_names, predict)
+
+
+def _keras_model(path):
+    import keras
+
+    import hlkeras  # noqa: F401  (registers the hlkeras layers)
+
+    try:
+        model = keras.saving.load_model(path, safe_mode=True)
+    except Exception as error:  # Keras raises many types for a bad file
+        raise PredictError(f"MODEL {path}: not a loadable Keras model ({error})") from None
+    input_shape = tuple(model.input_shape[1:])
+
+    def predict(batch):
+        return keras.ops.convert_to_numpy(model.predict(batch, verbose=0))
+
+    return input_shape, predict
+
+
+def _tflite_model(path):
+    from ai_edge_litert.interpreter import Interpreter
+
+    from hlkeras import export
+
+    with open(path, "rb") as file:
+        flatbuffer = file.read()
+    try:
+        details = Interpreter(model_content=flatbuffer).get_input_details()
+    except ValueError as error:
+        raise PredictError(f"MODEL {path}: not a TFLite model ({error})") from None
+    input_shape = tuple(int(d) for d in details[0]["shape"][1:])
+
+    def predict(batch):
+        # One input at a time, as a phone runs the file.
+        return np.concatenate([export.run_tflite(flatbuffer, x[None]) for x in batch])
+
+    return input_shape, predict
+
+
+def _class_names(folder, num_classes):
+    path = os.path.join(folder, "class_names.json")
+    if os.path.exists(path):
+        with open(path) as file:
+            names = json.load(file)
+        if len(names) == num_classes:
+            return [str(name) for name in names]
+    return [str(i) for i in range(num_classes)]
+
+
+def read_inputs(paths, input_shape, label="label"):
+    """`(names, batch)`: the inputs at `paths` as a float32 batch for a model
+    taking `input_shape`. Image files and folders are read and resized like
+    the training images; a CSV gives one input per row (without its `label`
+    column); a `.npz` its array `x`."""
+    names, arrays = [], []
+    for path in map(os.fspath, paths):
+        if not os.path.exists(path):
+            raise PredictError(f"INPUT {path}: no such file or folder")
+        found_names, batch = _read_one(path, input_shape, label)
+        if batch.shape[1:] != tuple(input_shape):
+            raise PredictError(
+                f"INPUT {path}: each input has shape {batch.shape[1:]}, "
+                f"the model takes {tuple(input_shape)}"
+            )
+        names += found_names
+        arrays.append(batch)
+    return names, np.concatenate(arrays)
+
+
+def _read_one(path, input_shape, label):
+    from hlkeras import data
+
+    extension = os.path.splitext(path)[1].lower()
+    if os.path.isdir(path) or extension in data.IMAGE_EXTENSIONS:
+        files = _image_files(path) if os.path.isdir(path) else [path]
+        if not files:
+            raise PredictError(f"INPUT {path}: no images in the folder")
+        if len(input_shape) != 3:
+            raise PredictError(
+                f"INPUT {path}: images, but the model takes inputs of shape {tuple(input_shape)}"
+            )
+        try:
+            images = [data.read_image(file, input_shape) for file in files]
+        except data.DatasetError as error:
+            raise PredictError(f"INPUT {error}") from None
+        return files, np.stack(images).astype("float32") / 255.0
+    if extension == ".csv":
+        return _read_csv_rows(path, label)
+    if extension == ".npz":
+        with np.load(path, allow_pickle=False) as arrays:
+            if "x" not in arrays:
+                raise PredictError(f"INPUT {path}: needs an array 'x'; found {arrays.files}")
+            x = arrays["x"]
+        x = x.astype("float32") / 255.0 if x.dtype == np.uint8 else x.astype("float32")
+        if x.ndim == len(input_shape) and len(input_shape) == 3 and input_shape[-1] == 1:
+            x = x[..., None]  # (n, height, width) grayscale images
+        return [f"{path}[{i}]" for i in range(len(x))], x
+    raise PredictError(f"INPUT {path}: expected image files, an image folder, a .csv or a .npz")
+
+
+def _image_files(folder):
+    from hlkeras import data
+
+    return sorted(
+        os.path.join(root, name)
+        for root, _, names in os.walk(folder)
+        for name in names
+        if name.lower().endswith(data.IMAGE_EXTENSIONS)
+    )
+
+
+def _read_csv_rows(path, label):
+    import csv
+
+    with open(path, newline="") as file:
+        rows = [row for row in csv.reader(file) if any(cell.strip() for cell in row)]
+    if len(rows) < 2:
+        raise PredictError(f"INPUT {path}: the CSV file has no rows")
+    header = [name.strip() for name in rows[0]]
+    columns = [i for i, name in enumerate(header) if name != label]
+    try:
+        features = np.asarray([[float(row[i]) for i in columns] for row in rows[1:]], "float32")
+    except (ValueError, IndexError) as error:
+        raise PredictError(f"INPUT {path}: a feature is not numeric ({error})") from None
+    return [f"{path}:{line}" for line in range(2, len(rows) + 1)], features
+
+
+def top_classes(probabilities, class_names, k=1):
+    """The `k` most probable `(class name, probability)` pairs of each row."""
+    order = np.argsort(-probabilities, axis=-1, kind="stable")[:, :k]
+    return [
+        [(class_names[c], float(row[c])) for c in top] for row, top in zip(probabilities, order)
+    ]
+
+
+def write_csv(path, names, tops):
+    """One row per input: `input`, then `class_i`, `probability_i` for each rank."""
+    import csv
+    import io
+
+    from hlkeras import training
+
+    k = len(tops[0]) if tops else 1
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(
+        ["input"] + [f"{field}_{i + 1}" for i in range(k) for field in ("class", "probability")]
+    )
+    for name, top in zip(names, tops):
+        writer.writerow([name] + [value for pair in top for value in (pair[0], f"{pair[1]:.6f}")])
+    training.atomic_write_text(path, buffer.getvalue())
