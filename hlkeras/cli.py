@@ -11,13 +11,28 @@ import platform
 import sys
 import zipfile
 
-# TensorFlow's C++ start-up logging drowns the CLI's own output.
+# TensorFlow's C++ start-up logging drowns the CLI's own output (the
+# `hlkeras` console script, `hlkeras_launcher`, also filters the lines TF
+# prints before this applies).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from hlkeras import runs  # noqa: E402
 from hlkeras._validation import check_flag_choice  # noqa: E402
 from hlkeras.runs import MOE_EXPERTS_DEFAULT  # noqa: E402
 from hlkeras.runs import TRAIN_DEFAULTS  # noqa: E402
+
+
+def _common_flags():
+    """Flags every command takes. `--verbose` is read by the console script
+    (`hlkeras_launcher`) before this parser exists; here it is only accepted."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--verbose", action="store_true", help="also show TensorFlow's native log lines"
+    )
+    return common
+
+
+COMMON_FLAGS = _common_flags()
 
 
 class UsageError(Exception):
@@ -69,6 +84,7 @@ def _litert_version():
 def add_export_parser(commands):
     export = commands.add_parser(
         "export",
+        parents=[COMMON_FLAGS],
         help="export a .keras model to SavedModel and builtins-only TFLite, verified in LiteRT",
         description="Export MODEL.keras to a SavedModel and a builtins-only "
         ".tflite, check both against the Keras model, print a table and write "
@@ -309,7 +325,9 @@ def build_parser():
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-    info = commands.add_parser("info", help="print library versions and the active Keras backend")
+    info = commands.add_parser(
+        "info", parents=[COMMON_FLAGS], help="print library versions and the active Keras backend"
+    )
     info.set_defaults(func=cmd_info)
     _add_train_command(commands)
     _add_tune_command(commands)
@@ -324,6 +342,7 @@ def build_parser():
 def _add_train_command(commands):
     train = commands.add_parser(
         "train",
+        parents=[COMMON_FLAGS],
         help="train a model on a dataset, evaluate it, export and verify a .tflite",
         description=(
             "Train a model built from hlkeras layers, evaluate it on the test "
@@ -377,6 +396,11 @@ def _add_data_flags(flag):
     flag("--label", help="the CSV's label column (default 'label')")
     flag("--val-split", type=float, help="validation fraction drawn from --data (default 0.1)")
     flag("--test-split", type=float, help="test fraction drawn from --data (default 0.2)")
+    flag(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        help="random shift/rotation/zoom of training images (default on; never in the model)",
+    )
 
 
 def _given_settings(args):
@@ -420,6 +444,7 @@ def _add_tune_command(commands):
 
     tune = commands.add_parser(
         "tune",
+        parents=[COMMON_FLAGS],
         help="search depth, width, dropout, learning rate, ... with KerasTuner",
         description=(
             "Hyperparameter search over an hlkeras architecture with KerasTuner. "
@@ -509,6 +534,7 @@ def cmd_tune(args):
 def _add_predict_command(commands):
     predict = commands.add_parser(
         "predict",
+        parents=[COMMON_FLAGS],
         help="run a trained model on image files, an image folder, a CSV or a .npz",
         description=(
             "Prints one line per input: input, class name, probability. MODEL is a "

@@ -181,9 +181,33 @@ def _as_float(features, labels):
     return tf.cast(features, tf.float32), tf.cast(labels, tf.int32)
 
 
-def _pipeline(examples, count, batch_size, shuffle_seed, scale=_scale):
+def augmenter(seed=0):
+    """The image augmentation of training batches: a random shift of up to
+    10% of each side, a rotation of up to ±10 degrees and a zoom of up to
+    ±10%, filling with 0 (the background of digits). No flips: a flipped
+    digit is another digit or none.
+
+    These are Keras preprocessing layers run inside the tf.data pipeline,
+    which works on every backend; they never enter the model, so the exported
+    model is the model that was trained.
+    """
+    import keras
+
+    fill = {"fill_mode": "constant", "fill_value": 0.0}
+    return keras.Sequential(
+        [
+            keras.layers.RandomTranslation(0.1, 0.1, seed=seed, **fill),
+            keras.layers.RandomRotation(10 / 360, seed=seed + 1, **fill),
+            keras.layers.RandomZoom(0.1, 0.1, seed=seed + 2, **fill),
+        ],
+        name="augment",
+    )
+
+
+def _pipeline(examples, count, batch_size, shuffle_seed, scale=_scale, augment=None):
     """uint8 examples → cached, float32 [0, 1] batches; shuffled for training.
-    (`scale=_as_float` for examples that are already features.)
+    (`scale=_as_float` for examples that are already features; `augment`, a
+    Keras layer applied to training batches.)
 
     The training pipeline drops its last partial batch: every step then has
     the same shape, so JAX and XLA compile the train step once, and the few
@@ -198,6 +222,10 @@ def _pipeline(examples, count, batch_size, shuffle_seed, scale=_scale):
     # Scaling after batching is one vectorized op per batch.
     ds = ds.batch(batch_size, drop_remainder=training)
     ds = ds.map(scale, num_parallel_calls=tf.data.AUTOTUNE)
+    if augment is not None and training:
+        ds = ds.map(
+            lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE
+        )
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -209,7 +237,9 @@ def _split_train(train_examples, num_examples, validation_split):
     return train_examples.take(num_train), train_examples.skip(num_train), num_train, num_val
 
 
-def load(name="digits", *, batch_size=64, validation_split=0.1, data_dir=None, seed=0):
+def load(
+    name="digits", *, batch_size=64, validation_split=0.1, data_dir=None, seed=0, augment=False
+):
     """Loads an image classification dataset as batched `tf.data` pipelines.
 
     Images come as float32 in [0, 1] with shape `(height, width, channels)`,
@@ -227,6 +257,7 @@ def load(name="digits", *, batch_size=64, validation_split=0.1, data_dir=None, s
             (`$TFDS_DATA_DIR` or `~/tensorflow_datasets`). `digits` is
             prepared there on first use.
         seed: Integer seed of the training set's shuffle order.
+        augment: Whether to augment the training images (`augmenter`).
 
     Returns:
         `(train_ds, val_ds, test_ds, info)`, where `info` is a `DatasetInfo`.
@@ -250,7 +281,13 @@ def load(name="digits", *, batch_size=64, validation_split=0.1, data_dir=None, s
         train_examples, _count(train_examples), validation_split
     )
     num_test = _count(test_examples)
-    train_ds = _pipeline(train_examples, num_train, batch_size, shuffle_seed=seed)
+    train_ds = _pipeline(
+        train_examples,
+        num_train,
+        batch_size,
+        shuffle_seed=seed,
+        augment=augmenter(seed) if augment else None,
+    )
     val_ds = None
     if num_val:
         val_ds = _pipeline(val_examples, num_val, batch_size, shuffle_seed=None)
@@ -317,6 +354,7 @@ def load_path(
     image_size=None,
     color_mode=None,
     label="label",
+    augment=False,
 ):
     """Loads a user's own classification data as batched `tf.data` pipelines,
     like `load` does a TFDS dataset.
@@ -334,6 +372,7 @@ def load_path(
     `validation_split` for validation. Images are scaled to [0, 1] as TFDS
     images are; tables keep their values, and `info.feature_mean` /
     `info.feature_variance` (of the training split) let the model normalize.
+    `augment` augments the training images (`augmenter`; tables never).
 
     Returns:
         `(train_ds, val_ds, test_ds, info)` as `load` returns them.
@@ -363,6 +402,7 @@ def load_path(
             batch_size,
             shuffle_seed=seed if name == "train" else None,
             scale=scale,
+            augment=augmenter(seed) if augment and kind == "images" else None,
         )
     info = DatasetInfo(
         name=os.path.basename(os.path.normpath(path)),
@@ -603,7 +643,9 @@ def _read_npz(path):
     return splits, class_names, kind
 
 
-def load_source(dataset=None, path=None, *, batch_size=64, data_dir=None, seed=0, **file_options):
+def load_source(
+    dataset=None, path=None, *, batch_size=64, data_dir=None, seed=0, augment=False, **file_options
+):
     """`load(dataset)` or `load_path(path)`: the data a command was given,
     `--dataset NAME` (TFDS, or the embedded digits when neither is given) or
     `--data PATH`, never both. `file_options` go to `load_path`."""
@@ -613,5 +655,7 @@ def load_source(dataset=None, path=None, *, batch_size=64, data_dir=None, seed=0
             "train on your files or on a TFDS dataset"
         )
     if path is not None:
-        return load_path(path, batch_size=batch_size, seed=seed, **file_options)
-    return load(dataset or "digits", batch_size=batch_size, data_dir=data_dir, seed=seed)
+        return load_path(path, batch_size=batch_size, seed=seed, augment=augment, **file_options)
+    return load(
+        dataset or "digits", batch_size=batch_size, data_dir=data_dir, seed=seed, augment=augment
+    )

@@ -43,6 +43,7 @@ TRAIN_DEFAULTS = {
     "label": "label",
     "val_split": 0.1,
     "test_split": 0.2,
+    "augment": True,  # images only
     "data_dir": None,
     "epochs": 40,
     "batch_size": 64,
@@ -328,6 +329,7 @@ def load_data(settings):
             batch_size=settings["batch_size"],
             data_dir=settings["data_dir"],
             seed=settings["seed"],
+            augment=settings["augment"],
             **file_options(settings),
         )
     except data.DatasetError as error:

@@ -214,16 +214,19 @@ class LearningRateLogger(keras.callbacks.Callback):
 
 
 class RoutingStatistics(keras.callbacks.Callback):
-    """Logs each epoch's routing statistics of every `MixtureOfExperts`.
+    """Logs each epoch's routing statistics of the `MixtureOfExperts` layers.
 
-    For each MoE layer (nested ones included) it adds
-    `<layer name>_dropped_fraction` and `<layer name>_max_expert_load` to the
+    It adds two aggregates over all MoE layers (nested ones included) to the
     epoch logs, measured over that epoch's training steps, so the progress
-    bar, `History` and `history.csv` show them; validation adds no columns.
-    It reads the totals the layers keep as state, so it works on every
-    backend, JAX's stateless `fit` included. Each epoch's per-expert loads
-    (`(E,)` shares of the assignments) are kept in
-    `expert_load[layer_name]`.
+    bar and `History` show them: `moe_dropped_fraction` (the mean over layers
+    of the fraction of token-to-expert assignments dropped by capacity) and
+    `moe_max_expert_load` (the largest layer's busiest expert's load over the
+    mean). Per layer, `<layer name>_dropped_fraction` and
+    `<layer name>_max_expert_load` are kept in `per_layer` for the epoch
+    (`HistoryCSV` writes them to `history.csv`), and each epoch's per-expert
+    loads (`(E,)` shares of the assignments) in `expert_load[layer_name]`.
+    Validation adds nothing. It reads the totals the layers keep as state, so
+    it works on every backend, JAX's stateless `fit` included.
 
     Put it before callbacks that read those logs (it mutates the logs dict
     Keras passes along).
@@ -240,19 +243,27 @@ class RoutingStatistics(keras.callbacks.Callback):
             layer for layer in _compat.sublayers(self.model) if isinstance(layer, MixtureOfExperts)
         ]
         self.expert_load = {layer.name: [] for layer in self.moe_layers}
+        self.per_layer = {}
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch_start = self._routing_totals()
 
     def on_epoch_end(self, epoch, logs=None):
         epoch_end = self._routing_totals()
+        self.per_layer = {}
+        dropped, max_loads = [], []
         for layer in self.moe_layers:
             totals, start = epoch_end[layer.name], self.epoch_start[layer.name]
             summary = moe.routing_summary(*(now - then for now, then in zip(totals, start)))
             self.expert_load[layer.name].append(summary["expert_load"])
-            if logs is not None and summary["calls"] > 0:
-                logs[f"{layer.name}_dropped_fraction"] = summary["dropped_fraction"]
-                logs[f"{layer.name}_max_expert_load"] = summary["max_expert_load"]
+            if summary["calls"] > 0:
+                self.per_layer[f"{layer.name}_dropped_fraction"] = summary["dropped_fraction"]
+                self.per_layer[f"{layer.name}_max_expert_load"] = summary["max_expert_load"]
+                dropped.append(summary["dropped_fraction"])
+                max_loads.append(summary["max_expert_load"])
+        if logs is not None and dropped:
+            logs["moe_dropped_fraction"] = float(np.mean(dropped))
+            logs["moe_max_expert_load"] = float(np.max(max_loads))
 
     def _routing_totals(self):
         """`{layer name: (calls, dropped total, load totals)}` as NumPy."""
@@ -276,12 +287,15 @@ class HistoryCSV(keras.callbacks.Callback):
     Unlike `keras.callbacks.CSVLogger`, which appends, it drops rows at or
     after the epoch a resumed run restarts from, so a run killed between
     writing a row and writing its backup never records an epoch twice.
+    `extra_columns`, a callable returning a dict, adds columns the progress
+    bar should not show (e.g. `RoutingStatistics.per_layer`).
     """
 
-    def __init__(self, path):
+    def __init__(self, path, extra_columns=None):
         super().__init__()
         self.path = path
         self.rows = []
+        self.extra_columns = extra_columns or dict
 
     def on_train_begin(self, logs=None):
         self.rows = read_history_rows(self.path)
@@ -290,7 +304,7 @@ class HistoryCSV(keras.callbacks.Callback):
         self.rows = [row for row in self.rows if int(row["epoch"]) < epoch]
 
     def on_epoch_end(self, epoch, logs=None):
-        self.rows.append({"epoch": epoch, **scalar_logs(logs or {})})
+        self.rows.append({"epoch": epoch, **scalar_logs({**(logs or {}), **self.extra_columns()})})
         write_history_rows(self.path, self.rows)
 
 
@@ -372,11 +386,12 @@ def make_callbacks(
         best_so_far: The best `monitor` value of the run before a resume, so
             the checkpoint is only replaced by a better epoch.
     """
+    routing = RoutingStatistics()
     return [
         LearningRateLogger(),
-        RoutingStatistics(),
+        routing,
         keras.callbacks.TerminateOnNaN(),
-        HistoryCSV(os.path.join(run_dir, HISTORY_CSV)),
+        HistoryCSV(os.path.join(run_dir, HISTORY_CSV), extra_columns=lambda: routing.per_layer),
         AtomicModelCheckpoint(
             os.path.join(run_dir, BEST_CHECKPOINT),
             monitor=monitor,

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -34,3 +35,37 @@ def test_help_runs_as_a_module_without_traceback():
     )
     assert result.returncode == 0
     assert "info" in result.stdout and "Traceback" not in result.stderr
+
+
+def test_the_launcher_forwards_stderr_lines_except_native_tensorflow_logs(capfd):
+    import hlkeras_launcher
+
+    native_logs = hlkeras_launcher.NativeLogFilter()
+    native_logs.start()
+    os.write(2, b"I0000 00:00:1795624767.275643   19420 port.cc:153] oneDNN custom operations\n")
+    os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called\n")
+    os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n")
+    os.write(2, b"hlkeras train: error: --epochs must be a positive integer, got -1\n")
+    print("a Python warning", file=sys.stderr)
+    native_logs.stop()
+    err = capfd.readouterr().err
+    # (capfd takes sys.stderr's writes on a path of its own, so only the set
+    # of lines, not their order, is the filter's.)
+    assert sorted(err.splitlines()) == [
+        "a Python warning",
+        "hlkeras train: error: --epochs must be a positive integer, got -1",
+    ]
+
+
+@pytest.mark.slow
+def test_the_console_script_prints_one_error_line_and_no_native_logs():
+    launch = "import sys, hlkeras_launcher; sys.exit(hlkeras_launcher.main())"
+    result = subprocess.run(
+        [sys.executable, "-c", launch, "train", "--epochs", "-1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"},
+    )
+    assert result.returncode == 2
+    assert result.stderr == "hlkeras train: error: --epochs must be a positive integer, got -1\n"

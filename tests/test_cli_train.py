@@ -72,6 +72,9 @@ def test_short_run_writes_a_verified_run_directory(capsys, data_dir, tmp_path):
     rows = training.read_history_rows(os.path.join(out, "history.csv"))
     assert 0.0 <= rows[-1]["block_0_moe_dropped_fraction"] < 1.0
     assert 1.0 <= rows[-1]["block_0_moe_max_expert_load"] <= runs.MOE_EXPERTS_DEFAULT
+    # The progress bar's aggregates (one MoE layer here: the same values).
+    assert rows[-1]["moe_dropped_fraction"] == rows[-1]["block_0_moe_dropped_fraction"]
+    assert rows[-1]["moe_max_expert_load"] == rows[-1]["block_0_moe_max_expert_load"]
     assert not [name for name in rows[-1] if name.startswith("val_") and "moe" in name]
     # spec.json rebuilds the same architecture.
     rebuilt = models.build(spec)

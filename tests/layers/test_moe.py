@@ -472,6 +472,11 @@ def test_fit_logs_routing_statistics_matching_the_numpy_slot_rule():
         history["moe_max_expert_load"], [load.max() * num_experts] * 2, rtol=1e-6
     )
     np.testing.assert_allclose(routing.expert_load["moe"], [load, load], rtol=1e-6)
+    # One layer: its own statistics (kept out of the logs) are the aggregates.
+    assert routing.per_layer == pytest.approx(
+        {"moe_dropped_fraction": 1 - kept.mean(), "moe_max_expert_load": load.max() * num_experts},
+        rel=1e-6,
+    )
     # Validation does not measure routing: no val_ columns, no NaN.
     assert not [name for name in history if name.startswith("val_moe")]
     # The layer's own totals count both training steps, and inference
