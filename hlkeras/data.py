@@ -183,9 +183,12 @@ def _as_float(features, labels):
 
 def augmenter(seed=0):
     """The image augmentation of training batches: a random shift of up to
-    10% of each side, a rotation of up to ±10 degrees and a zoom of up to
-    ±10%, filling with 0 (the background of digits). No flips: a flipped
-    digit is another digit or none.
+    1/8 of each side (one pixel of an 8x8 digit), nearest-neighbour, filling
+    with 0 (the background of digits). No flips: a flipped digit is another
+    digit or none. Rotation and zoom are left out: on 8x8 digits their
+    interpolation blurs the strokes, and with them the main job scored 91.4%
+    and 96.4% (mild) against 98.1% for shifts alone (benchmarks/train.py's
+    setup, TensorFlow, seed 0).
 
     These are Keras preprocessing layers run inside the tf.data pipeline,
     which works on every backend; they never enter the model, so the exported
@@ -193,12 +196,16 @@ def augmenter(seed=0):
     """
     import keras
 
-    fill = {"fill_mode": "constant", "fill_value": 0.0}
     return keras.Sequential(
         [
-            keras.layers.RandomTranslation(0.1, 0.1, seed=seed, **fill),
-            keras.layers.RandomRotation(10 / 360, seed=seed + 1, **fill),
-            keras.layers.RandomZoom(0.1, 0.1, seed=seed + 2, **fill),
+            keras.layers.RandomTranslation(
+                0.125,
+                0.125,
+                fill_mode="constant",
+                fill_value=0.0,
+                interpolation="nearest",
+                seed=seed,
+            )
         ],
         name="augment",
     )

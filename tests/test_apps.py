@@ -67,3 +67,35 @@ def test_lora_finetune(monkeypatch, tmp_path, data_dir, capsys):
     # The merged model is the adapted one with the adapters folded in.
     assert adapted == merged
     assert (tmp_path / "l_adapters.npz").exists() and (tmp_path / "l_merged.keras").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.backends("tensorflow")
+def test_train_folder(monkeypatch, tmp_path, capsys):
+    import keras
+    import numpy as np
+    from PIL import Image
+
+    from hlkeras import data
+    from hlkeras import predict
+
+    rng = np.random.default_rng(0)
+    for name, level in (("dark", 40), ("light", 210)):
+        (tmp_path / "photos" / name).mkdir(parents=True)
+        for i in range(12):
+            pixels = np.clip(rng.normal(level, 20, size=(10, 10, 3)), 0, 255).astype("uint8")
+            Image.fromarray(pixels).save(tmp_path / "photos" / name / f"{i}.png")
+    monkeypatch.chdir(tmp_path)
+    argv = ["train_folder.py", "photos", "--image-size", "8", "8", "--epochs", "1"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--out", "m.keras"])
+    runpy.run_path(os.path.join(ROOT, "apps", "train_folder.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    # The printed accuracy is the saved model's on the test split.
+    model = keras.saving.load_model(tmp_path / "m.keras")
+    _, _, test_ds, info = data.load_path(tmp_path / "photos", image_size=(8, 8))
+    _, accuracy = model.evaluate(test_ds, verbose=0)
+    assert f"test accuracy: {accuracy:.4f}" in out
+    # `hlkeras predict` finds the class names saved beside the model.
+    predictor = predict.load_predictor(tmp_path / "m.keras")
+    assert predictor.class_names == ["dark", "light"] == list(info.class_names)
+    assert predictor.input_shape == (8, 8, 3)

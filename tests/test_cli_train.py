@@ -12,6 +12,7 @@ import keras
 import numpy as np
 import pytest
 
+from hlkeras import _compat
 from hlkeras import cli
 from hlkeras import data
 from hlkeras import models
@@ -76,6 +77,13 @@ def test_short_run_writes_a_verified_run_directory(capsys, data_dir, tmp_path):
     assert rows[-1]["moe_dropped_fraction"] == rows[-1]["block_0_moe_dropped_fraction"]
     assert rows[-1]["moe_max_expert_load"] == rows[-1]["block_0_moe_max_expert_load"]
     assert not [name for name in rows[-1] if name.startswith("val_") and "moe" in name]
+    # The training augmentation is in the data pipeline, never in the model.
+    random_layers = [
+        layer.name
+        for layer in _compat.sublayers(model)
+        if type(layer).__name__.startswith("Random")
+    ]
+    assert not random_layers
     # spec.json rebuilds the same architecture.
     rebuilt = models.build(spec)
     assert [w.shape for w in rebuilt.weights] == [w.shape for w in model.weights]

@@ -159,3 +159,20 @@ def _npz(tmp_path, **arrays):
     path = tmp_path / "a.npz"
     np.savez(path, **arrays)
     return path
+
+
+def test_augmentation_changes_training_batches_only(tmp_path):
+    path = tmp_path / "arrays.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, x=rng.integers(0, 256, (64, 8, 8), dtype="uint8"), y=np.arange(64) % 2)
+    plain = data.load_path(path, batch_size=8, seed=1)
+    augmented = data.load_path(path, batch_size=8, seed=1, augment=True)
+    for split in (1, 2):  # validation and test: never augmented
+        np.testing.assert_array_equal(
+            data.to_numpy(plain[split])[0], data.to_numpy(augmented[split])[0]
+        )
+    x_plain, y_plain = data.to_numpy(plain[0])
+    x_augmented, y_augmented = data.to_numpy(augmented[0])
+    np.testing.assert_array_equal(y_plain, y_augmented)  # same shuffle order
+    changed = np.mean(np.any(x_plain != x_augmented, axis=(1, 2, 3)))
+    assert changed > 0.5, f"only {changed:.0%} of training images were augmented"
