@@ -1,6 +1,7 @@
 """Benchmark of the main job, `hlkeras train`, and of the model builders.
 
-Prints, each against its target from issue 6:
+Prints, each against its target (issue 6; accuracy and time from the own-data
+issue: >= 98% on every backend, <= 90 s on TensorFlow):
 - `hlkeras train` with its defaults on digits: test accuracy and wall seconds
   (a fresh subprocess per backend, so the time includes start-up);
 - the LiteRT-vs-Keras test accuracy gap of the exported `model.tflite`;
@@ -24,8 +25,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-ACCURACY_TARGET = {"tensorflow": 0.97, "jax": 0.96, "torch": 0.96}
-SECONDS_TARGET = 180.0
+ACCURACY_TARGET = {"tensorflow": 0.98, "jax": 0.98, "torch": 0.98}
+# Wall seconds of the main job; the target is for TensorFlow (JAX and torch
+# are reported against it too).
+SECONDS_TARGET = 90.0
 GAP_TARGET_POINTS = 0.5
 OVERHEAD_TARGET = 0.95
 
@@ -214,10 +217,14 @@ def main():
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--data-dir", help="TFDS data directory (default: a temporary one)")
+    parser.add_argument(
+        "--skip-overhead", action="store_true", help="only the `hlkeras train` runs"
+    )
     args = parser.parse_args()
     data_dir = args.data_dir or tempfile.mkdtemp(prefix="bench-tfds-")
-    for arch in ("mlp", "vit"):
-        report_overhead(arch, data_dir, args.repeats, args.steps)
+    if not args.skip_overhead:
+        for arch in ("mlp", "vit"):
+            report_overhead(arch, data_dir, args.repeats, args.steps)
     report_train_defaults(args.backends.split(","), data_dir)
 
 

@@ -369,8 +369,13 @@ def _add_train_command(commands):
         type=int,
         help=f"MoE experts per FFN, 0 for dense (vit only; default {MOE_EXPERTS_DEFAULT})",
     )
+    flag(
+        "--capacity-factor",
+        type=float,
+        help="MoE expert capacity per example (default: dropless, no token dropped)",
+    )
     flag("--seed", type=int, help="random seed (default 0)")
-    flag("--patience", type=int, help="early-stopping patience in epochs (default 10)")
+    flag("--patience", type=int, help="early-stopping patience in epochs (default 15)")
     flag("--out", help="run directory (default runs/<timestamp>/)")
     flag("--resume", action="store_true", help="continue the killed run in --out")
     flag("--overwrite", action="store_true", help="replace the run files in an existing --out")

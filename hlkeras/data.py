@@ -193,22 +193,32 @@ def augmenter(seed=0):
     These are Keras preprocessing layers run inside the tf.data pipeline,
     which works on every backend; they never enter the model, so the exported
     model is the model that was trained.
+
+    Returns:
+        A function of a batch of images. (Not a `keras.Sequential`: inside
+        tf.data, only the preprocessing layers themselves switch to
+        TensorFlow ops; a Sequential would run them on the JAX or torch
+        backend and fail on the symbolic tf.Tensor.)
     """
     import keras
 
-    return keras.Sequential(
-        [
-            keras.layers.RandomTranslation(
-                0.125,
-                0.125,
-                fill_mode="constant",
-                fill_value=0.0,
-                interpolation="nearest",
-                seed=seed,
-            )
-        ],
-        name="augment",
-    )
+    layers = [
+        keras.layers.RandomTranslation(
+            0.125,
+            0.125,
+            fill_mode="constant",
+            fill_value=0.0,
+            interpolation="nearest",
+            seed=seed,
+        )
+    ]
+
+    def augment(images, training=True):
+        for layer in layers:
+            images = layer(images, training=training)
+        return images
+
+    return augment
 
 
 def _pipeline(examples, count, batch_size, shuffle_seed, scale=_scale, augment=None):

@@ -161,6 +161,7 @@ def _npz(tmp_path, **arrays):
     return path
 
 
+@pytest.mark.backends("tensorflow", "jax", "torch")  # the layers run in tf.data on each
 def test_augmentation_changes_training_batches_only(tmp_path):
     path = tmp_path / "arrays.npz"
     rng = np.random.default_rng(0)
