@@ -57,8 +57,7 @@ TRAIN_DEFAULTS = {
     "dropout": None,
     "experts": None,
     # None: dropless MoE (every token reaches its top-k experts). A capacity
-    # factor of 1.25 per example dropped 17-22% of the assignments on digits
-    # and cost accuracy (96.4% vs 98.1%, benchmarks/train.py's setup).
+    # factor of 1.25 per example drops 17-22% of the assignments on digits.
     "capacity_factor": None,
     "seed": 0,
     "patience": 15,
