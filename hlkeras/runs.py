@@ -98,8 +98,9 @@ class RunDir:
     )
     DIRS = ("backup", "logs")
 
-    def __init__(self, path):
+    def __init__(self, path, overwrite=False):
         self.path = path
+        self.overwrite = overwrite
 
     def file(self, name):
         """The path of `name` inside the run directory."""
@@ -108,9 +109,10 @@ class RunDir:
     @classmethod
     def open(cls, out, *, resume=False, overwrite=False):
         """Returns `(RunDir, resuming)` for `out`; never overwrites a run
-        without `resume` or `overwrite`. With `out=None` the path is `None`
-        until `train_run` makes `runs/<timestamp>/` (after the settings
-        checked out, so a mistake leaves no empty directory).
+        without `resume` or `overwrite`. Nothing is created or deleted here:
+        `prepare` does that once the settings and the data checked out, so a
+        mistake leaves no empty directory and no half-cleared run. With
+        `out=None` the path is `runs/<timestamp>/`, made by `prepare`.
         """
         if resume and overwrite:
             raise RunError("--resume and --overwrite exclude each other")
@@ -120,19 +122,27 @@ class RunDir:
             return cls(None), False
         if os.path.exists(out) and not os.path.isdir(out):
             raise RunError(f"--out {out} is a file, not a directory")
-        run_dir = cls(out)
+        run_dir = cls(out, overwrite=overwrite)
         if resume:
             run_dir.check_resumable()
             return run_dir, True
-        if os.path.isdir(out) and os.listdir(out):
-            if not overwrite:
-                raise RunError(
-                    f"--out {out} already exists and is not empty; pass --resume to "
-                    "continue that run or --overwrite to replace it"
-                )
-            run_dir.clear()
-        os.makedirs(out, exist_ok=True)
+        if os.path.isdir(out) and os.listdir(out) and not overwrite:
+            raise RunError(
+                f"--out {out} already exists and is not empty; pass --resume to "
+                "continue that run or --overwrite to replace it"
+            )
         return run_dir, False
+
+    def prepare(self):
+        """Makes the directory (`runs/<timestamp>/` when no path was given),
+        first deleting the previous run's files when overwriting."""
+        from hlkeras import training
+
+        if self.path is None:
+            self.path = training.new_run_dir("runs")
+        elif self.overwrite:
+            self.clear()
+        os.makedirs(self.path, exist_ok=True)
 
     def check_resumable(self):
         if not os.path.exists(self.file(self.CONFIG)):
@@ -281,9 +291,8 @@ def train_run(settings, run_dir, *, resuming=False, tensorboard=False, log=print
     keras.utils.set_random_seed(settings["seed"])
     (train_ds, val_ds, test_ds), info = load_data(settings)
     spec = model_spec(settings, info)
-    if run_dir.path is None:
-        run_dir.path = training.new_run_dir("runs")
     if not resuming:
+        run_dir.prepare()
         training.atomic_write_json(run_dir.file(RunDir.SPEC), spec)
         training.atomic_write_json(run_dir.file(RunDir.CONFIG), settings)
         training.atomic_write_json(run_dir.file(RunDir.CLASS_NAMES), list(info.class_names))

@@ -265,3 +265,15 @@ def test_optimizer_early_stopping_and_tensorboard_flags_reach_the_run(capsys, da
     assert any(
         name.startswith("events.out.tfevents") for name in os.listdir(out / "logs" / "train")
     )
+
+
+def test_overwrite_with_bad_data_keeps_the_previous_run(capsys, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "model.keras").write_text("the previous model")
+    status, _, stderr = _train(capsys, "--data", str(tmp_path / "missing"), "--out", str(out),
+                               "--overwrite")  # fmt: skip
+    assert status == 2 and "no such file or folder" in stderr and stderr.count("\n") == 1
+    assert (out / "model.keras").read_text() == "the previous model"
+    status, _, _ = _train(capsys, "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "n"))
+    assert status == 2 and not (tmp_path / "n").exists()

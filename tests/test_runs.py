@@ -10,12 +10,17 @@ import pytest
 from hlkeras import runs
 
 
-def test_a_new_directory_is_created_and_a_missing_out_waits_for_train_run(tmp_path):
+def test_a_new_directory_is_created_by_prepare_not_by_open(tmp_path, monkeypatch):
     run_dir, resuming = runs.RunDir.open(str(tmp_path / "new"))
-    assert not resuming and (tmp_path / "new").is_dir()
+    assert not resuming and not (tmp_path / "new").exists()
+    run_dir.prepare()
+    assert (tmp_path / "new").is_dir()
     assert run_dir.file("metrics.json") == str(tmp_path / "new" / "metrics.json")
+    monkeypatch.chdir(tmp_path)
     unnamed, _ = runs.RunDir.open(None)
     assert unnamed.path is None
+    unnamed.prepare()
+    assert unnamed.path.startswith("runs") and (tmp_path / unnamed.path).is_dir()
 
 
 def test_a_non_empty_directory_is_refused_and_overwrite_deletes_only_run_files(tmp_path):
@@ -26,7 +31,9 @@ def test_a_non_empty_directory_is_refused_and_overwrite_deletes_only_run_files(t
         runs.RunDir.open(str(tmp_path))
     assert (tmp_path / "model.keras").read_text() == "old model"
 
-    runs.RunDir.open(str(tmp_path), overwrite=True)
+    run_dir, _ = runs.RunDir.open(str(tmp_path), overwrite=True)
+    assert (tmp_path / "model.keras").read_text() == "old model"  # not yet
+    run_dir.prepare()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
