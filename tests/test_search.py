@@ -326,3 +326,28 @@ def test_hyperband_and_bayesian_search_the_real_vit_builder(tmp_path, tuner_name
     best_trial = tuner.oracle.get_best_trials(1)[0]
     assert best["num_experts"] == best_trial.hyperparameters.values["num_experts"]
     assert max(float(row["score"]) for row in written) == pytest.approx(best_trial.score)
+
+
+@pytest.mark.slow
+def test_a_search_on_a_csv_normalizes_features_inside_every_model(tmp_path):
+    rng = np.random.default_rng(0)
+    features = rng.normal(50.0, 10.0, size=(120, 3))
+    labels = (features[:, 0] > 50).astype(int)
+    path = tmp_path / "table.csv"
+    rows = ["a,b,c,label"] + [f"{a},{b},{c},{y}" for (a, b, c), y in zip(features, labels)]
+    path.write_text("\n".join(rows) + "\n")
+    space = {"depth": 1, "width": 8, "dropout": 0.0, "batch_size": 32, "lr": 3e-3}
+    outcome = search.run_search(
+        data=str(path), space=space, tuner="random", max_trials=1, max_epochs=1,
+        directory=str(tmp_path / "search"),
+    )  # fmt: skip
+    assert outcome.error is None
+    _, _, _, info = data.load_path(path)
+    assert outcome.best_spec["feature_mean"] == pytest.approx(info.feature_mean)
+    best = keras.saving.load_model(outcome.best_path, safe_mode=True)
+    normalize = best.get_layer("normalize")
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(normalize.mean).ravel(), info.feature_mean, rtol=1e-5
+    )
+    with pytest.raises(search.SearchError, match="a table searches --arch mlp"):
+        search.run_search(data=str(path), arch="vit", directory=str(tmp_path / "s2"))

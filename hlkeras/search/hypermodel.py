@@ -30,6 +30,8 @@ class SpecHyperModel(kt.HyperModel):
         space: Overrides in user notation (dict), or None for the defaults.
         num_train: Number of training examples (for the schedule length).
         epochs: Epochs of a full trial (for the schedule length).
+        fixed_spec: Spec entries every trial gets and the search never
+            varies, e.g. a table's `feature_mean` / `feature_variance`.
 
     Example:
 
@@ -39,7 +41,17 @@ class SpecHyperModel(kt.HyperModel):
     'mlp'
     """
 
-    def __init__(self, arch, input_shape, num_classes, space=None, *, num_train=None, epochs=None):
+    def __init__(
+        self,
+        arch,
+        input_shape,
+        num_classes,
+        space=None,
+        *,
+        num_train=None,
+        epochs=None,
+        fixed_spec=None,
+    ):
         super().__init__(name=f"hlkeras_{arch}")
         space_arch({"arch": arch})
         self.arch = arch
@@ -48,6 +60,7 @@ class SpecHyperModel(kt.HyperModel):
         self.space = resolve_space(arch, load_space(space))
         self.num_train = num_train
         self.epochs = epochs
+        self.fixed_spec = dict(fixed_spec or {})
 
     def declare_hyperparameters(self, hp):
         for key, entry in self.space.items():
@@ -64,6 +77,7 @@ class SpecHyperModel(kt.HyperModel):
             "input_shape": list(self.input_shape),
             "num_classes": self.num_classes,
         }
+        spec.update(self.fixed_spec)
         spec.update({k: v for k, v in values.items() if k not in TRAINING_KEYS})
         return models.resolve_spec(spec)
 

@@ -170,6 +170,7 @@ def _search_here(settings, overrides, log):
         overrides,
         num_train=len(x_train),
         epochs=settings["max_epochs"],
+        fixed_spec=_table_normalization(settings, info),
     )
     is_worker = _compat.kerastuner_role() == "worker"
     if not is_worker:
@@ -231,6 +232,15 @@ def _search_here(settings, overrides, log):
         outcome.best_path = os.path.join(directory, BEST_MODEL)
         outcome.best_val_accuracy = retrained_val_accuracy(directory)
     return outcome
+
+
+def _table_normalization(settings, info):
+    """A table's feature statistics, for the mlp's Normalization layer."""
+    if info.kind != "table":
+        return {}
+    if settings["arch"] != "mlp":
+        raise SearchError(f"--arch {settings['arch']} takes images; a table searches --arch mlp")
+    return {"feature_mean": info.feature_mean, "feature_variance": info.feature_variance}
 
 
 def _load_arrays(settings):
