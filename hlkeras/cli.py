@@ -192,6 +192,33 @@ def dataset_test_arrays(name):
     return data.to_numpy(test_ds)
 
 
+def _export_data(args, needs_calibration):
+    """`(calibration samples, verification data)` of `hlkeras export`: the
+    .npy / .npz files when given, else `--data`'s or `--dataset`'s."""
+    representative = verify = None
+    if args.data and args.dataset:
+        raise UsageError(f"--data {args.data} and --dataset {args.dataset} exclude each other")
+    if args.data:
+        representative, verify = _data_file_arrays(args.data)
+    elif args.dataset:
+        if needs_calibration and not args.representative:
+            representative = _from_dataset(
+                dataset_representative_samples, args.dataset, "representative samples"
+            )
+        if not args.verify:
+            verify = _from_dataset(dataset_test_arrays, args.dataset, "test split")
+    if args.representative:
+        representative = _load_npy("--representative", args.representative)
+    if args.verify:
+        verify = _load_verify_npz(args.verify)
+    if needs_calibration and representative is None:
+        raise UsageError(
+            "--quantize int8 needs calibration data: pass --dataset NAME "
+            "(e.g. digits), --data PATH or --representative FILE.npy"
+        )
+    return representative, verify
+
+
 def _data_file_arrays(path):
     """`(calibration samples, (test x, test y))` of `--data PATH`, split as
     `hlkeras train --data PATH` splits it with its default seed and fractions."""
@@ -272,28 +299,8 @@ def cmd_export(args):
         raise UsageError(f"--latency-runs must be >= 0; got {args.latency_runs}")
     max_accuracy_drop = _max_accuracy_drop(args.max_accuracy_drop)
 
-    if args.data:
-        if args.dataset:
-            raise UsageError(f"--data {args.data} and --dataset {args.dataset} exclude each other")
-        samples, test_arrays = _data_file_arrays(args.data)
-        args.representative_array, args.verify_arrays = samples, test_arrays
-    representative = getattr(args, "representative_array", None)
-    if args.representative:
-        representative = _load_npy("--representative", args.representative)
-    elif representative is None and quantization == "int8" and "tflite" in formats:
-        if not args.dataset:
-            raise UsageError(
-                "--quantize int8 needs calibration data: pass --dataset NAME "
-                "(e.g. digits) or --representative FILE.npy"
-            )
-        representative = _from_dataset(
-            dataset_representative_samples, args.dataset, "representative samples"
-        )
-    verify = getattr(args, "verify_arrays", None)
-    if args.verify:
-        verify = _load_verify_npz(args.verify)
-    elif args.dataset:
-        verify = _from_dataset(dataset_test_arrays, args.dataset, "test split")
+    needs_calibration = quantization == "int8" and "tflite" in formats
+    representative, verify = _export_data(args, needs_calibration)
 
     try:
         report = export.export_model(

@@ -68,8 +68,6 @@ def load_predictor(model_path):
 def _keras_model(path):
     import keras
 
-    import hlkeras  # noqa: F401  (registers the hlkeras layers)
-
     try:
         model = keras.saving.load_model(path, safe_mode=True)
     except Exception as error:  # Keras raises many types for a bad file
