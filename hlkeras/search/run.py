@@ -119,10 +119,12 @@ def run_search(log=print, **given):
     Args:
         log: Where the one-line progress messages go.
         **given: Settings (keys of `SEARCH_DEFAULTS`): `arch`, `space` (a
-            `.toml`/`.json` path or a dict), `dataset`, `data_dir`, `tuner`
+            `.toml`/`.json` path or a dict), `dataset` (TFDS; default the
+            embedded digits) or `data` (a path, `hlkeras.data.load_path`),
+            `data_dir`, `tuner`
             (`"random"`, `"bayesian"`, `"hyperband"`), `max_trials`,
             `max_epochs`, `objective`, `seed`, `patience` (early stopping per
-            trial), `directory` (default `runs/tune-<arch>-<dataset>`; an
+            trial), `directory` (default `runs/tune-<arch>-<data name>`; an
             existing search of the same fingerprint resumes), `workers` (run a
             chief and this many worker processes on this machine).
 
