@@ -363,6 +363,11 @@ def _add_train_command(commands):
     flag("--dataset", help="'digits' (embedded, default) or a TFDS dataset in --data-dir")
     flag("--data-dir", help="TFDS data directory (default: TFDS' own)")
     _add_data_flags(flag)
+    flag(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        help="random one-pixel shifts of training images (default on; never in the model)",
+    )
     flag("--epochs", type=int, help=f"epochs (default {TRAIN_DEFAULTS['epochs']})")
     flag("--batch-size", type=int, help=f"batch size (default {TRAIN_DEFAULTS['batch_size']})")
     flag("--lr", type=float, help=f"peak learning rate (default {TRAIN_DEFAULTS['lr']})")
@@ -408,15 +413,11 @@ def _add_data_flags(flag):
     flag("--label", help="the CSV's label column (default 'label')")
     flag("--val-split", type=float, help="validation fraction drawn from --data (default 0.1)")
     flag("--test-split", type=float, help="test fraction drawn from --data (default 0.2)")
-    flag(
-        "--augment",
-        action=argparse.BooleanOptionalAction,
-        help="random shift/rotation/zoom of training images (default on; never in the model)",
-    )
 
 
-def _given_settings(args):
-    return {key: getattr(args, key) for key in TRAIN_DEFAULTS if getattr(args, key) is not None}
+def _given_settings(args, defaults):
+    """The settings among `defaults`' keys that a flag gave."""
+    return {key: getattr(args, key) for key in defaults if getattr(args, key, None) is not None}
 
 
 def cmd_train(args):
@@ -424,7 +425,7 @@ def cmd_train(args):
 
     try:
         run_dir, resuming = runs.RunDir.open(args.out, resume=args.resume, overwrite=args.overwrite)
-        settings = runs.settings_for(run_dir, resuming, _given_settings(args))
+        settings = runs.settings_for(run_dir, resuming, _given_settings(args, TRAIN_DEFAULTS))
         outcome = runs.train_run(settings, run_dir, resuming=resuming, tensorboard=args.tensorboard)
     except runs.RunError as error:
         raise UsageError(str(error)) from None
@@ -478,7 +479,7 @@ def _add_tune_command(commands):
         help="'digits' (embedded, default) or a TFDS dataset in --data-dir",
     )
     flag("--data-dir", help="TFDS data directory (default: TFDS' own)")
-    flag("--data", metavar="PATH", help="your own data (see hlkeras train --data)")
+    _add_data_flags(flag)
     flag(
         "--tuner",
         default=DEFAULTS["tuner"],
@@ -522,7 +523,7 @@ def _add_tune_command(commands):
 def cmd_tune(args):
     from hlkeras import search
 
-    settings = {key: getattr(args, key) for key in search.SEARCH_DEFAULTS}
+    settings = _given_settings(args, search.SEARCH_DEFAULTS)
     try:
         outcome = search.run_search(log=lambda line: print(line, flush=True), **settings)
     except search.SearchError as error:

@@ -677,3 +677,15 @@ def load_source(
     return load(
         dataset or "digits", batch_size=batch_size, data_dir=data_dir, seed=seed, augment=augment
     )
+
+
+def file_options(settings):
+    """The `load_path` keyword arguments among a command's `settings` (which
+    name them as their flags: `val_split` for `--val-split`, ...)."""
+    return {
+        "image_size": settings["image_size"],
+        "color_mode": settings["color_mode"],
+        "label": settings["label"],
+        "validation_split": settings["val_split"],
+        "test_split": settings["test_split"],
+    }

@@ -350,7 +350,7 @@ def load_data(settings):
             data_dir=settings["data_dir"],
             seed=settings["seed"],
             augment=settings["augment"],
-            **file_options(settings),
+            **data.file_options(settings),
         )
     except data.DatasetError as error:
         raise RunError(str(error)) from None
@@ -362,17 +362,6 @@ def load_data(settings):
             f"{info.num_train} training examples of {info.name}"
         )
     return (train_ds, val_ds, test_ds), info
-
-
-def file_options(settings):
-    """The `hlkeras.data.load_path` options among `settings`."""
-    return {
-        "image_size": settings["image_size"],
-        "color_mode": settings["color_mode"],
-        "label": settings["label"],
-        "validation_split": settings["val_split"],
-        "test_split": settings["test_split"],
-    }
 
 
 def evaluate_and_export(model, spec, settings, run_dir, test_ds):

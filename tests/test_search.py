@@ -334,15 +334,15 @@ def test_a_search_on_a_csv_normalizes_features_inside_every_model(tmp_path):
     features = rng.normal(50.0, 10.0, size=(120, 3))
     labels = (features[:, 0] > 50).astype(int)
     path = tmp_path / "table.csv"
-    rows = ["a,b,c,label"] + [f"{a},{b},{c},{y}" for (a, b, c), y in zip(features, labels)]
+    rows = ["a,b,c,kind"] + [f"{a},{b},{c},{y}" for (a, b, c), y in zip(features, labels)]
     path.write_text("\n".join(rows) + "\n")
     space = {"depth": 1, "width": 8, "dropout": 0.0, "batch_size": 32, "lr": 3e-3}
     outcome = search.run_search(
-        data=str(path), space=space, tuner="random", max_trials=1, max_epochs=1,
-        directory=str(tmp_path / "search"),
+        data=str(path), label="kind", space=space, tuner="random", max_trials=1,
+        max_epochs=1, directory=str(tmp_path / "search"),
     )  # fmt: skip
     assert outcome.error is None
-    _, _, _, info = data.load_path(path)
+    _, _, _, info = data.load_path(path, label="kind")
     assert outcome.best_spec["feature_mean"] == pytest.approx(info.feature_mean)
     best = keras.saving.load_model(outcome.best_path, safe_mode=True)
     normalize = best.get_layer("normalize")
@@ -350,4 +350,4 @@ def test_a_search_on_a_csv_normalizes_features_inside_every_model(tmp_path):
         keras.ops.convert_to_numpy(normalize.mean).ravel(), info.feature_mean, rtol=1e-5
     )
     with pytest.raises(search.SearchError, match="a table searches --arch mlp"):
-        search.run_search(data=str(path), arch="vit", directory=str(tmp_path / "s2"))
+        search.run_search(data=str(path), label="kind", arch="vit", directory=str(tmp_path / "s2"))

@@ -43,6 +43,12 @@ SEARCH_DEFAULTS = {
     "space": None,
     "dataset": None,  # the embedded digits unless `data` is given
     "data": None,
+    # How `data` is read (hlkeras.data.load_path); not used for `dataset`.
+    "image_size": None,
+    "color_mode": None,
+    "label": "label",
+    "val_split": 0.1,
+    "test_split": 0.2,
     "data_dir": None,
     "tuner": "hyperband",
     "max_trials": 10,
@@ -216,6 +222,7 @@ def _search_here(settings, overrides, log):
         batch_size=best["batch_size"],
         data_dir=settings["data_dir"],
         seed=settings["seed"],
+        **data.file_options(settings),
     )
     result = retrain_best(
         hypermodel,
@@ -255,6 +262,7 @@ def _load_arrays(settings):
             settings["data"],
             data_dir=settings["data_dir"],
             seed=settings["seed"],
+            **data.file_options(settings),
         )
     except data.DatasetError as error:
         raise SearchError(str(error)) from None

@@ -42,6 +42,7 @@ def _prepare_dataset(settings):
             settings["dataset"],
             settings["data"],
             data_dir=settings["data_dir"],
+            **data.file_options(settings),
         )
     except data.DatasetError as error:
         raise SearchError(str(error)) from None
