@@ -679,13 +679,20 @@ def load_source(
     )
 
 
-def file_options(settings):
-    """The `load_path` keyword arguments among a command's `settings` (which
-    name them as their flags: `val_split` for `--val-split`, ...)."""
-    return {
-        "image_size": settings["image_size"],
-        "color_mode": settings["color_mode"],
-        "label": settings["label"],
-        "validation_split": settings["val_split"],
-        "test_split": settings["test_split"],
-    }
+def load_for(settings, *, batch_size=64, augment=False):
+    """`load_source` with a command's `settings`: `dataset`, `data`,
+    `data_dir`, `seed` and the `--data` reading options, named as their flags
+    (`val_split` for `--val-split`, ...)."""
+    return load_source(
+        settings["dataset"],
+        settings["data"],
+        batch_size=batch_size,
+        data_dir=settings["data_dir"],
+        seed=settings["seed"],
+        augment=augment,
+        image_size=settings["image_size"],
+        color_mode=settings["color_mode"],
+        label=settings["label"],
+        validation_split=settings["val_split"],
+        test_split=settings["test_split"],
+    )

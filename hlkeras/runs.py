@@ -343,14 +343,8 @@ def load_data(settings):
     from hlkeras import data
 
     try:
-        train_ds, val_ds, test_ds, info = data.load_source(
-            settings["dataset"],
-            settings["data"],
-            batch_size=settings["batch_size"],
-            data_dir=settings["data_dir"],
-            seed=settings["seed"],
-            augment=settings["augment"],
-            **data.file_options(settings),
+        train_ds, val_ds, test_ds, info = data.load_for(
+            settings, batch_size=settings["batch_size"], augment=settings["augment"]
         )
     except data.DatasetError as error:
         raise RunError(str(error)) from None

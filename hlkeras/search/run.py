@@ -216,14 +216,7 @@ def _search_here(settings, overrides, log):
         return outcome
     outcome.best_spec = hypermodel.spec(best)
     log(f"best spec: {json.dumps(outcome.best_spec, sort_keys=True)}")
-    train_ds, val_ds, _, _ = data.load_source(
-        settings["dataset"],
-        settings["data"],
-        batch_size=best["batch_size"],
-        data_dir=settings["data_dir"],
-        seed=settings["seed"],
-        **data.file_options(settings),
-    )
+    train_ds, val_ds, _, _ = data.load_for(settings, batch_size=best["batch_size"])
     result = retrain_best(
         hypermodel,
         best,
@@ -257,13 +250,7 @@ def _load_arrays(settings):
     from hlkeras import data
 
     try:
-        train_ds, val_ds, _, info = data.load_source(
-            settings["dataset"],
-            settings["data"],
-            data_dir=settings["data_dir"],
-            seed=settings["seed"],
-            **data.file_options(settings),
-        )
+        train_ds, val_ds, _, info = data.load_for(settings)
     except data.DatasetError as error:
         raise SearchError(str(error)) from None
     if val_ds is None and settings["objective"].startswith("val_"):

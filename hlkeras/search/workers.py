@@ -38,12 +38,7 @@ def _prepare_dataset(settings):
     from hlkeras import data
 
     try:
-        data.load_source(
-            settings["dataset"],
-            settings["data"],
-            data_dir=settings["data_dir"],
-            **data.file_options(settings),
-        )
+        data.load_for(settings)
     except data.DatasetError as error:
         raise SearchError(str(error)) from None
 
