@@ -30,6 +30,7 @@ import tempfile
 import time
 
 from hlkeras import _validation
+from hlkeras.data_settings import DATA_FILE_DEFAULTS
 
 # The settings of a run and their defaults (the `hlkeras train` flags; the
 # error messages name them as flags). `experts` None means
@@ -38,11 +39,7 @@ TRAIN_DEFAULTS = {
     "arch": None,  # vit for images, mlp for tables
     "dataset": None,  # the embedded digits unless --data is given
     "data": None,
-    "image_size": None,
-    "color_mode": None,
-    "label": "label",
-    "val_split": 0.1,
-    "test_split": 0.2,
+    **DATA_FILE_DEFAULTS,
     "augment": True,  # images only
     "data_dir": None,
     # 60 epochs with patience 15: with augmented batches the validation loss

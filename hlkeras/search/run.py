@@ -24,6 +24,7 @@ from hlkeras import _compat
 from hlkeras import _validation
 from hlkeras import models
 from hlkeras import training
+from hlkeras.data_settings import DATA_FILE_DEFAULTS
 from hlkeras.search import reports
 from hlkeras.search import tuners
 from hlkeras.search.hypermodel import SpecHyperModel
@@ -43,12 +44,7 @@ SEARCH_DEFAULTS = {
     "space": None,
     "dataset": None,  # the embedded digits unless `data` is given
     "data": None,
-    # How `data` is read (hlkeras.data.load_path); not used for `dataset`.
-    "image_size": None,
-    "color_mode": None,
-    "label": "label",
-    "val_split": 0.1,
-    "test_split": 0.2,
+    **DATA_FILE_DEFAULTS,  # how `data` is read; not used for `dataset`
     "data_dir": None,
     "tuner": "hyperband",
     "max_trials": 10,
