@@ -529,18 +529,23 @@ def _read_image_folder(path, image_size, color_mode):
             raise DatasetError(f"--data {path}: no {'/'.join(IMAGE_EXTENSIONS)} images in {folder}")
         if shape is None:
             shape = _target_shape(files[0], image_size, color_mode)
-        images = np.stack([read_image(file, shape) for file in files])
+        images = read_images(files, shape)
         splits[split] = Examples(images, np.asarray(labels, "int32"))
     return splits, class_names
 
 
 def _decode(file):
+    """The raw image in `file`, uint8 `(height, width, channels)`."""
     try:
         data = tf.io.read_file(file)
         return tf.io.decode_image(data, expand_animations=False).numpy()
     except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DatasetError(f"cannot read the image {file}: {message}") from None
+        raise DatasetError(f"cannot read the image {file}: {_first_line(error)}") from None
+
+
+def _first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _target_shape(file, image_size, color_mode):
@@ -553,19 +558,51 @@ def _target_shape(file, image_size, color_mode):
     return (int(height), int(width), 1 if color_mode == "grayscale" else 3)
 
 
+def _decode_to_shape(encoded, shape):
+    """TF ops from the bytes of an image file to uint8 `shape`: decoded as RGB
+    (alpha dropped, gray repeated), converted to gray for one channel, and
+    resized with antialiasing when its size differs."""
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    if shape[-1] == 1:
+        image = tf.image.rgb_to_grayscale(image)
+    image.set_shape((None, None, shape[-1]))
+
+    def resize():
+        resized = tf.image.resize(image, shape[:2], antialias=True)
+        return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+
+    same_size = tf.reduce_all(tf.equal(tf.shape(image)[:2], shape[:2]))
+    return tf.ensure_shape(tf.cond(same_size, lambda: image, resize), shape)
+
+
 def read_image(file, shape):
     """One image file as uint8 `shape` (resized, converted to gray or RGB)."""
-    image = _decode(file)
-    if image.shape[-1] == 4:
-        image = image[..., :3]  # drop alpha
-    if shape[-1] == 1 and image.shape[-1] == 3:
-        image = tf.image.rgb_to_grayscale(image).numpy()
-    elif shape[-1] == 3 and image.shape[-1] == 1:
-        image = np.repeat(image, 3, axis=-1)
-    if image.shape[:2] != tuple(shape[:2]):
-        resized = tf.image.resize(image, shape[:2], antialias=True)
-        image = np.clip(np.round(resized.numpy()), 0, 255)
-    return image.astype("uint8")
+    try:
+        return _decode_to_shape(tf.io.read_file(file), shape).numpy()
+    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as error:
+        raise DatasetError(f"cannot read the image {file}: {_first_line(error)}") from None
+
+
+def read_images(files, shape):
+    """The image `files` as one uint8 array `(len(files),) + shape`, decoded
+    in parallel by tf.data (several times faster than one file at a time)."""
+    files = list(files)
+    decoded = (
+        tf.data.Dataset.from_tensor_slices(files)
+        .map(
+            lambda file: _decode_to_shape(tf.io.read_file(file), shape),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+        .batch(1024)
+    )
+    try:
+        return np.concatenate(list(decoded.as_numpy_iterator()))
+    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError):
+        # tf.data's error does not say which file; find it one by one.
+        for file in files:
+            read_image(file, shape)
+        raise
 
 
 def _labels_to_ids(values, where):

@@ -143,10 +143,10 @@ def _read_one(path, input_shape, label):
                 f"INPUT {path}: images, but the model takes inputs of shape {tuple(input_shape)}"
             )
         try:
-            images = [data.read_image(file, input_shape) for file in files]
+            images = data.read_images(files, tuple(input_shape))
         except data.DatasetError as error:
             raise PredictError(f"INPUT {error}") from None
-        return files, np.stack(images).astype("float32") / 255.0
+        return files, images.astype("float32") / 255.0
     if extension == ".csv":
         return _read_csv_rows(path, label)
     if extension == ".npz":

@@ -67,6 +67,27 @@ def test_image_size_and_color_mode_resize_and_convert(tmp_path):
         assert np.allclose(image, image[0, 0, 0], atol=1 / 255)
 
 
+def test_read_images_converts_every_color_mode_like_the_formulas(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (4, 3, 3), dtype="uint8")
+    rgba = np.concatenate([rgb, np.full((4, 3, 1), 7, "uint8")], axis=-1)
+    gray = rng.integers(0, 256, (4, 3), dtype="uint8")
+    files = []
+    for name, pixels in (("rgb.png", rgb), ("rgba.png", rgba), ("gray.png", gray)):
+        Image.fromarray(pixels).save(tmp_path / name)
+        files.append(str(tmp_path / name))
+    as_rgb = data.read_images(files, (4, 3, 3))
+    np.testing.assert_array_equal(as_rgb[0], rgb)
+    np.testing.assert_array_equal(as_rgb[1], rgb)  # alpha dropped
+    np.testing.assert_array_equal(as_rgb[2], np.repeat(gray[..., None], 3, axis=-1))
+    as_gray = data.read_images(files, (4, 3, 1)).astype(int)
+    luma = np.round(rgb @ np.array([0.2989, 0.587, 0.114]))[..., None]
+    assert np.abs(as_gray[0] - luma).max() <= 1
+    np.testing.assert_array_equal(as_gray[2], gray[..., None])
+    # One file at a time (what `hlkeras predict` reads a single image with) agrees.
+    np.testing.assert_array_equal(data.read_image(files[1], (4, 3, 1)), as_gray[1])
+
+
 def test_train_val_test_subfolders_are_the_splits(tmp_path):
     root = tmp_path / "photos"
     make_image_folder(root / "train", {"x": 4, "y": 4})
