@@ -359,7 +359,10 @@ def _add_train_command(commands):
         ),
     )
     flag = train.add_argument
-    flag("--arch", help="model architecture: mlp, resnet, vit (default vit; mlp for a table)")
+    flag(
+        "--arch",
+        help="model architecture: mlp, resnet, vit (default resnet for images, mlp for a table)",
+    )
     flag("--dataset", help="'digits' (embedded, default) or a TFDS dataset in --data-dir")
     flag("--data-dir", help="TFDS data directory (default: TFDS' own)")
     _add_data_flags(flag)
@@ -421,8 +424,6 @@ def _given_settings(args, defaults):
 
 
 def cmd_train(args):
-    import json
-
     try:
         run_dir, resuming = runs.RunDir.open(args.out, resume=args.resume, overwrite=args.overwrite)
         settings = runs.settings_for(run_dir, resuming, _given_settings(args, TRAIN_DEFAULTS))
@@ -439,8 +440,9 @@ def cmd_train(args):
             f"litert {metrics['tflite_accuracy']:.4f} at batch 1 "
             f"(top-1 agreement with keras {metrics['tflite_top1_agreement']:.2%})"
         )
-    print(f"wrote {run_dir.path}: {' '.join(run_dir.written_files())}")
-    print(json.dumps(metrics, sort_keys=True))
+    else:
+        print(f"test accuracy: keras {metrics['test_accuracy']:.4f}")
+    print("\n".join(run_dir.summary()))
     if outcome.refused:
         message = f"model.tflite was not written: {outcome.refused}"
         print(f"hlkeras train: error: {message}", file=sys.stderr)

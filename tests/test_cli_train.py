@@ -41,7 +41,7 @@ def _train(capsys, *flags):
 def test_short_run_writes_a_verified_run_directory(capsys, data_dir, tmp_path):
     out = str(tmp_path / "run")
     status, stdout, stderr = _train(
-        capsys, "--data-dir", data_dir, "--out", out, "--epochs", "2", *SMALL
+        capsys, "--data-dir", data_dir, "--out", out, "--epochs", "2", "--arch", "vit", *SMALL
     )
     assert status == 0, stderr
     for name in ("model.keras", "spec.json", "history.csv", "curves.png", "metrics.json"):
@@ -50,7 +50,7 @@ def test_short_run_writes_a_verified_run_directory(capsys, data_dir, tmp_path):
         metrics = json.load(f)
     with open(os.path.join(out, "spec.json")) as f:
         spec = json.load(f)
-    # The main job's defaults: a vit with MoE FFNs.
+    # A vit gets MoE FFNs by default.
     assert spec["arch"] == "vit" and spec["depth"] == 1 and spec["width"] == 16
     assert spec["num_experts"] == runs.MOE_EXPERTS_DEFAULT
     assert metrics["backend"] == keras.backend.backend() and metrics["epochs"] == 2
@@ -95,6 +95,11 @@ def test_short_run_writes_a_verified_run_directory(capsys, data_dir, tmp_path):
     assert metrics["tflite_max_abs_diff"] <= 1e-4
     assert metrics["tflite_gap_points"] == 0.0
     assert f"litert {metrics['tflite_accuracy']:.4f} at batch 1" in stdout
+    # The closing block names the directory, then every file in it with its role.
+    block = stdout[stdout.index(f"wrote {out}{os.sep}") :].splitlines()
+    listed = [line.split()[0] for line in block[1:]]
+    assert sorted(listed) == sorted(name for name in os.listdir(out) if name != "backup")
+    assert all(runs.RunDir.FILE_ROLES[name] in line for name, line in zip(listed, block[1:]))
 
 
 @pytest.mark.parametrize(
@@ -228,8 +233,9 @@ def test_mixed_precision_trains_bfloat16_and_exports_float32(capsys, data_dir, t
 
     out = str(tmp_path / "run")
     status, _, stderr = _train(
-        capsys, "--data-dir", data_dir, "--out", out, "--epochs", "1", "--mixed-precision", *SMALL
-    )
+        capsys, "--data-dir", data_dir, "--out", out, "--epochs", "1", "--mixed-precision",
+        "--arch", "vit", *SMALL,
+    )  # fmt: skip
     assert status == 0, stderr
     assert keras.config.dtype_policy().name == "float32"  # restored afterwards
     model = keras.saving.load_model(os.path.join(out, "model.keras"))
@@ -242,7 +248,6 @@ def test_mixed_precision_trains_bfloat16_and_exports_float32(capsys, data_dir, t
     images, _ = data.to_numpy(test_ds)
     with open(os.path.join(out, "model.tflite"), "rb") as f:
         litert = export.run_tflite(f.read(), images)
-    # One batch on both sides: MoE capacity drops depend on the batch.
     expected = twin.predict(images, batch_size=len(images), verbose=0)
     np.testing.assert_allclose(litert, expected, atol=1e-4)
 

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from hlkeras import data
 from hlkeras import runs
 
 
@@ -69,3 +70,20 @@ def test_settings_out_of_range_name_the_flag(tmp_path, given, message):
 def test_resume_and_overwrite_exclude_each_other(tmp_path):
     with pytest.raises(runs.RunError, match="exclude each other"):
         runs.RunDir.open(str(tmp_path), resume=True, overwrite=True)
+
+
+def _info(kind):
+    shape = (8, 8, 1) if kind == "images" else (4,)
+    return data.DatasetInfo("x", shape, 3, ("a", "b", "c"), 10, 0, 0, kind=kind)
+
+
+@pytest.mark.parametrize("kind, arch", [("images", "resnet"), ("table", "mlp")])
+def test_the_default_arch_follows_the_kind_of_data(kind, arch):
+    spec = runs.model_spec(dict(runs.TRAIN_DEFAULTS), _info(kind))
+    assert spec["arch"] == arch and "num_experts" not in spec
+
+
+def test_a_vit_gets_moe_ffns_unless_experts_is_zero():
+    settings = {**runs.TRAIN_DEFAULTS, "arch": "vit"}
+    assert runs.model_spec(settings, _info("images"))["num_experts"] == runs.MOE_EXPERTS_DEFAULT
+    assert runs.model_spec({**settings, "experts": 0}, _info("images"))["num_experts"] == 0
