@@ -4,6 +4,7 @@ from hlkeras.layers.attention import MultiHeadAttention
 from hlkeras.layers.embeddings import PositionEmbedding
 from hlkeras.layers.lora import LoRADense
 from hlkeras.layers.moe import MixtureOfExperts
+from hlkeras.layers.pooling import AttentionPooling
 from hlkeras.layers.residual import ConvResidualBlock
 from hlkeras.layers.residual import DropPath
 from hlkeras.layers.residual import ResidualBlock
@@ -11,6 +12,7 @@ from hlkeras.layers.transformer import FeedForward
 from hlkeras.layers.transformer import TransformerBlock
 
 __all__ = [
+    "AttentionPooling",
     "ConvResidualBlock",
     "DropPath",
     "FeedForward",

@@ -122,6 +122,9 @@ class TransformerBlock(keras.layers.Layer):
             dropout and dropout on both branch outputs.
         drop_path: Float in [0, 1), stochastic-depth rate of both branches.
         causal: Whether the attention masks the future.
+        rope: Whether the attention rotates queries and keys by their
+            positions (rotary position embeddings), so the block needs no
+            position embedding and takes any length.
         activation: Name of a Keras activation for the FFN.
         num_experts: Int >= 0. With `num_experts > 0` the FFN is a sparse
             `MixtureOfExperts` with `num_experts` experts of hidden width
@@ -164,6 +167,7 @@ class TransformerBlock(keras.layers.Layer):
         dropout=0.0,
         drop_path=0.0,
         causal=False,
+        rope=False,
         activation="gelu",
         num_experts=0,
         top_k=2,
@@ -183,6 +187,7 @@ class TransformerBlock(keras.layers.Layer):
         self.dropout = _validation.check_rate("dropout", dropout)
         self.drop_path = _validation.check_rate("drop_path", drop_path)
         self.causal = bool(causal)
+        self.rope = bool(rope)
         self.activation = _validation.check_activation("activation", activation)
         if not _validation.is_int(num_experts) or num_experts < 0:
             raise ValueError(
@@ -232,6 +237,7 @@ class TransformerBlock(keras.layers.Layer):
             num_kv_heads=self.num_kv_heads,
             dropout=self.dropout,
             causal=self.causal,
+            rope=self.rope,
             dtype=policy,
             name="attention",
             **self._lora_arguments(),
@@ -310,6 +316,7 @@ class TransformerBlock(keras.layers.Layer):
                 "dropout": self.dropout,
                 "drop_path": self.drop_path,
                 "causal": self.causal,
+                "rope": self.rope,
                 "activation": self.activation,
                 "num_experts": self.num_experts,
                 "top_k": self.top_k,

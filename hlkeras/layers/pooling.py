@@ -1,0 +1,108 @@
+"""`AttentionPooling`: a sequence `(batch, length, d)` pooled to `(batch, d)`
+by learned attention weights that honour the Keras padding mask."""
+
+import keras
+
+from hlkeras import _validation
+
+# Added to the scores of padded positions before the softmax: exp() of it is
+# exactly 0 in float32, and unlike -inf it cannot make a NaN.
+_MASKED_SCORE = -1e9
+
+
+@keras.saving.register_keras_serializable(package="hlkeras")
+class AttentionPooling(keras.layers.Layer):
+    """Learned attention-weighted pooling of a sequence.
+
+    Each position `t` gets a score, the scores are softmax-normalized over
+    the positions the Keras mask keeps, and the output is the weighted sum
+    `sum_t a_t x_t`. Without `units` the score is `x_t . w` (a learned query
+    vector); with `units` it is additive (Bahdanau) attention,
+    `tanh(x_t W + b) . w`. Padded positions get weight exactly 0, so padding
+    never changes the output, and an all-padding sequence pools to zeros.
+
+    Args:
+        units: Optional positive int, the hidden width of additive scoring.
+        kernel_initializer: Initializer of the scoring weights.
+        kernel_regularizer: Optional regularizer of the scoring weights.
+        **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
+
+    Call arguments:
+        inputs: Tensor `(batch, length, d)`.
+        mask: Optional boolean `(batch, length)`, True where a position is
+            real; passed automatically after `Embedding(mask_zero=True)`.
+        return_attention_scores: Whether to also return the weights
+            `(batch, length)`.
+
+    Example:
+
+    >>> tokens = keras.Input(shape=(None,), dtype="int32")
+    >>> x = keras.layers.Embedding(100, 16, mask_zero=True)(tokens)
+    >>> keras.Model(tokens, AttentionPooling()(x)).output_shape
+    (None, 16)
+    """
+
+    def __init__(
+        self,
+        units=None,
+        *,
+        kernel_initializer="glorot_uniform",
+        kernel_regularizer=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.units = None if units is None else _validation.check_positive_int("units", units)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+        self.supports_masking = True
+
+    def build(self, input_shape):
+        _validation.check_sequence_shape("inputs", input_shape)
+        width = input_shape[-1]
+        if self.units is not None:
+            self.hidden_kernel = self._scoring_weight("hidden_kernel", (width, self.units))
+            self.hidden_bias = self.add_weight(name="hidden_bias", shape=(self.units,))
+            width = self.units
+        self.query = self._scoring_weight("query", (width,))
+
+    def _scoring_weight(self, name, shape):
+        return self.add_weight(
+            name=name,
+            shape=shape,
+            initializer=self.kernel_initializer,
+            regularizer=self.kernel_regularizer,
+        )
+
+    def call(self, inputs, mask=None, return_attention_scores=False):
+        hidden = inputs
+        if self.units is not None:
+            hidden = keras.ops.tanh(keras.ops.matmul(inputs, self.hidden_kernel) + self.hidden_bias)
+        # The softmax runs in float32 under mixed precision.
+        scores = keras.ops.cast(keras.ops.matmul(hidden, self.query), "float32")
+        if mask is not None:
+            mask = keras.ops.cast(mask, "bool")
+            scores = keras.ops.where(mask, scores, _MASKED_SCORE)
+        weights = keras.ops.softmax(scores, axis=-1)
+        if mask is not None:
+            # Zero (not uniform) weights for a sequence that is all padding.
+            weights = weights * keras.ops.cast(mask, "float32")
+        weights = keras.ops.cast(weights, inputs.dtype)
+        pooled = keras.ops.sum(inputs * weights[..., None], axis=1)
+        return (pooled, weights) if return_attention_scores else pooled
+
+    def compute_mask(self, inputs, mask=None):
+        return None  # the length axis is gone
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[-1])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "units": self.units,
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+                "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
+            }
+        )
+        return config
