@@ -361,7 +361,10 @@ def _add_train_command(commands):
     flag = train.add_argument
     flag(
         "--arch",
-        help="model architecture: mlp, resnet, vit (default resnet for images, mlp for a table)",
+        help=(
+            "model architecture: mlp, resnet, vit, text "
+            "(default resnet for images, mlp for a table, text for texts)"
+        ),
     )
     flag("--dataset", help="'digits' (embedded, default) or a TFDS dataset in --data-dir")
     flag("--data-dir", help="TFDS data directory (default: TFDS' own)")
@@ -379,10 +382,14 @@ def _add_train_command(commands):
     flag("--depth", type=int, help="number of blocks (default: the arch's)")
     flag("--width", type=int, help="block width (default: the arch's)")
     flag("--dropout", type=float, help="dropout rate (default: the arch's)")
+    flag("--encoder", help="--arch text's encoder: transformer (default), gru or lstm")
     flag(
         "--experts",
         type=int,
-        help=f"MoE experts per FFN, 0 for dense (vit only; default {MOE_EXPERTS_DEFAULT})",
+        help=(
+            f"MoE experts per FFN, 0 for dense (vit: default {MOE_EXPERTS_DEFAULT}; "
+            "text transformer: default 0)"
+        ),
     )
     flag(
         "--capacity-factor",
@@ -416,6 +423,9 @@ def _add_data_flags(flag):
     flag("--label", help="the CSV's label column (default 'label')")
     flag("--val-split", type=float, help="validation fraction drawn from --data (default 0.1)")
     flag("--test-split", type=float, help="test fraction drawn from --data (default 0.2)")
+    flag("--text-column", metavar="COL", help="--data is a CSV of texts: the column to classify")
+    flag("--max-length", type=int, help="texts: tokens per text (default: covers 95%% of them)")
+    flag("--vocab-size", type=int, help="texts: token ids incl. padding, unknown (default 20000)")
 
 
 def _given_settings(args, defaults):
@@ -562,6 +572,9 @@ def _add_predict_command(commands):
     predict.add_argument("--top", type=int, default=1, help="the K most probable classes")
     predict.add_argument("--out", help="also write the predictions to this CSV file")
     predict.add_argument("--label", default="label", help="a CSV input's label column, skipped")
+    predict.add_argument(
+        "--text-column", default="text", help="a text model's CSV input: the texts' column"
+    )
     predict.set_defaults(func=cmd_predict)
 
 
@@ -572,7 +585,10 @@ def cmd_predict(args):
         raise UsageError(f"--top must be a positive integer, got {args.top}")
     try:
         model = predict.load_predictor(args.model)
-        names, inputs = predict.read_inputs(args.inputs, model.input_shape, label=args.label)
+        if model.tokenizer is not None:
+            names, inputs = predict.read_texts(args.inputs, model.tokenizer, args.text_column)
+        else:
+            names, inputs = predict.read_inputs(args.inputs, model.input_shape, label=args.label)
     except predict.PredictError as error:
         raise UsageError(str(error)) from None
     tops = predict.top_classes(model.predict(inputs), model.class_names, k=args.top)

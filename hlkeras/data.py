@@ -48,12 +48,29 @@ class DatasetInfo:
     num_train: int
     num_val: int
     num_test: int
-    # "images" or "table" (a CSV, or a .npz of feature vectors); a table has
-    # the training split's per-feature mean and variance for the model's
-    # Normalization layer.
+    # "images", "table" (a CSV, or a .npz of feature vectors) or "text"
+    # (token ids); a table has the training split's per-feature mean and
+    # variance for the model's Normalization layer, a text its vocabulary
+    # (`hlkeras.texts.Tokenizer`; the max length is input_shape[0]).
     kind: str = "images"
     feature_mean: tuple = None
     feature_variance: tuple = None
+    vocabulary: tuple = None
+
+    def tokenizer(self):
+        """The `hlkeras.texts.Tokenizer` of a text dataset."""
+        from hlkeras import texts
+
+        return texts.Tokenizer(self.vocabulary, self.input_shape[0])
+
+    def spec_entries(self):
+        """The model spec entries the data decides: a table's normalization
+        statistics, a text's vocabulary size."""
+        if self.kind == "table":
+            return {"feature_mean": self.feature_mean, "feature_variance": self.feature_variance}
+        if self.kind == "text":
+            return {"vocabulary_size": self.tokenizer().vocabulary_size}
+        return {}
 
 
 class Digits(tfds.core.GeneratorBasedBuilder):
@@ -181,6 +198,10 @@ def _as_float(features, labels):
     return tf.cast(features, tf.float32), tf.cast(labels, tf.int32)
 
 
+def _as_ids(tokens, labels):
+    return tf.cast(tokens, tf.int32), tf.cast(labels, tf.int32)
+
+
 def augmenter(seed=0):
     """The image augmentation of training batches: a random shift of up to
     1/8 of each side (one pixel of an 8x8 digit), nearest-neighbour, filling
@@ -256,9 +277,19 @@ def _split_train(train_examples, num_examples, validation_split):
 
 
 def load(
-    name="digits", *, batch_size=64, validation_split=0.1, data_dir=None, seed=0, augment=False
+    name="digits",
+    *,
+    batch_size=64,
+    validation_split=0.1,
+    data_dir=None,
+    seed=0,
+    augment=False,
+    max_length=None,
+    vocab_size=20_000,
+    tokenizer=None,
 ):
-    """Loads an image classification dataset as batched `tf.data` pipelines.
+    """Loads an image (or text) classification dataset as batched `tf.data`
+    pipelines.
 
     Images come as float32 in [0, 1] with shape `(height, width, channels)`,
     labels as int32 class indices. The pipelines feed `model.fit` on the
@@ -276,6 +307,9 @@ def load(
             prepared there on first use.
         seed: Integer seed of the training set's shuffle order.
         augment: Whether to augment the training images (`augmenter`).
+        max_length, vocab_size, tokenizer: For a TFDS text dataset (such
+            as `"imdb_reviews"` or `"ag_news_subset"`): its texts are
+            tokenized as `load_path` tokenizes a CSV's.
 
     Returns:
         `(train_ds, val_ds, test_ds, info)`, where `info` is a `DatasetInfo`.
@@ -293,6 +327,10 @@ def load(
     """
     _check_arguments(batch_size, validation_split)
     builder = _builder(name, data_dir)
+    if _is_text(builder):
+        splits, class_names = _read_tfds_texts(builder, name, data_dir, validation_split)
+        tokenizer = tokenizer or (max_length, vocab_size)
+        return _text_datasets(splits, class_names, name, batch_size, seed, tokenizer)
     train_examples = _read_split(builder, "train", name, data_dir)
     test_examples = _read_split(builder, "test", name, data_dir)
     train_examples, val_examples, num_train, num_val = _split_train(
@@ -322,6 +360,30 @@ def load(
         num_test=num_test,
     )
     return train_ds, val_ds, test_ds, info
+
+
+def _is_text(builder):
+    feature = builder.info.features[builder.info.supervised_keys[0]]
+    return isinstance(feature, tfds.features.Text)
+
+
+def _read_tfds_texts(builder, name, data_dir, validation_split):
+    """The train and test splits of a TFDS text dataset as `Examples` of
+    texts; validation is the end of the train split, as for images."""
+    label = builder.info.features[builder.info.supervised_keys[1]]
+    splits = {}
+    for split in ("train", "test"):
+        texts, labels = [], []
+        for text, value in tfds.as_numpy(_read_split(builder, split, name, data_dir)):
+            texts.append(text.decode("utf-8"))
+            labels.append(value)
+        splits[split] = Examples(np.asarray(texts, dtype=object), np.asarray(labels, "int32"))
+    train = splits["train"]
+    num_val = int(round(len(train.y) * validation_split))
+    num_train = len(train.y) - num_val
+    splits["val"] = Examples(train.x[num_train:], train.y[num_train:]) if num_val else None
+    splits["train"] = Examples(train.x[:num_train], train.y[:num_train])
+    return splits, tuple(label.names)
 
 
 def representative_samples(name="digits", count=200, data_dir=None):
@@ -373,6 +435,10 @@ def load_path(
     color_mode=None,
     label="label",
     augment=False,
+    text_column=None,
+    max_length=None,
+    vocab_size=20_000,
+    tokenizer=None,
 ):
     """Loads a user's own classification data as batched `tf.data` pipelines,
     like `load` does a TFDS dataset.
@@ -383,7 +449,11 @@ def load_path(
       `color_mode` (default: the first image's). A folder holding `train/`
       (and optionally `val/`, `test/`) class folders gives the splits;
     - a `.csv` file: the `label` column and numeric feature columns;
-    - a `.npz` file: arrays `x` and `y`, optionally `x_test` and `y_test`.
+    - a `.npz` file: arrays `x` and `y`, optionally `x_test` and `y_test`;
+    - a `.csv` file with `text_column` given: texts and their `label`,
+      tokenized (`hlkeras.texts.Tokenizer`, fitted on the training split
+      with `vocab_size` ids and `max_length`, or the given `tokenizer`) into
+      int32 token ids.
 
     Splits the files do not give are drawn from the training examples by a
     permutation of `seed`: `test_split` of them for test, then
@@ -400,12 +470,21 @@ def load_path(
     """
     _check_arguments(batch_size, validation_split)
     _validation.check_rate("test_split", test_split, error=DatasetError)
-    splits, class_names, kind = read_path(
-        path, image_size=image_size, color_mode=color_mode, label=label
-    )
+    if text_column is not None:
+        splits, class_names = _read_text_csv(path, text_column, label)
+        kind = "text"
+    else:
+        splits, class_names, kind = read_path(
+            path, image_size=image_size, color_mode=color_mode, label=label
+        )
     splits = _draw_missing_splits(splits, validation_split, test_split, seed)
     if len(splits["train"].y) < 1:
         raise DatasetError(f"--data {path}: no training examples are left after the splits")
+    if kind == "text":
+        name = os.path.basename(os.path.normpath(path))
+        return _text_datasets(
+            splits, class_names, name, batch_size, seed, tokenizer or (max_length, vocab_size)
+        )
     # uint8 images are scaled to [0, 1] as TFDS images are; floats are kept.
     scale = _scale if splits["train"].x.dtype == np.uint8 else _as_float
     datasets = {}
@@ -434,6 +513,55 @@ def load_path(
         **_feature_statistics(splits["train"].x, kind),
     )
     return datasets["train"], datasets["val"], datasets["test"], info
+
+
+def _text_datasets(splits, class_names, name, batch_size, seed, tokenizer):
+    """Pipelines of token ids from `splits` of texts. `tokenizer` is a
+    `hlkeras.texts.Tokenizer`, or `(max_length, vocab_size)` to fit one on
+    the training texts."""
+    from hlkeras import texts
+
+    if not isinstance(tokenizer, texts.Tokenizer):
+        max_length, vocab_size = tokenizer
+        texts.check_max_length(max_length)
+        _validation.check_positive_int("vocab_size", vocab_size)
+        tokenizer = texts.Tokenizer.fit(
+            splits["train"].x, max_tokens=vocab_size, max_length=max_length
+        )
+    datasets = {}
+    for split, examples in splits.items():
+        if examples is None or not len(examples.y):
+            datasets[split] = None
+            continue
+        dataset = tf.data.Dataset.from_tensor_slices((tokenizer(examples.x), examples.y))
+        shuffle_seed = seed if split == "train" else None
+        datasets[split] = _pipeline(dataset, len(examples.y), batch_size, shuffle_seed, _as_ids)
+    info = DatasetInfo(
+        name=name,
+        input_shape=(tokenizer.max_length,),
+        num_classes=len(class_names),
+        class_names=tuple(class_names),
+        num_train=len(splits["train"].y),
+        num_val=0 if splits["val"] is None else len(splits["val"].y),
+        num_test=0 if splits["test"] is None else len(splits["test"].y),
+        kind="text",
+        vocabulary=tokenizer.vocabulary,
+    )
+    return datasets["train"], datasets["val"], datasets["test"], info
+
+
+def _read_text_csv(path, text_column, label):
+    from hlkeras import texts
+
+    if os.path.splitext(os.fspath(path))[1].lower() != ".csv" or not os.path.isfile(path):
+        raise DatasetError(f"--text-column needs --data to be a .csv file, got {path}")
+    try:
+        text_values, label_values = texts.read_text_csv(path, text_column, label)
+    except texts.TextDataError as error:
+        raise DatasetError(str(error)) from None
+    labels, class_names = _labels_to_ids(label_values, f"--data {path}")
+    examples = Examples(np.asarray(text_values, dtype=object), labels)
+    return {"train": examples, "val": None, "test": None}, class_names
 
 
 def read_path(path, *, image_size=None, color_mode=None, label="label"):
@@ -712,14 +840,24 @@ def load_source(
     if path is not None:
         return load_path(path, batch_size=batch_size, seed=seed, augment=augment, **file_options)
     return load(
-        dataset or "digits", batch_size=batch_size, data_dir=data_dir, seed=seed, augment=augment
+        dataset or "digits",
+        batch_size=batch_size,
+        data_dir=data_dir,
+        seed=seed,
+        augment=augment,
+        **{key: file_options[key] for key in _TEXT_OPTIONS if key in file_options},
     )
 
 
-def load_for(settings, *, batch_size=64, augment=False):
+# The `load_path` options that apply to a TFDS text dataset too.
+_TEXT_OPTIONS = ("max_length", "vocab_size", "tokenizer")
+
+
+def load_for(settings, *, batch_size=64, augment=False, tokenizer=None):
     """`load_source` with a command's `settings`: `dataset`, `data`,
     `data_dir`, `seed` and the `--data` reading options, named as their flags
-    (`val_split` for `--val-split`, ...)."""
+    (`val_split` for `--val-split`, ...). Texts are tokenized by `tokenizer`
+    when given (a resumed run's), else by one fitted on the training split."""
     return load_source(
         settings["dataset"],
         settings["data"],
@@ -732,4 +870,8 @@ def load_for(settings, *, batch_size=64, augment=False):
         label=settings["label"],
         validation_split=settings["val_split"],
         test_split=settings["test_split"],
+        text_column=settings["text_column"],
+        max_length=settings["max_length"],
+        vocab_size=settings["vocab_size"],
+        tokenizer=tokenizer,
     )

@@ -9,4 +9,7 @@ DATA_FILE_DEFAULTS = {
     "label": "label",
     "val_split": 0.1,
     "test_split": 0.2,
+    "text_column": None,  # a CSV of texts: the column to classify
+    "max_length": None,  # texts: the length covering 95% of the training texts
+    "vocab_size": 20_000,  # texts: token ids, with padding and unknown words
 }

@@ -426,7 +426,7 @@ def _write_artifacts(model, staging_dir, request):
     if "tflite" in request["formats"]:
         try:
             flatbuffer = convert_saved_model(
-                saved_model_dir,
+                _tflite_source(model, saved_model_dir, staging_dir),
                 request["quantization"],
                 request.get("representative_data"),
                 request["int8_io"],
@@ -438,6 +438,26 @@ def _write_artifacts(model, staging_dir, request):
             file.write(flatbuffer)
     if "saved_model" not in request["formats"]:
         shutil.rmtree(saved_model_dir)
+    shutil.rmtree(os.path.join(staging_dir, _BATCH1_SAVED_MODEL_DIRNAME), ignore_errors=True)
+
+
+_BATCH1_SAVED_MODEL_DIRNAME = "batch1_saved_model"
+
+
+def _tflite_source(model, saved_model_dir, staging_dir):
+    """The SavedModel the TFLite converter reads: the artifact itself, or for
+    a model with recurrent layers (GRU, LSTM) a batch-1 twin, because the
+    converter turns their loops into builtin ops only when every tensor in
+    the loop has a static shape."""
+    import keras
+    import tensorflow as tf
+
+    if not any(isinstance(layer, keras.layers.RNN) for layer in _all_layers(model)):
+        return saved_model_dir
+    path = os.path.join(staging_dir, _BATCH1_SAVED_MODEL_DIRNAME)
+    signature = [tf.TensorSpec((1, *model.input_shape[1:]), model.inputs[0].dtype)]
+    model.export(path, format="tf_saved_model", verbose=False, input_signature=signature)
+    return path
 
 
 _UNSUPPORTED_OP = re.compile(

@@ -199,6 +199,10 @@ def _lora_version(layer, rank, alpha, dropout):
 
 
 def _frozen_copy(layer):
+    if not isinstance(layer, keras.layers.Layer):
+        # An operation node such as the `not_equal` of an
+        # `Embedding(mask_zero=True)` mask: no weights, nothing to freeze.
+        return _plain_copy(layer)
     config = layer.get_config()
     config["trainable"] = False
     return type(layer).from_config(config)

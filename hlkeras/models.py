@@ -12,6 +12,7 @@ import inspect
 import keras
 
 from hlkeras import _validation
+from hlkeras.layers import AttentionPooling
 from hlkeras.layers import ConvResidualBlock
 from hlkeras.layers import PositionEmbedding
 from hlkeras.layers import ResidualBlock
@@ -281,8 +282,152 @@ def vit(
     return keras.Model(inputs, outputs, name="vit")
 
 
+TEXT_ENCODERS = ("transformer", "gru", "lstm")
+TEXT_POOLINGS = ("attention", "mean")
+
+
+def text(
+    input_shape,
+    num_classes,
+    *,
+    vocabulary_size=20_000,
+    encoder="transformer",
+    depth=2,
+    width=64,
+    num_heads=4,
+    dropout=0.1,
+    pooling="attention",
+    bidirectional=True,
+    num_experts=0,
+    top_k=2,
+    capacity_factor=None,
+    ffn_ratio=2,
+):
+    """A sequence classifier over token ids (0 is padding).
+
+    `Embedding(mask_zero=True)`, then an encoder: `depth` pre-norm
+    `TransformerBlock`s with rotary position embeddings (RoPE) and a final
+    LayerNorm, or `depth` Keras `GRU` / `LSTM` layers (bidirectional: each
+    direction has `width // 2` units). Then `AttentionPooling` (or masked mean
+    pooling) and a softmax head. The padding mask reaches every layer, so
+    extra padding never changes a prediction.
+
+    Args:
+        input_shape: `(max_length,)`, the padded length of a token sequence.
+        num_classes: Positive int, the number of classes.
+        vocabulary_size: Positive int, token ids are in `[0, vocabulary_size)`.
+        encoder: `"transformer"`, `"gru"` or `"lstm"`.
+        depth: Positive int, encoder layers.
+        width: Positive int, the embedding and encoder width.
+        num_heads: Positive int dividing `width` (transformer only).
+        dropout: Float in [0, 1), dropout in the encoder and before the head.
+        pooling: `"attention"` (`AttentionPooling`) or `"mean"`.
+        bidirectional: Whether a recurrent encoder reads both directions.
+        num_experts: Int >= 0, MoE experts per transformer FFN (0: dense).
+        top_k: Positive int <= `num_experts`, experts per token.
+        capacity_factor: MoE expert capacity factor. The default `None`
+            (dropless) keeps padding from changing predictions: with a
+            capacity, padded tokens take expert slots too.
+        ffn_ratio: Positive int, the FFN hidden width is `ffn_ratio * width`.
+
+    Returns:
+        A functional `keras.Model` from int32 token ids to class probabilities.
+
+    Example:
+
+    >>> model = text((16,), 3, vocabulary_size=100, depth=1, width=16)
+    >>> model.output_shape
+    (None, 3)
+    """
+    input_shape = _check_input_shape(input_shape)
+    if len(input_shape) != 1:
+        raise ValueError(
+            "Argument `input_shape` must be (max_length,) for `text` (token ids). "
+            f"Received: input_shape={input_shape!r}"
+        )
+    for name, value in (
+        ("num_classes", num_classes),
+        ("vocabulary_size", vocabulary_size),
+        ("depth", depth),
+        ("width", width),
+    ):
+        _validation.check_positive_int(name, value)
+    _validation.check_choice("encoder", encoder, TEXT_ENCODERS)
+    _validation.check_choice("pooling", pooling, TEXT_POOLINGS)
+    dropout = _validation.check_rate("dropout", dropout)
+    tokens = keras.Input(shape=input_shape, dtype="int32", name="tokens")
+    x = keras.layers.Embedding(vocabulary_size, width, mask_zero=True, name="token_embedding")(
+        tokens
+    )
+    if encoder == "transformer":
+        block_options = dict(
+            dropout=dropout, num_experts=num_experts, top_k=top_k, capacity_factor=capacity_factor
+        )
+        x = _transformer_encoder(x, depth, num_heads, ffn_ratio * width, block_options)
+    else:
+        x = _recurrent_encoder(x, encoder, depth, width, dropout, bidirectional)
+    if pooling == "attention":
+        x = AttentionPooling(name="pool")(x)
+    else:
+        x = keras.layers.GlobalAveragePooling1D(name="pool")(x)
+    outputs = _classifier_head(x, num_classes, dropout)
+    return keras.Model(tokens, outputs, name="text")
+
+
+def _transformer_encoder(x, depth, num_heads, ffn_units, block_options):
+    # RoPE instead of a position embedding: any length, and padding at the
+    # end moves no real token.
+    for block in range(depth):
+        x = TransformerBlock(
+            num_heads, ffn_units, rope=True, name=f"block_{block}", **block_options
+        )(x)
+    return keras.layers.LayerNormalization(epsilon=1e-5, name="head_norm")(x)
+
+
+def _recurrent_encoder(x, encoder, depth, width, dropout, bidirectional):
+    if bidirectional and width % 2:
+        raise ValueError(
+            "Argument `width` must be even for a bidirectional recurrent "
+            f"encoder (width // 2 units per direction). Received: width={width}"
+        )
+    recurrent = {"gru": keras.layers.GRU, "lstm": keras.layers.LSTM}[encoder]
+    for block in range(depth):
+        if bidirectional:
+            layer = keras.layers.Bidirectional(
+                recurrent(width // 2, return_sequences=True, dropout=dropout),
+                name=f"block_{block}",
+            )
+        else:
+            layer = recurrent(width, return_sequences=True, dropout=dropout, name=f"block_{block}")
+        x = layer(x)
+    return x
+
+
 # The architectures `build` knows, by spec["arch"].
-ARCHITECTURES = {"mlp": mlp, "resnet": resnet, "vit": vit}
+ARCHITECTURES = {"mlp": mlp, "resnet": resnet, "vit": vit, "text": text}
+
+
+# The kinds of data (`hlkeras.data.DatasetInfo.kind`) each arch takes; the
+# mlp flattens images too.
+ARCH_DATA_KINDS = {
+    "mlp": ("table", "images"),
+    "resnet": ("images",),
+    "vit": ("images",),
+    "text": ("text",),
+}
+_KIND_NAMES = {"images": "images", "table": "a table", "text": "texts"}
+
+
+def check_arch_for_data(arch, kind, error=ValueError):
+    """Raises `error` when `arch` cannot take data of `kind`, naming the
+    archs that can."""
+    if kind not in ARCH_DATA_KINDS[arch]:
+        fitting = [name for name, kinds in ARCH_DATA_KINDS.items() if kind in kinds]
+        takes = " or ".join(_KIND_NAMES[k] for k in ARCH_DATA_KINDS[arch])
+        raise error(
+            f"--arch {arch} takes {takes}, but the data is {_KIND_NAMES[kind]} "
+            f"(use --arch {' or '.join(fitting)})"
+        )
 
 
 def _builder_for(arch):

@@ -1,6 +1,7 @@
 """`hlkeras predict`: a trained model (a run directory, a `.keras` or a
 `.tflite` file) on new inputs (image files, an image folder, a CSV or a
-`.npz`), one row of class probabilities per input.
+`.npz`; for a text model, texts or a CSV of texts), one row of class
+probabilities per input.
 
 A `.tflite` file runs in the LiteRT interpreter one input at a time, as a
 phone runs it, and gives the same classes as the `.keras` model it came
@@ -37,11 +38,14 @@ class Predictor:
         input_shape: One input's shape (no batch axis).
         class_names: The class names, by class id.
         predict: Maps a float32 batch `(n, *input_shape)` to probabilities `(n, classes)`.
+        tokenizer: For a text model, the `hlkeras.texts.Tokenizer` of its run
+            (`vocabulary.json` beside the model); None otherwise.
     """
 
     input_shape: tuple
     class_names: list
     predict: callable
+    tokenizer: object = None
 
 
 def load_predictor(model_path):
@@ -55,14 +59,38 @@ def load_predictor(model_path):
         raise PredictError(f"MODEL {model_path}: no such file or run directory")
     extension = os.path.splitext(path)[1].lower()
     if extension == ".keras":
-        input_shape, predict = _keras_model(path)
+        input_shape, predict, vocabulary_size = _keras_model(path)
     elif extension == ".tflite":
-        input_shape, predict = _tflite_model(path)
+        input_shape, predict, vocabulary_size = _tflite_model(path)
     else:
         raise PredictError(f"MODEL {model_path}: expected a run directory, .keras or .tflite")
     probe = predict(np.zeros((1, *input_shape), "float32"))
     class_names = _class_names(os.path.dirname(path), probe.shape[-1])
-    return Predictor(input_shape, class_names, predict)
+    tokenizer = None
+    if vocabulary_size is not None:
+        tokenizer = _tokenizer_for(path, input_shape, vocabulary_size)
+    return Predictor(input_shape, class_names, predict, tokenizer)
+
+
+def _tokenizer_for(model_path, input_shape, vocabulary_size):
+    """The tokenizer saved beside a text model, checked to fit it
+    (`vocabulary_size` 0: unknown, as for a .tflite)."""
+    from hlkeras import data
+    from hlkeras import texts
+
+    vocabulary = texts.vocabulary_path(model_path)
+    if not os.path.exists(vocabulary):
+        raise PredictError(
+            f"MODEL {model_path}: a text model needs its {texts.VOCABULARY_FILE} "
+            "(from the run directory) beside it"
+        )
+    try:
+        tokenizer = texts.Tokenizer.load(vocabulary)
+        size = vocabulary_size or tokenizer.vocabulary_size
+        texts.check_fits(tokenizer, input_shape, size, f"the vocabulary file {vocabulary}")
+    except data.DatasetError as error:
+        raise PredictError(str(error)) from None
+    return tokenizer
 
 
 def _keras_model(path):
@@ -77,7 +105,17 @@ def _keras_model(path):
     def predict(batch):
         return keras.ops.convert_to_numpy(model.predict(batch, verbose=0))
 
-    return input_shape, predict
+    return input_shape, predict, _embedded_vocabulary_size(model)
+
+
+def _embedded_vocabulary_size(model):
+    """The token ids a text model (int inputs into an `Embedding`) takes, or None."""
+    import keras
+
+    if "int" not in str(model.inputs[0].dtype):
+        return None
+    embeddings = [layer for layer in model.layers if isinstance(layer, keras.layers.Embedding)]
+    return embeddings[0].input_dim if embeddings else None
 
 
 def _tflite_model(path):
@@ -97,7 +135,30 @@ def _tflite_model(path):
         # One input at a time, as a phone runs the file.
         return np.concatenate([export.run_tflite(flatbuffer, x[None]) for x in batch])
 
-    return input_shape, predict
+    # Token ids come in as integers; the file does not say its vocabulary size.
+    is_text = np.issubdtype(details[0]["dtype"], np.integer) and details[0]["dtype"] != np.int8
+    return input_shape, predict, 0 if is_text else None
+
+
+def read_texts(inputs, tokenizer, text_column="text"):
+    """`(names, batch)` for a text model: each input is a CSV file (its
+    `text_column`, one input per row) or else a text itself."""
+    from hlkeras import data
+    from hlkeras import texts
+
+    names, values = [], []
+    for item in map(str, inputs):
+        if item.lower().endswith(".csv") and os.path.isfile(item):
+            try:
+                found, _ = texts.read_text_csv(item, text_column, None)
+            except data.DatasetError as error:
+                raise PredictError(f"INPUT {error}".replace("--data ", "")) from None
+            names += [f"{item}:{line}" for line in range(2, len(found) + 2)]
+            values += found
+        else:
+            names.append(item)
+            values.append(item)
+    return names, tokenizer(values).astype("float32")
 
 
 def _class_names(folder, num_classes):

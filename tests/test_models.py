@@ -104,7 +104,7 @@ def test_resolve_spec_fills_defaults_and_survives_json():
     [
         (
             {"arch": "transformerish", "input_shape": [8], "num_classes": 2},
-            r"arch.*\['mlp', 'resnet', 'vit'\].*transformerish",
+            r"arch.*\['mlp', 'resnet', 'text', 'vit'\].*transformerish",
         ),
         (
             {"arch": "mlp", "input_shape": [8], "num_classes": 2, "layers": 3},
@@ -202,3 +202,81 @@ def test_vit_with_experts_has_moe_ffns_and_their_losses():
     assert [layer.num_experts for layer in moe_layers] == [4, 4]
     model(_images(), training=True)
     assert len(model.losses) == 4  # load-balance + z-loss per MoE layer
+
+
+TOKENS = np.array([[5, 3, 9, 2, 0, 0], [7, 1, 0, 0, 0, 0]], "int32")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"encoder": "transformer"},
+        {"encoder": "transformer", "num_experts": 4, "pooling": "mean"},
+        {"encoder": "gru"},
+        {"encoder": "lstm", "bidirectional": False, "pooling": "mean"},
+    ],
+    ids=["transformer", "transformer-moe-mean", "gru", "lstm-mean"],
+)
+def test_text_model_output_is_unchanged_by_extra_padding(options):
+    spec = {"arch": "text", "num_classes": 3, "vocabulary_size": 12, "depth": 2, "width": 8}
+    short = models.build({**spec, "input_shape": [6], "num_heads": 2, **options})
+    long = models.build({**spec, "input_shape": [11], "num_heads": 2, **options})
+    long.set_weights(short.get_weights())
+    padded = np.pad(TOKENS, ((0, 0), (0, 5)))
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(long(padded)),
+        keras.ops.convert_to_numpy(short(TOKENS)),
+        atol=1e-5,
+    )
+
+
+def test_text_transformer_equals_its_layers_applied_by_hand():
+    model = models.text((6,), 3, vocabulary_size=12, depth=1, width=8, num_heads=2, dropout=0)
+    embedding = model.get_layer("token_embedding")
+    x = embedding(TOKENS)
+    mask = embedding.compute_mask(TOKENS)
+    x = model.get_layer("block_0")(x, mask=mask)
+    x = model.get_layer("pool")(model.get_layer("head_norm")(x), mask=mask)
+    expected = keras.ops.softmax(model.get_layer("head")(x))
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(model(TOKENS)), keras.ops.convert_to_numpy(expected), atol=1e-6
+    )
+    assert model.get_layer("block_0").rope  # positions come from RoPE, not an embedding
+
+
+@pytest.mark.parametrize("encoder", ["transformer", "gru"])
+def test_text_model_keras_file_round_trip(encoder, tmp_path):
+    model = models.text((6,), 3, vocabulary_size=12, encoder=encoder, depth=1, width=8, num_heads=2)
+    model.save(tmp_path / "text.keras")
+    reloaded = keras.saving.load_model(tmp_path / "text.keras", safe_mode=True)
+    expected = keras.ops.convert_to_numpy(model(TOKENS))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(reloaded(TOKENS)), expected, atol=1e-6)
+
+
+def test_lora_adapts_the_text_transformer():
+    from hlkeras import lora
+
+    model = models.text((6,), 3, vocabulary_size=12, depth=1, width=8, num_heads=2)
+    expected = keras.ops.convert_to_numpy(model(TOKENS))
+    # A fresh adapter changes nothing; only adapters (and the head) train.
+    adapted = lora.apply_lora(model, rank=2)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(adapted(TOKENS)), expected, atol=1e-5)
+    trainable = {w.path.split("/")[0] for w in adapted.trainable_weights}
+    assert trainable == {"block_0", "head"}
+    assert all("lora" in w.path for w in adapted.trainable_weights if w.path.startswith("block"))
+
+
+@pytest.mark.parametrize(
+    "options, pattern",
+    [
+        ({"input_shape": [8, 8, 1]}, r"\(max_length,\)"),
+        ({"encoder": "rnn"}, "encoder"),
+        ({"pooling": "max"}, "pooling"),
+        ({"vocabulary_size": 0}, "vocabulary_size"),
+        ({"encoder": "gru", "width": 7}, "width"),
+    ],
+)
+def test_bad_text_specs_name_the_key(options, pattern):
+    spec = {"arch": "text", "input_shape": [6], "num_classes": 3, **options}
+    with pytest.raises(ValueError, match=pattern):
+        models.build(spec)

@@ -349,5 +349,8 @@ def test_a_search_on_a_csv_normalizes_features_inside_every_model(tmp_path):
     np.testing.assert_allclose(
         keras.ops.convert_to_numpy(normalize.mean).ravel(), info.feature_mean, rtol=1e-5
     )
-    with pytest.raises(search.SearchError, match="a table searches --arch mlp"):
+    with pytest.raises(
+        search.SearchError,
+        match=r"--arch vit takes images, but the data is a table \(use --arch mlp\)",
+    ):
         search.run_search(data=str(path), label="kind", arch="vit", directory=str(tmp_path / "s2"))

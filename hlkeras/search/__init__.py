@@ -15,7 +15,7 @@ Example:
 
 >>> from hlkeras import search
 >>> sorted(search.SEARCH_SPACES)
-['mlp', 'resnet', 'vit']
+['mlp', 'resnet', 'text', 'vit']
 """
 
 from hlkeras.search.hypermodel import SpecHyperModel

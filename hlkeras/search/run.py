@@ -174,7 +174,7 @@ def _search_here(settings, overrides, log):
         overrides,
         num_train=len(x_train),
         epochs=settings["max_epochs"],
-        fixed_spec=_table_normalization(settings, info),
+        fixed_spec=_data_spec(settings, info),
     )
     is_worker = _compat.kerastuner_role() == "worker"
     if not is_worker:
@@ -232,13 +232,13 @@ def _search_here(settings, overrides, log):
     return outcome
 
 
-def _table_normalization(settings, info):
-    """A table's feature statistics, for the mlp's Normalization layer."""
-    if info.kind != "table":
-        return {}
-    if settings["arch"] != "mlp":
-        raise SearchError(f"--arch {settings['arch']} takes images; a table searches --arch mlp")
-    return {"feature_mean": info.feature_mean, "feature_variance": info.feature_variance}
+def _data_spec(settings, info):
+    """The spec entries the data decides (a table's normalization, a text's
+    vocabulary size), once the arch is checked to take that data."""
+    from hlkeras import models
+
+    models.check_arch_for_data(settings["arch"], info.kind, SearchError)
+    return info.spec_entries()
 
 
 def _load_arrays(settings):

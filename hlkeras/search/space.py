@@ -56,6 +56,15 @@ SEARCH_SPACES = {
         "top_k": {"values": [1, 2]},
         **_TRAINING_SPACE,
     },
+    # Widths are multiples of the default 4 heads and even (bidirectional
+    # recurrent encoders split them over two directions).
+    "text": {
+        "encoder": {"values": ["transformer", "gru", "lstm"]},
+        "depth": {"min": 1, "max": 3},
+        "width": {"values": [32, 64, 128]},
+        "dropout": {"min": 0.0, "max": 0.3, "step": 0.05},
+        **_TRAINING_SPACE,
+    },
 }
 _RANGE_FIELDS = ("min", "max", "step", "log")
 
