@@ -555,10 +555,7 @@ def _read_text_csv(path, text_column, label):
 
     if os.path.splitext(os.fspath(path))[1].lower() != ".csv" or not os.path.isfile(path):
         raise DatasetError(f"--text-column needs --data to be a .csv file, got {path}")
-    try:
-        text_values, label_values = texts.read_text_csv(path, text_column, label)
-    except texts.TextDataError as error:
-        raise DatasetError(str(error)) from None
+    text_values, label_values = texts.read_text_csv(path, text_column, label)
     labels, class_names = _labels_to_ids(label_values, f"--data {path}")
     examples = Examples(np.asarray(text_values, dtype=object), labels)
     return {"train": examples, "val": None, "test": None}, class_names

@@ -255,7 +255,9 @@ def model_spec(settings, info):
     if settings["encoder"] is not None:
         if arch != "text":
             raise RunError(f"--encoder needs --arch text; --arch {arch} has no encoder choice")
-        spec["encoder"] = settings["encoder"]
+        spec["encoder"] = _validation.check_flag_choice(
+            "--encoder", settings["encoder"], models.TEXT_ENCODERS, RunError
+        )
     has_moe = "num_experts" in models.hyperparameter_defaults(arch)
     experts = settings["experts"]
     if experts is None:

@@ -1,0 +1,234 @@
+"""Text data: `hlkeras.texts.Tokenizer` against hand-computed ids and a
+round trip, `load_path` on a CSV of texts and `load` on a mocked TFDS text
+dataset (splits, labels), one-line errors for bad text input, and, end to end
+on TensorFlow, `hlkeras train` on a generated keyword CSV with each encoder,
+then `hlkeras predict` on texts against `model.predict`.
+
+The loaders are tf.data code whatever the Keras backend, so they run on the
+tensorflow backend only (the text model itself is tested on every backend in
+tests/test_models.py)."""
+
+import csv
+import json
+import math
+import re
+
+import keras
+import numpy as np
+import pytest
+
+from hlkeras import cli
+from hlkeras import data
+from hlkeras import texts
+
+pytestmark = pytest.mark.backends("tensorflow")
+
+KEYWORDS = {
+    "billing": ["invoice", "refund"],
+    "tech": ["crash", "error"],
+    "sales": ["price", "demo"],
+}
+
+
+def write_keyword_csv(path, rows, seed=0):
+    """Tickets of filler words whose class is decided by one keyword; text i
+    starts with the words `a<tens digit> b<units digit>` of i, so a test can
+    find its row from in-vocabulary words."""
+    rng = np.random.default_rng(seed)
+    filler = [f"w{i}" for i in range(60)]
+    labels = []
+    with open(path, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["id", "text", "label"])
+        for i in range(rows):
+            label = list(KEYWORDS)[i % 3]
+            words = [f"a{i // 10 % 10}", f"b{i % 10}"] + list(
+                rng.choice(filler, rng.integers(3, 12))
+            )
+            words.insert(int(rng.integers(2, len(words) + 1)), str(rng.choice(KEYWORDS[label])))
+            writer.writerow([i, " ".join(words) + ".", label])
+            labels.append(label)
+    return labels
+
+
+def test_tokenizer_ids_follow_the_vocabulary_and_survive_a_round_trip(tmp_path):
+    tokenizer = texts.Tokenizer(["the", "cat", "sat"], max_length=5)
+    assert tokenizer.vocabulary_size == 5
+    # Lowercased, punctuation stripped; 0 pads, 1 is an unknown word, token i is i + 2.
+    ids = tokenizer(["The cat, the DOG!", "sat sat sat sat sat sat"])
+    assert ids.tolist() == [[2, 3, 2, 1, 0], [4, 4, 4, 4, 4]]
+    tokenizer.save(tmp_path / texts.VOCABULARY_FILE)
+    again = texts.Tokenizer.load(tmp_path / texts.VOCABULARY_FILE)
+    assert again.vocabulary == tokenizer.vocabulary and again.max_length == 5
+    np.testing.assert_array_equal(again(["The cat, the DOG!"]), ids[:1])
+
+
+def test_fit_orders_by_frequency_and_covers_95_percent_of_the_lengths():
+    corpus = ["b a b", "c b", "a b c d e f g h"] + ["b"] * 17
+    tokenizer = texts.Tokenizer.fit(corpus, max_tokens=5)
+    assert tokenizer.vocabulary[0] == "b" and len(tokenizer.vocabulary) == 3
+    lengths = [len(re.sub(r"[^\w\s]", "", t.lower()).split()) for t in corpus]
+    assert tokenizer.max_length == math.ceil(np.quantile(lengths, 0.95))
+
+
+def _row_index(ids, vocabulary):
+    """The row a text came from (write_keyword_csv), from its first two words."""
+    tens, units = (vocabulary[i - 2] for i in ids[:2])
+    return 10 * int(tens[1:]) + int(units[1:])
+
+
+def test_a_text_csv_gives_disjoint_splits_with_their_labels(tmp_path):
+    path = tmp_path / "tickets.csv"
+    labels = write_keyword_csv(path, 60)
+    train, val, test, info = data.load_path(
+        path, text_column="text", batch_size=4, validation_split=0.1, seed=2, max_length=20
+    )
+    assert info.kind == "text" and info.input_shape == (20,)
+    assert info.class_names == ("billing", "sales", "tech")
+    assert (info.num_train, info.num_val, info.num_test) == (42, 6, 12)
+    seen = set()
+    for split in (val, test):
+        ids, split_labels = data.to_numpy(split)
+        assert ids.dtype == np.int32
+        for row, label in zip(ids, split_labels):
+            index = _row_index(row, info.vocabulary)
+            assert info.class_names[label] == labels[index]
+            seen.add(index)
+    assert len(seen) == 18  # val and test are disjoint
+    # The tokens are the saved tokenizer's ids of the texts.
+    ids, _ = data.to_numpy(test)
+    with open(path, newline="") as file:
+        by_index = {int(row["id"]): row["text"] for row in csv.DictReader(file)}
+    rows = [_row_index(row, info.vocabulary) for row in ids]
+    expected = info.tokenizer()([by_index[i] for i in rows])
+    np.testing.assert_array_equal(ids, expected)
+
+
+def test_a_tfds_text_dataset_is_tokenized_like_a_csv():
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=30):
+        train, val, test, info = data.load("imdb_reviews", max_length=12, validation_split=0.2)
+    assert info.kind == "text" and info.input_shape == (12,)
+    assert info.class_names == ("neg", "pos")
+    assert (info.num_train, info.num_val, info.num_test) == (24, 6, 30)
+    ids, labels = data.to_numpy(test)
+    assert ids.shape == (30, 12) and set(labels) <= {0, 1}
+    assert ids.max() < info.tokenizer().vocabulary_size
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    "content, options, fragments",
+    [
+        ("id,label\n1,a\n", {}, ["no column 'text'", "--text-column", "['id', 'label']"]),
+        ("text,label\n,a\n  ,b\n", {}, ["every text", "'text'", "empty"]),
+        ("text,label\nhi,a\nho,a\n", {}, ["only one class", "'a'"]),
+        ("text,label\n", {}, ["no rows"]),
+        ("text,label\nhi,a\nho,b\n", {"max_length": 0}, ["--max-length must be >= 1, got 0"]),
+    ],
+)
+def test_bad_text_data_is_one_clear_error(tmp_path, content, options, fragments):
+    path = _write(tmp_path / "t.csv", content)
+    with pytest.raises(data.DatasetError) as raised:
+        data.load_path(path, text_column="text", test_split=0, validation_split=0, **options)
+    message = str(raised.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_text_column_needs_a_csv(tmp_path):
+    with pytest.raises(data.DatasetError, match="--text-column needs --data to be a .csv"):
+        data.load_path(tmp_path, text_column="text")
+
+
+def _cli(capsys, *argv):
+    status = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--arch", "text"], "--arch text takes texts, but the data is images (use --arch"),
+        (["--arch", "resnet", "--data", "T"], "--arch resnet takes images, but the data is texts"),
+        (["--encoder", "gru", "--data", "T", "--arch", "mlp"], "--arch mlp takes"),
+        (["--encoder", "rnn", "--data", "T"], "--encoder must be one of transformer, gru, lstm"),
+    ],
+)
+def test_arch_and_data_that_do_not_fit_are_one_line(tmp_path, capsys, flags, fragment):
+    path = tmp_path / "tickets.csv"
+    write_keyword_csv(path, 150)
+    flags = [str(path) if f == "T" else f for f in flags]
+    if "--data" in flags:
+        flags += ["--text-column", "text"]
+    status, _, err = _cli(capsys, "train", "--out", tmp_path / "run", *flags)
+    assert status == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def tickets(tmp_path_factory):
+    path = tmp_path_factory.mktemp("texts") / "tickets.csv"
+    write_keyword_csv(path, 1500)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("encoder", ["transformer", "gru", "lstm"])
+def test_each_encoder_learns_a_keyword_rule_and_exports_verified(
+    tickets, tmp_path, capsys, encoder
+):
+    run = tmp_path / "run"
+    status, _, err = _cli(
+        capsys, "train", "--data", tickets, "--text-column", "text", "--encoder", encoder,
+        "--epochs", "8", "--lr", "3e-3", "--width", "32", "--depth", "1", "--out", run,
+    )  # fmt: skip
+    assert status == 0, err
+    with open(run / "metrics.json") as file:
+        metrics = json.load(file)
+    assert metrics["test_accuracy"] >= 0.95, metrics
+    # The .tflite agrees with Keras sample by sample at batch 1.
+    assert metrics["tflite_refused"] is None and metrics["tflite_top1_agreement"] == 1.0
+    assert metrics["tflite_max_abs_diff"] <= 1e-4
+    assert (run / texts.VOCABULARY_FILE).exists()
+
+
+@pytest.mark.slow
+def test_predict_tokenizes_texts_with_the_saved_vocabulary(tickets, tmp_path, capsys):
+    run = tmp_path / "run"
+    status, _, err = _cli(
+        capsys, "train", "--data", tickets, "--text-column", "text", "--epochs", "3",
+        "--width", "16", "--depth", "1", "--out", run,
+    )  # fmt: skip
+    assert status == 0, err
+    sentences = ["please refund my invoice", "the app shows an error"]
+    status, out, err = _cli(capsys, "predict", run, *sentences, tickets, "--top", "1")
+    assert status == 0, err
+    lines = [line.split(", ") for line in out.splitlines()]
+    # The oracle: model.predict on the saved tokenizer's ids.
+    model = keras.saving.load_model(run / "model.keras")
+    tokenizer = texts.Tokenizer.load(run / texts.VOCABULARY_FILE)
+    with open(tickets, newline="") as file:
+        csv_texts = [row["text"] for row in csv.DictReader(file)]
+    probabilities = keras.ops.convert_to_numpy(
+        model.predict(tokenizer(sentences + csv_texts), verbose=0)
+    )
+    with open(run / "class_names.json") as file:
+        class_names = json.load(file)
+    assert [line[0] for line in lines[:2]] == sentences
+    assert [line[1] for line in lines] == [class_names[i] for i in probabilities.argmax(-1)]
+    status, out, err = _cli(capsys, "predict", run / "model.tflite", *sentences)
+    assert status == 0, err
+    assert [line.split(", ")[1] for line in out.splitlines()] == [line[1] for line in lines[:2]]
+
+    # A vocabulary that is not the model's is refused, naming both sizes.
+    texts.Tokenizer(["a", "b"], tokenizer.max_length).save(run / texts.VOCABULARY_FILE)
+    status, _, err = _cli(capsys, "predict", run, "hello")
+    assert status == 2 and "has 4 token ids but the model embeds" in err, err
