@@ -120,6 +120,13 @@ def add_export_parser(commands):
         help="the model's own data (hlkeras train --data): calibrates on 200 of its "
         "training examples and verifies on its test split",
     )
+    export.add_argument("--label", default="label", help="--data CSV's label column")
+    export.add_argument(
+        "--text-column",
+        metavar="COL",
+        help="--data is a CSV of texts (a text model): tokenized with the "
+        "vocabulary.json beside MODEL",
+    )
     export.add_argument("--int8-io", action="store_true", help="int8 input/output tensors for int8")
     export.add_argument("--overwrite", action="store_true", help="replace existing artifacts")
     export.add_argument(
@@ -199,7 +206,7 @@ def _export_data(args, needs_calibration):
     if args.data and args.dataset:
         raise UsageError(f"--data {args.data} and --dataset {args.dataset} exclude each other")
     if args.data:
-        representative, verify = _data_file_arrays(args.data)
+        representative, verify = _data_file_arrays(args)
     elif args.dataset:
         if needs_calibration and not args.representative:
             representative = _from_dataset(
@@ -219,13 +226,27 @@ def _export_data(args, needs_calibration):
     return representative, verify
 
 
-def _data_file_arrays(path):
+def _data_file_arrays(args):
     """`(calibration samples, (test x, test y))` of `--data PATH`, split as
-    `hlkeras train --data PATH` splits it with its default seed and fractions."""
+    `hlkeras train --data PATH` splits it with its default seed and fractions;
+    texts are tokenized with the model's own vocabulary."""
     from hlkeras import data
+    from hlkeras import texts
 
+    path = args.data
     try:
-        train_ds, _, test_ds, _ = data.load_path(path)
+        tokenizer = None
+        if args.text_column:
+            vocabulary = texts.vocabulary_path(args.model)
+            if not os.path.exists(vocabulary):
+                raise data.DatasetError(
+                    f"--text-column: no {texts.VOCABULARY_FILE} beside {args.model} "
+                    "(copy it from the model's run directory)"
+                )
+            tokenizer = texts.Tokenizer.load(vocabulary)
+        train_ds, _, test_ds, _ = data.load_path(
+            path, label=args.label, text_column=args.text_column, tokenizer=tokenizer
+        )
     except data.DatasetError as error:
         raise UsageError(str(error)) from None
     if test_ds is None:

@@ -346,7 +346,11 @@ def export_saved_model(model, path):
 
 
 def convert_saved_model(
-    saved_model_dir, quantization="none", representative_data=None, int8_io=False
+    saved_model_dir,
+    quantization="none",
+    representative_data=None,
+    int8_io=False,
+    input_dtype="float32",
 ):
     """Converts a SavedModel to a `.tflite` flatbuffer (bytes), builtins only.
 
@@ -363,6 +367,8 @@ def convert_saved_model(
         representative_data: float32 array `(N, ...)` of model inputs, needed
             for `"int8"`.
         int8_io: For `"int8"`, make the model's input and output int8 too.
+        input_dtype: The model input's dtype, which calibration samples are
+            cast to (`"int32"` for the token ids of a text model).
     """
     import tensorflow as tf
 
@@ -377,7 +383,7 @@ def convert_saved_model(
         if representative_data is None:
             raise ExportError(_MISSING_REPRESENTATIVE)
         supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        converter.representative_dataset = _one_sample_at_a_time(representative_data)
+        converter.representative_dataset = _one_sample_at_a_time(representative_data, input_dtype)
         if int8_io:
             converter.inference_input_type = tf.int8
             converter.inference_output_type = tf.int8
@@ -392,10 +398,10 @@ _MISSING_REPRESENTATIVE = (
 )
 
 
-def _one_sample_at_a_time(representative_data):
+def _one_sample_at_a_time(representative_data, input_dtype="float32"):
     def samples():
         for sample in representative_data:
-            yield [sample[None].astype("float32")]
+            yield [sample[None].astype(input_dtype)]
 
     return samples
 
@@ -430,6 +436,7 @@ def _write_artifacts(model, staging_dir, request):
                 request["quantization"],
                 request.get("representative_data"),
                 request["int8_io"],
+                request["input_dtype"],
             )
         except ConverterError as error:
             raise ExportError(describe_conversion_failure(str(error), model)) from None
@@ -444,15 +451,26 @@ def _write_artifacts(model, staging_dir, request):
 _BATCH1_SAVED_MODEL_DIRNAME = "batch1_saved_model"
 
 
+def _recurrent_layer_names(model):
+    import keras
+
+    return ", ".join(
+        layer.name for layer in _all_layers(model) if isinstance(layer, keras.layers.RNN)
+    )
+
+
+def _has_recurrent_layer(model):
+    return bool(_recurrent_layer_names(model))
+
+
 def _tflite_source(model, saved_model_dir, staging_dir):
     """The SavedModel the TFLite converter reads: the artifact itself, or for
     a model with recurrent layers (GRU, LSTM) a batch-1 twin, because the
     converter turns their loops into builtin ops only when every tensor in
     the loop has a static shape."""
-    import keras
     import tensorflow as tf
 
-    if not any(isinstance(layer, keras.layers.RNN) for layer in _all_layers(model)):
+    if not _has_recurrent_layer(model):
         return saved_model_dir
     path = os.path.join(staging_dir, _BATCH1_SAVED_MODEL_DIRNAME)
     signature = [tf.TensorSpec((1, *model.input_shape[1:]), model.inputs[0].dtype)]
@@ -688,9 +706,11 @@ def _saved_model_per_sample(path, inputs):
     import tensorflow as tf
 
     serving = tf.saved_model.load(path).signatures["serving_default"]
+    # Verification inputs are float32; a text model takes int32 token ids.
+    (spec,) = serving.structured_input_signature[1].values()
     outputs = []
     for sample in inputs:
-        (output,) = serving(tf.constant(sample[None])).values()
+        (output,) = serving(tf.constant(sample[None], dtype=spec.dtype)).values()
         outputs.append(output.numpy())
     return np.concatenate(outputs)
 
@@ -934,6 +954,12 @@ def export_model(
         source, model = "<in-memory model>", model_or_path
     input_shape = _single_input_shape(model)
     model = _prepare_for_export(model)
+    if quantization == "int8" and "tflite" in formats and _has_recurrent_layer(model):
+        raise ExportError(
+            "--quantize int8 is not available for a model with recurrent layers "
+            f"({_recurrent_layer_names(model)}): TensorFlow 2.21's TFLite calibrator "
+            "crashes on their loops; use --quantize dynamic or float16"
+        )
     if representative_data is not None:
         representative_data = _as_float_array(
             "representative_data", representative_data, input_shape
@@ -945,6 +971,7 @@ def export_model(
         "quantization": quantization,
         "int8_io": bool(int8_io),
         "representative_data": representative_data,
+        "input_dtype": str(model.inputs[0].dtype),
     }
     report = ExportReport(
         source=source,

@@ -228,7 +228,37 @@ def test_predict_tokenizes_texts_with_the_saved_vocabulary(tickets, tmp_path, ca
     assert status == 0, err
     assert [line.split(", ")[1] for line in out.splitlines()] == [line[1] for line in lines[:2]]
 
+    # hlkeras export tokenizes --data with the model's vocabulary and
+    # verifies the token-id model per sample in TF and LiteRT.
+    status, _, err = _cli(
+        capsys, "export", run / "model.keras", "--out", tmp_path / "export", "--data", tickets,
+        "--text-column", "text", "--format", "saved_model,tflite", "--quantize", "none",
+        "--latency-runs", "0",
+    )  # fmt: skip
+    assert status == 0, err
+    with open(tmp_path / "export" / "export.json") as file:
+        report = json.load(file)
+    assert report["verify_samples"] == 300  # the test split of 1,500 rows
+    assert [a["top1_agreement"] for a in report["artifacts"]] == [1.0, 1.0]
+    assert max(a["max_abs_diff"] for a in report["artifacts"]) <= 1e-4
+
     # A vocabulary that is not the model's is refused, naming both sizes.
     texts.Tokenizer(["a", "b"], tokenizer.max_length).save(run / texts.VOCABULARY_FILE)
     status, _, err = _cli(capsys, "predict", run, "hello")
     assert status == 2 and "has 4 token ids but the model embeds" in err, err
+
+
+@pytest.mark.slow
+def test_int8_export_of_a_recurrent_model_is_refused_in_one_line(tickets, tmp_path, capsys):
+    from hlkeras import models
+
+    model = models.text((8,), 3, vocabulary_size=50, encoder="gru", depth=1, width=8)
+    model.save(tmp_path / "gru.keras")
+    texts.Tokenizer([f"w{i}" for i in range(48)], 8).save(tmp_path / texts.VOCABULARY_FILE)
+    status, _, err = _cli(
+        capsys, "export", tmp_path / "gru.keras", "--out", tmp_path / "export", "--data", tickets,
+        "--text-column", "text", "--quantize", "int8",
+    )  # fmt: skip
+    assert status == 2 and len(err.strip().splitlines()) == 1
+    assert "--quantize int8 is not available for a model with recurrent layers" in err
+    assert not (tmp_path / "export").exists()

@@ -5,9 +5,25 @@ import keras
 
 from hlkeras import _validation
 
-# Added to the scores of padded positions before the softmax: exp() of it is
-# exactly 0 in float32, and unlike -inf it cannot make a NaN.
-_MASKED_SCORE = -1e9
+
+def masked_softmax(scores, mask=None):
+    """Softmax of `scores` `(batch, length)` over the positions `mask` keeps;
+    the others get weight 0, and a row with no kept position all zeros.
+
+    Written without a large negative fill value (`where(mask, s, -1e9)`): a
+    tensor holding one would leave int8 TFLite quantization no resolution
+    for the real scores.
+    """
+    if mask is None:
+        return keras.ops.softmax(scores, axis=-1)
+    kept = keras.ops.cast(mask, scores.dtype)
+    # The largest kept score: padded scores are replaced by the row's minimum.
+    lowest = keras.ops.min(scores, axis=-1, keepdims=True)
+    highest = keras.ops.max(scores * kept + lowest * (1 - kept), axis=-1, keepdims=True)
+    exponentials = keras.ops.exp(scores - keras.ops.stop_gradient(highest)) * kept
+    total = keras.ops.sum(exponentials, axis=-1, keepdims=True)
+    # total >= 1 when a position is kept (its largest term is exp(0)).
+    return exponentials / keras.ops.maximum(total, 1e-30)
 
 
 @keras.saving.register_keras_serializable(package="hlkeras")
@@ -79,13 +95,7 @@ class AttentionPooling(keras.layers.Layer):
             hidden = keras.ops.tanh(keras.ops.matmul(inputs, self.hidden_kernel) + self.hidden_bias)
         # The softmax runs in float32 under mixed precision.
         scores = keras.ops.cast(keras.ops.matmul(hidden, self.query), "float32")
-        if mask is not None:
-            mask = keras.ops.cast(mask, "bool")
-            scores = keras.ops.where(mask, scores, _MASKED_SCORE)
-        weights = keras.ops.softmax(scores, axis=-1)
-        if mask is not None:
-            # Zero (not uniform) weights for a sequence that is all padding.
-            weights = weights * keras.ops.cast(mask, "float32")
+        weights = masked_softmax(scores, mask)
         weights = keras.ops.cast(weights, inputs.dtype)
         pooled = keras.ops.sum(inputs * weights[..., None], axis=1)
         return (pooled, weights) if return_attention_scores else pooled
