@@ -505,7 +505,11 @@ def _add_tune_command(commands):
     )
     flag = tune.add_argument
     flag(
-        "--arch", help="architecture: mlp, resnet or vit (default: the space file's arch, else mlp)"
+        "--arch",
+        help=(
+            "architecture: mlp, resnet, vit or text (default: the space file's arch, "
+            "else text for --text-column, else mlp)"
+        ),
     )
     flag(
         "--dataset",

@@ -354,3 +354,27 @@ def test_a_search_on_a_csv_normalizes_features_inside_every_model(tmp_path):
         match=r"--arch vit takes images, but the data is a table \(use --arch mlp\)",
     ):
         search.run_search(data=str(path), label="kind", arch="vit", directory=str(tmp_path / "s2"))
+
+
+@pytest.mark.slow
+def test_a_search_on_texts_saves_the_tokenizer_its_trials_used(tmp_path):
+    from hlkeras import predict
+    from hlkeras import texts
+    from tests.test_texts import write_keyword_csv
+
+    path = tmp_path / "tickets.csv"
+    write_keyword_csv(path, 300)
+    space = {"encoder": "gru", "depth": 1, "width": 16, "dropout": 0.0, "batch_size": 32}
+    outcome = search.run_search(
+        data=str(path), text_column="text", space=space, tuner="random", max_trials=1,
+        max_epochs=1, directory=str(tmp_path / "search"),
+    )  # fmt: skip
+    assert outcome.error is None and outcome.best_spec["arch"] == "text"
+    _, _, _, info = data.load_path(path, text_column="text")
+    saved = texts.Tokenizer.load(tmp_path / "search" / texts.VOCABULARY_FILE)
+    assert saved.vocabulary == info.vocabulary
+    assert outcome.best_spec["vocabulary_size"] == saved.vocabulary_size
+    # hlkeras predict on best.keras finds the tokenizer and the class names.
+    predictor = predict.load_predictor(outcome.best_path)
+    assert predictor.class_names == ["billing", "sales", "tech"]
+    assert predictor.tokenizer.vocabulary == saved.vocabulary

@@ -141,7 +141,9 @@ def run_search(log=print, **given):
         raise TypeError(f"run_search() got unknown settings {unknown}")
     settings = {**SEARCH_DEFAULTS, **given}
     check_search_settings(settings)
-    arch, overrides = arch_and_space(settings["arch"], settings["space"])
+    # A CSV of texts searches the text arch unless told otherwise.
+    default_arch = settings["arch"] or ("text" if settings["text_column"] else None)
+    arch, overrides = arch_and_space(default_arch, settings["space"])
     settings["arch"] = arch
     settings["directory"] = settings["directory"] or os.path.join(
         "runs", f"tune-{arch}-{os.path.basename(os.path.normpath(data_name(settings)))}"
@@ -151,6 +153,9 @@ def run_search(log=print, **given):
 
         return workers.run_chief_and_workers(settings, log=log)
     return _search_here(settings, overrides, log)
+
+
+CLASS_NAMES_JSON = "class_names.json"  # as in a run directory (hlkeras.runs.RunDir)
 
 
 def data_name(settings):
@@ -163,6 +168,7 @@ def _search_here(settings, overrides, log):
     import keras
 
     from hlkeras import data
+    from hlkeras import texts
 
     directory = settings["directory"]
     keras.utils.set_random_seed(settings["seed"])
@@ -212,7 +218,16 @@ def _search_here(settings, overrides, log):
         return outcome
     outcome.best_spec = hypermodel.spec(best)
     log(f"best spec: {json.dumps(outcome.best_spec, sort_keys=True)}")
-    train_ds, val_ds, _, _ = data.load_for(settings, batch_size=best["batch_size"])
+    # What `hlkeras predict` reads beside best.keras: the class names and the
+    # tokenizer the trials used.
+    training.atomic_write_json(os.path.join(directory, CLASS_NAMES_JSON), list(info.class_names))
+    if info.kind == "text":
+        info.tokenizer().save(os.path.join(directory, texts.VOCABULARY_FILE))
+    train_ds, val_ds, _, _ = data.load_for(
+        settings,
+        batch_size=best["batch_size"],
+        tokenizer=info.tokenizer() if info.vocabulary else None,
+    )
     result = retrain_best(
         hypermodel,
         best,
