@@ -99,3 +99,29 @@ def test_train_folder(monkeypatch, tmp_path, capsys):
     predictor = predict.load_predictor(tmp_path / "m.keras")
     assert predictor.class_names == ["dark", "light"] == list(info.class_names)
     assert predictor.input_shape == (8, 8, 3)
+
+
+@pytest.mark.slow
+@pytest.mark.backends("tensorflow")
+def test_text_classifier(monkeypatch, tmp_path, capsys):
+    import keras
+
+    from hlkeras import data
+    from hlkeras import predict
+    from tests.test_texts import write_keyword_csv
+
+    write_keyword_csv(tmp_path / "tickets.csv", 300)
+    monkeypatch.chdir(tmp_path)
+    argv = ["text_classifier.py", "tickets.csv", "--epochs", "1", "--out", "t.keras"]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(os.path.join(ROOT, "apps", "text_classifier.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    # The printed accuracy is the saved model's on the test split.
+    model = keras.saving.load_model(tmp_path / "t.keras")
+    _, _, test_ds, info = data.load_path(tmp_path / "tickets.csv", text_column="text")
+    _, accuracy = model.evaluate(test_ds, verbose=0)
+    assert f"test accuracy: {accuracy:.4f}" in out
+    # `hlkeras predict` finds the vocabulary and the class names beside the model.
+    predictor = predict.load_predictor(tmp_path / "t.keras")
+    assert predictor.class_names == ["billing", "sales", "tech"]
+    assert predictor.tokenizer.vocabulary == info.vocabulary
