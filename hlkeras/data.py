@@ -506,13 +506,19 @@ def load_path(
         input_shape=tuple(splits["train"].x.shape[1:]),
         num_classes=len(class_names),
         class_names=tuple(class_names),
-        num_train=len(splits["train"].y),
-        num_val=0 if splits["val"] is None else len(splits["val"].y),
-        num_test=0 if splits["test"] is None else len(splits["test"].y),
+        **_split_counts(splits),
         kind=kind,
         **_feature_statistics(splits["train"].x, kind),
     )
     return datasets["train"], datasets["val"], datasets["test"], info
+
+
+def _split_counts(splits):
+    """`num_train`, `num_val`, `num_test` of `DatasetInfo` (0 for a missing split)."""
+    return {
+        f"num_{name}": 0 if examples is None else len(examples.y)
+        for name, examples in splits.items()
+    }
 
 
 def _text_datasets(splits, class_names, name, batch_size, seed, tokenizer):
@@ -541,9 +547,7 @@ def _text_datasets(splits, class_names, name, batch_size, seed, tokenizer):
         input_shape=(tokenizer.max_length,),
         num_classes=len(class_names),
         class_names=tuple(class_names),
-        num_train=len(splits["train"].y),
-        num_val=0 if splits["val"] is None else len(splits["val"].y),
-        num_test=0 if splits["test"] is None else len(splits["test"].y),
+        **_split_counts(splits),
         kind="text",
         vocabulary=tokenizer.vocabulary,
     )
