@@ -5,6 +5,7 @@ line to stderr and exit with status 2, without a traceback.
 """
 
 import argparse
+import functools
 import importlib
 import os
 import platform
@@ -207,6 +208,13 @@ def _export_data(args, needs_calibration):
         raise UsageError(f"--data {args.data} and --dataset {args.dataset} exclude each other")
     if args.data:
         representative, verify = _data_file_arrays(args)
+    elif args.dataset and (tokenizer := _model_tokenizer(args.model)) is not None:
+        # A text model: its TFDS texts tokenized by its own vocabulary.
+        representative, verify = _from_dataset(
+            functools.partial(dataset_token_arrays, tokenizer=tokenizer),
+            args.dataset,
+            "texts",
+        )
     elif args.dataset:
         if needs_calibration and not args.representative:
             representative = _from_dataset(
@@ -226,6 +234,30 @@ def _export_data(args, needs_calibration):
     return representative, verify
 
 
+def dataset_token_arrays(name, tokenizer):
+    """`(calibration ids, (test ids, labels))` of TFDS text dataset `name`,
+    tokenized by a text model's `tokenizer`."""
+    from hlkeras import data
+
+    # Training batches drop their remainder: small ones keep a small split.
+    train_ds, _, test_ds, _ = data.load(name, tokenizer=tokenizer, batch_size=25)
+    return data.to_numpy(train_ds.take(8))[0], data.to_numpy(test_ds)
+
+
+def _model_tokenizer(model_path):
+    """The tokenizer saved beside a text model (its vocabulary.json), or None."""
+    from hlkeras import data
+    from hlkeras import texts
+
+    vocabulary = texts.vocabulary_path(model_path)
+    if not os.path.exists(vocabulary):
+        return None
+    try:
+        return texts.Tokenizer.load(vocabulary)
+    except data.DatasetError as error:
+        raise UsageError(str(error)) from None
+
+
 def _data_file_arrays(args):
     """`(calibration samples, (test x, test y))` of `--data PATH`, split as
     `hlkeras train --data PATH` splits it with its default seed and fractions;
@@ -237,13 +269,12 @@ def _data_file_arrays(args):
     try:
         tokenizer = None
         if args.text_column:
-            vocabulary = texts.vocabulary_path(args.model)
-            if not os.path.exists(vocabulary):
+            tokenizer = _model_tokenizer(args.model)
+            if tokenizer is None:
                 raise data.DatasetError(
                     f"--text-column: no {texts.VOCABULARY_FILE} beside {args.model} "
                     "(copy it from the model's run directory)"
                 )
-            tokenizer = texts.Tokenizer.load(vocabulary)
         train_ds, _, test_ds, _ = data.load_path(
             path, label=args.label, text_column=args.text_column, tokenizer=tokenizer
         )

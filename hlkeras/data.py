@@ -395,6 +395,11 @@ def representative_samples(name="digits", count=200, data_dir=None):
     """
     _validation.check_positive_int("count", count)
     builder = _builder(name, data_dir)
+    if _is_text(builder):
+        raise DatasetError(
+            f"dataset {name!r} holds texts: a text model calibrates on them tokenized by "
+            "its vocabulary.json (keep it beside the model)"
+        )
     examples = _read_split(builder, "train", name, data_dir)
     images, _ = next(iter(examples.take(count).batch(count).map(_scale)))
     return images.numpy()

@@ -262,3 +262,27 @@ def test_int8_export_of_a_recurrent_model_is_refused_in_one_line(tickets, tmp_pa
     assert status == 2 and len(err.strip().splitlines()) == 1
     assert "--quantize int8 is not available for a model with recurrent layers" in err
     assert not (tmp_path / "export").exists()
+
+
+@pytest.mark.slow
+def test_export_verifies_a_text_model_on_a_tfds_text_dataset(tmp_path, capsys):
+    import tensorflow_datasets as tfds
+
+    from hlkeras import models
+
+    with tfds.testing.mock_data(num_examples=30):
+        _, _, _, info = data.load("imdb_reviews", max_length=12)
+        tokenizer = info.tokenizer()
+        model = models.text((12,), 2, vocabulary_size=tokenizer.vocabulary_size, depth=1, width=8)
+        model.save(tmp_path / "text.keras")
+        tokenizer.save(tmp_path / texts.VOCABULARY_FILE)
+        status, _, err = _cli(
+            capsys, "export", tmp_path / "text.keras", "--out", tmp_path / "export",
+            "--dataset", "imdb_reviews", "--format", "tflite", "--latency-runs", "0",
+        )  # fmt: skip
+    assert status == 0, err
+    with open(tmp_path / "export" / "export.json") as file:
+        report = json.load(file)
+    # Verified on the mocked test split, tokenized by the model's vocabulary.
+    assert report["verify_samples"] == 30
+    assert report["artifacts"][0]["top1_agreement"] == 1.0
