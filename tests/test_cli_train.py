@@ -107,7 +107,7 @@ def test_short_run_writes_a_verified_run_directory(capsys, data_dir, tmp_path):
     [
         (
             ["--arch", "transformerish"],
-            "--arch must be one of mlp, resnet, vit, got 'transformerish'",
+            "--arch must be one of mlp, resnet, text, vit, got 'transformerish'",
         ),
         (["--epochs", "-3"], "--epochs must be a positive integer, got -3"),
         (["--batch-size", "5000"], "--batch-size 5000 is larger than the 1293 training examples"),

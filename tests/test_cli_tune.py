@@ -70,7 +70,7 @@ def _one_line_error(argv, capsys):
         (["--objective", "auc"], "--objective must be one of val_accuracy, val_loss"),
         (
             ["--arch", "transformer"],
-            "--arch must be one of mlp, resnet, vit, got 'transformer'",
+            "--arch must be one of mlp, resnet, text, vit, got 'transformer'",
         ),
     ],
 )
