@@ -46,7 +46,9 @@ def test_the_launcher_forwards_stderr_lines_except_native_tensorflow_logs(capfd)
     os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called\n")
     os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n")
     os.write(2, b"hlkeras train: error: --epochs must be a positive integer, got -1\n")
-    print("a Python warning", file=sys.stderr)
+    # One write of the whole line: print() writes the text and the newline
+    # separately, and the filter thread's line could land between them.
+    sys.stderr.write("a Python warning\n")
     native_logs.stop()
     err = capfd.readouterr().err
     # (capfd takes sys.stderr's writes on a path of its own, so only the set
