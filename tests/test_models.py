@@ -211,7 +211,7 @@ TOKENS = np.array([[5, 3, 9, 2, 0, 0], [7, 1, 0, 0, 0, 0]], "int32")
     "options",
     [
         {"encoder": "transformer"},
-        {"encoder": "transformer", "num_experts": 4, "pooling": "mean"},
+        {"encoder": "transformer", "num_experts": 4, "pooling": "mean", "depth": 1},
         {"encoder": "gru"},
         {"encoder": "lstm", "bidirectional": False, "pooling": "mean"},
     ],
@@ -219,8 +219,9 @@ TOKENS = np.array([[5, 3, 9, 2, 0, 0], [7, 1, 0, 0, 0, 0]], "int32")
 )
 def test_text_model_output_is_unchanged_by_extra_padding(options):
     spec = {"arch": "text", "num_classes": 3, "vocabulary_size": 12, "depth": 2, "width": 8}
-    short = models.build({**spec, "input_shape": [6], "num_heads": 2, **options})
-    long = models.build({**spec, "input_shape": [11], "num_heads": 2, **options})
+    spec.update(options)
+    short = models.build({**spec, "input_shape": [6], "num_heads": 2})
+    long = models.build({**spec, "input_shape": [11], "num_heads": 2})
     long.set_weights(short.get_weights())
     padded = np.pad(TOKENS, ((0, 0), (0, 5)))
     np.testing.assert_allclose(

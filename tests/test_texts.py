@@ -180,17 +180,30 @@ def tickets(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def trained_run(tickets, tmp_path_factory):
+    """`trained_run(encoder, capsys)`: the run directory of `hlkeras train` on
+    the tickets with that encoder, trained once per module (and worker)."""
+    runs = {}
+
+    def train(encoder, capsys):
+        if encoder not in runs:
+            run = tmp_path_factory.mktemp(f"run-{encoder}") / "run"
+            status, _, err = _cli(
+                capsys, "train", "--data", tickets, "--text-column", "text", "--encoder", encoder,
+                "--epochs", "8", "--lr", "3e-3", "--width", "32", "--depth", "1", "--out", run,
+            )  # fmt: skip
+            assert status == 0, err
+            runs[encoder] = run
+        return runs[encoder]
+
+    return train
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("encoder", ["transformer", "gru", "lstm"])
-def test_each_encoder_learns_a_keyword_rule_and_exports_verified(
-    tickets, tmp_path, capsys, encoder
-):
-    run = tmp_path / "run"
-    status, _, err = _cli(
-        capsys, "train", "--data", tickets, "--text-column", "text", "--encoder", encoder,
-        "--epochs", "8", "--lr", "3e-3", "--width", "32", "--depth", "1", "--out", run,
-    )  # fmt: skip
-    assert status == 0, err
+def test_each_encoder_learns_a_keyword_rule_and_exports_verified(trained_run, capsys, encoder):
+    run = trained_run(encoder, capsys)
     with open(run / "metrics.json") as file:
         metrics = json.load(file)
     assert metrics["test_accuracy"] >= 0.95, metrics
@@ -201,13 +214,8 @@ def test_each_encoder_learns_a_keyword_rule_and_exports_verified(
 
 
 @pytest.mark.slow
-def test_predict_tokenizes_texts_with_the_saved_vocabulary(tickets, tmp_path, capsys):
-    run = tmp_path / "run"
-    status, _, err = _cli(
-        capsys, "train", "--data", tickets, "--text-column", "text", "--epochs", "3",
-        "--width", "16", "--depth", "1", "--out", run,
-    )  # fmt: skip
-    assert status == 0, err
+def test_predict_tokenizes_texts_with_the_saved_vocabulary(trained_run, tickets, tmp_path, capsys):
+    run = trained_run("transformer", capsys)
     sentences = ["please refund my invoice", "the app shows an error"]
     status, out, err = _cli(capsys, "predict", run, *sentences, tickets, "--top", "1")
     assert status == 0, err
@@ -243,8 +251,12 @@ def test_predict_tokenizes_texts_with_the_saved_vocabulary(tickets, tmp_path, ca
     assert max(a["max_abs_diff"] for a in report["artifacts"]) <= 1e-4
 
     # A vocabulary that is not the model's is refused, naming both sizes.
-    texts.Tokenizer(["a", "b"], tokenizer.max_length).save(run / texts.VOCABULARY_FILE)
-    status, _, err = _cli(capsys, "predict", run, "hello")
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / "model.keras").write_bytes((run / "model.keras").read_bytes())
+    texts.Tokenizer(["a", "b"], tokenizer.max_length).save(
+        tmp_path / "copy" / texts.VOCABULARY_FILE
+    )
+    status, _, err = _cli(capsys, "predict", tmp_path / "copy", "hello")
     assert status == 2 and "has 4 token ids but the model embeds" in err, err
 
 
