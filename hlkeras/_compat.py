@@ -120,6 +120,22 @@ def record_only_running_trials_as_ongoing(oracle):
     oracle.get_state = get_state_of_running_trials
 
 
+def retry_orphaned_running_trials(oracle):
+    """Queues for a re-run every trial a reloaded oracle holds as RUNNING but
+    will not run again.
+
+    `Oracle.create_trial` writes the new trial's `trial.json` before it saves
+    `oracle.json`. `Oracle.reload` loads every trial file but retries only the
+    ongoing trials `oracle.json` lists, so a kill between the two writes
+    leaves a RUNNING trial that is never run, and the search ends with it
+    unfinished. The retry queue is private; there is no public hook.
+    """
+    queued = set(oracle._retry_queue)
+    for trial_id, trial in oracle.trials.items():
+        if trial.status == "RUNNING" and trial_id not in queued:
+            oracle._retry_queue.append(trial_id)
+
+
 def serve_oracle(oracle, poll_seconds=0.2):
     """Runs the chief: serves `oracle` over KerasTuner's gRPC service on
     `$KERASTUNER_ORACLE_IP:$KERASTUNER_ORACLE_PORT` until the oracle stopped

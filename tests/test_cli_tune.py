@@ -167,7 +167,7 @@ def test_sigkill_mid_trial_then_the_rerun_continues_without_losing_or_rerunning(
     )
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert "(resuming)" in rerun.stdout
-    assert "2 trials, 2 completed, 0 failed or unfinished" in rerun.stdout
+    assert "2 trials, 2 completed, 0 failed or unfinished" in rerun.stdout, rerun.stdout
     rows = search.read_trials_csv(directory / search.TRIALS_CSV)
     assert [(row["trial"], row["status"]) for row in rows] == [
         ("0", "COMPLETED"),

@@ -80,7 +80,7 @@ def test_trial_metrics_takes_each_metric_at_the_objectives_best_epoch():
     assert metrics == {"val_accuracy": 0.9, "val_loss": 0.2}
 
 
-def _tiny_random_tuner(directory):
+def _tiny_random_tuner(directory, max_trials=1):
     """A one-trial search through `TunerOverrides` (without it, every trial
     fails on the TF backend importing `tensorboard`)."""
     import keras_tuner as kt
@@ -99,7 +99,11 @@ def _tiny_random_tuner(directory):
         pass
 
     return TinyTuner(
-        TinyHyperModel(), objective="loss", max_trials=1, directory=str(directory), project_name="p"
+        TinyHyperModel(),
+        objective="loss",
+        max_trials=max_trials,
+        directory=str(directory),
+        project_name="p",
     )
 
 
@@ -133,6 +137,24 @@ def test_record_only_running_trials_as_ongoing_drops_finished_ones(tmp_path):
     assert oracle.get_state()["ongoing_trials"] == {"tuner0": trial.trial_id}
     trial.status = "COMPLETED"  # as `end_trial` sets it before its save
     assert oracle.get_state()["ongoing_trials"] == {}
+
+
+def test_retry_orphaned_running_trials_reruns_a_trial_oracle_json_missed(tmp_path):
+    tuner = _tiny_random_tuner(tmp_path, max_trials=2)
+    oracle = tuner.oracle
+    first = oracle.create_trial("tuner0")
+    oracle.update_trial(first.trial_id, {"loss": 1.0})
+    first.status = "COMPLETED"
+    oracle.end_trial(first)
+    tuner.save()  # tuner0.json: a new tuner in the directory reloads
+    saved = (tmp_path / "p" / "oracle.json").read_bytes()
+    second = oracle.create_trial("tuner0")
+    # Killed after create_trial wrote the trial's file, before oracle.json.
+    (tmp_path / "p" / "oracle.json").write_bytes(saved)
+    reloaded = _tiny_random_tuner(tmp_path, max_trials=2).oracle
+    assert reloaded.trials[second.trial_id].status == "RUNNING"
+    _compat.retry_orphaned_running_trials(reloaded)
+    assert reloaded.create_trial("tuner0").trial_id == second.trial_id
 
 
 def test_the_kerastuner_internals_hlkeras_serves_and_overrides_still_exist():

@@ -135,7 +135,9 @@ def make_tuner(
     # leave a file the resume cannot parse.
     _compat.save_tuner_state_with(tuner, _atomic_save_json)
     if isinstance(tuner.oracle, kt.Oracle):
+        # The oracle (here, or a chief's) was reloaded in the constructor.
         _compat.record_only_running_trials_as_ongoing(tuner.oracle)
+        _compat.retry_orphaned_running_trials(tuner.oracle)
     return tuner
 
 
