@@ -31,6 +31,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # for benchmarks.train's shared anchor blocks
 TARGET = 0.9
 SIZES = {"depth": 2, "width": 64, "num_heads": 4, "dropout": 0.1, "ffn_ratio": 2}
 KEYWORDS = {
@@ -59,20 +60,12 @@ def hand_written_text_transformer(max_length, num_classes, vocabulary_size):
     """`models.text(encoder="transformer", pooling="mean")` from built-ins, without RoPE."""
     import keras
 
-    width, heads, dropout = SIZES["width"], SIZES["num_heads"], SIZES["dropout"]
+    from benchmarks.train import hand_written_pre_norm_blocks
+
+    width, dropout = SIZES["width"], SIZES["dropout"]
     tokens = keras.Input(shape=(max_length,), dtype="int32")
     x = keras.layers.Embedding(vocabulary_size, width, mask_zero=True)(tokens)
-    for _ in range(SIZES["depth"]):
-        branch = keras.layers.LayerNormalization(epsilon=1e-5)(x)
-        branch = keras.layers.MultiHeadAttention(heads, width // heads, dropout=dropout)(
-            branch, branch
-        )
-        x = keras.layers.Add()([x, keras.layers.Dropout(dropout)(branch)])
-        branch = keras.layers.LayerNormalization(epsilon=1e-5)(x)
-        branch = keras.layers.Dense(SIZES["ffn_ratio"] * width, activation="gelu")(branch)
-        branch = keras.layers.Dropout(dropout)(branch)
-        branch = keras.layers.Dense(width)(branch)
-        x = keras.layers.Add()([x, keras.layers.Dropout(dropout)(branch)])
+    x = hand_written_pre_norm_blocks(x, **SIZES)
     x = keras.layers.LayerNormalization(epsilon=1e-5)(x)
     x = keras.layers.GlobalAveragePooling1D()(x)
     x = keras.layers.Dropout(dropout)(x)

@@ -98,6 +98,28 @@ def hand_written_mlp(input_shape, num_classes, *, depth, width, dropout, hidden_
     return keras.Model(inputs, outputs)
 
 
+def hand_written_pre_norm_blocks(x, *, depth, width, num_heads, dropout, ffn_ratio):
+    """`depth` pre-norm Transformer blocks of `keras.layers` built-ins
+    (`MultiHeadAttention`, a Dense FFN): the anchor of every benchmark that
+    measures `hlkeras.layers.TransformerBlock` inside a model."""
+    import keras
+
+    for _ in range(depth):
+        branch = keras.layers.LayerNormalization(epsilon=1e-5)(x)
+        branch = keras.layers.MultiHeadAttention(num_heads, width // num_heads, dropout=dropout)(
+            branch, branch
+        )
+        x = keras.layers.Add()([x, keras.layers.Dropout(dropout)(branch)])
+        branch = keras.layers.LayerNormalization(epsilon=1e-5)(x)
+        branch = keras.layers.Dense(
+            ffn_ratio * width, activation="gelu", kernel_initializer="he_normal"
+        )(branch)
+        branch = keras.layers.Dropout(dropout)(branch)
+        branch = keras.layers.Dense(width)(branch)
+        x = keras.layers.Add()([x, keras.layers.Dropout(dropout)(branch)])
+    return x
+
+
 def hand_written_vit(
     input_shape, num_classes, *, depth, width, num_heads, patch_size, dropout, ffn_ratio
 ):
@@ -114,19 +136,9 @@ def hand_written_vit(
     x = keras.layers.Conv2D(width, patch_size, strides=patch_size)(inputs)
     x = keras.layers.Reshape((num_patches, width))(x)
     x = PositionEmbedding(num_patches)(x)
-    for _ in range(depth):
-        branch = keras.layers.LayerNormalization(epsilon=1e-5)(x)
-        branch = keras.layers.MultiHeadAttention(num_heads, width // num_heads, dropout=dropout)(
-            branch, branch
-        )
-        x = keras.layers.Add()([x, keras.layers.Dropout(dropout)(branch)])
-        branch = keras.layers.LayerNormalization(epsilon=1e-5)(x)
-        branch = keras.layers.Dense(
-            ffn_ratio * width, activation="gelu", kernel_initializer="he_normal"
-        )(branch)
-        branch = keras.layers.Dropout(dropout)(branch)
-        branch = keras.layers.Dense(width)(branch)
-        x = keras.layers.Add()([x, keras.layers.Dropout(dropout)(branch)])
+    x = hand_written_pre_norm_blocks(
+        x, depth=depth, width=width, num_heads=num_heads, dropout=dropout, ffn_ratio=ffn_ratio
+    )
     x = keras.layers.LayerNormalization(epsilon=1e-5)(x)
     x = keras.layers.GlobalAveragePooling1D()(x)
     x = keras.layers.Dropout(dropout)(x)
