@@ -249,11 +249,8 @@ def _model_tokenizer(model_path):
     from hlkeras import data
     from hlkeras import texts
 
-    vocabulary = texts.vocabulary_path(model_path)
-    if not os.path.exists(vocabulary):
-        return None
     try:
-        return texts.Tokenizer.load(vocabulary)
+        return texts.saved_tokenizer(model_path)
     except data.DatasetError as error:
         raise UsageError(str(error)) from None
 

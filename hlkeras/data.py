@@ -69,7 +69,9 @@ class DatasetInfo:
         if self.kind == "table":
             return {"feature_mean": self.feature_mean, "feature_variance": self.feature_variance}
         if self.kind == "text":
-            return {"vocabulary_size": self.tokenizer().vocabulary_size}
+            from hlkeras import texts
+
+            return {"vocabulary_size": len(self.vocabulary) + texts.RESERVED_IDS}
         return {}
 
 

@@ -79,13 +79,13 @@ def _tokenizer_for(model_path, input_shape, vocabulary_size):
     from hlkeras import texts
 
     vocabulary = texts.vocabulary_path(model_path)
-    if not os.path.exists(vocabulary):
-        raise PredictError(
-            f"MODEL {model_path}: a text model needs its {texts.VOCABULARY_FILE} "
-            "(from the run directory) beside it"
-        )
     try:
-        tokenizer = texts.Tokenizer.load(vocabulary)
+        tokenizer = texts.saved_tokenizer(model_path)
+        if tokenizer is None:
+            raise PredictError(
+                f"MODEL {model_path}: a text model needs its {texts.VOCABULARY_FILE} "
+                "(from the run directory) beside it"
+            )
         size = vocabulary_size or tokenizer.vocabulary_size
         texts.check_fits(tokenizer, input_shape, size, f"the vocabulary file {vocabulary}")
     except data.DatasetError as error:
@@ -150,9 +150,9 @@ def read_texts(inputs, tokenizer, text_column="text"):
     for item in map(str, inputs):
         if item.lower().endswith(".csv") and os.path.isfile(item):
             try:
-                found, _ = texts.read_text_csv(item, text_column, None)
+                found, _ = texts.read_text_csv(item, text_column, None, where=f"INPUT {item}")
             except data.DatasetError as error:
-                raise PredictError(f"INPUT {error}".replace("--data ", "")) from None
+                raise PredictError(str(error)) from None
             names += [f"{item}:{line}" for line in range(2, len(found) + 2)]
             values += found
         else:

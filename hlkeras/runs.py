@@ -371,11 +371,8 @@ def load_data(settings, resumed_run_dir=None):
     from hlkeras import data
     from hlkeras import texts
 
-    vocabulary = resumed_run_dir and resumed_run_dir.file(RunDir.VOCABULARY)
     try:
-        tokenizer = None
-        if vocabulary and os.path.exists(vocabulary):
-            tokenizer = texts.Tokenizer.load(vocabulary)
+        tokenizer = resumed_run_dir and texts.saved_tokenizer(resumed_run_dir.path)
         train_ds, val_ds, test_ds, info = data.load_for(
             settings,
             batch_size=settings["batch_size"],

@@ -23,6 +23,8 @@ STANDARDIZE = "lower_and_strip_punctuation"
 # few very long texts do not make every batch long.
 LENGTH_QUANTILE = 0.95
 MAX_DEFAULT_LENGTH = 512
+# Ids 0 (padding) and 1 (an unknown word) come before the vocabulary's.
+RESERVED_IDS = 2
 
 
 class Tokenizer:
@@ -55,7 +57,7 @@ class Tokenizer:
     @property
     def vocabulary_size(self):
         """Token ids are in `[0, vocabulary_size)`: the model's embedding size."""
-        return len(self.vocabulary) + 2
+        return len(self.vocabulary) + RESERVED_IDS
 
     @classmethod
     def fit(cls, texts, *, max_tokens=20_000, max_length=None):
@@ -104,30 +106,40 @@ def check_max_length(max_length):
     return max_length
 
 
-def read_text_csv(path, text_column, label):
+def read_text_csv(path, text_column, label, where=None):
     """`(texts, labels)` as string lists from the `text_column` and `label`
-    columns of the CSV at `path` (`label` None: texts only, labels None)."""
+    columns of the CSV at `path` (`label` None: texts only, labels None).
+    Errors start with `where` (default `--data PATH`)."""
+    where = where or f"--data {path}"
     with open(path, newline="") as file:
         reader = csv.DictReader(file)
         columns = reader.fieldnames or []
         for name, flag in ((text_column, "--text-column"), (label, "--label")):
             if name is not None and name not in columns:
                 raise DatasetError(
-                    f"--data {path}: no column {name!r} ({flag} COL); the columns are {columns}"
+                    f"{where}: no column {name!r} ({flag} COL); the columns are {columns}"
                 )
         rows = [row for row in reader if any((value or "").strip() for value in row.values())]
     if not rows:
-        raise DatasetError(f"--data {path}: the CSV file has no rows")
+        raise DatasetError(f"{where}: the CSV file has no rows")
     texts = [(row[text_column] or "").strip() for row in rows]
     if not any(texts):
-        raise DatasetError(f"--data {path}: every text in column {text_column!r} is empty")
+        raise DatasetError(f"{where}: every text in column {text_column!r} is empty")
     return texts, None if label is None else [row[label] for row in rows]
 
 
 def vocabulary_path(model_path):
     """The vocabulary file of a run directory or beside a model file."""
+    model_path = os.fspath(model_path)
     folder = model_path if os.path.isdir(model_path) else os.path.dirname(model_path)
     return os.path.join(folder or ".", VOCABULARY_FILE)
+
+
+def saved_tokenizer(model_path):
+    """The `Tokenizer` saved in a run directory or beside a model file, or
+    None when there is no vocabulary file."""
+    path = vocabulary_path(model_path)
+    return Tokenizer.load(path) if os.path.exists(path) else None
 
 
 def check_fits(tokenizer, model_input_shape, model_vocabulary_size, where):

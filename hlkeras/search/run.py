@@ -221,12 +221,11 @@ def _search_here(settings, overrides, log):
     # What `hlkeras predict` reads beside best.keras: the class names and the
     # tokenizer the trials used.
     training.atomic_write_json(os.path.join(directory, CLASS_NAMES_JSON), list(info.class_names))
-    if info.kind == "text":
-        info.tokenizer().save(os.path.join(directory, texts.VOCABULARY_FILE))
+    tokenizer = info.tokenizer() if info.kind == "text" else None
+    if tokenizer is not None:
+        tokenizer.save(os.path.join(directory, texts.VOCABULARY_FILE))
     train_ds, val_ds, _, _ = data.load_for(
-        settings,
-        batch_size=best["batch_size"],
-        tokenizer=info.tokenizer() if info.vocabulary else None,
+        settings, batch_size=best["batch_size"], tokenizer=tokenizer
     )
     result = retrain_best(
         hypermodel,
