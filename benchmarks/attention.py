@@ -3,12 +3,14 @@ keras.layers.MultiHeadAttention, measured in one run on the active backend.
 
 Self-attention, batch 8, d_model 256, 8 heads of 32, float32, at sequence
 lengths 128 and 512; plus hlkeras with 2 kv heads (grouped-query attention)
-against the same Keras layer. Each step computes the gradients of the summed
-output with respect to the input and every weight, compiled where the backend
-has it (TF `jit_compile=True`, `jax.jit`; torch runs eagerly: its
-`torch.compile` takes minutes on this CPU). After warm-up, hlkeras and Keras
-steps alternate, so background load hits both alike, and each ratio is the
-median over repeats of (hlkeras time / Keras time).
+against the same Keras layer. In the plain cases both layers hold the same
+weights (hlkeras' layout is Keras'), checked by comparing their outputs.
+Each step computes the gradients of the summed output with respect to the
+input and every weight, compiled where the backend has it (TF
+`jit_compile=True`, `jax.jit`; torch runs eagerly: its `torch.compile` takes
+minutes on this CPU). After warm-up, hlkeras and Keras steps alternate, so
+background load hits both alike, and each ratio is the median over repeats
+of (hlkeras time / Keras time).
 
 It also times hlkeras with each attention core (einsum+softmax against
 `ops.dot_product_attention`) and reports the faster one: that is how
@@ -102,9 +104,16 @@ def keras_layer():
 def run_case(length, num_kv_heads, repeats, warmup):
     """Times hlkeras with each attention core and Keras, alternating."""
     inputs = np.random.default_rng(0).normal(size=(BATCH, length, MODEL_DIM)).astype("float32")
-    steps = [
-        make_step(hlkeras_layer(num_kv_heads, core), inputs) for core in attention.ATTENTION_CORES
-    ] + [make_step(keras_layer(), inputs)]
+    reference = keras_layer()
+    expected = keras.ops.convert_to_numpy(reference(inputs, inputs))
+    layers = [hlkeras_layer(num_kv_heads, core) for core in attention.ATTENTION_CORES]
+    for layer in layers:
+        output = layer(inputs, inputs)
+        if num_kv_heads == NUM_HEADS:
+            layer.set_weights(reference.get_weights())
+            output = keras.ops.convert_to_numpy(layer(inputs, inputs))
+            np.testing.assert_allclose(output, expected, rtol=1e-4, atol=1e-4)
+    steps = [make_step(layer, inputs) for layer in layers + [reference]]
     *cores, theirs = _timing.time_interleaved(steps, repeats, warmup)
     # On a JAX GPU/TPU the layer always takes the fused kernel, so both
     # "cores" time the same thing there; this comparison is for CPU.

@@ -22,6 +22,33 @@ def sublayers(layer, include_self=False):
     return list(layer._flatten_layers(include_self=include_self, recursive=True))
 
 
+def get_keras_mask(tensor):
+    """The Keras mask attached to `tensor` (or None).
+
+    `keras.layers.MultiHeadAttention.call` reads and clears its inputs' masks
+    with these private helpers; hlkeras' subclass does the same so that it
+    handles masks exactly as Keras does. There is no public equivalent.
+    """
+    from keras.src import backend
+
+    return backend.get_keras_mask(tensor)
+
+
+def set_keras_mask(tensor, mask):
+    """Attaches `mask` (None clears it) to `tensor`; see `get_keras_mask`."""
+    from keras.src import backend
+
+    backend.set_keras_mask(tensor, mask)
+
+
+def lora_base_kernel(layer):
+    """The frozen kernel variable of a Keras `Dense` / `EinsumDense` with LoRA
+    enabled. Its public `kernel` is then the merged tensor `W + scale * A @ B`,
+    not a variable; Keras' own tests and saving code read `_kernel`.
+    """
+    return layer._kernel
+
+
 def is_graph_model(model):
     """Whether `model` is a functional or Sequential model (it has an op graph
     that `keras.models.clone_model` can rebuild); there is no public flag.

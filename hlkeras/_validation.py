@@ -70,6 +70,29 @@ def check_activation(name, value):
     return value
 
 
+# The Keras-standard weight arguments, by the last word of their name.
+WEIGHT_OPTION_KINDS = {
+    "initializer": (keras.initializers, "'glorot_uniform' or 'zeros'"),
+    "regularizer": (keras.regularizers, "'l2'"),
+    "constraint": (keras.constraints, "'max_norm' or 'non_neg'"),
+}
+
+
+def check_weight_option(name, identifier):
+    """Resolves an initializer, regularizer or constraint argument (its kind is
+    the last word of `name`, e.g. `kernel_regularizer`), so that a bad name
+    fails at construction and names the argument."""
+    kind = name.rsplit("_", 1)[-1]
+    module, examples = WEIGHT_OPTION_KINDS[kind]
+    try:
+        return module.get(identifier)
+    except (ValueError, TypeError):
+        raise ValueError(
+            f"Argument `{name}` must be a Keras {kind}: a name such as "
+            f"{examples}, a config dict or an instance. Received: {name}={identifier!r}"
+        ) from None
+
+
 def kernel_initializer_for(activation):
     """He-normal for the relu family, Glorot-uniform (Keras' default) otherwise."""
     return "he_normal" if activation in RELU_FAMILY else "glorot_uniform"

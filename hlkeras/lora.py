@@ -17,14 +17,16 @@ Which layers can take an adapter:
   config with `lora_rank=rank` (and `lora_alpha=alpha`,
   `lora_dropout=dropout` when those keys are in the config too). With
   `lora_rank` set, the layer must
-    1. build its adaptable projections as `LoRADense` sublayers, and create
-       its weights in the same order as without adapters, so that its
-       `weights` with the adapter variables left out line up one to one
-       (same names, same shapes) with the plain layer's `weights`;
-    2. keep exactly the `LoRADense` adapters `A` and `B` in
-       `trainable_weights` (freeze its other sublayers, e.g. norms).
+    1. build its adaptable projections as `LoRADense` sublayers, or as Keras
+       `Dense` / `EinsumDense` with Keras' LoRA enabled (`MultiHeadAttention`,
+       whose weights are Keras'), and create its weights in the same order
+       as without adapters, so that its `weights` with the adapter variables
+       left out line up one to one (same names, same shapes) with the plain
+       layer's `weights`;
+    2. keep exactly the adapters `A` and `B` in `trainable_weights` (freeze
+       its other weights, e.g. norms and biases).
   `merge_lora` rebuilds it with `lora_rank=None` and copies the weights back,
-  each `LoRADense` kernel replaced by its merged kernel.
+  each adapted kernel replaced by its merged kernel.
 
 Only top-level layers of `model.layers` are considered. Weights always move
 through NumPy copies: on JAX, a variable's buffer can be donated by `fit`.
@@ -40,6 +42,7 @@ from hlkeras import _compat
 from hlkeras import _validation
 from hlkeras.layers.lora import LoRADense
 from hlkeras.layers.lora import check_alpha
+from hlkeras.layers.weight_options import KERNEL_AND_BIAS_ARGUMENTS
 
 ADAPTER_FORMAT = "hlkeras-lora-adapters"
 ADAPTER_FORMAT_VERSION = 1
@@ -86,18 +89,39 @@ def _clone(model, clone_layer):
     return keras.models.clone_model(model, input_tensors=inputs, clone_function=clone_layer)
 
 
-def lora_dense_sublayers(layer):
-    """Every `LoRADense` in `layer`, itself included, in tracking order."""
+def adapted_projections(layer):
+    """Every projection in `layer`, itself included, that carries an adapter,
+    in tracking order: an hlkeras `LoRADense`, or a Keras `Dense` /
+    `EinsumDense` with Keras' own LoRA enabled (what
+    `MultiHeadAttention(lora_rank=...)` uses)."""
     return [
         sublayer
         for sublayer in _compat.sublayers(layer, include_self=True)
-        if isinstance(sublayer, LoRADense)
+        if isinstance(sublayer, LoRADense) or getattr(sublayer, "lora_enabled", False)
     ]
 
 
+def _adapters_of(projection):
+    if isinstance(projection, LoRADense):
+        return projection.adapter_weights
+    return [projection.lora_kernel_a, projection.lora_kernel_b]
+
+
+def _rank_of(projection):
+    return projection.rank if isinstance(projection, LoRADense) else projection.lora_rank
+
+
+def _merged_kernel_of(projection):
+    """`(kernel variable, NumPy W + scale * A @ B)` of one projection."""
+    if isinstance(projection, LoRADense):
+        return projection.kernel, projection.merged_kernel()
+    # Keras' `kernel` property is the merged kernel when LoRA is enabled.
+    return _compat.lora_base_kernel(projection), _as_numpy([projection.kernel])[0]
+
+
 def adapter_weights(layer):
-    """The adapter variables (`A`, `B` of every `LoRADense`) in `layer`."""
-    return [w for sub in lora_dense_sublayers(layer) for w in sub.adapter_weights]
+    """The adapter variables (`A`, `B` of every adapted projection) in `layer`."""
+    return [w for projection in adapted_projections(layer) for w in _adapters_of(projection)]
 
 
 def follows_lora_protocol(layer):
@@ -190,6 +214,8 @@ def _lora_version(layer, rank, alpha, dropout):
             use_bias=config["use_bias"],
             name=layer.name,
             dtype=layer.dtype_policy,
+            activity_regularizer=config.get("activity_regularizer"),
+            **{name: config[name] for name in KERNEL_AND_BIAS_ARGUMENTS},
         )
     config["lora_rank"] = rank
     for key, value in (("lora_alpha", alpha), ("lora_dropout", dropout)):
@@ -315,7 +341,9 @@ def apply_lora(model, rank=8, alpha=None, dropout=0.0, targets=None):
 def _merged_values(layer):
     """`layer`'s base weights and their NumPy values, each `LoRADense`
     kernel replaced by its merged kernel."""
-    merged_kernels = {id(sub.kernel): sub.merged_kernel() for sub in lora_dense_sublayers(layer)}
+    merged_kernels = dict(
+        (id(kernel), value) for kernel, value in map(_merged_kernel_of, adapted_projections(layer))
+    )
     base = _base_weights(layer)
     values = [merged_kernels[id(w)] if id(w) in merged_kernels else _as_numpy([w])[0] for w in base]
     return base, values
@@ -374,7 +402,7 @@ def _saved_layers(model):
     for layer in model.layers:
         adapters = adapter_weights(layer)
         if adapters:
-            ranks = [sub.rank for sub in lora_dense_sublayers(layer)]
+            ranks = [_rank_of(projection) for projection in adapted_projections(layer)]
             entries.append((layer, "adapter", adapters, ranks))
         elif layer.trainable_weights:
             entries.append((layer, "trainable", layer.weights, []))

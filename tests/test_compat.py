@@ -28,6 +28,29 @@ def test_sublayers_reaches_layers_nested_in_layers_and_models():
     assert [layer.name for layer in moe_layers] == ["block_moe"]
 
 
+def test_keras_mask_helpers_attach_read_and_clear_a_mask():
+    tensor = keras.ops.ones((2, 3, 4))
+    mask = keras.ops.convert_to_tensor([[True, True, False], [True, False, False]])
+    _compat.set_keras_mask(tensor, mask)
+    assert keras.ops.convert_to_numpy(_compat.get_keras_mask(tensor)).tolist() == [
+        [True, True, False],
+        [True, False, False],
+    ]
+    _compat.set_keras_mask(tensor, None)
+    assert _compat.get_keras_mask(tensor) is None
+
+
+def test_lora_base_kernel_is_the_frozen_kernel_variable():
+    dense = keras.layers.EinsumDense("abc,cde->abde", output_shape=(None, 2, 3))
+    dense.build((None, 5, 4))
+    before = keras.ops.convert_to_numpy(dense.kernel)
+    dense.enable_lora(2)
+    kernel = _compat.lora_base_kernel(dense)
+    assert isinstance(kernel, keras.Variable) and not kernel.trainable
+    assert kernel.shape == (4, 2, 3)
+    assert (keras.ops.convert_to_numpy(kernel) == before).all()
+
+
 def test_is_graph_model_tells_functional_and_sequential_from_subclassed():
     inputs = keras.Input((3,))
     functional = keras.Model(inputs, keras.layers.Dense(2)(inputs))

@@ -91,7 +91,7 @@ def _adapter_paths(prefix, projections):
 
 
 def _lora_dense_count(model):
-    return sum(len(lora.lora_dense_sublayers(layer)) for layer in model.layers)
+    return sum(len(lora.adapted_projections(layer)) for layer in model.layers)
 
 
 # apply_lora
@@ -102,9 +102,11 @@ def test_transformer_block_takes_adapters_outputs_unchanged():
     adapted = lora.apply_lora(model, rank=2, alpha=4.0, dropout=0.1)
     block = adapted.get_layer("block")
     assert type(block) is TransformerBlock and block.lora_rank == 2
-    projections = lora.lora_dense_sublayers(block)
-    assert len(projections) == len(BLOCK_PROJECTIONS)
-    assert all(p.rank == 2 and p.alpha == 4.0 and p.dropout == 0.1 for p in projections)
+    attention, ffn = (lora.adapted_projections(getattr(block, n)) for n in ("attention", "ffn"))
+    assert len(attention) + len(ffn) == len(BLOCK_PROJECTIONS)
+    # Attention: Keras' EinsumDense LoRA (no dropout); FFN: LoRADense.
+    assert all(p.lora_rank == 2 and p.lora_alpha == 4.0 for p in attention)
+    assert all(p.rank == 2 and p.alpha == 4.0 and p.dropout == 0.1 for p in ffn)
     assert [w.path for w in adapted.trainable_weights] == _adapter_paths(
         "block", BLOCK_PROJECTIONS
     ) + ["head/kernel", "head/bias"]
@@ -245,11 +247,11 @@ def test_transformer_block_with_lora_rank_contract():
 def test_lora_rank_config_and_projection_types(layer_cls, init_kwargs):
     plain = layer_cls(**init_kwargs)
     assert plain.get_config()["lora_rank"] is None
-    adapted = layer_cls.from_config(
-        {**plain.get_config(), "lora_rank": 2, "lora_alpha": 3.0, "lora_dropout": 0.1}
-    )
+    lora_keys = {"lora_rank": 2, "lora_alpha": 3.0, "lora_dropout": 0.1}
+    lora_keys = {key: value for key, value in lora_keys.items() if key in plain.get_config()}
+    adapted = layer_cls.from_config({**plain.get_config(), **lora_keys})
     config = adapted.get_config()
-    assert (config["lora_rank"], config["lora_alpha"], config["lora_dropout"]) == (2, 3.0, 0.1)
+    assert {key: config[key] for key in lora_keys} == lora_keys
     if layer_cls is MultiHeadAttention:
         adapted.build(TOKENS.shape, TOKENS.shape)
         plain.build(TOKENS.shape, TOKENS.shape)
@@ -262,8 +264,14 @@ def test_lora_rank_config_and_projection_types(layer_cls, init_kwargs):
     assert base == [(w.name, tuple(w.shape)) for w in plain.weights]
     # Protocol rule 2: only the adapters train.
     assert {id(w) for w in adapted.trainable_weights} == adapter_ids
-    assert all(isinstance(p, LoRADense) for p in lora.lora_dense_sublayers(adapted))
-    assert not lora.lora_dense_sublayers(plain)
+    # Attention projections use Keras' EinsumDense LoRA, the FFN LoRADense.
+    expected_types = {
+        TransformerBlock: {keras.layers.EinsumDense, LoRADense},
+        MultiHeadAttention: {keras.layers.EinsumDense},
+        FeedForward: {LoRADense},
+    }[layer_cls]
+    assert {type(p) for p in lora.adapted_projections(adapted)} == expected_types
+    assert not lora.adapted_projections(plain)
 
 
 @pytest.mark.parametrize(

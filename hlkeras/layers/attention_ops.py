@@ -43,15 +43,6 @@ def rotary_embedding(x, max_wavelength=10000):
     return x * cos + rotated_half * sin
 
 
-def causal_mask(query_length, key_length):
-    """Boolean `(1, 1, query_length, key_length)`: query `t` sees keys `<= t`."""
-    # Reshapes, not `[None, ...]` indexing: TFLite has no builtin for a
-    # new-axis strided slice of a dynamic boolean tensor.
-    rows = ops.reshape(ops.arange(query_length), (1, 1, -1, 1))
-    columns = ops.reshape(ops.arange(key_length), (1, 1, 1, -1))
-    return ops.greater_equal(rows, columns)
-
-
 def attention_mask_to_4d(attention_mask, target_shape):
     """Expands a user mask to rank 4 and checks it broadcasts to the logits.
 
@@ -90,34 +81,6 @@ def _mask_shape_error(mask_shape, target_shape):
         "key_length), a rank-2 mask (query_length, key_length). "
         f"Received: attention_mask.shape={mask_shape}"
     )
-
-
-def padding_mask(query_mask, value_mask, key_mask):
-    """Merges Keras padding masks into a boolean `(batch, 1, T|1, S|1)` mask.
-
-    As in `keras.layers.MultiHeadAttention`, a padded query attends to
-    nothing (its row is fully masked, hence uniform after the softmax) and no
-    query attends to a padded key or value.
-    """
-
-    def expanded(mask, axes):
-        return None if mask is None else ops.expand_dims(ops.cast(mask, "bool"), axes)
-
-    return and_masks(
-        expanded(query_mask, (1, 3)),
-        expanded(value_mask, (1, 2)),
-        expanded(key_mask, (1, 2)),
-    )
-
-
-def and_masks(*masks):
-    present = [mask for mask in masks if mask is not None]
-    if not present:
-        return None
-    merged = present[0]
-    for mask in present[1:]:
-        merged = ops.logical_and(merged, mask)
-    return merged
 
 
 def dynamic_shape(x):

@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from hlkeras import _validation
+from hlkeras.layers.weight_options import WeightOptions
 
 
 @keras.saving.register_keras_serializable(package="hlkeras")
@@ -16,7 +17,11 @@ class PositionEmbedding(keras.layers.Layer):
 
     Args:
         max_length: Positive int, the longest sequence the table covers.
-        **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
+        **kwargs: Base layer keyword arguments, such as `name` and `dtype`,
+            and the Keras weight arguments of the table, as in
+            `keras.layers.Embedding`: `embeddings_initializer` (default
+            normal with stddev 0.02), `embeddings_regularizer`,
+            `embeddings_constraint`, and `activity_regularizer`.
 
     Call arguments:
         inputs: Tensor `(batch, length, d)` with `length <= max_length`.
@@ -28,7 +33,9 @@ class PositionEmbedding(keras.layers.Layer):
     """
 
     def __init__(self, max_length, **kwargs):
+        weight_options = WeightOptions.pop(kwargs, kinds=("embeddings",))
         super().__init__(**kwargs)
+        self.weight_options = weight_options
         self.max_length = _validation.check_positive_int("max_length", max_length)
         self.supports_masking = True
 
@@ -42,8 +49,10 @@ class PositionEmbedding(keras.layers.Layer):
             )
         self.embeddings = self.add_weight(
             shape=(self.max_length, input_shape[-1]),
-            initializer=keras.initializers.RandomNormal(stddev=0.02),
             name="embeddings",
+            **self.weight_options.weight(
+                "embeddings", keras.initializers.RandomNormal(stddev=0.02)
+            ),
         )
 
     def call(self, inputs):
@@ -56,5 +65,5 @@ class PositionEmbedding(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update({"max_length": self.max_length})
+        config.update({"max_length": self.max_length, **self.weight_options.get_config()})
         return config

@@ -13,6 +13,7 @@ import keras
 from keras import ops
 
 from hlkeras import _validation
+from hlkeras.layers.weight_options import WeightOptions
 
 
 def check_alpha(alpha, name="alpha", rank_name="rank"):
@@ -69,7 +70,12 @@ class LoRADense(keras.layers.Layer):
         activation: Name of a Keras activation, or None for linear.
         use_bias: Whether the (frozen) base has a bias.
         rslora: Scale by `alpha / sqrt(rank)` instead of `alpha / rank`.
-        **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
+        **kwargs: Base layer keyword arguments, such as `name` and `dtype`,
+            and the Keras weight arguments `kernel_initializer`,
+            `bias_initializer`, `kernel_regularizer`, `bias_regularizer`,
+            `kernel_constraint`, `bias_constraint` (the adapters `A` and `B`
+            take `kernel_regularizer` too, as in Keras' LoRA) and
+            `activity_regularizer`.
 
     Call arguments:
         inputs: Tensor of shape `(batch, ..., d_in)`.
@@ -99,7 +105,9 @@ class LoRADense(keras.layers.Layer):
         rslora=False,
         **kwargs,
     ):
+        weight_options = WeightOptions.pop(kwargs)
         super().__init__(**kwargs)
+        self.weight_options = weight_options
         self.units = _validation.check_positive_int("units", units)
         self.rank = _validation.check_positive_int("rank", rank)
         self.alpha = check_alpha(alpha)
@@ -129,21 +137,29 @@ class LoRADense(keras.layers.Layer):
         self.kernel = self.add_weight(
             name="kernel",
             shape=(input_dim, self.units),
-            initializer="glorot_uniform",
             trainable=False,
+            **self.weight_options.weight("kernel", "glorot_uniform"),
         )
         self.bias = None
         if self.use_bias:
             self.bias = self.add_weight(
-                name="bias", shape=(self.units,), initializer="zeros", trainable=False
+                name="bias",
+                shape=(self.units,),
+                trainable=False,
+                **self.weight_options.weight("bias", "zeros"),
             )
+        adapter_regularizer = self.weight_options.weight("kernel", None)["regularizer"]
         self.lora_kernel_a = self.add_weight(
             name="lora_kernel_a",
             shape=(input_dim, self.rank),
             initializer="he_uniform",
+            regularizer=adapter_regularizer,
         )
         self.lora_kernel_b = self.add_weight(
-            name="lora_kernel_b", shape=(self.rank, self.units), initializer="zeros"
+            name="lora_kernel_b",
+            shape=(self.rank, self.units),
+            initializer="zeros",
+            regularizer=adapter_regularizer,
         )
 
     @property
@@ -192,6 +208,7 @@ class LoRADense(keras.layers.Layer):
             use_bias=self.use_bias,
             dtype=self.dtype_policy,
             name=self.name,
+            **self.weight_options.sublayer(),
         )
         dense.build((None, self.kernel.shape[0]))
         values = [self.merged_kernel()]
@@ -211,31 +228,31 @@ class LoRADense(keras.layers.Layer):
                 "activation": self.activation,
                 "use_bias": self.use_bias,
                 "rslora": self.rslora,
+                **self.weight_options.get_config(),
             }
         )
         return config
 
 
-def dense_or_lora(layer, units, name, activation=None, use_bias=True, **dense_kwargs):
+def dense_or_lora(layer, units, name, activation=None, use_bias=True, kernel_initializer=None):
     """A `Dense` projection of `layer`, or a `LoRADense` when its `lora_rank`
-    is set. Both create `kernel` then `bias` first, so `hlkeras.lora` can
-    line up the plain and adapted weights (the LoRA protocol)."""
+    is set, with the layer's weight arguments (`layer.weight_options`;
+    `kernel_initializer` is the layer's default). Both create `kernel` then
+    `bias` first, so `hlkeras.lora` can line up the plain and adapted weights
+    (the LoRA protocol)."""
+    common = {
+        "activation": activation,
+        "use_bias": use_bias,
+        "dtype": layer.dtype_policy,
+        "name": name,
+        **layer.weight_options.sublayer(kernel_initializer or "glorot_uniform"),
+    }
     if layer.lora_rank is None:
-        return keras.layers.Dense(
-            units,
-            activation=activation,
-            use_bias=use_bias,
-            dtype=layer.dtype_policy,
-            name=name,
-            **dense_kwargs,
-        )
+        return keras.layers.Dense(units, **common)
     return LoRADense(
         units,
         rank=layer.lora_rank,
         alpha=layer.lora_alpha,
         dropout=layer.lora_dropout,
-        activation=activation,
-        use_bias=use_bias,
-        dtype=layer.dtype_policy,
-        name=name,
+        **common,
     )

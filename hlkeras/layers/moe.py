@@ -38,6 +38,7 @@ import keras
 from keras import ops
 
 from hlkeras import _validation
+from hlkeras.layers.weight_options import WeightOptions
 
 # Rows per block in dropless mode, as a fraction of the average expert load:
 # a block of `ceil(assignments / (experts * DROPLESS_BLOCKS_PER_EXPERT))`
@@ -526,7 +527,15 @@ class MixtureOfExperts(keras.layers.Layer):
         router_jitter: Float in [0, 1). In training, the router input is
             multiplied by noise uniform in `[1 - jitter, 1 + jitter]`.
         dropout: Float in [0, 1), dropout on the expert hidden activations.
-        **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
+        **kwargs: Base layer keyword arguments, such as `name` and `dtype`,
+            and the Keras weight arguments: `kernel_initializer`,
+            `kernel_regularizer`, `kernel_constraint` for the expert kernels
+            `(E, d_in, d_out)` (an initializer left unset scales per expert,
+            as if each were its own `Dense`; one given sees the whole
+            stacked kernel), `bias_initializer`, `bias_regularizer`,
+            `bias_constraint` for the expert biases, `router_initializer`,
+            `router_regularizer`, `router_constraint` for the router kernel,
+            and `activity_regularizer`.
 
     Call arguments:
         inputs: Tensor of shape `(batch, ..., d)`; every position is a token.
@@ -557,7 +566,9 @@ class MixtureOfExperts(keras.layers.Layer):
         dropout=0.0,
         **kwargs,
     ):
+        weight_options = WeightOptions.pop(kwargs, kinds=("kernel", "bias", "router"))
         super().__init__(**kwargs)
+        self.weight_options = weight_options
         self.num_experts = _validation.check_positive_int("num_experts", num_experts)
         self.hidden_units = _validation.check_positive_int("hidden_units", hidden_units)
         self.top_k = _validation.check_positive_int("top_k", top_k)
@@ -601,23 +612,38 @@ class MixtureOfExperts(keras.layers.Layer):
         experts, hidden = self.num_experts, self.hidden_units
         # Router logits in float32 even under mixed precision: the top-k
         # choice and the z-loss are sensitive to rounding.
-        self.router = keras.layers.Dense(experts, use_bias=False, dtype="float32", name="router")
+        router = self.weight_options.weight("router", "glorot_uniform")
+        self.router = FloatRouter(
+            experts,
+            use_bias=False,
+            dtype="float32",
+            name="router",
+            kernel_initializer=router["initializer"],
+            kernel_regularizer=router["regularizer"],
+            kernel_constraint=router["constraint"],
+        )
         self.router.build(tuple(input_shape[:-1]) + (input_dim,))
         self.expert_hidden_kernel = self.add_weight(
             name="expert_hidden_kernel",
             shape=(experts, input_dim, hidden),
-            initializer=_per_expert_initializer(self.activation, experts),
+            **self.weight_options.weight(
+                "kernel", _per_expert_initializer(self.activation, experts)
+            ),
         )
         self.expert_hidden_bias = self.add_weight(
-            name="expert_hidden_bias", shape=(experts, hidden), initializer="zeros"
+            name="expert_hidden_bias",
+            shape=(experts, hidden),
+            **self.weight_options.weight("bias", "zeros"),
         )
         self.expert_output_kernel = self.add_weight(
             name="expert_output_kernel",
             shape=(experts, hidden, output_dim),
-            initializer=_per_expert_initializer(None, experts),
+            **self.weight_options.weight("kernel", _per_expert_initializer(None, experts)),
         )
         self.expert_output_bias = self.add_weight(
-            name="expert_output_bias", shape=(experts, output_dim), initializer="zeros"
+            name="expert_output_bias",
+            shape=(experts, output_dim),
+            **self.weight_options.weight("bias", "zeros"),
         )
         self.hidden_dropout = (
             keras.layers.Dropout(self.dropout, dtype=self.dtype_policy) if self.dropout else None
@@ -750,6 +776,7 @@ class MixtureOfExperts(keras.layers.Layer):
                 "router_z_weight": self.router_z_weight,
                 "router_jitter": self.router_jitter,
                 "dropout": self.dropout,
+                **self.weight_options.get_config(),
             }
         )
         return config
@@ -800,6 +827,20 @@ def _num_tokens(inputs):
     for dim in dynamic:
         num_tokens = num_tokens * dim
     return num_tokens
+
+
+class FloatRouter(keras.layers.Dense):
+    """The router of `MixtureOfExperts`: a `Dense` that `model.quantize`
+    leaves in float32 (Keras warns and skips a layer whose `quantize` raises
+    `NotImplementedError`). Rounding the router flips top-k choices: in
+    `tests/layers/test_weight_options.py`'s int8 model it made the largest
+    output error about 1.5x larger."""
+
+    def quantize(self, mode=None, type_check=True, config=None):
+        raise NotImplementedError(
+            f"Layer '{self.name}' (a MixtureOfExperts router) stays float32: "
+            "rounding its logits would change which experts a token goes to."
+        )
 
 
 def _per_expert_initializer(activation, num_experts):

@@ -4,6 +4,7 @@ by learned attention weights that honour the Keras padding mask."""
 import keras
 
 from hlkeras import _validation
+from hlkeras.layers.weight_options import WeightOptions
 
 
 def masked_softmax(scores, mask=None):
@@ -39,9 +40,11 @@ class AttentionPooling(keras.layers.Layer):
 
     Args:
         units: Optional positive int, the hidden width of additive scoring.
-        kernel_initializer: Initializer of the scoring weights.
-        kernel_regularizer: Optional regularizer of the scoring weights.
-        **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
+        **kwargs: Base layer keyword arguments, such as `name` and `dtype`,
+            and the Keras weight arguments `kernel_initializer`,
+            `kernel_regularizer`, `kernel_constraint` (the scoring weights),
+            `bias_initializer`, `bias_regularizer`, `bias_constraint` (the
+            additive-scoring bias) and `activity_regularizer`.
 
     Call arguments:
         inputs: Tensor `(batch, length, d)`.
@@ -61,15 +64,12 @@ class AttentionPooling(keras.layers.Layer):
     def __init__(
         self,
         units=None,
-        *,
-        kernel_initializer="glorot_uniform",
-        kernel_regularizer=None,
         **kwargs,
     ):
+        weight_options = WeightOptions.pop(kwargs)
         super().__init__(**kwargs)
+        self.weight_options = weight_options
         self.units = None if units is None else _validation.check_positive_int("units", units)
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
         self.supports_masking = True
 
     def build(self, input_shape):
@@ -77,7 +77,11 @@ class AttentionPooling(keras.layers.Layer):
         width = input_shape[-1]
         if self.units is not None:
             self.hidden_kernel = self._scoring_weight("hidden_kernel", (width, self.units))
-            self.hidden_bias = self.add_weight(name="hidden_bias", shape=(self.units,))
+            self.hidden_bias = self.add_weight(
+                name="hidden_bias",
+                shape=(self.units,),
+                **self.weight_options.weight("bias", "zeros"),
+            )
             width = self.units
         self.query = self._scoring_weight("query", (width,))
 
@@ -85,8 +89,7 @@ class AttentionPooling(keras.layers.Layer):
         return self.add_weight(
             name=name,
             shape=shape,
-            initializer=self.kernel_initializer,
-            regularizer=self.kernel_regularizer,
+            **self.weight_options.weight("kernel", "glorot_uniform"),
         )
 
     def call(self, inputs, mask=None, return_attention_scores=False):
@@ -111,8 +114,7 @@ class AttentionPooling(keras.layers.Layer):
         config.update(
             {
                 "units": self.units,
-                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
-                "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
+                **self.weight_options.get_config(),
             }
         )
         return config

@@ -7,6 +7,7 @@ import keras
 from keras import ops
 
 from hlkeras import _validation
+from hlkeras.layers.weight_options import WeightOptions
 
 NORMS = ("layer", "batch", None)
 
@@ -90,7 +91,12 @@ class ResidualBlock(keras.layers.Layer):
             branch input (pre-norm).
         dropout: Float in [0, 1), dropout on the inner activations.
         drop_path: Float in [0, 1), stochastic-depth rate of the branch.
-        **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
+        **kwargs: Base layer keyword arguments, such as `name` and `dtype`,
+            and the Keras weight arguments `kernel_initializer`,
+            `bias_initializer`, `kernel_regularizer`, `bias_regularizer`,
+            `kernel_constraint`, `bias_constraint` (for every kernel and bias
+            of the layer; an initializer left unset keeps the layer's
+            default) and `activity_regularizer`.
 
     Call arguments:
         inputs: Tensor of shape `(batch, ..., d)`.
@@ -115,7 +121,9 @@ class ResidualBlock(keras.layers.Layer):
         drop_path=0.0,
         **kwargs,
     ):
+        weight_options = WeightOptions.pop(kwargs)
         super().__init__(**kwargs)
+        self.weight_options = weight_options
         self.units = _validation.check_positive_int("units", units)
         self.hidden_units = (
             None
@@ -136,17 +144,23 @@ class ResidualBlock(keras.layers.Layer):
         self.hidden_dense = keras.layers.Dense(
             self.hidden_units or self.units,
             activation=self.activation,
-            kernel_initializer=_validation.kernel_initializer_for(self.activation),
             dtype=policy,
             name="hidden_dense",
+            **self.weight_options.sublayer(_validation.kernel_initializer_for(self.activation)),
         )
         self.hidden_dropout = keras.layers.Dropout(self.dropout, dtype=policy)
-        self.output_dense = keras.layers.Dense(self.units, dtype=policy, name="output_dense")
+        self.output_dense = keras.layers.Dense(
+            self.units, dtype=policy, name="output_dense", **self.weight_options.sublayer()
+        )
         self.branch_drop_path = DropPath(self.drop_path, dtype=policy)
         self.shortcut = None
         if input_dim != self.units:
             self.shortcut = keras.layers.Dense(
-                self.units, use_bias=False, dtype=policy, name="shortcut"
+                self.units,
+                use_bias=False,
+                dtype=policy,
+                name="shortcut",
+                **self.weight_options.sublayer(),
             )
             self.shortcut.build(input_shape)
         if self.branch_norm is not None:
@@ -179,6 +193,7 @@ class ResidualBlock(keras.layers.Layer):
                 "norm": self.norm,
                 "dropout": self.dropout,
                 "drop_path": self.drop_path,
+                **self.weight_options.get_config(),
             }
         )
         return config
@@ -204,7 +219,12 @@ class ConvResidualBlock(keras.layers.Layer):
         bottleneck: Whether to use the 1x1-3x3-1x1 bottleneck branch.
         activation: Name of a Keras activation.
         drop_path: Float in [0, 1), stochastic-depth rate of the branch.
-        **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
+        **kwargs: Base layer keyword arguments, such as `name` and `dtype`,
+            and the Keras weight arguments `kernel_initializer`,
+            `bias_initializer`, `kernel_regularizer`, `bias_regularizer`,
+            `kernel_constraint`, `bias_constraint` (for every kernel and bias
+            of the layer; an initializer left unset keeps the layer's
+            default) and `activity_regularizer`.
 
     Call arguments:
         inputs: Tensor of shape `(batch, height, width, channels)`.
@@ -228,7 +248,9 @@ class ConvResidualBlock(keras.layers.Layer):
         drop_path=0.0,
         **kwargs,
     ):
+        weight_options = WeightOptions.pop(kwargs)
         super().__init__(**kwargs)
+        self.weight_options = weight_options
         self.filters = _validation.check_positive_int("filters", filters)
         self.strides = _validation.check_positive_int("strides", strides)
         if bottleneck and filters % 4:
@@ -247,9 +269,9 @@ class ConvResidualBlock(keras.layers.Layer):
             strides=strides,
             padding="same",
             use_bias=False,
-            kernel_initializer=_validation.kernel_initializer_for(self.activation),
             dtype=self.dtype_policy,
             name=name,
+            **self.weight_options.sublayer(_validation.kernel_initializer_for(self.activation)),
         )
 
     def _batch_norm(self, name):
@@ -320,6 +342,7 @@ class ConvResidualBlock(keras.layers.Layer):
                 "bottleneck": self.bottleneck,
                 "activation": self.activation,
                 "drop_path": self.drop_path,
+                **self.weight_options.get_config(),
             }
         )
         return config

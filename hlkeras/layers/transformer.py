@@ -10,6 +10,7 @@ from hlkeras.layers.lora import check_lora_arguments
 from hlkeras.layers.lora import dense_or_lora
 from hlkeras.layers.moe import MixtureOfExperts
 from hlkeras.layers.residual import DropPath
+from hlkeras.layers.weight_options import WeightOptions
 
 
 @keras.saving.register_keras_serializable(package="hlkeras")
@@ -27,7 +28,12 @@ class FeedForward(keras.layers.Layer):
         lora_alpha: Optional number > 0, the adapters' strength. Defaults to
             `lora_rank`.
         lora_dropout: Float in [0, 1), dropout on the adapters' inputs.
-        **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
+        **kwargs: Base layer keyword arguments, such as `name` and `dtype`,
+            and the Keras weight arguments `kernel_initializer`,
+            `bias_initializer`, `kernel_regularizer`, `bias_regularizer`,
+            `kernel_constraint`, `bias_constraint` (for every kernel and bias
+            of the layer; an initializer left unset keeps the layer's
+            default) and `activity_regularizer`.
 
     Call arguments:
         inputs: Tensor `(batch, ..., d)`.
@@ -50,7 +56,9 @@ class FeedForward(keras.layers.Layer):
         lora_dropout=0.0,
         **kwargs,
     ):
+        weight_options = WeightOptions.pop(kwargs)
         super().__init__(**kwargs)
+        self.weight_options = weight_options
         self.ffn_units = _validation.check_positive_int("ffn_units", ffn_units)
         self.activation = _validation.check_activation("activation", activation)
         self.dropout = _validation.check_rate("dropout", dropout)
@@ -63,14 +71,12 @@ class FeedForward(keras.layers.Layer):
     def build(self, input_shape):
         input_dim = _validation.check_feature_dim("FeedForward", input_shape)
         policy = self.dtype_policy
-        initializer = {}
-        if self.lora_rank is None:
-            # A LoRADense base is always copied in, never initialized.
-            initializer = {
-                "kernel_initializer": _validation.kernel_initializer_for(self.activation)
-            }
         self.hidden_dense = dense_or_lora(
-            self, self.ffn_units, "hidden_dense", self.activation, **initializer
+            self,
+            self.ffn_units,
+            "hidden_dense",
+            self.activation,
+            kernel_initializer=_validation.kernel_initializer_for(self.activation),
         )
         self.hidden_dropout = keras.layers.Dropout(self.dropout, dtype=policy)
         self.output_dense = dense_or_lora(self, input_dim, "output_dense")
@@ -96,6 +102,7 @@ class FeedForward(keras.layers.Layer):
                 "lora_rank": self.lora_rank,
                 "lora_alpha": self.lora_alpha,
                 "lora_dropout": self.lora_dropout,
+                **self.weight_options.get_config(),
             }
         )
         return config
@@ -142,7 +149,12 @@ class TransformerBlock(keras.layers.Layer):
         lora_alpha: Optional number > 0, the adapters' strength. Defaults to
             `lora_rank`.
         lora_dropout: Float in [0, 1), dropout on the adapters' inputs.
-        **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
+        **kwargs: Base layer keyword arguments, such as `name` and `dtype`,
+            and the Keras weight arguments `kernel_initializer`,
+            `bias_initializer`, `kernel_regularizer`, `bias_regularizer`,
+            `kernel_constraint`, `bias_constraint` (for every kernel and bias
+            of the layer; an initializer left unset keeps the layer's
+            default) and `activity_regularizer`.
 
     Call arguments:
         inputs: Tensor `(batch, length, d)`, optionally with a Keras padding
@@ -177,7 +189,9 @@ class TransformerBlock(keras.layers.Layer):
         lora_dropout=0.0,
         **kwargs,
     ):
+        weight_options = WeightOptions.pop(kwargs)
         super().__init__(**kwargs)
+        self.weight_options = weight_options
         self.num_heads = _validation.check_positive_int("num_heads", num_heads)
         self.ffn_units = _validation.check_positive_int("ffn_units", ffn_units)
         self.key_dim = (
@@ -240,7 +254,10 @@ class TransformerBlock(keras.layers.Layer):
             rope=self.rope,
             dtype=policy,
             name="attention",
-            **self._lora_arguments(),
+            # Keras' LoRA on the attention projections has no dropout.
+            lora_rank=self.lora_rank,
+            lora_alpha=self.lora_alpha,
+            **self.weight_options.given(),
         )
         self.ffn_norm = keras.layers.LayerNormalization(
             epsilon=1e-5, dtype=policy, trainable=norms_train, name="ffn_norm"
@@ -277,6 +294,7 @@ class TransformerBlock(keras.layers.Layer):
                 # The block's name prefixes the routing metrics, so each
                 # MoE layer of a model shows its own in the `fit` logs.
                 name=f"{self.name}_moe",
+                **self.weight_options.given(),
             )
         return FeedForward(
             self.ffn_units,
@@ -285,6 +303,7 @@ class TransformerBlock(keras.layers.Layer):
             dtype=self.dtype_policy,
             name="ffn",
             **self._lora_arguments(),
+            **self.weight_options.given(),
         )
 
     def call(self, inputs, training=None, mask=None):
@@ -322,6 +341,7 @@ class TransformerBlock(keras.layers.Layer):
                 "top_k": self.top_k,
                 "capacity_factor": self.capacity_factor,
                 **self._lora_arguments(),
+                **self.weight_options.get_config(),
             }
         )
         return config

@@ -32,25 +32,27 @@ def randomize_biases(layer):
 
 
 def weights_of(layer):
-    """(kernel, bias) of q, k, v, output as NumPy, 2D kernels (in, out)."""
-    return {
-        name: (to_numpy(dense.kernel), to_numpy(dense.bias))
-        for name, dense in (
-            ("query", layer.query_dense),
-            ("key", layer.key_dense),
-            ("value", layer.value_dense),
-            ("output", layer.output_dense),
-        )
-    }
+    """(kernel, bias) of q, k, v, output as NumPy, kernels flattened to 2D
+    (in, out) from Keras' EinsumDense layout (in, heads, dim) / (heads, dim, out)."""
+    weights = {}
+    for name, dense in (
+        ("query", layer.query_dense),
+        ("key", layer.key_dense),
+        ("value", layer.value_dense),
+        ("output", layer.output_dense),
+    ):
+        kernel, bias = to_numpy(dense.kernel), to_numpy(dense.bias)
+        if name == "output":
+            kernel = kernel.reshape(-1, kernel.shape[-1])
+        else:
+            kernel, bias = kernel.reshape(kernel.shape[0], -1), bias.ravel()
+        weights[name] = (kernel, bias)
+    return weights
 
 
 def copy_into_keras(ours, reference):
-    """Copies hlkeras weights into a built keras.layers.MultiHeadAttention,
-    whose EinsumDense kernels are (in, heads, dim) and (heads, dim, out)."""
-    for name, (kernel, bias) in weights_of(ours).items():
-        dense = getattr(reference, f"{name}_dense")
-        dense.kernel.assign(kernel.reshape(dense.kernel.shape))
-        dense.bias.assign(bias.reshape(dense.bias.shape))
+    """The drop-in promise: Keras' layer takes hlkeras' weights as they are."""
+    reference.set_weights(ours.get_weights())
 
 
 def numpy_softmax(logits):
@@ -126,7 +128,7 @@ def numpy_attention(layer, query, value, mask=None, causal=False):
                 "num_heads": 2,
                 "key_dim": 6,
                 "value_dim": 4,
-                "output_dim": 10,
+                "output_shape": 10,
                 "num_kv_heads": 1,
                 "use_bias": False,
                 "dropout": 0.2,
@@ -198,7 +200,7 @@ def test_cross_attention_equals_keras(call_kwargs):
     ids=["plain", "attention-mask", "causal"],
 )
 def test_fused_self_attention_equals_keras(call_kwargs):
-    ours = MultiHeadAttention(4, 8, output_dim=12)
+    ours = MultiHeadAttention(4, 8, output_shape=12)
     ours(QUERY, QUERY)
     randomize_biases(ours)
     reference = keras.layers.MultiHeadAttention(4, 8, output_shape=12)
@@ -282,16 +284,13 @@ def test_grouped_query_equals_mha_with_repeated_kv_heads(num_kv_heads, self_atte
     full = MultiHeadAttention(4, 8)
     full(QUERY, value)
     group = 4 // num_kv_heads
-    for name, (kernel, bias) in weights_of(grouped).items():
-        dense = getattr(full, f"{name}_dense")
+    for name in ("query", "key", "value", "output"):
+        source, target = getattr(grouped, f"{name}_dense"), getattr(full, f"{name}_dense")
+        kernel, bias = to_numpy(source.kernel), to_numpy(source.bias)
         if name in ("key", "value"):
             # kv head k serves query heads k*G .. k*G+G-1: repeat each head.
-            kernel = np.repeat(kernel.reshape(FEATURES, num_kv_heads, 8), group, axis=1).reshape(
-                FEATURES, -1
-            )
-            bias = np.repeat(bias.reshape(num_kv_heads, 8), group, axis=0).ravel()
-        dense.kernel.assign(kernel)
-        dense.bias.assign(bias)
+            kernel, bias = np.repeat(kernel, group, axis=1), np.repeat(bias, group, axis=0)
+        target.set_weights([kernel, bias])
     for kwargs in ({}, {"attention_mask": MASK[:, :, : value.shape[1]]}, {"use_causal_mask": True}):
         np.testing.assert_allclose(
             to_numpy(grouped(QUERY, value, **kwargs)),

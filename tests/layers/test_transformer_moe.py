@@ -17,10 +17,13 @@ def to_numpy(x):
 
 
 def test_moe_transformer_block_contract():
-    # capacity_factor 4 keeps every token, so TFLite parity covers the full path.
+    # capacity_factor 4 keeps every token, so TFLite parity covers the full
+    # path. top_k = num_experts: the mixed_bfloat16 copy may send a near-tie
+    # token to another expert, a discrete change no tolerance covers; top-2
+    # routing under bfloat16 is in test_moe.py's contract tests.
     run_layer_test(
         TransformerBlock,
-        {"num_heads": 4, "ffn_units": 24, "num_experts": 4, "top_k": 2, "capacity_factor": 4.0},
+        {"num_heads": 4, "ffn_units": 24, "num_experts": 4, "top_k": 4, "capacity_factor": 4.0},
         TOKENS,
         expected_output_shape=TOKENS.shape,
     )
