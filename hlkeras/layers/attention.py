@@ -130,7 +130,7 @@ class MultiHeadAttention(keras.layers.MultiHeadAttention):
     - grouped-query attention: `num_kv_heads < num_heads` query heads share
       each key/value head (Ainslie et al., 2023); `num_kv_heads=1` is
       multi-query attention. The weights are laid out like
-      `keras.layers.GroupedQueryAttention`'s, so its weights load too;
+      `keras.layers.GroupQueryAttention`'s, so its weights load too;
     - rotary position embeddings on queries and keys (`rope=True`);
     - self-attention (`value is query`, `key` omitted or the same tensor)
       fuses the query, key and value projections into one matmul;

@@ -244,6 +244,52 @@ def test_attention_scores_equal_keras():
     np.testing.assert_allclose(to_numpy(output), to_numpy(ref_output), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "call_kwargs",
+    [{}, {"attention_mask": MASK}, {"use_causal_mask": True}],
+    ids=["plain", "attention-mask", "causal"],
+)
+@pytest.mark.parametrize("self_attention", [True, False], ids=["self", "cross"])
+def test_grouped_query_attention_weights_load_and_give_keras_outputs(call_kwargs, self_attention):
+    value = QUERY if self_attention else VALUE
+    if self_attention and "attention_mask" in call_kwargs:
+        call_kwargs = {"attention_mask": SELF_MASK}
+    reference = keras.layers.GroupQueryAttention(
+        head_dim=8, num_query_heads=4, num_key_value_heads=2
+    )
+    reference(QUERY, value)
+    reference.set_weights(
+        [RNG.normal(scale=0.3, size=w.shape).astype("float32") for w in reference.weights]
+    )
+    ours = MultiHeadAttention(4, 8, num_kv_heads=2)
+    ours(QUERY, value)
+    assert [tuple(w.shape) for w in ours.weights] == [tuple(w.shape) for w in reference.weights]
+    ours.set_weights(reference.get_weights())
+    np.testing.assert_allclose(
+        to_numpy(ours(QUERY, value, **call_kwargs)),
+        to_numpy(reference(QUERY, value, **call_kwargs)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("attention_axes", [(1,), (2,), (1, 2)], ids=["axis1", "axis2", "2d"])
+def test_attention_axes_equal_keras(attention_axes):
+    # Images as (batch, rows, columns, features): attention along rows,
+    # along columns, or over both.
+    images = RNG.normal(size=(2, 3, 4, FEATURES)).astype("float32")
+    reference = keras.layers.MultiHeadAttention(2, 4, attention_axes=attention_axes)
+    reference(images, images)
+    ours = MultiHeadAttention(2, 4, attention_axes=attention_axes)
+    ours(images, images)
+    randomize_biases(ours)
+    copy_into_keras(ours, reference)
+    output, scores = ours(images, images, return_attention_scores=True)
+    ref_output, ref_scores = reference(images, images, return_attention_scores=True)
+    np.testing.assert_allclose(to_numpy(output), to_numpy(ref_output), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(to_numpy(scores), to_numpy(ref_scores), rtol=1e-5, atol=1e-6)
+
+
 def _masked_model(layer, vocabulary=10):
     """Embedding(mask_zero) -> layer(x, x) -> masked average pooling: the
     pooling only agrees with Keras if the output mask propagates too."""
