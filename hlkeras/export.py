@@ -1071,7 +1071,14 @@ def _verify_artifacts(report, staged, targets, verify_data, reference, sample, l
         if format == "saved_model":
             artifact = _verify_saved_model(path, inputs, labels, reference)
         else:
-            artifact = _verify_tflite(path, inputs, labels, reference, sample, latency_runs)
+            try:
+                artifact = _verify_tflite(path, inputs, labels, reference, sample, latency_runs)
+            except RuntimeError as error:
+                # LiteRT refuses some converted graphs only when they run
+                # (e.g. an int8 DIV whose divisor quantizes to zero).
+                name = os.path.basename(targets[format])
+                report.refused = f"{name} failed to run in LiteRT: {str(error).strip().rstrip('.')}"
+                return
         artifact.path = targets[format]
         artifact.size_bytes = _path_size(path)
         report.artifacts.append(artifact)

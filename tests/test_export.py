@@ -374,6 +374,25 @@ def random_classifier(seed):
 
 
 @pytest.mark.backends("tensorflow")
+def test_an_artifact_that_fails_in_litert_is_refused_in_one_line(digits, tmp_path, monkeypatch):
+    # A graph LiteRT converts but cannot run: the interpreter's error becomes
+    # the refusal, nothing is published, no traceback reaches the CLI.
+    x_train, y_train, x_test, y_test = digits
+    message = "tflite/kernels/div.cc:262 data[i] != zero_point was not true."
+
+    def failing_run(flatbuffer, inputs):
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(export, "_tflite_per_sample", failing_run)
+    with pytest.raises(export.ExportRefused) as raised:
+        export.export_model(
+            random_classifier(0), tmp_path, formats=("tflite",), quantization="none",
+            verify_data=(x_test, y_test), latency_runs=0,
+        )  # fmt: skip
+    assert f"model_float32.tflite failed to run in LiteRT: {message[:-1]}. " in str(raised.value)
+    assert os.listdir(tmp_path) == [export.REFUSED_REPORT_FILENAME]
+
+
 def test_an_artifact_that_loses_accuracy_is_refused_and_nothing_is_published(digits, tmp_path):
     x_train, y_train, x_test, y_test = digits
     model = random_classifier(0)

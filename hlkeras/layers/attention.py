@@ -25,9 +25,9 @@ from keras import ops
 
 from hlkeras import _compat
 from hlkeras import _validation
-from hlkeras.layers.attention_ops import MASKED_LOGIT
 from hlkeras.layers.attention_ops import attention_mask_to_4d
 from hlkeras.layers.attention_ops import dynamic_shape
+from hlkeras.layers.attention_ops import masked_softmax
 from hlkeras.layers.attention_ops import rotary_embedding
 from hlkeras.layers.lora import check_lora_arguments
 
@@ -90,9 +90,7 @@ def einsum_attention(query, key, value, mask, scale, dropout_layer=None, trainin
     logits = ops.matmul(query, key)
     logits = ops.reshape(logits, (batch, num_heads, query_length, key_length))
     logits = ops.cast(logits, "float32")
-    if mask is not None:
-        logits = ops.where(mask, logits, MASKED_LOGIT)
-    probabilities = ops.cast(ops.softmax(logits, axis=-1), value.dtype)
+    probabilities = ops.cast(masked_softmax(logits, mask, empty_rows="uniform"), value.dtype)
     dropped = probabilities
     if dropout_layer is not None:
         dropped = dropout_layer(probabilities, training=training)

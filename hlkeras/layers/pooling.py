@@ -4,27 +4,8 @@ by learned attention weights that honour the Keras padding mask."""
 import keras
 
 from hlkeras import _validation
+from hlkeras.layers.attention_ops import masked_softmax
 from hlkeras.layers.weight_options import WeightOptions
-
-
-def masked_softmax(scores, mask=None):
-    """Softmax of `scores` `(batch, length)` over the positions `mask` keeps;
-    the others get weight 0, and a row with no kept position all zeros.
-
-    Written without a large negative fill value (`where(mask, s, -1e9)`): a
-    tensor holding one would leave int8 TFLite quantization no resolution
-    for the real scores.
-    """
-    if mask is None:
-        return keras.ops.softmax(scores, axis=-1)
-    kept = keras.ops.cast(mask, scores.dtype)
-    # The largest kept score: padded scores are replaced by the row's minimum.
-    lowest = keras.ops.min(scores, axis=-1, keepdims=True)
-    highest = keras.ops.max(scores * kept + lowest * (1 - kept), axis=-1, keepdims=True)
-    exponentials = keras.ops.exp(scores - keras.ops.stop_gradient(highest)) * kept
-    total = keras.ops.sum(exponentials, axis=-1, keepdims=True)
-    # total >= 1 when a position is kept (its largest term is exp(0)).
-    return exponentials / keras.ops.maximum(total, 1e-30)
 
 
 @keras.saving.register_keras_serializable(package="hlkeras")

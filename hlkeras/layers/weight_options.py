@@ -42,8 +42,7 @@ class WeightOptions:
     layers' defaults are unchanged.
     """
 
-    def __init__(self, options, kinds):
-        self.kinds = kinds
+    def __init__(self, options):
         self.options = {
             name: None if value is None else _validation.check_weight_option(name, value)
             for name, value in options.items()
@@ -56,7 +55,7 @@ class WeightOptions:
         names = [f"{kind}_{part}" for kind in kinds for part in PARTS]
         if kwargs.get("activity_regularizer") is not None:
             _validation.check_weight_option("activity_regularizer", kwargs["activity_regularizer"])
-        return cls({name: kwargs.pop(name, None) for name in names}, kinds)
+        return cls({name: kwargs.pop(name, None) for name in names})
 
     def _get(self, kind, part):
         return self.options[f"{kind}_{part}"]
