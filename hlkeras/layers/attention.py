@@ -113,6 +113,20 @@ def check_num_kv_heads(num_kv_heads, num_heads):
     return num_kv_heads
 
 
+def check_value_and_key_shapes(value_shape, key_shape):
+    """`value` and `key` agree on every axis but the features (unknown sizes
+    agree with anything), at build and on every call of a built layer."""
+    value_axes, key_axes = tuple(value_shape)[1:-1], tuple(key_shape)[1:-1]
+    if len(value_axes) != len(key_axes) or any(
+        v is not None and k is not None and v != k for v, k in zip(value_axes, key_axes)
+    ):
+        raise ValueError(
+            "All dimensions of `value` and `key`, except the last one, must be "
+            f"equal. Received: value_shape={tuple(value_shape)} and "
+            f"key_shape={tuple(key_shape)}"
+        )
+
+
 @keras.saving.register_keras_serializable(package="hlkeras")
 class MultiHeadAttention(keras.layers.MultiHeadAttention):
     """Multi-head attention: `keras.layers.MultiHeadAttention` plus GQA, RoPE
@@ -288,12 +302,7 @@ class MultiHeadAttention(keras.layers.MultiHeadAttention):
     def build(self, query_shape, value_shape, key_shape=None):
         """Keras' build, with `num_kv_heads` key and value heads."""
         key_shape = value_shape if key_shape is None else key_shape
-        if tuple(value_shape[1:-1]) != tuple(key_shape[1:-1]):
-            raise ValueError(
-                "All dimensions of `value` and `key`, except the last one, "
-                f"must be equal. Received: value_shape={value_shape} and "
-                f"key_shape={key_shape}"
-            )
+        check_value_and_key_shapes(value_shape, key_shape)
         for name, shape in (("query", query_shape), ("value", value_shape), ("key", key_shape)):
             if len(shape) < 3 or shape[-1] is None:
                 raise ValueError(
@@ -354,9 +363,7 @@ class MultiHeadAttention(keras.layers.MultiHeadAttention):
         projections = (self._query_dense, self._key_dense, self._value_dense, self._output_dense)
         for dense in projections:
             dense.enable_lora(self.lora_rank, lora_alpha=self.lora_alpha)
-        adapters = {id(d.lora_kernel_a) for d in projections} | {
-            id(d.lora_kernel_b) for d in projections
-        }
+        adapters = {id(w) for d in projections for w in (d.lora_kernel_a, d.lora_kernel_b)}
         for variable in self.weights:
             if id(variable) not in adapters:
                 variable.trainable = False
@@ -440,14 +447,7 @@ class MultiHeadAttention(keras.layers.MultiHeadAttention):
                     f"{self._built_features[name]}; a built layer cannot "
                     f"project other sizes. Received: {name}.shape={tuple(tensor.shape)}"
                 )
-        if any(
-            v not in (None, k) and k is not None for v, k in zip(value.shape[1:-1], key.shape[1:-1])
-        ):
-            raise ValueError(
-                "All dimensions of `value` and `key`, except the last one, "
-                f"must be equal. Received: value.shape={tuple(value.shape)}, "
-                f"key.shape={tuple(key.shape)}"
-            )
+        check_value_and_key_shapes(value.shape, key.shape)
         if attention_mask is not None and len(query.shape) == 3:
             attention_mask_to_4d(
                 attention_mask, (query.shape[0], self.num_heads, query.shape[1], value.shape[1])
@@ -527,7 +527,10 @@ class MultiHeadAttention(keras.layers.MultiHeadAttention):
                 else ops.logical_and(ops.cast(attention_mask, "bool"), causal)
             )
             use_causal_mask = False
-        mask = None if attention_mask is None else self._mask_over_heads(attention_mask)
+        mask = None
+        if attention_mask is not None:
+            logits_shape = (query.shape[0], self.num_heads, query.shape[1], key.shape[1])
+            mask = attention_mask_to_4d(attention_mask, logits_shape)
         if fused:
             return self._fused_kernel_attention(query, key, value, mask, use_causal_mask), None
         return einsum_attention(
@@ -542,15 +545,6 @@ class MultiHeadAttention(keras.layers.MultiHeadAttention):
 
     def _core(self):
         return self.attention_core or default_attention_core()
-
-    @staticmethod
-    def _mask_over_heads(attention_mask):
-        """A `(B, T, S)` or `(T, S)` mask broadcast to `(B, N, T, S)`, as
-        Keras does: the missing axes are the leading ones and heads."""
-        mask = ops.cast(attention_mask, "bool")
-        while len(mask.shape) < 4:
-            mask = ops.expand_dims(mask, axis=-3)
-        return mask
 
     def _repeat_kv_heads(self, heads):
         repeats = self.num_heads // self.num_kv_heads
