@@ -374,8 +374,17 @@ def cmd_export(args):
     return 0
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An `ArgumentParser` whose errors (a flag's value that does not parse,
+    an unknown flag) are one line, as hlkeras' own checks are, not the usage
+    text followed by the error. `--help` still shows the usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="hlkeras",
         description="Modern hidden layers for Keras 3: train, tune and export.",
     )
@@ -535,8 +544,9 @@ def _add_tune_command(commands):
     flag(
         "--arch",
         help=(
-            "architecture: mlp, resnet, vit or text (default: the space file's arch, "
-            "else text for --text-column, else mlp)"
+            "architecture: mlp, resnet, vit or text, or several joined by commas to "
+            "search the family too (default: the space file's arch, else text for "
+            "--text-column, else mlp)"
         ),
     )
     flag(
@@ -582,6 +592,20 @@ def _add_tune_command(commands):
         default=DEFAULTS["workers"],
         help="run a chief and N worker processes on this machine (default 0: one process)",
     )
+    budget = tune.add_argument_group(
+        "device budget",
+        "export every trial to .tflite (verified per sample), measure its size and "
+        "batch-1 LiteRT latency, and pick the most accurate trial that fits; also "
+        "writes pareto.png and best.tflite",
+    )
+    budget.add_argument("--max-tflite-kb", type=float, help="largest .tflite size in KiB")
+    budget.add_argument(
+        "--max-latency-ms", type=float, help="largest median batch-1 LiteRT latency in ms"
+    )
+    budget.add_argument(
+        "--quantize",
+        help="the trials' .tflite quantization: none, float16, dynamic or int8 (default none)",
+    )
     tune.set_defaults(func=cmd_tune)
 
 
@@ -599,8 +623,9 @@ def cmd_tune(args):
     if outcome.best_path:  # a worker process has no best model to report
         accuracy = outcome.best_val_accuracy
         score = "" if accuracy is None else f" (val_accuracy {accuracy:.4f})"
+        tflite = f", {outcome.best_tflite}" if outcome.best_tflite else ""
         print(
-            f"retrained best: {outcome.best_path}{score}; "
+            f"retrained best: {outcome.best_path}{tflite}{score}; "
             f"also trials.csv, trials.png, best_spec.json in {outcome.directory}"
         )
     return 0

@@ -72,10 +72,27 @@ def _one_line_error(argv, capsys):
             ["--arch", "transformer"],
             "--arch must be one of mlp, resnet, text, vit, got 'transformer'",
         ),
+        (["--max-tflite-kb", "0"], "--max-tflite-kb must be a number > 0, got 0.0"),
+        (["--max-latency-ms", "-2"], "--max-latency-ms must be a number > 0, got -2.0"),
+        (["--quantize", "int4"], "--quantize must be one of none, float16, dynamic, int8"),
+        (
+            ["--max-latency-ms", "1", "--objective", "loss"],
+            "a device budget needs an accuracy objective, got --objective loss",
+        ),
     ],
 )
 def test_bad_arguments_are_one_line_errors(argv, message, capsys):
     assert message in _one_line_error(["tune", *argv], capsys)
+
+
+@pytest.mark.parametrize("flag", ["--max-tflite-kb", "--max-latency-ms", "--max-trials"])
+def test_a_flag_value_that_does_not_parse_is_a_one_line_error(flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["tune", flag, "small"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.startswith(f"hlkeras tune: error: argument {flag}: invalid") and "'small'" in err
+    assert err.count("\n") == 1, err
 
 
 def test_a_malformed_space_file_is_a_one_line_error_naming_the_key(tmp_path, capsys):
@@ -187,8 +204,21 @@ def test_a_chief_and_two_workers_share_one_oracle(tmp_path, tiny_space, monkeypa
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
     monkeypatch.chdir(REPO_ROOT)
     directory = tmp_path / "search"
+    # Under a device budget, so the workers measure their trials too.
     code = cli.main(
-        _tune_argv(tmp_path, tiny_space, directory, "--max-trials", "4", "--workers", "2")
+        _tune_argv(
+            tmp_path,
+            tiny_space,
+            directory,
+            "--max-trials",
+            "4",
+            "--workers",
+            "2",
+            "--max-tflite-kb",
+            "100",
+            "--quantize",
+            "dynamic",
+        )  # fmt: skip
     )
     output = capfd.readouterr()
     assert code == 0, output.out + output.err
@@ -202,3 +232,9 @@ def test_a_chief_and_two_workers_share_one_oracle(tmp_path, tiny_space, monkeypa
     assert sorted(oracle_state["end_order"]) == ["0", "1", "2", "3"]
     assert oracle_state["ongoing_trials"] == {}
     assert (directory / search.BEST_MODEL).exists()
+    # Each worker's measurements reached the chief's report.
+    for row in rows:
+        tflite = directory / "search" / f"trial_{row['trial']}" / "tflite" / "model_dynamic.tflite"
+        assert float(row["tflite_kb"]) == pytest.approx(tflite.stat().st_size / 1024)
+        assert row["budget"] == "fits" and float(row["latency_ms"]) > 0
+    assert (directory / search.run.BEST_TFLITE).stat().st_size <= 100 * 1024

@@ -24,18 +24,29 @@ def test_there_are_space_files():
 
 
 @pytest.mark.parametrize("path", SPACE_FILES, ids=os.path.basename)
-def test_each_space_file_resolves_and_its_default_trial_builds(path):
+def test_each_space_file_resolves_and_the_default_trial_of_each_arch_builds(path):
     arch, overrides = search.run.arch_and_space(None, path)
-    assert arch == overrides["arch"]
+    assert arch == search.space_arch(overrides)
     hypermodel = search.SpecHyperModel(arch, (8, 8, 1), 10, overrides)
-    # Every key the file names is searched as the file says.
+    # Every key the file names is searched as the file says (an arch's own
+    # table, in a search over several, under the arch's prefix).
+    names = search.space.arch_names(arch)
     for key, raw in overrides.items():
-        if key != "arch":
-            assert hypermodel.space[key] == search.parse_entry(key, raw, hypermodel.space[key])
-    hp = kt.HyperParameters()
-    model = hypermodel.build(hp)
-    expected = models.build(hypermodel.spec(hp.values))
-    assert model.count_params() == expected.count_params()
+        own = raw.items() if key in names and len(names) > 1 else [(None, raw)]
+        for own_key, own_raw in own:
+            name = key if own_key is None else f"{key}.{own_key}"
+            if key != "arch":
+                entry = hypermodel.space[name]
+                assert entry == search.parse_entry(name, own_raw, entry)
+    for name in names:
+        hp = kt.HyperParameters()
+        if len(names) > 1:
+            hp.Choice("arch", names)
+            hp.values["arch"] = name
+        model = hypermodel.build(hp)
+        assert model.name == name
+        expected = models.build(hypermodel.spec(hp.values))
+        assert model.count_params() == expected.count_params()
 
 
 def test_run_search_refuses_unknown_settings_and_names_flags():

@@ -10,11 +10,17 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def main(settings_path):
+    from hlkeras import training
     from hlkeras.search.run import run_search
+    from hlkeras.search.workers import error_path
 
     with open(settings_path) as f:
         settings = json.load(f)
     outcome = run_search(log=lambda line: print(line, flush=True), **settings)
+    if outcome.error and os.environ.get("KERASTUNER_TUNER_ID") == "chief":
+        # The process that started the chief reports it as its own error.
+        training.atomic_write_text(error_path(settings["directory"]), outcome.error)
+        return 1
     if outcome.error:
         print(
             f"hlkeras tune ({os.environ.get('KERASTUNER_TUNER_ID')}): error: {outcome.error}",

@@ -7,11 +7,11 @@ import keras_tuner as kt
 
 from hlkeras import models
 from hlkeras import training
-from hlkeras.search.space import TRAINING_KEYS
 from hlkeras.search.space import declare
 from hlkeras.search.space import load_space
 from hlkeras.search.space import resolve_space
 from hlkeras.search.space import space_arch
+from hlkeras.search.space import split_arch_values
 
 
 class SpecHyperModel(kt.HyperModel):
@@ -24,7 +24,9 @@ class SpecHyperModel(kt.HyperModel):
     so `x`/`y` are arrays (e.g. from `hlkeras.data.to_numpy`).
 
     Args:
-        arch: A key of `SEARCH_SPACES` (`"mlp"`, `"resnet"`, `"vit"`).
+        arch: A key of `SEARCH_SPACES` (`"mlp"`, `"resnet"`, `"vit"`), or
+            several joined by commas (`"mlp,resnet,vit"`): then `arch` is a
+            hyperparameter too (see `hlkeras.search.space.resolve_space`).
         input_shape: The images' shape without the batch axis.
         num_classes: Positive int.
         space: Overrides in user notation (dict), or None for the defaults.
@@ -52,7 +54,7 @@ class SpecHyperModel(kt.HyperModel):
         epochs=None,
         fixed_spec=None,
     ):
-        super().__init__(name=f"hlkeras_{arch}")
+        super().__init__(name=f"hlkeras_{arch.replace(',', '_')}")
         space_arch({"arch": arch})
         self.arch = arch
         self.input_shape = tuple(input_shape)
@@ -63,22 +65,39 @@ class SpecHyperModel(kt.HyperModel):
         self.fixed_spec = dict(fixed_spec or {})
 
     def declare_hyperparameters(self, hp):
-        for key, entry in self.space.items():
-            declare(hp, key, entry)
+        self.values(hp)
 
     def values(self, hp):
-        """`{key: value}` of this hypermodel's space, declared on `hp`."""
-        return {key: declare(hp, key, entry) for key, entry in self.space.items()}
+        """`{key: value}` of this hypermodel's space, declared on `hp`. Over
+        several archs, `arch` comes first and each arch's own keys
+        (`"vit.depth"`) are conditional on it, so only the chosen arch's
+        keys are active (and returned)."""
+        values = {}
+        if "arch" in self.space:
+            values["arch"] = declare(hp, "arch", self.space["arch"])
+        for key, entry in self.space.items():
+            name, _, _ = key.rpartition(".")
+            if key == "arch":
+                continue
+            if not name:
+                values[key] = declare(hp, key, entry)
+                continue
+            with hp.conditional_scope("arch", [name]):
+                value = declare(hp, key, entry)
+            if hp.is_active(key):
+                values[key] = value
+        return values
 
     def spec(self, values):
         """The resolved `hlkeras.models` spec for a dict of sampled values."""
+        arch, model_values = split_arch_values(values)
         spec = {
-            "arch": self.arch,
+            "arch": arch or self.arch,
             "input_shape": list(self.input_shape),
             "num_classes": self.num_classes,
         }
         spec.update(self.fixed_spec)
-        spec.update({k: v for k, v in values.items() if k not in TRAINING_KEYS})
+        spec.update(model_values)
         return models.resolve_spec(spec)
 
     def build(self, hp):

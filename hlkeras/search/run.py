@@ -25,16 +25,21 @@ from hlkeras import _validation
 from hlkeras import models
 from hlkeras import training
 from hlkeras.data_settings import DATA_FILE_DEFAULTS
+from hlkeras.search import budget
 from hlkeras.search import reports
 from hlkeras.search import tuners
+from hlkeras.search.budget import BUDGET_DEFAULTS
 from hlkeras.search.hypermodel import SpecHyperModel
 from hlkeras.search.space import SEARCH_SPACES
 from hlkeras.search.space import TRAINING_KEYS
+from hlkeras.search.space import arch_names
 from hlkeras.search.space import load_space
 from hlkeras.search.space import resolve_space
 from hlkeras.search.space import space_arch
 
 BEST_MODEL = "best.keras"
+BEST_TFLITE = "best.tflite"
+BEST_EXPORT_DIR = "export"  # the export of best.keras behind best.tflite, with its report
 RETRAIN_DIR = "retrain"
 OBJECTIVES = ("val_accuracy", "val_loss", "accuracy", "loss")
 # The settings of a search and their defaults (the `hlkeras tune` flags; the
@@ -54,6 +59,7 @@ SEARCH_DEFAULTS = {
     "patience": 3,
     "directory": None,
     "workers": 0,
+    **BUDGET_DEFAULTS,  # a device budget: see hlkeras.search.budget
 }
 
 
@@ -73,6 +79,8 @@ class SearchOutcome:
         best_spec: The `hlkeras.models` spec of the best trial.
         best_path: The retrained best model (`DIR/best.keras`).
         best_val_accuracy: The retrained model's best validation accuracy.
+        best_tflite: With a device budget, `DIR/best.tflite`, the retrained
+            best model exported and verified (its report in `DIR/export/`).
         error: Why the search produced no best model, else None.
     """
 
@@ -82,6 +90,7 @@ class SearchOutcome:
     best_spec: dict = None
     best_path: str = None
     best_val_accuracy: float = None
+    best_tflite: str = None
     error: str = None
 
 
@@ -96,6 +105,13 @@ def check_search_settings(settings):
     if settings["workers"] < 0:
         raise SearchError(f"--workers must be >= 0, got {settings['workers']}")
     _validation.check_flag_choice("--objective", settings["objective"], OBJECTIVES, SearchError)
+    device_budget = budget.DeviceBudget.from_settings(settings, SearchError)
+    if device_budget is not None and "accuracy" not in settings["objective"]:
+        raise SearchError(
+            f"a device budget needs an accuracy objective, got --objective "
+            f"{settings['objective']}: a trial over budget must score below every "
+            "trial that fits, which only a metric bounded below can guarantee"
+        )
 
 
 def arch_and_space(arch, space):
@@ -103,10 +119,11 @@ def arch_and_space(arch, space):
     where = space if isinstance(space, (str, os.PathLike)) else "--arch"
     try:
         overrides = load_space(space)
+        for name in arch_names(arch) if arch else []:
+            _validation.check_flag_choice("--arch", name, sorted(SEARCH_SPACES), SearchError)
         chosen = arch or space_arch(overrides)
-        if arch and overrides.get("arch", arch) != arch:
+        if arch and space_arch(overrides, arch) != arch:
             raise SearchError(f"--arch {arch} contradicts arch = {overrides['arch']!r} in {space}")
-        _validation.check_flag_choice("--arch", chosen, sorted(SEARCH_SPACES), SearchError)
         resolve_space(chosen, overrides)
     except SearchError:
         raise
@@ -120,7 +137,8 @@ def run_search(log=print, **given):
 
     Args:
         log: Where the one-line progress messages go.
-        **given: Settings (keys of `SEARCH_DEFAULTS`): `arch`, `space` (a
+        **given: Settings (keys of `SEARCH_DEFAULTS`): `arch` (one, or
+            several joined by commas to search the family too), `space` (a
             `.toml`/`.json` path or a dict), `dataset` (TFDS; default the
             embedded digits) or `data` (a path, `hlkeras.data.load_path`),
             `data_dir`, `tuner`
@@ -128,7 +146,11 @@ def run_search(log=print, **given):
             `max_epochs`, `objective`, `seed`, `patience` (early stopping per
             trial), `directory` (default `runs/tune-<arch>-<data name>`; an
             existing search of the same fingerprint resumes), `workers` (run a
-            chief and this many worker processes on this machine).
+            chief and this many worker processes on this machine);
+            `max_tflite_kb`, `max_latency_ms` and `quantize`: a device budget
+            (`hlkeras.search.budget`): every trial is exported to `.tflite`
+            and measured, the best trial that fits is retrained and also
+            exported to `DIR/best.tflite`.
 
     Returns:
         A `SearchOutcome`.
@@ -146,7 +168,9 @@ def run_search(log=print, **given):
     arch, overrides = arch_and_space(default_arch, settings["space"])
     settings["arch"] = arch
     settings["directory"] = settings["directory"] or os.path.join(
-        "runs", f"tune-{arch}-{os.path.basename(os.path.normpath(data_name(settings)))}"
+        "runs",
+        f"tune-{'+'.join(arch_names(arch))}-"
+        f"{os.path.basename(os.path.normpath(data_name(settings)))}",
     )
     if settings["workers"]:
         from hlkeras.search import workers
@@ -182,12 +206,14 @@ def _search_here(settings, overrides, log):
         epochs=settings["max_epochs"],
         fixed_spec=_data_spec(settings, info),
     )
+    device_budget = budget.DeviceBudget.from_settings(settings, SearchError)
     is_worker = _compat.kerastuner_role() == "worker"
     if not is_worker:
-        resuming = _check_directory(settings, hypermodel)
+        resuming = _check_directory(settings, hypermodel, device_budget)
         log(
             f"hlkeras tune: {settings['tuner']} search over {settings['arch']} on {info.name} "
             f"({keras.backend.backend()} backend) in {directory}"
+            + (f" under the device budget {device_budget.describe()}" if device_budget else "")
             + (" (resuming)" if resuming else "")
         )
     tuner = tuners.make_tuner(
@@ -198,6 +224,7 @@ def _search_here(settings, overrides, log):
         max_trials=settings["max_trials"],
         max_epochs=settings["max_epochs"],
         seed=settings["seed"],
+        device_budget=device_budget,
     )
     tuners.run_trials(
         tuner,
@@ -214,7 +241,7 @@ def _search_here(settings, overrides, log):
     log("\n".join(reports.leaderboard(rows, hypermodel.space, settings["objective"], direction)))
     outcome = SearchOutcome(directory, rows=rows, best_values=best)
     if best is None:
-        outcome.error = f"no trial completed; see {directory}/{reports.TRIALS_CSV}"
+        outcome.error = no_best_message(rows, device_budget, directory)
         return outcome
     outcome.best_spec = hypermodel.spec(best)
     log(f"best spec: {json.dumps(outcome.best_spec, sort_keys=True)}")
@@ -243,7 +270,66 @@ def _search_here(settings, overrides, log):
     else:
         outcome.best_path = os.path.join(directory, BEST_MODEL)
         outcome.best_val_accuracy = retrained_val_accuracy(directory)
+        if device_budget is not None:
+            outcome.error = export_best(outcome, device_budget, x_train, validation, log)
     return outcome
+
+
+def no_best_message(rows, device_budget, directory):
+    """Why a finished search has no best trial, in one line."""
+    where = f"see {directory}/{reports.TRIALS_CSV}"
+    if not reports.ranked(rows):
+        return f"no trial completed; {where}"
+    smallest = reports.smallest_trial(rows)
+    if smallest is None:
+        return f"no trial could be exported under {device_budget.describe()}; {where}"
+    return (
+        f"no trial fits the device budget {device_budget.describe()}: the smallest, "
+        f"trial {smallest['trial']}, is {smallest['tflite_kb']:.1f} KiB and "
+        f"{smallest['latency_ms']:.3f} ms ({smallest['budget']}); {where}"
+    )
+
+
+def export_best(outcome, device_budget, x_train, validation, log):
+    """Exports the retrained `best.keras` like the trials (verified, into
+    `DIR/export/`) and publishes its `.tflite` as `DIR/best.tflite`.
+
+    Returns:
+        Why `best.tflite` was not published, or None.
+    """
+    from hlkeras import export
+
+    export_dir = os.path.join(outcome.directory, BEST_EXPORT_DIR)
+    try:
+        report = export.export_model(
+            outcome.best_path,
+            export_dir,
+            formats=("tflite",),
+            quantization=device_budget.quantization,
+            representative_data=x_train[: budget.REPRESENTATIVE_SAMPLES],
+            verify_data=validation,
+            overwrite=True,
+            latency_runs=budget.LATENCY_RUNS,
+        )
+    except export.ExportError as error:
+        return f"best.tflite was not written: {error}"
+    artifact = report.artifacts[0]
+    measured = {"tflite_kb": artifact.size_bytes / 1024, "latency_ms": artifact.latency_ms}
+    verdict = device_budget.verdict(measured)
+    log(
+        f"best.tflite: {measured['tflite_kb']:.1f} KiB, {measured['latency_ms']:.3f} ms, "
+        f"accuracy {artifact.accuracy:.4f} (keras {report.keras_accuracy:.4f}): {verdict}"
+    )
+    if measured["tflite_kb"] > (device_budget.max_tflite_kb or float("inf")):
+        # The retrained model has the trial's architecture, so its size
+        # should be the trial's; a larger file is not what the search chose.
+        return f"best.tflite was not written: the retrained model is {verdict}"
+    target = os.path.join(outcome.directory, BEST_TFLITE)
+    partial = training._partial_path(target, ".tflite")
+    shutil.copyfile(artifact.path, partial)
+    os.replace(partial, target)
+    outcome.best_tflite = target
+    return None
 
 
 def _data_spec(settings, info):
@@ -251,7 +337,8 @@ def _data_spec(settings, info):
     vocabulary size), once the arch is checked to take that data."""
     from hlkeras import models
 
-    models.check_arch_for_data(settings["arch"], info.kind, SearchError)
+    for arch in arch_names(settings["arch"]):
+        models.check_arch_for_data(arch, info.kind, SearchError)
     return info.spec_entries()
 
 
@@ -268,7 +355,7 @@ def _load_arrays(settings):
     return data.to_numpy(train_ds), data.to_numpy(val_ds), info
 
 
-def _check_directory(settings, hypermodel):
+def _check_directory(settings, hypermodel, device_budget):
     """Records the search's fingerprint, or checks it against the recorded
     one; returns whether this is a resume."""
     config = tuners.search_config(
@@ -278,6 +365,7 @@ def _check_directory(settings, hypermodel):
         objective=settings["objective"],
         max_epochs=settings["max_epochs"],
         space=hypermodel.space,
+        device_budget=device_budget,
     )
     try:
         return tuners.check_search_dir(settings["directory"], config)

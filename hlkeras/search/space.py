@@ -67,6 +67,8 @@ SEARCH_SPACES = {
     },
 }
 _RANGE_FIELDS = ("min", "max", "step", "log")
+# A search over several architectures names them joined by this.
+ARCH_SEPARATOR = ","
 
 
 def load_space(source):
@@ -101,12 +103,22 @@ def load_space(source):
     return overrides
 
 
+def arch_names(arch):
+    """The architectures of an `arch` setting: `"vit"` or `"mlp,resnet,vit"`."""
+    return arch.split(ARCH_SEPARATOR)
+
+
 def space_arch(overrides, default="mlp"):
-    """The `arch` an overrides dict names, or `default`."""
+    """The `arch` an overrides dict names (`"vit"`, or several joined by
+    commas for `arch = {values = [...]}` / `"mlp,vit"`), or `default`."""
     arch = overrides.get("arch", default)
-    if arch not in SEARCH_SPACES:
+    if isinstance(arch, dict) and set(arch) == {"values"} and isinstance(arch["values"], list):
+        arch = ARCH_SEPARATOR.join(map(str, arch["values"]))
+    names = arch.split(ARCH_SEPARATOR) if isinstance(arch, str) else [arch]
+    if not all(name in SEARCH_SPACES for name in names) or len(set(names)) != len(names):
         raise ValueError(
-            f"space['arch'] must be one of {sorted(SEARCH_SPACES)}. Received: arch={arch!r}"
+            f"space['arch'] must be one of {sorted(SEARCH_SPACES)}, or a choice "
+            f"{{values = [...]}} of several. Received: arch={arch!r}"
         )
     return arch
 
@@ -236,8 +248,13 @@ def resolve_space(arch, overrides=None):
     """The full canonical space of `arch`: the table's defaults with
     `overrides` (a dict from `load_space`) applied.
 
+    With several architectures (`"mlp,resnet,vit"`) the space has an `arch`
+    choice, the training keys (`TRAINING_KEYS`) shared at the top level, and
+    each architecture's own keys prefixed by its name (`"vit.depth"`); the
+    overrides give those in a table per architecture (`[vit]` in TOML).
+
     Args:
-        arch: A key of `SEARCH_SPACES`.
+        arch: A key of `SEARCH_SPACES`, or several joined by commas.
         overrides: Dict of entries in user notation; an `arch` key must agree
             with `arch`.
 
@@ -252,6 +269,9 @@ def resolve_space(arch, overrides=None):
     >>> space = resolve_space("mlp", {"depth": [2, 3], "dropout": 0.0})
     >>> space["depth"], space["dropout"]
     ({'type': 'int', 'min': 2, 'max': 3, 'step': None, 'log': False}, {'fixed': 0.0})
+    >>> space = resolve_space("mlp,vit", {"vit": {"num_experts": 4}})
+    >>> space["arch"], space["vit.num_experts"]
+    ({'values': ['mlp', 'vit']}, {'fixed': 4})
     """
     overrides = dict(overrides or {})
     if space_arch(overrides, default=arch) != arch:
@@ -259,6 +279,8 @@ def resolve_space(arch, overrides=None):
             f"space['arch'] is {overrides['arch']!r} but the search is for arch={arch!r}."
         )
     overrides.pop("arch", None)
+    if ARCH_SEPARATOR in arch:
+        return _resolve_several_archs(arch_names(arch), overrides)
     allowed = tunable_keys(arch)
     space = {}
     for key, raw in SEARCH_SPACES[arch].items():
@@ -270,6 +292,47 @@ def resolve_space(arch, overrides=None):
             )
         space[key] = parse_entry(key, raw, space.get(key))
     return dict(sorted(space.items()))
+
+
+def _resolve_several_archs(names, overrides):
+    """The space of a search over the architectures `names` (see `resolve_space`)."""
+    shared = {key: raw for key, raw in overrides.items() if key in TRAINING_KEYS}
+    for key in sorted(set(overrides) - set(shared) - set(names)):
+        raise ValueError(
+            f"space[{key!r}]: a search over several archs {names} takes the training "
+            f"keys {list(TRAINING_KEYS)} at the top level and every other key in a "
+            f"table per arch, e.g. [{names[0]}] {key} = ..."
+        )
+    space = {"arch": {"values": list(names)}}
+    for name in names:
+        own = overrides.get(name, {})
+        if not isinstance(own, dict):
+            raise ValueError(f"space[{name!r}] must be a table of keys. Received: {own!r}")
+        for key in sorted(set(own) & set(TRAINING_KEYS)):
+            raise ValueError(
+                f"space[{name!r}][{key!r}]: training keys are shared by every arch; "
+                "set them at the top level"
+            )
+        for key, entry in resolve_space(name, {**own, **shared}).items():
+            if key in TRAINING_KEYS:
+                space[key] = entry
+            else:
+                space[f"{name}.{key}"] = entry
+    return dict(sorted(space.items()))
+
+
+def split_arch_values(values):
+    """`(arch, model values)` of one trial's values in a space over one or
+    several archs: the chosen arch's prefixed keys lose their prefix, other
+    archs' keys and the training keys are left out."""
+    arch = values.get("arch")
+    model_values = {}
+    for key, value in values.items():
+        name, _, own_key = key.rpartition(".")
+        if key == "arch" or key in TRAINING_KEYS or (name and name != arch):
+            continue
+        model_values[own_key] = value
+    return arch, model_values
 
 
 def declare(hp, key, entry):

@@ -12,18 +12,23 @@ dataset, tuner, objective, epochs, space).
 import json
 import os
 import time
+import warnings
 
 import keras
 import keras_tuner as kt
 
 from hlkeras import _compat
 from hlkeras import training
+from hlkeras.search import budget
 
 TUNERS = ("random", "bayesian", "hyperband")
 SEARCH_PROJECT = "search"
 SEARCH_CONFIG_JSON = "search_config.json"
 TRIAL_ERROR_FILE = "error.txt"
 TRIAL_TUNER_FILE = "tuner_id.txt"
+# With a budget, the objective as trained is kept under this prefix (the
+# oracle's objective is the budget-aware score).
+TRAINED = "trained_"
 # A search stops only after this many failed trials in a row (KerasTuner's
 # default of 3 would end a search at a short run of impossible combinations).
 MAX_CONSECUTIVE_FAILED_TRIALS = 10
@@ -38,7 +43,11 @@ class _RecordingTuner(_compat.TunerOverrides):
     """Tuner mixin: reports each trial's `epochs` and `seconds` with its
     metrics (so they reach the chief's oracle over gRPC), writes a failed
     trial's error to `trial_<id>/error.txt`, and serves the chief's oracle
-    with short polls."""
+    with short polls. With a `device_budget` (`hlkeras.search.budget`), it
+    exports and measures each trial's model and scores it against the
+    budget."""
+
+    device_budget = None
 
     def run_trial(self, trial, *args, **kwargs):
         start = time.perf_counter()
@@ -57,12 +66,48 @@ class _RecordingTuner(_compat.TunerOverrides):
         metrics = _compat.trial_metrics(histories, self.oracle.objective)
         metrics["epochs"] = float(len(histories[-1].epoch))
         metrics["seconds"] = time.perf_counter() - start
+        measured = ""
+        if self.device_budget is not None:
+            measured = self._measure_on_device(trial, metrics, args[0], kwargs["validation_data"])
+        trained = metrics.get(TRAINED + objective, metrics[objective])
         print(
-            f"trial {trial.trial_id}: {objective}={metrics[objective]:.4f} after "
-            f"{int(metrics['epochs'])} epochs, {metrics['seconds']:.1f}s ({self.tuner_id})",
+            f"trial {trial.trial_id}: {objective}={trained:.4f} "
+            f"after {int(metrics['epochs'])} epochs, {metrics['seconds']:.1f}s{measured} "
+            f"({self.tuner_id})",
             flush=True,
         )
         return metrics
+
+    def _measure_on_device(self, trial, metrics, x_train, validation_data):
+        """Exports the trial's best epoch, records its size and latency with
+        `metrics`, and replaces the objective with `budget.oracle_score`.
+        Returns the measurements for the trial's log line."""
+        objective = self.oracle.objective.name
+        with warnings.catch_warnings():
+            # The checkpoint holds the optimizer's state too; the export
+            # needs only the weights.
+            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+            model = self.load_model(trial)  # the best epoch, which the oracle scores
+        measured = budget.measure_on_device(
+            model,
+            self.device_budget,
+            self.get_trial_dir(trial.trial_id),
+            x_train,
+            validation_data,
+        )
+        metrics[TRAINED + objective] = metrics[objective]
+        metrics[objective] = budget.oracle_score(metrics[objective], measured, self.device_budget)
+        # Metrics travel to a chief's oracle over gRPC; the status text
+        # stays in device.json.
+        for key in budget.MEASUREMENT_METRICS:
+            if measured[key] is not None:
+                metrics[key] = float(measured[key])
+        if measured["refused"]:
+            return f"; {measured['refused']}"
+        return (
+            f"; .tflite {measured['tflite_kb']:.1f} KiB, {measured['latency_ms']:.3f} ms, "
+            f"accuracy {measured['tflite_accuracy']:.4f}: {measured['budget']}"
+        )
 
     def search(self, *args, **kwargs):
         if _compat.kerastuner_role() == "chief":
@@ -97,6 +142,7 @@ def make_tuner(
     max_trials=10,
     max_epochs=10,
     seed=0,
+    device_budget=None,
 ):
     """A resumable KerasTuner tuner writing to `directory/search`.
 
@@ -109,6 +155,7 @@ def make_tuner(
         max_epochs: Positive int, Hyperband's largest epoch budget per trial
             (the other tuners take `epochs` in `search`).
         seed: Int, the oracle's seed.
+        device_budget: A `hlkeras.search.budget.DeviceBudget`, or None.
     """
     if kind not in TUNERS:
         raise ValueError(f"Argument `kind` must be one of {list(TUNERS)}. Received: kind={kind!r}")
@@ -131,6 +178,7 @@ def make_tuner(
         if isinstance(tuner.oracle, kt.Oracle):
             # Hyperband has no `max_trials` argument; the base oracle honours one.
             tuner.oracle.max_trials = max_trials
+    tuner.device_budget = device_budget
     # KerasTuner writes its state files in place; a SIGKILL mid-write would
     # leave a file the resume cannot parse.
     _compat.save_tuner_state_with(tuner, _atomic_save_json)
@@ -141,9 +189,10 @@ def make_tuner(
     return tuner
 
 
-def search_config(*, arch, dataset, tuner, objective, max_epochs, space):
+def search_config(*, arch, dataset, tuner, objective, max_epochs, space, device_budget=None):
     """The fingerprint of a search: what must match for a rerun to resume."""
     return {
+        "device_budget": device_budget.to_config() if device_budget else None,
         "arch": arch,
         "dataset": dataset,
         "tuner": tuner,
@@ -189,6 +238,12 @@ def check_search_dir(directory, config, *, record=True):
                 if recorded.get("space", {}).get(k) != config["space"].get(k)
             )
             detail = f"the space differs in {keys}"
+        elif key == "device_budget":
+            # Trials measured against one budget cannot be scored against another.
+            detail = (
+                f"it was searched {_budget_words(recorded.get(key))}, this run "
+                f"is {_budget_words(config[key])}"
+            )
         else:
             detail = f"it has {key}={recorded.get(key)!r}, this run asks for {config[key]!r}"
         raise ValueError(
@@ -197,6 +252,12 @@ def check_search_dir(directory, config, *, record=True):
             f"({SEARCH_CONFIG_JSON}) to continue it."
         )
     return True
+
+
+def _budget_words(config):
+    if config is None:
+        return "without a device budget"
+    return f"with the device budget {budget.DeviceBudget(**config).describe()}"
 
 
 def run_trials(

@@ -18,12 +18,14 @@ import time
 from hlkeras import training
 from hlkeras.search import reports
 from hlkeras.search.run import BEST_MODEL
+from hlkeras.search.run import BEST_TFLITE
 from hlkeras.search.run import SearchError
 from hlkeras.search.run import SearchOutcome
 from hlkeras.search.run import retrained_val_accuracy
 
 SETTINGS_JSON = "search_settings.json"
 LOG_DIR = "logs"
+CHIEF_ERROR_FILE = "chief_error.txt"
 
 
 def _free_port():
@@ -54,6 +56,8 @@ def run_chief_and_workers(settings, log=print):
     directory = settings["directory"]
     log_dir = os.path.join(directory, LOG_DIR)
     os.makedirs(log_dir, exist_ok=True)
+    if os.path.exists(error_path(directory)):
+        os.remove(error_path(directory))  # an earlier run's
     settings_path = os.path.join(log_dir, SETTINGS_JSON)
     training.atomic_write_json(settings_path, {**settings, "workers": 0})
     command = [sys.executable, "-m", "hlkeras.search", settings_path]
@@ -75,9 +79,7 @@ def run_chief_and_workers(settings, log=print):
         ]
         _wait_for_chief(chief, workers, log_dir)
         if chief.returncode != 0:
-            return SearchOutcome(
-                directory, error=f"the chief exited with status {chief.returncode}"
-            )
+            return SearchOutcome(directory, error=_chief_error(directory, chief.returncode))
         for i, worker in enumerate(workers):
             if worker.wait(timeout=60) != 0:
                 raise SearchError(f"worker{i} failed; see {_worker_log(log_dir, i)}")
@@ -87,6 +89,19 @@ def run_chief_and_workers(settings, log=print):
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
     return read_outcome(directory)
+
+
+def error_path(directory):
+    """Where the chief writes why its search has no best model."""
+    return os.path.join(directory, LOG_DIR, CHIEF_ERROR_FILE)
+
+
+def _chief_error(directory, returncode):
+    path = error_path(directory)
+    if os.path.exists(path):
+        with open(path) as f:
+            return f.read().strip()
+    return f"the chief exited with status {returncode}"
 
 
 def _worker_log(log_dir, index):
@@ -141,4 +156,6 @@ def read_outcome(directory):
     if os.path.exists(os.path.join(directory, BEST_MODEL)):
         outcome.best_path = os.path.join(directory, BEST_MODEL)
         outcome.best_val_accuracy = retrained_val_accuracy(directory)
+    if os.path.exists(os.path.join(directory, BEST_TFLITE)):
+        outcome.best_tflite = os.path.join(directory, BEST_TFLITE)
     return outcome
