@@ -14,6 +14,13 @@
 Targets: Hyperband reaches >= 0.98 validation accuracy within 15 minutes;
 2 workers reach >= 1.5x the trials per minute of 1 worker.
 
+3. `--budget`: Random, Bayesian and Hyperband over `tuning/digits_phone.toml`
+   (mlp, resnet and vit) under a device budget (default 100 KiB int8 and
+   1 ms), through `run_search` as `hlkeras tune` runs it: the best feasible
+   validation accuracy, trials that fit, the wall time (search, retraining
+   and the export of best.tflite), and the extra cost of measuring a trial
+   (export + latency) as a fraction of its training time, side by side.
+
 Run from the project root on the TensorFlow backend:
 
     KERAS_BACKEND=tensorflow PYTHONPATH=. python benchmarks/tuning.py
@@ -29,6 +36,7 @@ The defaults are a quick check (a few minutes). The targets are measured with
 import argparse
 import glob
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -196,6 +204,62 @@ def compare_workers(args, root):
     )
 
 
+PHONE_SPACE = os.path.join(REPO_ROOT, "tuning", "digits_phone.toml")
+
+
+def budget_search(kind, args, root):
+    """One `run_search` under the budget; its numbers for the table."""
+    start = time.perf_counter()
+    outcome = search.run_search(
+        space=PHONE_SPACE,
+        tuner=kind,
+        max_trials=args.budget_trials,
+        max_epochs=args.max_epochs,
+        seed=args.seed,
+        directory=os.path.join(root, f"budget-{kind}"),
+        max_tflite_kb=args.max_tflite_kb,
+        max_latency_ms=args.max_latency_ms,
+        quantize=args.quantize,
+        log=lambda line: None,
+    )
+    wall = time.perf_counter() - start
+    measured = [row for row in outcome.rows if row.get("measure_seconds") is not None]
+    fitting = [row for row in search.ranked(outcome.rows) if row.get("budget") == "fits"]
+    best = fitting[0] if fitting else None
+    return {
+        "best": best["score"] if best else float("nan"),
+        "best_arch": best.get("arch", "-") if best else "-",
+        "best_kb": best["tflite_kb"] if best else float("nan"),
+        "trials": len(outcome.rows),
+        "fitting": len(fitting),
+        "wall": wall,
+        "measure_s": statistics.median(row["measure_seconds"] for row in measured),
+        "measure_fraction": statistics.median(
+            row["measure_seconds"] / row["seconds"] for row in measured
+        ),
+    }
+
+
+def compare_tuners_under_budget(args, root):
+    print(
+        f"budget: {args.max_tflite_kb:g} KiB, {args.max_latency_ms:g} ms, {args.quantize}; "
+        f"space {os.path.relpath(PHONE_SPACE, REPO_ROOT)}; max_trials={args.budget_trials} "
+        f"max_epochs={args.max_epochs} ({keras.backend.backend()} backend)"
+    )
+    results = {
+        kind: budget_search(kind, args, root) for kind in ("random", "bayesian", "hyperband")
+    }
+    anchor = results["random"]
+    for kind, r in results.items():
+        print(
+            f"budget tuner={kind:<9} best_feasible_val_accuracy={r['best']:.4f} "
+            f"(arch {r['best_arch']}, {r['best_kb']:.1f} KiB) fitting={r['fitting']}/{r['trials']} "
+            f"wall={r['wall']:6.1f}s wall_vs_random={r['wall'] / anchor['wall']:.2f}x "
+            f"measure_per_trial={r['measure_s']:.1f}s "
+            f"measure_vs_training={r['measure_fraction']:.2f}"
+        )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-epochs", type=int, default=3)
@@ -205,10 +269,20 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-tuners", action="store_true")
     parser.add_argument("--skip-distributed", action="store_true")
+    parser.add_argument(
+        "--budget", action="store_true", help="only the device-budget comparison (item 3)"
+    )
+    parser.add_argument("--budget-trials", type=int, default=8)
+    parser.add_argument("--max-tflite-kb", type=float, default=100)
+    parser.add_argument("--max-latency-ms", type=float, default=1.0)
+    parser.add_argument("--quantize", default="int8")
     args = parser.parse_args()
     if keras.backend.backend() != "tensorflow":
         print(f"note: measured on the {keras.backend.backend()} backend")
     with tempfile.TemporaryDirectory() as root:
+        if args.budget:
+            compare_tuners_under_budget(args, root)
+            return
         if not args.skip_tuners:
             compare_tuners(args, root)
         if not args.skip_distributed:

@@ -64,6 +64,16 @@ def matrix(digits, tmp_path_factory):
     return results
 
 
+@pytest.fixture(scope="module")
+def keras_per_sample(matrix, digits):
+    """Each matrix model's outputs on the test inputs one sample at a time
+    (batch 1), computed once: the oracle the reports are checked against."""
+    return {
+        name: model.predict(digits[2], batch_size=1, verbose=0)
+        for name, (model, _) in matrix.items()
+    }
+
+
 def read_bytes(path):
     with open(path, "rb") as file:
         return file.read()
@@ -75,8 +85,10 @@ def read_bytes(path):
 @pytest.mark.backends("tensorflow")
 @pytest.mark.parametrize("quantization", QUANTIZATIONS)
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURE_SPECS))
-def test_every_mode_is_builtins_only_and_runs_in_litert(matrix, digits, arch, quantization):
-    model, reports = matrix[arch]
+def test_every_mode_is_builtins_only_and_runs_in_litert(
+    matrix, keras_per_sample, digits, arch, quantization
+):
+    _, reports = matrix[arch]
     artifact = reports[quantization].artifact("tflite")
     flatbuffer = read_bytes(artifact.path)
     ops_in_file = export.tflite_op_names(flatbuffer)
@@ -91,7 +103,7 @@ def test_every_mode_is_builtins_only_and_runs_in_litert(matrix, digits, arch, qu
     # sample at a time as a device runs the file.
     outputs = per_sample(lambda x: export.run_tflite(flatbuffer, x), x_test)
     assert outputs.shape == (len(x_test), 10)
-    expected = model.predict(x_test, batch_size=1, verbose=0)
+    expected = keras_per_sample[arch]
     assert artifact.max_abs_diff == pytest.approx(
         float(np.max(np.abs(outputs - expected))), rel=1e-6, abs=1e-7
     )
@@ -105,7 +117,9 @@ def test_every_mode_is_builtins_only_and_runs_in_litert(matrix, digits, arch, qu
 
 @pytest.mark.backends("tensorflow")
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURE_SPECS))
-def test_outputs_do_not_depend_on_the_batch_in_keras_and_litert(matrix, digits, arch):
+def test_outputs_do_not_depend_on_the_batch_in_keras_and_litert(
+    matrix, keras_per_sample, digits, arch
+):
     model, reports = matrix[arch]
     x_test = digits[2]
     flatbuffer = read_bytes(reports["none"].artifact("tflite").path)
@@ -114,7 +128,7 @@ def test_outputs_do_not_depend_on_the_batch_in_keras_and_litert(matrix, digits, 
     np.testing.assert_allclose(one_at_a_time, one_batch, rtol=0, atol=1e-5)
     np.testing.assert_allclose(
         model.predict(x_test, batch_size=len(x_test), verbose=0),
-        model.predict(x_test, batch_size=1, verbose=0),
+        keras_per_sample[arch],
         rtol=0,
         atol=1e-5,
     )
@@ -393,6 +407,11 @@ def test_an_artifact_that_fails_in_litert_is_refused_in_one_line(digits, tmp_pat
     assert os.listdir(tmp_path) == [export.REFUSED_REPORT_FILENAME]
 
 
+# The gate runs in the calling process on the per-sample outputs, the same
+# code on every backend; JAX and torch reach it through the conversion
+# subprocess that test_jax_and_torch_export_equals_tensorflow_export and
+# test_subprocess_refusal_reaches_the_caller_and_publishes_nothing cover.
+@pytest.mark.backends("tensorflow")
 def test_an_artifact_that_loses_accuracy_is_refused_and_nothing_is_published(digits, tmp_path):
     x_train, y_train, x_test, y_test = digits
     model = random_classifier(0)

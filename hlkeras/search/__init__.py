@@ -18,9 +18,11 @@ Example:
 ['mlp', 'resnet', 'text', 'vit']
 """
 
+from hlkeras.search.budget import DeviceBudget
 from hlkeras.search.hypermodel import SpecHyperModel
 from hlkeras.search.reports import BEST_SPEC_JSON
 from hlkeras.search.reports import BEST_TRIAL_JSON
+from hlkeras.search.reports import PARETO_PNG
 from hlkeras.search.reports import TRIALS_CSV
 from hlkeras.search.reports import TRIALS_PNG
 from hlkeras.search.reports import best_values
@@ -32,6 +34,7 @@ from hlkeras.search.reports import trial_rows
 from hlkeras.search.reports import write_reports
 from hlkeras.search.reports import write_trials_csv
 from hlkeras.search.run import BEST_MODEL
+from hlkeras.search.run import BEST_TFLITE
 from hlkeras.search.run import OBJECTIVES
 from hlkeras.search.run import RETRAIN_DIR
 from hlkeras.search.run import SEARCH_DEFAULTS
@@ -63,12 +66,15 @@ from hlkeras.search.tuners import search_config
 
 __all__ = [
     "BEST_MODEL",
+    "BEST_TFLITE",
     "BEST_SPEC_JSON",
     "BEST_TRIAL_JSON",
     "BayesianTuner",
+    "DeviceBudget",
     "HyperbandTuner",
     "MAX_CONSECUTIVE_FAILED_TRIALS",
     "OBJECTIVES",
+    "PARETO_PNG",
     "RETRAIN_DIR",
     "RandomSearchTuner",
     "SEARCH_CONFIG_JSON",

@@ -126,46 +126,59 @@ def oracle_score(value, measured, budget):
     return -min(budget.overshoot(measured), 1.0)
 
 
-def measure_on_device(model, budget, trial_dir, x_train, validation_data):
-    """Exports `model` into `trial_dir/tflite/` and measures it against `budget`.
+def export_tflite(model_or_path, out_dir, device_budget, x_train, validation_data):
+    """The verified `.tflite` export every trial, and the retrained best,
+    gets: `hlkeras.export.export_model` with the budget's quantization,
+    calibrated on the first training inputs. Returns its `ExportReport`."""
+    from hlkeras import export
+
+    return export.export_model(
+        model_or_path,
+        out_dir,
+        formats=("tflite",),
+        quantization=device_budget.quantization,
+        representative_data=x_train[:REPRESENTATIVE_SAMPLES],
+        verify_data=validation_data,
+        overwrite=True,
+        latency_runs=LATENCY_RUNS,
+    )
+
+
+def measurements(report):
+    """`tflite_kb`, `latency_ms`, `tflite_accuracy` and `keras_accuracy` of
+    an `ExportReport` (None where it measured nothing)."""
+    artifact = report.artifacts[0] if report and report.artifacts else None
+    return {
+        "tflite_kb": artifact.size_bytes / 1024 if artifact else None,
+        "latency_ms": artifact.latency_ms if artifact else None,
+        "tflite_accuracy": artifact.accuracy if artifact else None,
+        "keras_accuracy": report.keras_accuracy if report else None,
+    }
+
+
+def measure_on_device(model, device_budget, trial_dir, x_train, validation_data):
+    """Exports `model` into `trial_dir/tflite/` and measures it against the budget.
 
     Returns:
-        A dict written to `trial_dir/device.json`: `tflite_kb`, `latency_ms`
-        and `tflite_accuracy` (None when the export failed),
-        `keras_accuracy`, `budget` (`"fits"`, the budgets broken, or why
-        the export failed), `refused` (the export's refusal, else "") and
+        A dict written to `trial_dir/device.json`: the `measurements`,
+        `budget` (`"fits"`, the budgets broken, or why the export failed),
+        `refused` (the export's refusal or failure, else "") and
         `measure_seconds`.
     """
     from hlkeras import export
 
     start = time.perf_counter()
-    measured = {"tflite_kb": None, "latency_ms": None, "tflite_accuracy": None}
-    measured["keras_accuracy"] = None
+    out_dir = os.path.join(trial_dir, TRIAL_EXPORT_DIR)
     try:
-        report = export.export_model(
-            model,
-            os.path.join(trial_dir, TRIAL_EXPORT_DIR),
-            formats=("tflite",),
-            quantization=budget.quantization,
-            representative_data=x_train[:REPRESENTATIVE_SAMPLES],
-            verify_data=validation_data,
-            overwrite=True,
-            latency_runs=LATENCY_RUNS,
-        )
+        report = export_tflite(model, out_dir, device_budget, x_train, validation_data)
         refused = ""
     except export.ExportRefused as error:
         report, refused = error.report, f"export refused: {error.report.refused}"
     except export.ExportError as error:
         report, refused = None, f"export failed: {error}"
-    if report is not None:
-        measured["keras_accuracy"] = report.keras_accuracy
-        if report.artifacts:
-            artifact = report.artifacts[0]
-            measured["tflite_kb"] = artifact.size_bytes / 1024
-            measured["latency_ms"] = artifact.latency_ms
-            measured["tflite_accuracy"] = artifact.accuracy
+    measured = measurements(report)
     measured["refused"] = refused
-    measured["budget"] = refused or budget.verdict(measured)
+    measured["budget"] = refused or device_budget.verdict(measured)
     measured["measure_seconds"] = time.perf_counter() - start
     training.atomic_write_json(os.path.join(trial_dir, DEVICE_JSON), measured)
     return measured

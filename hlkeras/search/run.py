@@ -301,32 +301,26 @@ def export_best(outcome, device_budget, x_train, validation, log):
 
     export_dir = os.path.join(outcome.directory, BEST_EXPORT_DIR)
     try:
-        report = export.export_model(
-            outcome.best_path,
-            export_dir,
-            formats=("tflite",),
-            quantization=device_budget.quantization,
-            representative_data=x_train[: budget.REPRESENTATIVE_SAMPLES],
-            verify_data=validation,
-            overwrite=True,
-            latency_runs=budget.LATENCY_RUNS,
+        report = budget.export_tflite(
+            outcome.best_path, export_dir, device_budget, x_train, validation
         )
     except export.ExportError as error:
         return f"best.tflite was not written: {error}"
-    artifact = report.artifacts[0]
-    measured = {"tflite_kb": artifact.size_bytes / 1024, "latency_ms": artifact.latency_ms}
+    measured = budget.measurements(report)
     verdict = device_budget.verdict(measured)
     log(
         f"best.tflite: {measured['tflite_kb']:.1f} KiB, {measured['latency_ms']:.3f} ms, "
-        f"accuracy {artifact.accuracy:.4f} (keras {report.keras_accuracy:.4f}): {verdict}"
+        f"accuracy {measured['tflite_accuracy']:.4f} (keras {measured['keras_accuracy']:.4f}): "
+        f"{verdict}"
     )
     if measured["tflite_kb"] > (device_budget.max_tflite_kb or float("inf")):
         # The retrained model has the trial's architecture, so its size
         # should be the trial's; a larger file is not what the search chose.
+        # Latency is not checked again: a re-measurement differs by noise.
         return f"best.tflite was not written: the retrained model is {verdict}"
     target = os.path.join(outcome.directory, BEST_TFLITE)
     partial = training._partial_path(target, ".tflite")
-    shutil.copyfile(artifact.path, partial)
+    shutil.copyfile(report.artifacts[0].path, partial)
     os.replace(partial, target)
     outcome.best_tflite = target
     return None
