@@ -5,7 +5,7 @@ a worse artifact, sizes, the SavedModel without hlkeras, cross-backend
 equality, atomic writes and the bad-input errors.
 
 The conversion matrix trains the real `hlkeras.models` architectures (mlp,
-resnet, vit, vit with MoE) and exports them once per module on TensorFlow
+resnet, vit with MoE) and exports them once per module on TensorFlow
 (the artifacts do not depend on the backend: JAX and torch convert through
 the same TF-backend code, which `test_*_export_equals_tensorflow` proves).
 """
@@ -19,7 +19,6 @@ import textwrap
 import keras
 import numpy as np
 import pytest
-from export_testing import ARCHITECTURE_SPECS
 from export_testing import accuracy
 from export_testing import build_resnet
 from export_testing import digits_splits
@@ -31,6 +30,9 @@ from hlkeras import export
 
 BACKEND = keras.backend.backend()
 QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
+# The vit without MoE is left out of the matrix (35 s of CI): its attention is
+# in vit_moe and its dense FFN's ops (Dense, gelu) in mlp, in every mode.
+MATRIX_ARCHS = ("mlp", "resnet", "vit_moe")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -46,7 +48,7 @@ def matrix(digits, tmp_path_factory):
         pytest.skip("the conversion matrix runs on the tensorflow backend only")
     x_train, y_train, x_test, y_test = digits
     results = {}
-    for name in ARCHITECTURE_SPECS:
+    for name in MATRIX_ARCHS:
         keras.utils.set_random_seed(7)
         model = train_architecture(name, x_train, y_train)
         reports = {}
@@ -84,7 +86,7 @@ def read_bytes(path):
 
 @pytest.mark.backends("tensorflow")
 @pytest.mark.parametrize("quantization", QUANTIZATIONS)
-@pytest.mark.parametrize("arch", sorted(ARCHITECTURE_SPECS))
+@pytest.mark.parametrize("arch", MATRIX_ARCHS)
 def test_every_mode_is_builtins_only_and_runs_in_litert(
     matrix, keras_per_sample, digits, arch, quantization
 ):
@@ -116,7 +118,7 @@ def test_every_mode_is_builtins_only_and_runs_in_litert(
 
 
 @pytest.mark.backends("tensorflow")
-@pytest.mark.parametrize("arch", sorted(ARCHITECTURE_SPECS))
+@pytest.mark.parametrize("arch", MATRIX_ARCHS)
 def test_outputs_do_not_depend_on_the_batch_in_keras_and_litert(
     matrix, keras_per_sample, digits, arch
 ):
@@ -136,14 +138,14 @@ def test_outputs_do_not_depend_on_the_batch_in_keras_and_litert(
 
 
 @pytest.mark.backends("tensorflow")
-@pytest.mark.parametrize("arch", sorted(ARCHITECTURE_SPECS))
+@pytest.mark.parametrize("arch", MATRIX_ARCHS)
 def test_float32_parity(matrix, arch):
     _, reports = matrix[arch]
     assert reports["none"].artifact("tflite").max_abs_diff <= 1e-4
 
 
 @pytest.mark.backends("tensorflow")
-@pytest.mark.parametrize("arch", sorted(ARCHITECTURE_SPECS))
+@pytest.mark.parametrize("arch", MATRIX_ARCHS)
 def test_every_quantization_within_1_point_of_keras(matrix, arch):
     _, reports = matrix[arch]
     for quantization, report in reports.items():
@@ -155,7 +157,7 @@ def test_every_quantization_within_1_point_of_keras(matrix, arch):
 
 
 @pytest.mark.backends("tensorflow")
-@pytest.mark.parametrize("arch", sorted(ARCHITECTURE_SPECS))
+@pytest.mark.parametrize("arch", MATRIX_ARCHS)
 def test_quantized_file_sizes(matrix, arch):
     _, reports = matrix[arch]
     paths = {q: reports[q].artifact("tflite").path for q in QUANTIZATIONS}
