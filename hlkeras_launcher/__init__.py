@@ -1,12 +1,13 @@
 """The `hlkeras` console script, with TensorFlow's native log lines filtered.
 
 TensorFlow and absl write some lines (oneDNN notices, CPU-feature hints, the
-LiteRT delegate notice) from C++ straight to file descriptor 2, some of them
-while TensorFlow is imported and before `TF_CPP_MIN_LOG_LEVEL` applies. This
-launcher starts before `import hlkeras` (which imports Keras and, on the
-TensorFlow backend, TensorFlow), points descriptor 2 at a pipe, and forwards
-every line except those; Python's warnings, errors and tracebacks pass
-through. `hlkeras ... --verbose` turns the filter off.
+LiteRT delegate notice, the int8 calibrator's settings) from C++ straight to
+file descriptor 2, some of them while TensorFlow is imported and before
+`TF_CPP_MIN_LOG_LEVEL` applies. This launcher starts before `import hlkeras`
+(which imports Keras and, on the TensorFlow backend, TensorFlow), points
+descriptor 2 at a pipe, and forwards every line except those; Python's
+warnings, errors and tracebacks pass through. `hlkeras ... --verbose` turns
+the filter off.
 
 It is a package of its own because importing anything inside `hlkeras`
 imports TensorFlow first.
@@ -21,6 +22,7 @@ NATIVE_LOG_LINE = re.compile(
     r"^(?:[IWEF]\d{4} \d\d:\d\d:\d\d"  # absl: I0000 00:00:1795... file.cc:123]
     r"|WARNING: All log messages before absl::InitializeLog\(\)"
     r"|INFO: Created TensorFlow Lite"
+    r"|fully_quantize: \d+, inference_type: "  # the TFLite calibrator, per int8 conversion
     r"|To enable the following instructions: .* rebuild TensorFlow"
     r"|WARNING: Logging before InitGoogleLogging\(\))"
 )

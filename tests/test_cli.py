@@ -45,6 +45,7 @@ def test_the_launcher_forwards_stderr_lines_except_native_tensorflow_logs(capfd)
     os.write(2, b"I0000 00:00:1795624767.275643   19420 port.cc:153] oneDNN custom operations\n")
     os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called\n")
     os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n")
+    os.write(2, b"fully_quantize: 0, inference_type: 6, input_inference_type: FLOAT32\n")
     os.write(2, b"hlkeras train: error: --epochs must be a positive integer, got -1\n")
     # One write of the whole line: print() writes the text and the newline
     # separately, and the filter thread's line could land between them.
