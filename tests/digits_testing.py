@@ -16,3 +16,18 @@ def load_digits_arrays():
         images = data["images"].astype("float32")[..., None] / 16.0
         labels = data["labels"].astype("int32")
     return images, labels
+
+
+def digits_mlp_search_config(max_epochs):
+    """The fingerprint (`hlkeras.search.search_config`) of a random search
+    over the mlp on digits, as the directory tests record it."""
+    from hlkeras import search
+
+    return search.search_config(
+        arch="mlp",
+        dataset="digits",
+        tuner="random",
+        objective="val_accuracy",
+        max_epochs=max_epochs,
+        space=search.resolve_space("mlp"),
+    )

@@ -14,6 +14,7 @@ import pytest
 
 from hlkeras import cli
 from hlkeras import search
+from tests.digits_testing import digits_mlp_search_config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_SPACE = """\
@@ -107,14 +108,7 @@ def test_a_malformed_space_file_is_a_one_line_error_naming_the_key(tmp_path, cap
 
 def test_a_dir_holding_a_different_search_refuses_to_resume(tmp_path, tiny_space, capsys):
     directory = tmp_path / "search"
-    recorded = search.search_config(
-        arch="mlp",
-        dataset="digits",
-        tuner="random",
-        objective="val_accuracy",
-        max_epochs=1,
-        space=search.resolve_space("mlp"),
-    )
+    recorded = digits_mlp_search_config(max_epochs=1)
     search.check_search_dir(str(directory), recorded)
     err = _one_line_error(_tune_argv(tmp_path, tiny_space, directory, "--max-trials", "1"), capsys)
     assert "holds a different search, so it cannot resume" in err

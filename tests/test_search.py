@@ -14,6 +14,7 @@ import pytest
 from hlkeras import data
 from hlkeras import models
 from hlkeras import search
+from tests.digits_testing import digits_mlp_search_config
 from tests.digits_testing import load_digits_arrays
 
 
@@ -218,15 +219,7 @@ def test_vit_space_maps_every_key_to_the_builder(monkeypatch):
 
 
 def test_a_directory_with_another_search_refuses_and_says_why(tmp_path):
-    space = search.resolve_space("mlp")
-    config = search.search_config(
-        arch="mlp",
-        dataset="digits",
-        tuner="random",
-        objective="val_accuracy",
-        max_epochs=2,
-        space=space,
-    )
+    config = digits_mlp_search_config(max_epochs=2)
     assert search.check_search_dir(str(tmp_path), config) is False
     assert search.check_search_dir(str(tmp_path), config) is True
     other_space = search.resolve_space("mlp", {"depth": [1, 2]})

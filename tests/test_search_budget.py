@@ -13,6 +13,7 @@ import pytest
 from hlkeras import models
 from hlkeras import search
 from hlkeras.search import budget
+from tests.digits_testing import digits_mlp_search_config
 
 # (trial, tflite KiB, latency ms, val_accuracy) -> verdict and oracle score
 # against 100 KiB and 1 ms, computed by hand: the score of a trial over
@@ -122,14 +123,7 @@ def test_bad_budgets_are_refused_before_anything_runs(tmp_path, settings, messag
 
 
 def test_a_budget_on_a_directory_searched_without_one_is_refused(tmp_path):
-    config = search.search_config(
-        arch="mlp",
-        dataset="digits",
-        tuner="random",
-        objective="val_accuracy",
-        max_epochs=2,
-        space=search.resolve_space("mlp"),
-    )
+    config = digits_mlp_search_config(max_epochs=2)
     search.check_search_dir(str(tmp_path), config)
     with_budget = {**config, "device_budget": BUDGET.to_config()}
     with pytest.raises(
