@@ -1,4 +1,4 @@
-"""The `hlkeras` command line: `hlkeras train | tune | export | predict | info`.
+"""The `hlkeras` command line: `hlkeras train | tune | export | predict | benchmark | info`.
 
 It parses arguments and calls the library modules. User mistakes print one
 line to stderr and exit with status 2, without a traceback.
@@ -63,6 +63,9 @@ def cmd_info(args):
         ("keras_tuner", _version_of("keras_tuner")),
         ("tensorflow_datasets", _version_of("tensorflow_datasets")),
         ("ai_edge_litert", _litert_version()),
+        ("onnx", _version_of("onnx")),
+        ("onnxruntime", _version_of("onnxruntime")),
+        ("tf2onnx", _version_of("tf2onnx")),
     ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
@@ -86,9 +89,10 @@ def add_export_parser(commands):
     export = commands.add_parser(
         "export",
         parents=[COMMON_FLAGS],
-        help="export a .keras model to SavedModel and builtins-only TFLite, verified in LiteRT",
-        description="Export MODEL.keras to a SavedModel and a builtins-only "
-        ".tflite, check both against the Keras model, print a table and write "
+        help="export a .keras model to SavedModel, builtins-only TFLite and ONNX, verified",
+        description="Export MODEL.keras to a SavedModel, a builtins-only .tflite "
+        "and/or a .onnx file, check each against the Keras model in its own "
+        "runtime (TensorFlow, LiteRT, ONNX Runtime), print a table and write "
         "DIR/export.json.",
     )
     export.add_argument("model", metavar="MODEL.keras")
@@ -97,7 +101,8 @@ def add_export_parser(commands):
     export.add_argument(
         "--format",
         default="saved_model,tflite",
-        help="comma-separated artifacts: saved_model, tflite",
+        help="comma-separated artifacts: saved_model, tflite, onnx (onnx needs "
+        "pip install 'hlkeras[onnx]')",
     )
     export.add_argument(
         "--dataset",
@@ -147,6 +152,15 @@ def add_export_parser(commands):
         "default 1.0)",
     )
     export.set_defaults(func=cmd_export)
+
+
+def _check_onnx_installed(flag):
+    from hlkeras import export
+
+    try:
+        export.check_onnx_installed()
+    except export.ExportError as error:
+        raise UsageError(f"{flag} onnx: {error}") from None
 
 
 def _max_accuracy_drop(text):
@@ -344,6 +358,8 @@ def cmd_export(args):
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     for format in formats or [""]:
         check_flag_choice("--format", format, export.FORMATS, UsageError)
+    if "onnx" in formats:
+        _check_onnx_installed("--format")
     if args.latency_runs < 0:
         raise UsageError(f"--latency-runs must be >= 0; got {args.latency_runs}")
     max_accuracy_drop = _max_accuracy_drop(args.max_accuracy_drop)
@@ -398,6 +414,7 @@ def build_parser():
     _add_tune_command(commands)
     add_export_parser(commands)
     _add_predict_command(commands)
+    _add_benchmark_command(commands)
     return parser
 
 
@@ -675,6 +692,140 @@ def cmd_predict(args):
     if args.out:
         predict.write_csv(args.out, names, tops)
         print(f"wrote {args.out}")
+    return 0
+
+
+# --- hlkeras benchmark --------------------------------------------------------
+
+
+def _add_benchmark_command(commands):
+    from hlkeras.benchmark import FORMATS
+    from hlkeras.export import QUANTIZATIONS
+
+    benchmark = commands.add_parser(
+        "benchmark",
+        parents=[COMMON_FLAGS],
+        help="one model in every runtime: size, batch-1 latency, throughput, accuracy",
+        description=(
+            "Exports MODEL (a .keras file or a run directory) to a temporary "
+            "directory and runs it in Keras (model.predict and a compiled "
+            "predict_on_batch), the SavedModel in TensorFlow, LiteRT at each "
+            "quantization and ONNX Runtime. Prints one table (size, batch-1 "
+            "latency p50/p90 and its ratio to Keras predict, samples/s at batch "
+            "32, accuracy and top-1 agreement with Keras, one sample at a time), "
+            "writes it as JSON and plots it."
+        ),
+    )
+    benchmark.add_argument("model", metavar="MODEL")
+    benchmark.add_argument(
+        "--dataset",
+        metavar="NAME",
+        help="the data to measure on (its test split; int8 calibrates on its "
+        "training split); default: a run directory's own dataset",
+    )
+    benchmark.add_argument("--data", metavar="PATH", help="your own data, as hlkeras train --data")
+    benchmark.add_argument("--label", default="label", help="--data CSV's label column")
+    benchmark.add_argument(
+        "--text-column", metavar="COL", help="--data is a CSV of texts (a text model)"
+    )
+    benchmark.add_argument(
+        "--formats",
+        default=None,
+        help=f"comma-separated: {', '.join(FORMATS)} (default: all whose packages are installed)",
+    )
+    benchmark.add_argument(
+        "--quantize",
+        default=",".join(QUANTIZATIONS),
+        help="the .tflite quantizations, comma-separated (default: all)",
+    )
+    benchmark.add_argument(
+        "--latency-runs", type=int, default=100, metavar="N", help="timed batch-1 calls per runtime"
+    )
+    benchmark.add_argument("--json", default="benchmark.json", metavar="FILE", help="the report")
+    benchmark.add_argument("--plot", default="benchmark.png", metavar="FILE", help="the bar chart")
+    benchmark.set_defaults(func=cmd_benchmark, representative=None, verify=None)
+
+
+def _comma_list(flag, text, allowed):
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    for value in values or [""]:
+        check_flag_choice(flag, value, allowed, UsageError)
+    return values
+
+
+def _benchmark_formats(args):
+    from hlkeras import benchmark
+    from hlkeras import onnx_export
+
+    if args.formats is not None:
+        formats = _comma_list("--formats", args.formats, benchmark.FORMATS)
+        if "onnx" in formats:
+            _check_onnx_installed("--formats")
+        return formats
+    if onnx_export.missing_packages():
+        print(f"benchmark: skipping onnx (not installed: {onnx_export.ONNX_EXTRA_HINT})")
+        return [f for f in benchmark.FORMATS if f != "onnx"]
+    return list(benchmark.FORMATS)
+
+
+def _benchmark_model_path(args):
+    """MODEL's `.keras` file; a run directory's recorded data fills in
+    --dataset / --data when neither is given."""
+    path = args.model
+    if os.path.isdir(path):
+        run_dir = runs.RunDir(path)
+        if not args.dataset and not args.data and os.path.exists(run_dir.file(run_dir.CONFIG)):
+            settings = run_dir.recorded_settings()
+            args.data, args.label = settings.get("data"), settings.get("label", args.label)
+            args.text_column = settings.get("text_column")
+            args.dataset = None if args.data else settings.get("dataset") or "digits"
+        path = run_dir.file(run_dir.MODEL)
+    if not os.path.isfile(path) or not path.endswith(".keras"):
+        raise UsageError(f"MODEL {args.model}: expected a .keras file or a run directory")
+    if not args.dataset and not args.data:
+        raise UsageError(
+            f"MODEL {args.model}: pass --dataset NAME or --data PATH to measure accuracy on"
+        )
+    return path
+
+
+def cmd_benchmark(args):
+    import tempfile
+
+    from hlkeras import benchmark
+    from hlkeras import export
+
+    formats = _benchmark_formats(args)
+    quantizations = _comma_list("--quantize", args.quantize, export.QUANTIZATIONS)
+    if args.latency_runs < 1:
+        raise UsageError(f"--latency-runs must be >= 1; got {args.latency_runs}")
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if os.path.isdir(path):
+            raise UsageError(f"{flag} {path} is a directory; give a file name")
+    args.model = _benchmark_model_path(args)
+    try:
+        export.load_keras_model(args.model)
+    except export.ExportError as error:
+        raise UsageError(str(error)) from None
+    needs_calibration = "tflite" in formats and "int8" in quantizations
+    representative, verify = _export_data(args, needs_calibration)
+    progress = functools.partial(print, "benchmark:", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(prefix="hlkeras-benchmark-") as work_dir:
+        report = benchmark.benchmark_model(
+            args.model,
+            verify,
+            representative_data=representative,
+            formats=formats,
+            quantizations=quantizations,
+            latency_runs=args.latency_runs,
+            work_dir=work_dir,
+            progress=progress,
+        )
+    for line in benchmark.table_lines(report):
+        print(line)
+    benchmark.write_json(report, args.json)
+    benchmark.plot(report, args.plot)
+    print(f"wrote {args.json} and {args.plot}")
     return 0
 
 

@@ -1,11 +1,13 @@
-"""SavedModel and TFLite (LiteRT) export with builtin ops only, verified in
-the `ai_edge_litert` interpreter against the Keras model.
+"""SavedModel, TFLite (LiteRT) with builtin ops only, and ONNX export, each
+verified in its own runtime against the Keras model.
 
 `export_model` is the entry point: it takes a model from any backend (or a
-`.keras` path), writes a SavedModel and/or a `.tflite` file (float32, float16,
-dynamic-range or full-integer int8), checks that the `.tflite` uses builtin
-ops only, runs it in LiteRT and returns an `ExportReport` of sizes, op set,
-output parity, accuracy and batch-1 latency.
+`.keras` path), writes a SavedModel, a `.tflite` file (float32, float16,
+dynamic-range or full-integer int8) and/or a float32 `.onnx` file, checks
+that the `.tflite` uses builtin ops only, runs every artifact (TensorFlow,
+LiteRT, ONNX Runtime) and returns an `ExportReport` of sizes, op sets,
+output parity, accuracy and batch-1 latency. The ONNX conversion itself is
+in `hlkeras.onnx_export`.
 
 The conversion itself always runs under the TensorFlow Keras backend: on the
 TensorFlow backend in this process, on JAX and torch in a
@@ -19,6 +21,7 @@ place besides `hlkeras.data` that imports it.
 """
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -34,9 +37,12 @@ import numpy as np
 from hlkeras import _compat
 from hlkeras import _timing
 from hlkeras import _validation
+from hlkeras import onnx_export
 
 QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
-FORMATS = ("saved_model", "tflite")
+FORMATS = ("saved_model", "tflite", "onnx")
+# What `export_model` writes unless told: the ONNX packages are an extra.
+DEFAULT_FORMATS = ("saved_model", "tflite")
 SAVED_MODEL_DIRNAME = "saved_model"
 REPORT_FILENAME = "export.json"
 # Where the report of a refused export goes: next to the artifacts that were
@@ -89,16 +95,17 @@ class ArtifactReport:
     run the same way.
 
     Attributes:
-        format: `"saved_model"` or `"tflite"`.
+        format: `"saved_model"`, `"tflite"` or `"onnx"`.
         path: Absolute path of the file or directory.
         size_bytes: Size on disk (a directory's files summed).
-        ops: Sorted TFLite op names (`.tflite` only).
+        ops: Sorted TFLite or ONNX op names (`.tflite` and `.onnx` only).
         builtin_only: Whether every op is a LiteRT builtin (`.tflite` only).
         max_abs_diff: Max absolute difference of outputs against Keras.
         top1_agreement: Fraction of samples whose top-1 class equals Keras'.
         accuracy: Top-1 accuracy on the verification labels, in [0, 1].
-        latency_ms: Median batch-1 latency of the LiteRT interpreter
-            (`.tflite` only).
+        latency_ms: Median batch-1 latency of the LiteRT interpreter or of
+            ONNX Runtime (`.tflite` and `.onnx` only).
+        opset: The ONNX opset (`.onnx` only).
     """
 
     format: str
@@ -110,6 +117,7 @@ class ArtifactReport:
     top1_agreement: float = None
     accuracy: float = None
     latency_ms: float = None
+    opset: int = None
 
 
 @dataclasses.dataclass
@@ -187,7 +195,19 @@ def _check_formats(formats):
         raise ExportError(f"Argument `formats` must name at least one of {FORMATS}. Received: ()")
     for format in formats:
         _check_choice("formats", format, FORMATS)
+    if "onnx" in formats:
+        check_onnx_installed()
     return formats
+
+
+def check_onnx_installed():
+    """Raises `ExportError` naming the missing packages and the pip extra."""
+    missing = onnx_export.missing_packages()
+    if missing:
+        raise ExportError(
+            f"format 'onnx' needs {', '.join(missing)}, which is not installed: "
+            f"{onnx_export.ONNX_EXTRA_HINT}"
+        )
 
 
 def _check_out_dir(out_dir):
@@ -207,6 +227,8 @@ def _target_paths(out_dir, formats, quantization):
         targets["saved_model"] = os.path.join(out_dir, SAVED_MODEL_DIRNAME)
     if "tflite" in formats:
         targets["tflite"] = os.path.join(out_dir, tflite_filename(quantization))
+    if "onnx" in formats:
+        targets["onnx"] = os.path.join(out_dir, onnx_export.ONNX_FILENAME)
     targets["report"] = os.path.join(out_dir, REPORT_FILENAME)
     return targets
 
@@ -427,9 +449,14 @@ def _write_artifacts(model, staging_dir, request):
     """
     from tensorflow.lite.python.convert_phase import ConverterError
 
+    formats = request["formats"]
+    if "onnx" in formats:
+        _write_onnx(model, os.path.join(staging_dir, onnx_export.ONNX_FILENAME))
+    if "saved_model" not in formats and "tflite" not in formats:
+        return
     saved_model_dir = os.path.join(staging_dir, SAVED_MODEL_DIRNAME)
     export_saved_model(model, saved_model_dir)
-    if "tflite" in request["formats"]:
+    if "tflite" in formats:
         try:
             flatbuffer = convert_saved_model(
                 _tflite_source(model, saved_model_dir, staging_dir),
@@ -443,7 +470,7 @@ def _write_artifacts(model, staging_dir, request):
         path = os.path.join(staging_dir, tflite_filename(request["quantization"]))
         with open(path, "wb") as file:
             file.write(flatbuffer)
-    if "saved_model" not in request["formats"]:
+    if "saved_model" not in formats:
         shutil.rmtree(saved_model_dir)
     shutil.rmtree(os.path.join(staging_dir, _BATCH1_SAVED_MODEL_DIRNAME), ignore_errors=True)
 
@@ -509,6 +536,31 @@ def describe_conversion_failure(message, model):
         "which LiteRT on devices and ai_edge_litert cannot run): "
         + "; ".join(parts)
         + ". Rewrite that layer with ops that have builtin kernels."
+    )
+
+
+def _write_onnx(model, path):
+    """Converts with `hlkeras.onnx_export`; a failure becomes one
+    `ExportError` naming the op and the layer it came from."""
+    try:
+        onnx_export.convert_to_onnx(model, path)
+    except onnx_export.OnnxConversionError as error:
+        raise ExportError(describe_onnx_failure(error, model)) from None
+
+
+def describe_onnx_failure(error, model):
+    """One sentence: which ops (in which layers) have no ONNX conversion."""
+    parts = []
+    for op, node_name in error.ops:
+        layer = _layer_in_scope(node_name, model)
+        where = f" in layer {layer.name!r} ({type(layer).__name__})" if layer else ""
+        parts.append(f"op {op!r}{where}")
+    what = "; ".join(dict.fromkeys(parts))
+    if error.detail:
+        return f"ONNX conversion failed{' at ' + what if what else ''}: {error.detail}"
+    return (
+        f"The model needs ops with no ONNX conversion in tf2onnx (opset "
+        f"{onnx_export.ONNX_OPSET}): {what}. Rewrite that layer with ops ONNX has."
     )
 
 
@@ -681,13 +733,31 @@ def median_latency_ms(run_once, repeats=50, warmup=5):
     return 1000.0 * _timing.median_seconds(run_once, repeats, warmup)
 
 
+def tflite_predictor(tflite_model, input_shape):
+    """A function that runs the `.tflite` model (bytes) on batches of
+    `input_shape` in one prepared LiteRT interpreter, float in and out."""
+    interpreter = _prepared_interpreter(tflite_model, input_shape)
+    return functools.partial(_invoke, interpreter)
+
+
+def saved_model_predictor(path):
+    """A function that runs the SavedModel's `serving_default` on a batch
+    (cast to its input dtype: a text model takes int32 token ids)."""
+    import tensorflow as tf
+
+    serving = tf.saved_model.load(path).signatures["serving_default"]
+    (spec,) = serving.structured_input_signature[1].values()
+
+    def predict(array):
+        (output,) = serving(tf.constant(array, dtype=spec.dtype)).values()
+        return output.numpy()
+
+    return predict
+
+
 def _tflite_latency_ms(tflite_model, sample, repeats):
-    interpreter = _prepared_interpreter(tflite_model, sample.shape)
-
-    def run_once():
-        _invoke(interpreter, sample)
-
-    return median_latency_ms(run_once, repeats)
+    predict = tflite_predictor(tflite_model, sample.shape)
+    return median_latency_ms(lambda: predict(sample), repeats)
 
 
 def _keras_latency_ms(model, sample, repeats):
@@ -696,23 +766,13 @@ def _keras_latency_ms(model, sample, repeats):
     return median_latency_ms(lambda: ops.convert_to_numpy(model(sample, training=False)), repeats)
 
 
+def per_sample(predict, inputs):
+    """`predict` run on each sample alone (batch 1), as a device runs it."""
+    return np.concatenate([predict(sample[None]) for sample in inputs])
+
+
 def _tflite_per_sample(flatbuffer, inputs):
-    """Runs the `.tflite` on each sample alone (batch 1), as a device does."""
-    interpreter = _prepared_interpreter(flatbuffer, (1,) + inputs.shape[1:])
-    return np.concatenate([_invoke(interpreter, sample[None]) for sample in inputs])
-
-
-def _saved_model_per_sample(path, inputs):
-    import tensorflow as tf
-
-    serving = tf.saved_model.load(path).signatures["serving_default"]
-    # Verification inputs are float32; a text model takes int32 token ids.
-    (spec,) = serving.structured_input_signature[1].values()
-    outputs = []
-    for sample in inputs:
-        (output,) = serving(tf.constant(sample[None], dtype=spec.dtype)).values()
-        outputs.append(output.numpy())
-    return np.concatenate(outputs)
+    return per_sample(tflite_predictor(flatbuffer, (1,) + inputs.shape[1:]), inputs)
 
 
 def _accuracy(outputs, labels):
@@ -742,7 +802,8 @@ def _score(artifact, outputs, reference, labels):
         artifact.accuracy = _accuracy(outputs, labels)
 
 
-def _path_size(path):
+def path_size(path):
+    """Bytes on disk of a file, or of a directory's files summed."""
     if os.path.isfile(path):
         return os.path.getsize(path)
     return sum(
@@ -767,10 +828,22 @@ def _verify_tflite(path, inputs, labels, reference, sample, latency_runs):
     return report
 
 
+def _verify_onnx(path, inputs, labels, reference, sample, latency_runs):
+    report = ArtifactReport(
+        "onnx", path, 0, ops=onnx_export.op_names(path), opset=onnx_export.ONNX_OPSET
+    )
+    predict = onnx_export.predictor(path)
+    if inputs is not None:
+        _score(report, per_sample(predict, inputs), reference, labels)
+    if sample is not None and latency_runs:
+        report.latency_ms = median_latency_ms(lambda: predict(sample), latency_runs)
+    return report
+
+
 def _verify_saved_model(path, inputs, labels, reference):
     report = ArtifactReport("saved_model", path, 0)
     if inputs is not None:
-        _score(report, _saved_model_per_sample(path, inputs), reference, labels)
+        _score(report, per_sample(saved_model_predictor(path), inputs), reference, labels)
     return report
 
 
@@ -867,7 +940,7 @@ def export_model(
     model_or_path,
     out_dir,
     *,
-    formats=FORMATS,
+    formats=DEFAULT_FORMATS,
     quantization="none",
     representative_data=None,
     verify_data=None,
@@ -876,7 +949,7 @@ def export_model(
     latency_runs=50,
     max_accuracy_drop=1.0,
 ):
-    """Exports a Keras model to SavedModel and builtins-only TFLite, verified.
+    """Exports a Keras model to SavedModel, builtins-only TFLite and ONNX, verified.
 
     Works on every backend: on JAX and torch the model is written to `.keras`
     and converted in a `KERAS_BACKEND=tensorflow` subprocess that loads it with
@@ -894,16 +967,20 @@ def export_model(
     and `ExportRefused` says why.
 
     Artifacts, inside `out_dir`: `saved_model/` (with a `serving_default`
-    signature), `model_<float32|float16|dynamic|int8>.tflite`, and the report
-    as `export.json`. They are written to a staging directory and renamed into
-    place only after conversion and verification succeed, so a failed export
-    leaves any previous artifacts as they were.
+    signature), `model_<float32|float16|dynamic|int8>.tflite`, `model.onnx`
+    (float32, dynamic batch, opset `hlkeras.onnx_export.ONNX_OPSET`, run in
+    ONNX Runtime), and the report as `export.json`. They are written to a
+    staging directory and renamed into place only after conversion and
+    verification succeed, so a failed export leaves any previous artifacts
+    as they were.
 
     Args:
         model_or_path: A single-input, single-output `keras.Model`, or the
             path of a `.keras` file.
         out_dir: Output directory, created if missing.
-        formats: Any of `"saved_model"`, `"tflite"`.
+        formats: Any of `"saved_model"`, `"tflite"`, `"onnx"` (needs the
+            `onnx` extra: `pip install 'hlkeras[onnx]'`). Default: the
+            SavedModel and the `.tflite`.
         quantization: `"none"` (float32), `"float16"` (half-precision weights),
             `"dynamic"` (int8 weights only) or `"int8"` (full integer,
             calibrated on `representative_data`).
@@ -1070,6 +1147,8 @@ def _verify_artifacts(report, staged, targets, verify_data, reference, sample, l
     for format, path in staged.items():
         if format == "saved_model":
             artifact = _verify_saved_model(path, inputs, labels, reference)
+        elif format == "onnx":
+            artifact = _verify_onnx(path, inputs, labels, reference, sample, latency_runs)
         else:
             try:
                 artifact = _verify_tflite(path, inputs, labels, reference, sample, latency_runs)
@@ -1080,7 +1159,7 @@ def _verify_artifacts(report, staged, targets, verify_data, reference, sample, l
                 report.refused = f"{name} failed to run in LiteRT: {str(error).strip().rstrip('.')}"
                 return
         artifact.path = targets[format]
-        artifact.size_bytes = _path_size(path)
+        artifact.size_bytes = path_size(path)
         report.artifacts.append(artifact)
     if inputs is not None:
         report.refused = accuracy_loss(report)

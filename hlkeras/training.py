@@ -55,6 +55,13 @@ def atomic_write_json(path, obj):
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def save_figure_atomic(figure, path):
+    """Saves a matplotlib `figure` as a PNG through a temporary file and a rename."""
+    partial = _partial_path(path, ".png")
+    figure.savefig(partial, dpi=100)
+    os.replace(partial, path)
+
+
 def save_model_atomic(model, path):
     """`model.save(path)` through a temporary `.keras` file and a rename."""
     partial = _partial_path(path, ".keras")
@@ -483,9 +490,7 @@ def plot_history(rows, path):
         axes.set_title(title)
         axes.set_xlabel("epoch")
         axes.grid(alpha=0.3)
-    partial = _partial_path(path, ".png")
-    figure.savefig(partial, dpi=100)
-    os.replace(partial, path)
+    save_figure_atomic(figure, path)
 
 
 # --- The recipe ---------------------------------------------------------------

@@ -200,8 +200,20 @@ def test_unknown_quantization(tmp_path, capsys):
 
 def test_unknown_format(tmp_path, capsys):
     path = small_keras_file(tmp_path)
-    status, _, err = run_cli(capsys, path, "--out", tmp_path / "o", "--format", "onnx")
-    assert_one_line_error(status, err, "--format", "'onnx'", "saved_model, tflite")
+    status, _, err = run_cli(capsys, path, "--out", tmp_path / "o", "--format", "coreml")
+    assert_one_line_error(status, err, "--format", "'coreml'", "saved_model, tflite, onnx")
+
+
+def test_onnx_without_the_extra_names_the_pip_extra(tmp_path, capsys, monkeypatch):
+    from hlkeras import onnx_export
+
+    monkeypatch.setattr(onnx_export, "missing_packages", lambda: ["onnxruntime"])
+    path = small_keras_file(tmp_path)
+    status, _, err = run_cli(capsys, path, "--out", tmp_path / "o", "--format", "tflite,onnx")
+    assert_one_line_error(
+        status, err, "--format onnx", "onnxruntime", "pip install 'hlkeras[onnx]'"
+    )
+    assert not os.path.exists(tmp_path / "o")
 
 
 def test_output_path_is_a_file(tmp_path, capsys):

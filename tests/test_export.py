@@ -603,8 +603,8 @@ def test_unknown_quantization_is_refused(tmp_path):
 
 
 def test_unknown_format_is_refused(tmp_path):
-    with pytest.raises(export.ExportError, match=r"`formats`.*Received: formats='onnx'"):
-        export.export_model(tiny_model(0), tmp_path, formats=("onnx",))
+    with pytest.raises(export.ExportError, match=r"`formats`.*Received: formats='coreml'"):
+        export.export_model(tiny_model(0), tmp_path, formats=("coreml",))
 
 
 def test_output_path_that_is_a_file_is_refused(tmp_path):

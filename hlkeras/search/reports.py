@@ -201,7 +201,7 @@ def plot_pareto(rows, device_budget, objective, path):
         axes.set_title(f"{objective} vs {key} ({device_budget.quantization})")
         axes.grid(alpha=0.3)
         axes.legend()
-    _save_figure(figure, path)
+    training.save_figure_atomic(figure, path)
 
 
 def plot_trials(rows, space, objective, path):
@@ -237,13 +237,7 @@ def plot_trials(rows, space, objective, path):
         axes.set_xlabel(key)
         axes.set_title(f"{objective} vs {key}")
         axes.grid(alpha=0.3)
-    _save_figure(figure, path)
-
-
-def _save_figure(figure, path):
-    partial = training._partial_path(path, ".png")
-    figure.savefig(partial, dpi=100)
-    os.replace(partial, path)
+    training.save_figure_atomic(figure, path)
 
 
 def best_values(rows, space, direction="max"):
