@@ -18,6 +18,7 @@ import os
 import numpy as np
 
 from hlkeras import _timing
+from hlkeras import _validation
 from hlkeras import export
 from hlkeras import onnx_export
 from hlkeras import training
@@ -132,15 +133,19 @@ def benchmark_model(
     """
     import keras
 
+    for format in formats:
+        _validation.check_choice("formats", format, FORMATS)
+    for quantization in quantizations:
+        _validation.check_choice("quantizations", quantization, export.QUANTIZATIONS)
     inputs, labels = verify_data
     options = {
         "formats": formats,
         "quantizations": quantizations,
         "representative_data": representative_data,
     }
-    runtimes = _keras_runtimes(model_path)
-    input_shape = export.load_keras_model(model_path).input_shape
-    runtimes += _exported_runtimes(model_path, input_shape, options, work_dir, progress)
+    model = export.load_keras_model(model_path)
+    runtimes = _keras_runtimes(model, model_path)
+    runtimes += _exported_runtimes(model_path, model.input_shape, options, work_dir, progress)
     order = ["keras predict", "keras compiled", "saved_model"]
     order += [_row_name("tflite", q) for q in export.QUANTIZATIONS] + ["onnx"]
     runtimes.sort(key=lambda runtime: order.index(runtime.name))
@@ -162,7 +167,7 @@ def benchmark_model(
     )
 
 
-def _keras_runtimes(model_path):
+def _keras_runtimes(model, model_path):
     """Keras `predict` as a user calls it, and the compiled predict step
     called directly (`predict_on_batch` after `compile(jit_compile=...)`:
     XLA on TensorFlow and JAX; none on torch, where `torch.compile` took
@@ -171,8 +176,7 @@ def _keras_runtimes(model_path):
 
     backend = keras.backend.backend()
     engine = f"keras {keras.__version__} ({backend})"
-    model = export.load_keras_model(model_path)
-    compiled = export.load_keras_model(model_path)
+    compiled = export.load_keras_model(model_path)  # its own compile state
     compiled.compile(jit_compile=backend != "torch")
     return [
         _Runtime(

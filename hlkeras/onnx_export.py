@@ -22,6 +22,7 @@ The route, measured here (Keras 3.15.1, tf2onnx 1.17.0, onnxruntime 1.32):
 
 import importlib.util
 import logging
+import re
 
 import numpy as np
 
@@ -107,8 +108,6 @@ def _ops_outside_onnx(proto):
 
 
 def _check_loads_in_onnx_runtime(serialized):
-    import re
-
     try:
         new_session(serialized)
     except Exception as error:  # onnxruntime's pybind errors share no base class.

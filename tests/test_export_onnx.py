@@ -10,6 +10,7 @@ session opened here, not hlkeras' runner.
 """
 
 import os
+import re
 
 import keras
 import numpy as np
@@ -120,6 +121,46 @@ def test_an_op_without_onnx_conversion_names_the_op_and_the_layer(tmp_path):
     assert f"opset {onnx_export.ONNX_OPSET}" in message
     assert len(message.splitlines()) == 1
     assert os.listdir(tmp_path) == []
+
+
+def small_moe_model():
+    from hlkeras.layers import MixtureOfExperts
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((5, 8))
+    experts = MixtureOfExperts(num_experts=4, hidden_units=16, name="experts")(inputs)
+    return keras.Model(inputs, keras.layers.GlobalAveragePooling1D()(experts))
+
+
+@pytest.mark.backends("tensorflow")
+@pytest.mark.parametrize(
+    "tf_op, arch, message",
+    [
+        # Without the rewrite tf2onnx leaves TF's Erfc (exact GELU) in the graph.
+        ("Erfc", "mlp", "ops with no ONNX conversion in tf2onnx (opset 17): op 'Erfc' in layer"),
+        # Without it, tf2onnx writes a rank-2 int32 OneHot that ONNX Runtime rejects.
+        (
+            "OneHot",
+            "moe",
+            "op 'OneHot' in layer 'experts' (MixtureOfExperts): ONNX Runtime rejects",
+        ),
+    ],
+)
+def test_each_op_rewrite_is_what_makes_its_model_convert(
+    tf_op, arch, message, tmp_path, monkeypatch
+):
+    model = small_moe_model() if arch == "moe" else build_architecture(arch)
+    handlers = dict(onnx_export._OP_HANDLERS)
+    del handlers[tf_op]
+    monkeypatch.setattr(onnx_export, "_OP_HANDLERS", handlers)
+    with pytest.raises(export.ExportError, match=re.escape(message)) as raised:
+        export.export_model(model, tmp_path / "out", formats=("onnx",), latency_runs=0)
+    assert len(str(raised.value).splitlines()) == 1
+    assert not os.path.exists(tmp_path / "out")
+    monkeypatch.undo()
+    x = np.random.default_rng(0).normal(size=(4, *model.input_shape[1:])).astype("float32")
+    report = export.export_model(model, tmp_path / "out", formats=("onnx",), verify_data=x)
+    assert report.artifact("onnx").max_abs_diff < 1e-5
 
 
 def test_missing_onnx_packages_name_the_extra(tmp_path, monkeypatch):
