@@ -16,8 +16,8 @@ that loads the model from a `.keras` file with `safe_mode=True`. Keras'
 own `export(format="litert")` refuses JAX and turns on Flex ops, and
 jax2tf SavedModels of some graphs (`top_k`) do not serve in TF 2.21.
 
-This module needs TensorFlow itself (the TFLite converter); it is the only
-place besides `hlkeras.data` that imports it.
+This module needs TensorFlow itself (the TFLite converter), as do
+`hlkeras.data`, `hlkeras.texts` and `hlkeras.onnx_export` (tf2onnx).
 """
 
 import dataclasses
