@@ -108,6 +108,33 @@ def test_export_prints_a_table_and_writes_export_json(
 
 @pytest.mark.slow
 @pytest.mark.backends("tensorflow")
+def test_export_onnx_with_the_tflite_is_verified_in_onnx_runtime(
+    trained_keras_file, data_files, digits, tmp_path, capsys
+):
+    import onnxruntime
+
+    keras_path, _ = trained_keras_file
+    _, verify = data_files
+    out = tmp_path / "out"
+    status, stdout, err = run_cli(
+        capsys, keras_path, "--out", out, "--format", "tflite,onnx", "--verify", verify,
+        "--latency-runs", "5",
+    )  # fmt: skip
+    assert status == 0, err
+    lines = stdout.strip().splitlines()
+    assert [line.split()[0] for line in lines[1:3]] == ["model_float32.tflite", "model.onnx"]
+    with open(out / "export.json") as file:
+        onnx_report = export.ExportReport.from_dict(json.load(file)).artifact("onnx")
+    _, _, x_test, y_test = digits
+    session = onnxruntime.InferenceSession(out / "model.onnx", providers=["CPUExecutionProvider"])
+    outputs = session.run(None, {session.get_inputs()[0].name: x_test})[0]
+    assert onnx_report.accuracy == pytest.approx(accuracy(outputs, y_test))
+    assert onnx_report.size_bytes == os.path.getsize(out / "model.onnx")
+    assert f"{onnx_report.accuracy:.2%}" in lines[2] and onnx_report.latency_ms > 0
+
+
+@pytest.mark.slow
+@pytest.mark.backends("tensorflow")
 def test_dataset_supplies_calibration_and_verification_data_and_int8_io_holds(
     trained_keras_file, tmp_path, capsys
 ):
