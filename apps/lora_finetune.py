@@ -5,6 +5,7 @@ trains only LoRA adapters plus that head, saves the adapter file, and merges
 the adapters into a plain model with the original parameter count:
 
     python apps/lora_finetune.py --epochs 10
+    python apps/lora_finetune.py --epochs 10 --dora   # weight-decomposed (DoRA)
 """
 
 import argparse
@@ -40,6 +41,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument(
+        "--dora", action="store_true", help="DoRA: also train a magnitude per output unit"
+    )
     parser.add_argument("--data-dir", help="TFDS data directory (default: TFDS' own)")
     parser.add_argument("--out", default="digits_lora", help="prefix of the files to write")
     args = parser.parse_args()
@@ -59,7 +63,9 @@ def main():
     # adapts every Dense but the last, which stays a full trainable head.
     features = pretrained.get_layer("head_norm").output
     new_head = keras.layers.Dense(len(new), activation="softmax", name="new_head")(features)
-    adapted = lora.apply_lora(keras.Model(pretrained.input, new_head), rank=args.rank)
+    adapted = lora.apply_lora(
+        keras.Model(pretrained.input, new_head), rank=args.rank, dora=args.dora
+    )
     trainable = sum(int(np.prod(w.shape)) for w in adapted.trainable_weights)
     print(f"training {trainable} of {adapted.count_params()} parameters")
     new_train = split_by_class(train_images, train_labels, new)

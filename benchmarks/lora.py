@@ -5,6 +5,9 @@ For d_in = d_out in {1024, 4096}, rank 8, batch 32 it prints:
   hlkeras `LoRADense` / the same step with Keras `Dense(...).enable_lora(8)`
   (same weights, same optimizer, default `jit_compile`). Target <= 0.8 at
   d=4096.
+- `dora_step_ratio_vs_lora`: one training step of the DoRA copy
+  (`apply_lora(..., dora=True)`, same A, B) / the hlkeras LoRA step.
+  Target <= 1.3 at d=4096 (peft's optimized DoRA reports ~1.3x LoRA).
 - `merged_inference_ratio`: inference of `merge_lora(model)` / the plain
   `Dense` model it came from. Target <= 1.02.
 - `adapter_bytes_fraction`: `save_adapters` file size / the adapted model's
@@ -32,14 +35,16 @@ RANK = 8
 BATCH = 32
 TARGETS = {
     "train_step_ratio_vs_keras_lora": (4096, 0.8),
+    "dora_step_ratio_vs_lora": (4096, 1.3),
     "merged_inference_ratio": (None, 1.02),
     "adapter_bytes_fraction": (1024, 0.02),
 }
 
 
 def build_models(d, rank):
-    """The pretrained `Dense` model, its hlkeras LoRA copy and the Keras
-    `enable_lora` twin holding the same kernel, bias, A and B."""
+    """The pretrained `Dense` model, its hlkeras LoRA copy, the Keras
+    `enable_lora` twin holding the same kernel, bias, A and B, and the
+    hlkeras DoRA copy with the same A and B."""
     inputs = keras.Input(shape=(d,), name="features")
     pretrained = keras.Model(inputs, keras.layers.Dense(d, name="dense")(inputs))
     ours = lora.apply_lora(pretrained, rank=rank, targets=["dense"])
@@ -61,7 +66,11 @@ def build_models(d, rank):
         target.assign(np.array(keras.ops.convert_to_numpy(source)))
     keras_inputs = keras.Input(shape=(d,), name="features")
     keras_lora = keras.Model(keras_inputs, keras_layer(keras_inputs))
-    return pretrained, ours, keras_lora
+    dora = lora.apply_lora(pretrained, rank=rank, targets=["dense"], dora=True)
+    dora_layer = dora.get_layer("dense")
+    dora_layer.lora_kernel_a.assign(np.array(keras.ops.convert_to_numpy(layer.lora_kernel_a)))
+    dora_layer.lora_kernel_b.assign(np.array(keras.ops.convert_to_numpy(layer.lora_kernel_b)))
+    return pretrained, ours, keras_lora, dora
 
 
 def median_ratio(numerator, denominator, calls):
@@ -106,14 +115,16 @@ def adapter_bytes_fraction(ours):
 
 
 def run(d, calls, warmup):
-    pretrained, ours, keras_lora = build_models(d, RANK)
+    pretrained, ours, keras_lora, dora = build_models(d, RANK)
     rng = np.random.default_rng(1)
     x = rng.normal(size=(BATCH, d)).astype("float32")
     y = rng.normal(size=(BATCH, d)).astype("float32")
     train_ratio, train_seconds = train_step_ratio(ours, keras_lora, x, y, calls, warmup)
+    dora_ratio, dora_seconds = train_step_ratio(dora, ours, x, y, calls, warmup)
     inference_ratio, inference_seconds = merged_inference_ratio(ours, pretrained, x, calls, warmup)
     results = {
         "train_step_ratio_vs_keras_lora": train_ratio,
+        "dora_step_ratio_vs_lora": dora_ratio,
         "merged_inference_ratio": inference_ratio,
         "adapter_bytes_fraction": adapter_bytes_fraction(ours),
     }
@@ -122,6 +133,7 @@ def run(d, calls, warmup):
         f"jit_compile={ours.jit_compile} "
         + " ".join(f"{name}={value:.4f}" for name, value in results.items())
         + f" (hlkeras train step {train_seconds * 1e3:.2f} ms, "
+        f"DoRA train step {dora_seconds * 1e3:.2f} ms, "
         f"merged inference {inference_seconds * 1e3:.3f} ms)",
         flush=True,
     )

@@ -8,6 +8,10 @@ The usual flow:
     save_adapters(adapted, "task.lora.npz")       # a few percent of the weights
     shipped = merge_lora(adapted)                 # plain Dense again, same outputs
 
+`apply_lora(..., dora=True)` gives `Dense` targets weight-decomposed
+adapters (DoRA: `LoRADense(dora=True)`, a trainable magnitude per output
+unit); they merge, save and load the same way.
+
 Which layers can take an adapter:
 - every `keras.layers.Dense` (exactly that class): it becomes a
   `hlkeras.layers.LoRADense` carrying the trained kernel and bias;
@@ -111,6 +115,11 @@ def _rank_of(projection):
     return projection.rank if isinstance(projection, LoRADense) else projection.lora_rank
 
 
+def _kind_of(projection):
+    """`"DoRA"` for a weight-decomposed adapter, else `"LoRA"`."""
+    return "DoRA" if getattr(projection, "dora", False) else "LoRA"
+
+
 def _merged_kernel_of(projection):
     """`(kernel variable, NumPy W + scale * A @ B)` of one projection."""
     if isinstance(projection, LoRADense):
@@ -120,7 +129,8 @@ def _merged_kernel_of(projection):
 
 
 def adapter_weights(layer):
-    """The adapter variables (`A`, `B` of every adapted projection) in `layer`."""
+    """The adapter variables in `layer`: `A`, `B` of every adapted projection
+    (and a DoRA projection's magnitude and kept kernel norms)."""
     return [w for projection in adapted_projections(layer) for w in _adapters_of(projection)]
 
 
@@ -201,7 +211,7 @@ def _check_target_names(model, adaptable, names):
     return [name for name in all_names if name in names]
 
 
-def _lora_version(layer, rank, alpha, dropout):
+def _lora_version(layer, rank, alpha, dropout, dora):
     """The unbuilt adapted twin of `layer` (a target)."""
     config = layer.get_config()
     if _is_plain_dense(layer):
@@ -210,6 +220,7 @@ def _lora_version(layer, rank, alpha, dropout):
             rank=rank,
             alpha=alpha,
             dropout=dropout,
+            dora=dora,
             activation=config["activation"],
             use_bias=config["use_bias"],
             name=layer.name,
@@ -274,7 +285,23 @@ def _check_only_adapters_train(layer):
         )
 
 
-def apply_lora(model, rank=8, alpha=None, dropout=0.0, targets=None):
+def _check_dora_targets(model, target_names):
+    """DoRA adapts `Dense` targets; the hlkeras layers that follow the LoRA
+    protocol take plain LoRA only (their configs have no DoRA switch)."""
+    lora_only = [
+        f"{name} ({type(model.get_layer(name)).__name__})"
+        for name in target_names
+        if not _is_plain_dense(model.get_layer(name))
+    ]
+    if lora_only:
+        raise ValueError(
+            "Argument `dora=True` adapts keras.layers.Dense layers; these "
+            f"targets take LoRA only: {sorted(lora_only)}. Pass `targets` "
+            "naming Dense layers, or `dora=False`."
+        )
+
+
+def apply_lora(model, rank=8, alpha=None, dropout=0.0, targets=None, dora=False):
     """Returns a copy of `model` with low-rank adapters on the chosen layers.
 
     Each targeted `keras.layers.Dense` becomes a `hlkeras.layers.LoRADense`
@@ -295,6 +322,9 @@ def apply_lora(model, rank=8, alpha=None, dropout=0.0, targets=None):
         targets: None for every `Dense` (and LoRA-capable hlkeras layer)
             except the last `Dense`; a list of layer names; or a predicate
             `fn(layer) -> bool`.
+        dora: Weight-decomposed adapters (DoRA, `LoRADense(dora=True)`):
+            each target also trains a magnitude per output unit, starting
+            at its trained kernel's column norms. `Dense` targets only.
 
     Returns:
         A new, uncompiled `keras.Model` with the same inputs and outputs.
@@ -313,11 +343,13 @@ def apply_lora(model, rank=8, alpha=None, dropout=0.0, targets=None):
     check_alpha(alpha)
     _validation.check_rate("dropout", dropout)
     target_names = set(select_targets(model, targets))
+    if dora:
+        _check_dora_targets(model, target_names)
     head_name = _last_dense_name(model)
 
     def clone_layer(layer):
         if layer.name in target_names:
-            return _lora_version(layer, rank, alpha, dropout)
+            return _lora_version(layer, rank, alpha, dropout, bool(dora))
         if layer.name == head_name:
             return _plain_copy(layer)
         return _frozen_copy(layer)
@@ -332,6 +364,8 @@ def apply_lora(model, rank=8, alpha=None, dropout=0.0, targets=None):
                 _base_weights(new_layer),
                 old_layer.name,
             )
+            if dora:
+                new_layer.reset_magnitude()  # m = ||trained kernel||_c
             _check_only_adapters_train(new_layer)
         else:
             new_layer.set_weights(_as_numpy(old_layer.weights))
@@ -396,16 +430,19 @@ def merge_lora(model):
 
 
 def _saved_layers(model):
-    """`(layer, kind, weights, ranks)` for every layer an adapter file holds:
-    adapter layers (only `A`, `B`) and layers that train in full (heads)."""
+    """`(layer, kind, weights, ranks, adapter kinds)` for every layer an
+    adapter file holds: adapter layers (only `A`, `B`, and DoRA's magnitude)
+    and layers that train in full (heads)."""
     entries = []
     for layer in model.layers:
         adapters = adapter_weights(layer)
         if adapters:
-            ranks = [_rank_of(projection) for projection in adapted_projections(layer)]
-            entries.append((layer, "adapter", adapters, ranks))
+            projections = adapted_projections(layer)
+            ranks = [_rank_of(projection) for projection in projections]
+            kinds = [_kind_of(projection) for projection in projections]
+            entries.append((layer, "adapter", adapters, ranks, kinds))
         elif layer.trainable_weights:
-            entries.append((layer, "trainable", layer.weights, []))
+            entries.append((layer, "trainable", layer.weights, [], []))
     return entries
 
 
@@ -423,13 +460,13 @@ def save_adapters(model, path):
     """
     _check_model(model)
     entries = _saved_layers(model)
-    if not any(kind == "adapter" for _, kind, _, _ in entries):
+    if not any(kind == "adapter" for _, kind, _, _, _ in entries):
         raise ValueError(
             f"Argument `model` has no LoRA layer, so there are no adapters to "
             f"save; call `apply_lora` first. Received: model '{model.name}'"
         )
     arrays, layers = {}, []
-    for layer_index, (layer, kind, weights, ranks) in enumerate(entries):
+    for layer_index, (layer, kind, weights, ranks, adapter_kinds) in enumerate(entries):
         for weight_index, value in enumerate(_as_numpy(weights)):
             arrays[f"layer{layer_index}_weight{weight_index}"] = value
         layers.append(
@@ -438,6 +475,7 @@ def save_adapters(model, path):
                 "class": type(layer).__name__,
                 "kind": kind,
                 "ranks": ranks,
+                "adapter_kinds": adapter_kinds,
                 "weights": [{"name": w.name, "shape": list(w.shape)} for w in weights],
             }
         )
@@ -475,7 +513,8 @@ def _mismatches(model, metadata):
     """Every way the file's layers differ from the model's, as sentences."""
     problems = []
     in_model = {
-        layer.name: (kind, weights, ranks) for layer, kind, weights, ranks in _saved_layers(model)
+        layer.name: (kind, weights, ranks, adapter_kinds)
+        for layer, kind, weights, ranks, adapter_kinds in _saved_layers(model)
     }
     in_file = {entry["name"]: entry for entry in metadata["layers"]}
     for name in in_model.keys() - in_file.keys():
@@ -490,10 +529,18 @@ def _mismatches(model, metadata):
                 f"layer '{name}' has {entry['kind']} weights in the file but {where} in the model"
             )
             continue
-        kind, weights, ranks = in_model[name]
+        kind, weights, ranks, adapter_kinds = in_model[name]
         if kind != entry["kind"]:
             problems.append(
                 f"layer '{name}' is '{entry['kind']}' in the file but '{kind}' in the model"
+            )
+            continue
+        # Files written before DoRA hold LoRA adapters only.
+        file_kinds = entry.get("adapter_kinds", ["LoRA"] * len(entry["ranks"]))
+        if file_kinds != adapter_kinds:
+            problems.append(
+                f"layer '{name}' holds {'/'.join(file_kinds)} adapters in the file but "
+                f"{'/'.join(adapter_kinds)} adapters in the model"
             )
             continue
         if ranks != entry["ranks"]:
@@ -540,7 +587,7 @@ def load_adapters(model, path):
             f"'{model.name}' (nothing was loaded). Received: path={path!r}\n- "
             + "\n- ".join(problems)
         )
-    weights_by_name = {layer.name: weights for layer, _, weights, _ in _saved_layers(model)}
+    weights_by_name = {layer.name: weights for layer, _, weights, _, _ in _saved_layers(model)}
     for layer_index, entry in enumerate(metadata["layers"]):
         for weight_index, variable in enumerate(weights_by_name[entry["name"]]):
             variable.assign(arrays[f"layer{layer_index}_weight{weight_index}"])

@@ -60,7 +60,7 @@ def test_vit_moe(monkeypatch, tmp_path, data_dir, capsys):
 @pytest.mark.slow
 @pytest.mark.backends("tensorflow")
 def test_lora_finetune(monkeypatch, tmp_path, data_dir, capsys):
-    _run_app("lora_finetune.py", monkeypatch, tmp_path, data_dir, "--out", "l")
+    _run_app("lora_finetune.py", monkeypatch, tmp_path, data_dir, "--out", "l", "--dora")
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if line.startswith("digits 5-9"))
     adapted, merged = (float(v) for v in line.split("adapted ")[1].split(", merged "))

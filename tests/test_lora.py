@@ -33,7 +33,10 @@ def _mlp(name_prefix=""):
 
 
 def _randomize_adapters(model):
-    for variable in [w for layer in model.layers for w in lora.adapter_weights(layer)]:
+    # Only what trains: DoRA's kept kernel norms are derived from the kernel.
+    for variable in [
+        w for layer in model.layers for w in lora.adapter_weights(layer) if w.trainable
+    ]:
         variable.assign(RNG.normal(scale=0.3, size=variable.shape).astype("float32"))
 
 
@@ -353,6 +356,66 @@ def test_load_adapters_refuses_other_architectures_untouched(tmp_path, make_othe
     with pytest.raises(ValueError, match=message):
         lora.load_adapters(other, path)
     for value, variable in zip(before, other.weights):
+        np.testing.assert_array_equal(value, _numpy(variable))
+
+
+# DoRA
+
+
+def test_apply_lora_dora_keeps_outputs_trains_magnitudes_and_merges_exactly():
+    model = _mlp()
+    adapted = lora.apply_lora(model, rank=2, dora=True)
+    assert [w.path for w in adapted.trainable_weights] == [
+        "hidden_1/lora_kernel_a", "hidden_1/lora_kernel_b", "hidden_1/lora_magnitude",
+        "hidden_2/lora_kernel_a", "hidden_2/lora_kernel_b", "hidden_2/lora_magnitude",
+        "head/kernel", "head/bias",
+    ]  # fmt: skip
+    # The magnitudes start at the trained kernels' column norms: same outputs.
+    trained_kernel = _numpy(model.get_layer("hidden_1").kernel)
+    np.testing.assert_allclose(
+        _numpy(adapted.get_layer("hidden_1").lora_magnitude),
+        np.linalg.norm(trained_kernel, axis=0),
+        rtol=1e-6,
+    )
+    np.testing.assert_allclose(
+        _predict(adapted, VECTORS), _predict(model, VECTORS), rtol=1e-5, atol=1e-5
+    )
+    _fit(adapted)
+    _randomize_adapters(adapted)
+    merged = lora.merge_lora(adapted)
+    assert [type(layer).__name__ for layer in merged.layers[1:]] == [
+        "Dense", "LayerNormalization", "Dense", "Dense"
+    ]  # fmt: skip
+    assert merged.count_params() == model.count_params()
+    np.testing.assert_allclose(
+        _predict(merged, VECTORS), _predict(adapted, VECTORS), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_dora_on_a_layer_that_takes_lora_only_is_refused():
+    with pytest.raises(
+        ValueError, match=r"dora=True.*LoRA only: \['block \(LoRAProtocolProbe\)'\]"
+    ):
+        lora.apply_lora(_probe_model(), rank=2, dora=True)
+
+
+def test_dora_adapters_round_trip_and_do_not_load_into_lora_slots(tmp_path):
+    model = _mlp()
+    dora_model = lora.apply_lora(model, rank=2, dora=True)
+    _randomize_adapters(dora_model)
+    path = os.path.join(tmp_path, "task.dora.npz")
+    lora.save_adapters(dora_model, path)
+    fresh = lora.apply_lora(model, rank=2, dora=True)
+    lora.load_adapters(fresh, path)
+    np.testing.assert_allclose(
+        _predict(fresh, VECTORS), _predict(dora_model, VECTORS), rtol=0, atol=1e-6
+    )
+    lora_model = lora.apply_lora(model, rank=2)
+    before = _weights_snapshot(lora_model)
+    message = "layer 'hidden_1' holds DoRA adapters in the file but LoRA adapters in the model"
+    with pytest.raises(ValueError, match=message):
+        lora.load_adapters(lora_model, path)
+    for value, variable in zip(before, lora_model.weights):
         np.testing.assert_array_equal(value, _numpy(variable))
 
 

@@ -5,11 +5,19 @@ on every forward pass, which costs O(d_in * units * rank) per step and makes
 the backward pass go through a full-size kernel gradient. `LoRADense` keeps
 the adapter factored, `x @ W + scale * (x @ A) @ B`, so a training step costs
 only the frozen matmul plus two thin ones (Hu et al., 2021).
+
+With `dora=True` it is DoRA (Liu et al., 2024): the adapted kernel
+`V = W + scale * A @ B` is split into a direction `V / ||V||_c` (column
+norms, one per output unit) and a trainable magnitude `m`, so the layer
+computes `(x @ W + scale * (x @ A) @ B) * m / ||V||_c`. `||V||_c` is
+computed from `W`, `A`, `B` without forming `A @ B` (see
+`LoRADense.direction_norm`).
 """
 
 import math
 
 import keras
+import numpy as np
 from keras import ops
 
 from hlkeras import _validation
@@ -56,6 +64,17 @@ class LoRADense(keras.layers.Layer):
     step costs the frozen matmul plus two thin `rank`-wide ones.
 
     `scale` is `alpha / rank`, or `alpha / sqrt(rank)` with `rslora=True`.
+
+    With `dora=True` (DoRA, Liu et al. 2024) the output is
+    `activation((x @ kernel + scale * (dropout(x) @ A) @ B) * m / ||V||_c + bias)`
+    with `V = kernel + scale * A @ B` and `||V||_c` its per-output-unit column
+    norm. The magnitude `m` (`units`, trainable) starts at `||kernel||_c`, so
+    a fresh adapter still changes nothing. As in the paper (section 4.3) and
+    peft, `||V||_c` is treated as a constant in the backward pass: the
+    gradient reaches `m`, `A` and `B` through the numerator only. The norm
+    costs `O(d_in * units * rank)` per step (one `kernel^T @ A` product),
+    the same order as the two thin adapter matmuls for one `d_in`-row batch,
+    and no `(d_in, units)` temporary.
     Usually a `LoRADense` is made from a trained `Dense` by
     `hlkeras.lora.apply_lora`, which copies the trained kernel and bias in;
     `merged()` turns it back into a plain `keras.layers.Dense`.
@@ -70,6 +89,9 @@ class LoRADense(keras.layers.Layer):
         activation: Name of a Keras activation, or None for linear.
         use_bias: Whether the (frozen) base has a bias.
         rslora: Scale by `alpha / sqrt(rank)` instead of `alpha / rank`.
+        dora: Weight-decomposed LoRA: also train a magnitude per output
+            unit (see above). With adapter dropout the dropped inputs reach
+            only the adapter path, as without DoRA.
         **kwargs: Base layer keyword arguments, such as `name` and `dtype`,
             and the Keras weight arguments `kernel_initializer`,
             `bias_initializer`, `kernel_regularizer`, `bias_regularizer`,
@@ -103,6 +125,7 @@ class LoRADense(keras.layers.Layer):
         activation=None,
         use_bias=True,
         rslora=False,
+        dora=False,
         **kwargs,
     ):
         weight_options = WeightOptions.pop(kwargs)
@@ -118,6 +141,7 @@ class LoRADense(keras.layers.Layer):
         )
         self.use_bias = bool(use_bias)
         self.rslora = bool(rslora)
+        self.dora = bool(dora)
         self.scale = lora_scale(self.rank, self.alpha, self.rslora)
         self.adapter_dropout = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
         self.supports_masking = True
@@ -161,11 +185,78 @@ class LoRADense(keras.layers.Layer):
             initializer="zeros",
             regularizer=adapter_regularizer,
         )
+        self.lora_magnitude = self.kernel_norm_squared = None
+        if self.dora:
+            self.lora_magnitude = self.add_weight(
+                name="lora_magnitude",
+                shape=(self.units,),
+                initializer=lambda shape, dtype: ops.cast(
+                    ops.sqrt(self._kernel_norm_squared()), dtype
+                ),
+            )
+            # The frozen kernel's squared column norms, kept so that a step
+            # does not read the whole kernel a second time to recompute them.
+            self.kernel_norm_squared = self.add_weight(
+                name="lora_kernel_norm_squared",
+                shape=(self.units,),
+                trainable=False,
+                initializer=lambda shape, dtype: ops.cast(self._kernel_norm_squared(), dtype),
+            )
+
+    def _kernel_norm_squared(self):
+        return ops.sum(ops.square(ops.convert_to_tensor(self.kernel)), axis=0)
+
+    def reset_magnitude(self):
+        """Sets the DoRA magnitude to the kernel's column norms (and the kept
+        squared norms to match the kernel), so the layer computes
+        `x @ kernel` again while `B` is zero. `apply_lora` calls it after
+        copying a trained kernel in; call it after assigning a kernel."""
+        norm_squared = self._kernel_norm_squared()
+        self.kernel_norm_squared.assign(norm_squared)
+        self.lora_magnitude.assign(ops.sqrt(norm_squared))
 
     @property
     def adapter_weights(self):
-        """The adapter variables `[A, B]`: all that `fit` updates."""
+        """The adapter variables `[A, B]` (with DoRA also the magnitude and
+        the kept kernel norms): what `fit` updates and adapter files hold."""
+        if self.dora:
+            return [
+                self.lora_kernel_a,
+                self.lora_kernel_b,
+                self.lora_magnitude,
+                self.kernel_norm_squared,
+            ]
         return [self.lora_kernel_a, self.lora_kernel_b]
+
+    def direction_norm(self, a_t_kernel=None):
+        """`||kernel + scale * A @ B||` per output unit, without forming `A @ B`:
+        `||V_j||^2 = ||W_j||^2 + 2 s (A^T W)_j . B_j + s^2 B_j^T (A^T A) B_j`.
+
+        Args:
+            a_t_kernel: `A^T @ kernel`, `(rank, units)`, when the caller has
+                it already (`call` gets it from the same matmul as
+                `x @ kernel`).
+        """
+        a, b = self.lora_kernel_a, self.lora_kernel_b
+        if a_t_kernel is None:
+            a_t_kernel = ops.matmul(ops.transpose(a), self.kernel)
+        cross = ops.sum(a_t_kernel * b, axis=0)
+        quadratic = ops.sum(ops.matmul(ops.matmul(ops.transpose(a), a), b) * b, axis=0)
+        squared = self.kernel_norm_squared + 2 * self.scale * cross
+        return ops.sqrt(squared + self.scale**2 * quadratic)
+
+    def _kernel_products(self, inputs):
+        """`(inputs @ kernel, A^T @ kernel)` from one matmul: A's `rank`
+        columns ride along with the input rows, so the kernel is read once per
+        step (at small batches, reading it is what a step costs)."""
+        flat = ops.reshape(inputs, (-1, ops.shape(inputs)[-1]))
+        # No gradient flows into the norm, so none through these rows.
+        a_t = ops.stop_gradient(ops.transpose(self.lora_kernel_a))
+        products = ops.matmul(
+            ops.concatenate([flat, ops.cast(a_t, flat.dtype)], axis=0), self.kernel
+        )
+        base = ops.reshape(products[: -self.rank], (*ops.shape(inputs)[:-1], self.units))
+        return base, products[-self.rank :]
 
     def call(self, inputs, training=None):
         adapter_inputs = inputs
@@ -173,7 +264,15 @@ class LoRADense(keras.layers.Layer):
             adapter_inputs = self.adapter_dropout(inputs, training=training)
         # Scale the thin (..., rank) activation, not the (..., units) one.
         low_rank = ops.matmul(adapter_inputs, self.lora_kernel_a) * self.scale
-        outputs = ops.add(ops.matmul(inputs, self.kernel), ops.matmul(low_rank, self.lora_kernel_b))
+        if self.dora:
+            base, a_t_kernel = self._kernel_products(inputs)
+        else:
+            base = ops.matmul(inputs, self.kernel)
+        outputs = ops.add(base, ops.matmul(low_rank, self.lora_kernel_b))
+        if self.dora:
+            # The norm is a constant for the gradient (DoRA section 4.3).
+            norm = ops.stop_gradient(self.direction_norm(a_t_kernel))
+            outputs = outputs * (self.lora_magnitude / norm)
         if self.bias is not None:
             outputs = ops.add(outputs, self.bias)
         if self.activation_fn is not None:
@@ -184,12 +283,17 @@ class LoRADense(keras.layers.Layer):
         return tuple(input_shape[:-1]) + (self.units,)
 
     def merged_kernel(self):
-        """The NumPy kernel `W + scale * A @ B` of the equivalent `Dense`."""
+        """The NumPy kernel of the equivalent `Dense`: `V = W + scale * A @ B`,
+        with DoRA `V * m / ||V||_c`."""
         kernel = ops.convert_to_numpy(self.kernel).astype("float64")
         a = ops.convert_to_numpy(self.lora_kernel_a).astype("float64")
         b = ops.convert_to_numpy(self.lora_kernel_b).astype("float64")
         # Summed in float64 so the merge adds no rounding beyond the final cast.
-        return (kernel + self.scale * (a @ b)).astype(self.kernel.dtype)
+        merged = kernel + self.scale * (a @ b)
+        if self.dora:
+            magnitude = ops.convert_to_numpy(self.lora_magnitude).astype("float64")
+            merged = merged * (magnitude / np.linalg.norm(merged, axis=0))
+        return merged.astype(self.kernel.dtype)
 
     def merged(self):
         """Returns a plain built `keras.layers.Dense` with the merged kernel.
@@ -228,6 +332,7 @@ class LoRADense(keras.layers.Layer):
                 "activation": self.activation,
                 "use_bias": self.use_bias,
                 "rslora": self.rslora,
+                "dora": self.dora,
                 **self.weight_options.get_config(),
             }
         )

@@ -45,8 +45,9 @@ def _with_random_adapter(layer):
             (4, 5, 5),
         ),
         ({"units": 3, "rank": 1, "use_bias": False}, VECTORS, (4, 3)),
+        ({"units": 5, "rank": 2, "dora": True, "activation": "relu"}, SEQUENCES, (4, 5, 5)),
     ],
-    ids=["vectors", "sequences-dropout-rslora", "no-bias-rank-1"],
+    ids=["vectors", "sequences-dropout-rslora", "no-bias-rank-1", "dora"],
 )
 def test_lora_dense_contract(init_kwargs, inputs, expected_shape):
     run_layer_test(LoRADense, init_kwargs, inputs, expected_output_shape=expected_shape)
@@ -219,3 +220,104 @@ def test_rank_above_min_of_d_in_and_units_raises_at_build(units, input_dim):
     layer = LoRADense(units, rank=5)
     with pytest.raises(ValueError, match=r"`rank` must be <= min\(d_in, units\)"):
         layer.build((None, input_dim))
+
+
+# ---------------------------------------------------------------- DoRA
+
+
+def _dora_layer(units=4, rank=2, alpha=3.0, inputs=SEQUENCES, use_bias=True):
+    """A built DoRA layer with every term non-zero: random bias, `B` and a
+    magnitude away from the kernel's column norms."""
+    layer = LoRADense(units, rank=rank, alpha=alpha, dora=True, use_bias=use_bias)
+    layer.build(inputs.shape)
+    layer.lora_kernel_b.assign(_random_like(layer.lora_kernel_b))
+    layer.lora_magnitude.assign(np.abs(_random_like(layer.lora_magnitude)) + 0.5)
+    if use_bias:
+        layer.bias.assign(_random_like(layer.bias))
+    return layer
+
+
+def _numpy_dora(x, kernel, a, b, magnitude, scale, bias=0.0):
+    """DoRA (Liu et al. 2024, eq. 5) in NumPy: `x @ (m * V / ||V||_c) + bias`,
+    `V = W + scale * A @ B`, the norm per output column."""
+    direction = kernel + scale * a @ b
+    return x @ (magnitude * direction / np.linalg.norm(direction, axis=0)) + bias
+
+
+def test_dora_matches_the_papers_formula_in_numpy():
+    layer = _dora_layer()
+    kernel, bias, a, b, m = (
+        _numpy(v).astype("float64")
+        for v in (layer.kernel, layer.bias, layer.lora_kernel_a, layer.lora_kernel_b,
+                  layer.lora_magnitude)
+    )  # fmt: skip
+    expected = _numpy_dora(SEQUENCES.astype("float64"), kernel, a, b, m, 1.5, bias)
+    np.testing.assert_allclose(_numpy(layer(SEQUENCES)), expected, rtol=1e-5, atol=1e-5)
+    direction = kernel + 1.5 * a @ b
+    np.testing.assert_allclose(
+        _numpy(layer.direction_norm()), np.linalg.norm(direction, axis=0), rtol=1e-5
+    )
+
+
+def test_fresh_dora_adapter_changes_nothing_and_its_magnitude_is_the_kernel_norm():
+    layer = LoRADense(4, rank=2, dora=True)
+    output = _numpy(layer(VECTORS))
+    kernel = _numpy(layer.kernel)
+    np.testing.assert_allclose(
+        _numpy(layer.lora_magnitude), np.linalg.norm(kernel, axis=0), rtol=1e-6
+    )
+    expected = VECTORS @ kernel + _numpy(layer.bias)
+    np.testing.assert_allclose(output, expected, rtol=1e-5, atol=1e-6)
+    assert [w.name for w in layer.trainable_weights] == [
+        "lora_kernel_a", "lora_kernel_b", "lora_magnitude"
+    ]  # fmt: skip
+
+
+def test_dora_sgd_step_equals_the_analytic_gradient_of_the_formula():
+    """One SGD step on MSE against NumPy's gradient of DoRA's formula with
+    the column norm held constant (the paper's section 4.3, as in peft)."""
+    scale, learning_rate = 1.5, 0.1
+    layer = _dora_layer(inputs=VECTORS, use_bias=False)
+    x = VECTORS.astype("float64")
+    targets = RNG.normal(size=(len(VECTORS), 4))
+    kernel, a, b, m = (
+        _numpy(v).astype("float64")
+        for v in (layer.kernel, layer.lora_kernel_a, layer.lora_kernel_b, layer.lora_magnitude)
+    )
+    norm = np.linalg.norm(kernel + scale * a @ b, axis=0)
+    numerator = x @ kernel + scale * (x @ a) @ b
+    outputs = numerator * m / norm
+    grad_outputs = 2 * (outputs - targets) / outputs.size  # mean squared error
+    grad_numerator = grad_outputs * m / norm
+    expected = {
+        "lora_kernel_a": a - learning_rate * scale * x.T @ (grad_numerator @ b.T),
+        "lora_kernel_b": b - learning_rate * scale * (x @ a).T @ grad_numerator,
+        "lora_magnitude": m - learning_rate * np.sum(grad_outputs * numerator / norm, axis=0),
+    }
+    inputs = keras.Input((VECTORS.shape[1],))
+    model = keras.Model(inputs, layer(inputs))
+    model.compile(keras.optimizers.SGD(learning_rate), "mse")
+    model.train_on_batch(VECTORS, targets.astype("float32"))
+    for weight in layer.trainable_weights:
+        np.testing.assert_allclose(
+            _numpy(weight), expected[weight.name], rtol=1e-4, atol=1e-6, err_msg=weight.name
+        )
+    np.testing.assert_array_equal(_numpy(layer.kernel), kernel.astype("float32"))
+
+
+def test_dora_merged_is_a_plain_dense_with_the_same_outputs():
+    layer = _dora_layer()
+    dense = layer.merged()
+    assert type(dense) is keras.layers.Dense
+    np.testing.assert_allclose(
+        _numpy(dense(SEQUENCES)), _numpy(layer(SEQUENCES)), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_reset_magnitude_restores_the_base_outputs_while_b_is_zero():
+    layer = LoRADense(4, rank=2, dora=True)
+    layer.build(VECTORS.shape)
+    layer.kernel.assign(_random_like(layer.kernel))  # as apply_lora copies one in
+    layer.reset_magnitude()
+    expected = VECTORS @ _numpy(layer.kernel) + _numpy(layer.bias)
+    np.testing.assert_allclose(_numpy(layer(VECTORS)), expected, rtol=1e-5, atol=1e-5)
