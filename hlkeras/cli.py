@@ -763,7 +763,10 @@ def _benchmark_formats(args):
             _check_onnx_installed("--formats")
         return formats
     if onnx_export.missing_packages():
-        print(f"benchmark: skipping onnx (not installed: {onnx_export.ONNX_EXTRA_HINT})")
+        print(
+            f"benchmark: skipping onnx (not installed: {onnx_export.ONNX_EXTRA_HINT})",
+            file=sys.stderr,
+        )
         return [f for f in benchmark.FORMATS if f != "onnx"]
     return list(benchmark.FORMATS)
 
