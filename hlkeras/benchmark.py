@@ -352,13 +352,13 @@ def table_lines(report):
                 r.name,
                 r.runtime,
                 "-" if r.size_bytes is None else format_size(r.size_bytes),
-                _optional(r.latency_p50_ms, ".3f"),
-                _optional(r.latency_p90_ms, ".3f"),
+                format_optional(r.latency_p50_ms, ".3f"),
+                format_optional(r.latency_p90_ms, ".3f"),
                 "-" if ratio is None else f"{ratio:.3f}x",
-                _optional(r.throughput, ".0f"),
-                _optional(r.accuracy, ".2%"),
-                _optional(r.agreement, ".2%"),
-                _optional(r.max_abs_diff, ".1e"),
+                format_optional(r.throughput, ".0f"),
+                format_optional(r.accuracy, ".2%"),
+                format_optional(r.agreement, ".2%"),
+                format_optional(r.max_abs_diff, ".1e"),
                 r.note or "",
             )
         )
@@ -374,7 +374,8 @@ def format_size(size_bytes):
         size_bytes /= 1024
 
 
-def _optional(value, pattern):
+def format_optional(value, pattern):
+    """`value` formatted with `pattern`, or `-` when it was not measured."""
     return "-" if value is None else format(value, pattern)
 
 

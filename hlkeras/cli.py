@@ -308,28 +308,20 @@ def _from_dataset(fetch, name, what):
         ) from None
 
 
-def _format_size(size_bytes):
-    for unit in ("B", "KiB", "MiB"):
-        if size_bytes < 1024 or unit == "MiB":
-            return f"{size_bytes:.0f} {unit}" if unit == "B" else f"{size_bytes:.1f} {unit}"
-        size_bytes /= 1024
-
-
-def _format_optional(value, pattern):
-    return "-" if value is None else format(value, pattern)
-
-
 def print_export_table(report):
+    from hlkeras.benchmark import format_optional
+    from hlkeras.benchmark import format_size
+
     rows = [("artifact", "size", "max diff", "agreement", "accuracy", "latency")]
     for artifact in report.artifacts:
         rows.append(
             (
                 os.path.relpath(artifact.path, report.out_dir),
-                _format_size(artifact.size_bytes),
-                _format_optional(artifact.max_abs_diff, ".2e"),
-                _format_optional(artifact.top1_agreement, ".2%"),
-                _format_optional(artifact.accuracy, ".2%"),
-                _format_optional(artifact.latency_ms, ".3f") + " ms"
+                format_size(artifact.size_bytes),
+                format_optional(artifact.max_abs_diff, ".2e"),
+                format_optional(artifact.top1_agreement, ".2%"),
+                format_optional(artifact.accuracy, ".2%"),
+                format_optional(artifact.latency_ms, ".3f") + " ms"
                 if artifact.latency_ms is not None
                 else "-",
             )
@@ -340,8 +332,8 @@ def print_export_table(report):
             "-",
             "-",
             "-",
-            _format_optional(report.keras_accuracy, ".2%"),
-            _format_optional(report.keras_latency_ms, ".3f") + " ms"
+            format_optional(report.keras_accuracy, ".2%"),
+            format_optional(report.keras_latency_ms, ".3f") + " ms"
             if report.keras_latency_ms is not None
             else "-",
         )

@@ -77,3 +77,12 @@ def per_sample(run, inputs):
 
 def accuracy(logits, labels):
     return float(np.mean(np.argmax(logits, axis=-1) == labels))
+
+
+@keras.saving.register_keras_serializable(package="hlkeras_tests")
+class InverseErf(keras.layers.Layer):
+    """`erfinv` has no TFLite builtin kernel (only Flex) and no ONNX
+    conversion in tf2onnx: the unconvertible layer of the export tests."""
+
+    def call(self, inputs):
+        return keras.ops.erfinv(0.5 * keras.ops.tanh(inputs))

@@ -19,6 +19,7 @@ import textwrap
 import keras
 import numpy as np
 import pytest
+from export_testing import InverseErf
 from export_testing import accuracy
 from export_testing import build_resnet
 from export_testing import digits_splits
@@ -486,14 +487,6 @@ def test_verification_data_of_the_wrong_shape_names_both_shapes(tmp_path):
 
 
 # ---------------------------------------------------------------- Flex ops
-
-
-@keras.saving.register_keras_serializable(package="hlkeras_tests")
-class InverseErf(keras.layers.Layer):
-    """`erfinv` has no TFLite builtin kernel (only Flex)."""
-
-    def call(self, inputs):
-        return ops.erfinv(0.5 * ops.tanh(inputs))
 
 
 @pytest.mark.backends("tensorflow")
