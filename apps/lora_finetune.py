@@ -1,8 +1,13 @@
-"""Fine-tune a trained model with a LoRA adapter, merge it, and ship it.
+"""Fine-tune a trained model with two named LoRA adapters, switch, merge, ship.
 
-Pretrains a residual MLP on digits 0-4, adds a new head for digits 5-9,
-trains only LoRA adapters plus that head, saves the adapter file, and merges
-the adapters into a plain model with the original parameter count:
+Pretrains a residual MLP on digits 0-4 and gives it a fresh 5-way head. Then
+one model gets two adapters, each trained alone (adapters plus head; the
+pretrained weights stay frozen):
+- `digits_5_9`: classify digits 5-9;
+- `mod_5`: classify every digit 0-9 by its value mod 5.
+Switching between them is a copy into the same variables. Each adapter is
+saved to its own file and merged into its own plain model with the original
+parameter count:
 
     python apps/lora_finetune.py --epochs 10
     python apps/lora_finetune.py --epochs 10 --dora   # weight-decomposed (DoRA)
@@ -59,27 +64,42 @@ def main():
         *split_by_class(train_images, train_labels, old), epochs=args.epochs, verbose=2
     )
 
-    # The pretrained features with a fresh head for the new classes; apply_lora
-    # adapts every Dense but the last, which stays a full trainable head.
+    # The pretrained features with a fresh 5-way head; "all-linear" adapts
+    # every Dense (and residual block) but the last, which trains in full.
     features = pretrained.get_layer("head_norm").output
-    new_head = keras.layers.Dense(len(new), activation="softmax", name="new_head")(features)
+    new_head = keras.layers.Dense(5, activation="softmax", name="new_head")(features)
     adapted = lora.apply_lora(
-        keras.Model(pretrained.input, new_head), rank=args.rank, dora=args.dora
+        keras.Model(pretrained.input, new_head),
+        rank=args.rank,
+        targets="all-linear",
+        dora=args.dora,
+        adapter_name="digits_5_9",
     )
     trainable = sum(int(np.prod(w.shape)) for w in adapted.trainable_weights)
-    print(f"training {trainable} of {adapted.count_params()} parameters")
-    new_train = split_by_class(train_images, train_labels, new)
-    compiled(adapted, 3e-3).fit(*new_train, epochs=args.epochs, verbose=2)
+    print(f"training {trainable} of {adapted.count_params()} parameters per adapter")
+    tasks = {
+        "digits_5_9": (
+            split_by_class(train_images, train_labels, new),
+            split_by_class(test_images, test_labels, new),
+        ),
+        "mod_5": ((train_images, train_labels % 5), (test_images, test_labels % 5)),
+    }
+    lora.add_adapter(adapted, "mod_5")
+    for name, (train, _) in tasks.items():
+        lora.set_adapter(adapted, name)
+        # A fresh optimizer per adapter: Adam's moments belong to one adapter.
+        compiled(adapted, 3e-3).fit(*train, epochs=args.epochs, verbose=2)
 
-    lora.save_adapters(adapted, f"{args.out}_adapters.npz")
-    merged = lora.merge_lora(adapted)
-    merged.save(f"{args.out}_merged.keras")
-    new_test = split_by_class(test_images, test_labels, new)
-    print(
-        f"digits 5-9 test accuracy: adapted {accuracy(adapted, *new_test):.4f}, "
-        f"merged {accuracy(merged, *new_test):.4f}"
-    )
-    print(f"saved {args.out}_adapters.npz and {args.out}_merged.keras")
+    for name, (_, test) in tasks.items():
+        lora.set_adapter(adapted, name)  # a copy: nothing rebuilt or recompiled
+        lora.save_adapters(adapted, f"{args.out}_{name}.lora.npz")
+        merged = lora.merge_lora(adapted)
+        merged.save(f"{args.out}_{name}_merged.keras")
+        print(
+            f"adapter {name} test accuracy: adapted {accuracy(adapted, *test):.4f}, "
+            f"merged {accuracy(merged, *test):.4f}"
+        )
+    print(f"saved {args.out}_<adapter>.lora.npz and {args.out}_<adapter>_merged.keras")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,12 @@ For d_in = d_out in {1024, 4096}, rank 8, batch 32 it prints:
   `Dense` model it came from. Target <= 1.02.
 - `adapter_bytes_fraction`: `save_adapters` file size / the adapted model's
   full `.weights.h5` size. Target <= 0.02 at d=1024.
+- `adapter_switch_ms`: one `set_adapter` between two named adapters of a
+  model of 24 `LoRADense(d, rank=8)` layers, in milliseconds (target <= 10
+  at d=4096), with `switch_vs_predict_ratio` (that switch / one batch-1
+  `predict_on_batch` of the model, the anchor) and
+  `predict_after_switch_ratio` (a predict right after a switch / one with no
+  switch before it: 1.0 means nothing was recompiled).
 
 The two models of a ratio are called alternately, one call at a time, after
 a warm-up; the ratio is median(call time) / median(call time), so machine
@@ -30,6 +36,7 @@ import numpy as np
 
 from hlkeras import _timing
 from hlkeras import lora
+from hlkeras.layers import LoRADense
 
 RANK = 8
 BATCH = 32
@@ -38,7 +45,9 @@ TARGETS = {
     "dora_step_ratio_vs_lora": (4096, 1.3),
     "merged_inference_ratio": (None, 1.02),
     "adapter_bytes_fraction": (1024, 0.02),
+    "adapter_switch_ms": (4096, 10.0),
 }
+SWITCH_LAYERS = 24
 
 
 def build_models(d, rank):
@@ -114,6 +123,46 @@ def adapter_bytes_fraction(ours):
         return os.path.getsize(adapter_path) / os.path.getsize(full_path)
 
 
+def adapter_switch(d, calls, warmup):
+    """Times `set_adapter` on a deep stack of adapted layers against the
+    model's batch-1 predict, and a predict right after a switch against
+    one after another predict."""
+    inputs = keras.Input(shape=(d,), name="features")
+    x = inputs
+    for index in range(SWITCH_LAYERS):
+        x = LoRADense(d, rank=RANK, name=f"dense_{index}")(x)
+    model = keras.Model(inputs, x)
+    lora.add_adapter(model, "other")
+    sample = np.ones((1, d), "float32")
+    names = ["other", "default"]
+
+    def switch():
+        lora.set_adapter(model, names[0])
+        names.reverse()
+
+    def predict():
+        model.predict_on_batch(sample)
+
+    switch_times, after_switch_times = _timing.time_interleaved(
+        [switch, predict], repeats=calls, warmup=warmup
+    )
+    steady_times = _timing.time_calls(predict, repeats=calls, warmup=0)
+    switch_seconds = statistics.median(switch_times)
+    predict_seconds = statistics.median(steady_times)
+    results = {
+        "adapter_switch_ms": switch_seconds * 1e3,
+        "switch_vs_predict_ratio": switch_seconds / predict_seconds,
+        "predict_after_switch_ratio": statistics.median(after_switch_times) / predict_seconds,
+    }
+    print(
+        f"backend={keras.backend.backend()} d={d} rank={RANK} layers={SWITCH_LAYERS} "
+        + " ".join(f"{name}={value:.4f}" for name, value in results.items())
+        + f" (batch-1 predict {predict_seconds * 1e3:.2f} ms)",
+        flush=True,
+    )
+    return results
+
+
 def run(d, calls, warmup):
     pretrained, ours, keras_lora, dora = build_models(d, RANK)
     rng = np.random.default_rng(1)
@@ -152,6 +201,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
     results = {d: run(d, args.calls, args.warmup) for d in args.dims}
+    results[max(args.dims)].update(adapter_switch(max(args.dims), args.calls, args.warmup))
     for name, (target_d, limit) in TARGETS.items():
         for d, values in results.items():
             if target_d in (None, d):

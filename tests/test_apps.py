@@ -62,11 +62,13 @@ def test_vit_moe(monkeypatch, tmp_path, data_dir, capsys):
 def test_lora_finetune(monkeypatch, tmp_path, data_dir, capsys):
     _run_app("lora_finetune.py", monkeypatch, tmp_path, data_dir, "--out", "l", "--dora")
     out = capsys.readouterr().out
-    line = next(line for line in out.splitlines() if line.startswith("digits 5-9"))
-    adapted, merged = (float(v) for v in line.split("adapted ")[1].split(", merged "))
-    # The merged model is the adapted one with the adapters folded in.
-    assert adapted == merged
-    assert (tmp_path / "l_adapters.npz").exists() and (tmp_path / "l_merged.keras").exists()
+    for name in ("digits_5_9", "mod_5"):
+        line = next(line for line in out.splitlines() if line.startswith(f"adapter {name} "))
+        adapted, merged = (float(v) for v in line.split("adapted ")[1].split(", merged "))
+        # The merged model is the adapted one with this adapter folded in.
+        assert adapted == merged
+        assert (tmp_path / f"l_{name}.lora.npz").exists()
+        assert (tmp_path / f"l_{name}_merged.keras").exists()
 
 
 @pytest.mark.slow

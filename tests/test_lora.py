@@ -35,7 +35,11 @@ def _mlp(name_prefix=""):
 def _randomize_adapters(model):
     # Only what trains: DoRA's kept kernel norms are derived from the kernel.
     for variable in [
-        w for layer in model.layers for w in lora.adapter_weights(layer) if w.trainable
+        w
+        for _, layer in lora.layer_paths(model)
+        if not isinstance(layer, keras.Model)
+        for w in lora.adapter_weights(layer)
+        if w.trainable
     ]:
         variable.assign(RNG.normal(scale=0.3, size=variable.shape).astype("float32"))
 
@@ -173,12 +177,17 @@ def test_apply_lora_on_sequential():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"targets": ["hidden_1", "no_such_layer"]}, r"`targets`.*\['no_such_layer'\]"),
         (
-            {"targets": ["norm"]},
-            r"`targets`.*cannot take an adapter.*norm \(LayerNormalization\)",
+            {"targets": ["hidden_1", "no_such_layer"]},
+            r"`targets`: pattern 'no_such_layer' matches no layer .*"
+            r"Layers: features, hidden_1, norm, hidden_2, head",
         ),
-        ({"targets": "hidden_1"}, r"`targets` must be None, a list"),
+        (
+            {"targets": ["norm*"]},
+            r"pattern 'norm\*' matches only layers that cannot take an adapter: "
+            r"norm \(LayerNormalization\)",
+        ),
+        ({"targets": 3}, r"`targets` must be None, 'all-linear', a glob pattern"),
         ({"targets": lambda layer: False}, r"`targets` selected no layer"),
         ({"rank": 0}, r"`rank`"),
         ({"alpha": 0.0}, r"`alpha`"),
@@ -225,6 +234,137 @@ def test_adapted_model_saves_to_keras_file(tmp_path):
     assert [w.path for w in reloaded.trainable_weights] == [
         w.path for w in adapted.trainable_weights
     ]
+
+
+# Nested models and target patterns
+
+
+def _nested_model():
+    """A functional backbone (with a Sequential inside) used as a layer,
+    then a LoRA-protocol block and a head."""
+    pixels = keras.Input(shape=(6,), name="pixels")
+    x = keras.layers.Dense(10, activation="relu", name="dense_1")(pixels)
+    inner = keras.Sequential(
+        [keras.layers.Dense(9, activation="relu", name="dense_1")], name="inner"
+    )
+    x = inner(x)
+    x = keras.layers.Dense(8, name="dense_2")(x)
+    backbone = keras.Model(pixels, x, name="backbone")
+    inputs = keras.Input(shape=(6,), name="features")
+    x = LoRAProtocolProbe(8, name="block")(backbone(inputs))
+    outputs = keras.layers.Dense(3, name="head")(x)
+    model = keras.Model(inputs, outputs)
+    model.set_weights([RNG.normal(size=w.shape).astype("float32") for w in model.weights])
+    return model
+
+
+def _leaf_types(model):
+    return {
+        path: type(layer).__name__
+        for path, layer in lora.layer_paths(model)
+        if not isinstance(layer, (keras.Model, keras.layers.InputLayer))
+    }
+
+
+@pytest.mark.parametrize(
+    "targets, expected",
+    [
+        (None, ["backbone/dense_1", "backbone/inner/dense_1", "backbone/dense_2", "block"]),
+        ("all-linear", ["backbone/dense_1", "backbone/inner/dense_1", "backbone/dense_2", "block"]),
+        ("backbone/*", ["backbone/dense_1", "backbone/inner/dense_1", "backbone/dense_2"]),
+        ("*dense_1", ["backbone/dense_1", "backbone/inner/dense_1"]),
+        (["block", "backbone/dense_?"], ["backbone/dense_1", "backbone/dense_2", "block"]),
+        (lambda layer: getattr(layer, "units", 0) == 9, ["backbone/inner/dense_1"]),
+    ],
+    ids=["default", "all-linear", "glob-backbone", "glob-suffix", "list", "predicate"],
+)
+def test_targets_reach_nested_models_by_path_pattern(targets, expected):
+    model = _nested_model()
+    assert lora.select_targets(model, targets) == expected
+    adapted = lora.apply_lora(model, rank=2, targets=targets)
+    adapted_paths = [
+        path for path, layer in lora.layer_paths(adapted) if lora.adapter_weights(layer)
+    ]
+    # Each nested model counts its own layers' adapters too.
+    assert [path for path in adapted_paths if path not in ("backbone", "backbone/inner")] == (
+        expected
+    )
+    np.testing.assert_allclose(
+        _predict(adapted, VECTORS), _predict(model, VECTORS), rtol=1e-6, atol=1e-6
+    )
+    # Only the targets' adapters and the head train.
+    layers = dict(lora.layer_paths(adapted))
+    expected_trainable = [w for path in expected for w in lora.adapter_weights(layers[path])]
+    expected_trainable += layers["head"].weights
+    assert {id(w) for w in adapted.trainable_weights} == {id(w) for w in expected_trainable}
+
+
+def test_nested_adapters_train_merge_and_round_trip(tmp_path):
+    model = _nested_model()
+    adapted = lora.apply_lora(model, rank=2, targets="all-linear")
+    frozen = {w.path: _numpy(w) for w in adapted.non_trainable_weights}
+    _fit(adapted)
+    for w in adapted.non_trainable_weights:
+        np.testing.assert_array_equal(_numpy(w), frozen[w.path])
+    _randomize_adapters(adapted)
+    expected = _predict(adapted, VECTORS)
+    assert not np.allclose(expected, _predict(model, VECTORS), atol=1e-3)
+
+    merged = lora.merge_lora(adapted)
+    assert _leaf_types(merged) == _leaf_types(model)
+    assert [w.shape for w in merged.trainable_weights] == [w.shape for w in model.trainable_weights]
+    assert merged.count_params() == model.count_params()
+    np.testing.assert_allclose(_predict(merged, VECTORS), expected, rtol=1e-5, atol=1e-5)
+
+    path = os.path.join(tmp_path, "nested.lora.npz")
+    lora.save_adapters(adapted, path)
+    restored = lora.apply_lora(model, rank=2, targets="all-linear")
+    lora.load_adapters(restored, path)
+    np.testing.assert_array_equal(_predict(restored, VECTORS), expected)
+    # A model adapted at other paths refuses the file, naming the path.
+    elsewhere = lora.apply_lora(model, rank=2, targets="backbone/*")
+    with pytest.raises(ValueError, match=r"layer 'block' has adapter weights in the file but"):
+        lora.load_adapters(elsewhere, path)
+
+
+def _ffn_model():
+    from hlkeras.layers import FeedForward
+
+    inputs = keras.Input(shape=(6,), name="features")
+    x = FeedForward(12, name="ffn")(inputs)
+    return keras.Model(inputs, keras.layers.Dense(3, name="head")(x))
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("arch", ["mlp", "ffn"])
+def test_composite_dense_layers_take_adapters_and_merge(arch, dora):
+    from hlkeras import models
+    from hlkeras.layers import FeedForward
+    from hlkeras.layers import ResidualBlock
+
+    model = models.mlp((6,), 3, depth=2, width=8) if arch == "mlp" else _ffn_model()
+    model.set_weights([RNG.normal(size=w.shape).astype("float32") for w in model.weights])
+    adapted = lora.apply_lora(model, rank=2, targets="all-linear", dora=dora)
+    composites = [
+        layer for layer in adapted.layers if isinstance(layer, (ResidualBlock, FeedForward))
+    ]
+    assert len(composites) == (2 if arch == "mlp" else 1)
+    for layer in composites:
+        projections = lora.adapted_projections(layer)
+        assert [(type(p), p.dora) for p in projections] == [(LoRADense, dora)] * 2
+        # Only the adapters train: the norm and the shortcut are frozen.
+        assert {id(w) for w in layer.trainable_weights} == {
+            id(w) for w in lora.adapter_weights(layer) if w.trainable
+        }
+    np.testing.assert_allclose(
+        _predict(adapted, VECTORS), _predict(model, VECTORS), rtol=1e-5, atol=1e-5
+    )
+    _randomize_adapters(adapted)
+    merged = lora.merge_lora(adapted)
+    assert merged.count_params() == model.count_params()
+    np.testing.assert_allclose(
+        _predict(merged, VECTORS), _predict(adapted, VECTORS), rtol=1e-5, atol=1e-5
+    )
 
 
 # merge_lora

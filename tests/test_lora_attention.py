@@ -280,7 +280,6 @@ def test_lora_rank_config_and_projection_types(layer_cls, init_kwargs):
         ({"lora_rank": 0}, "`lora_rank` must be"),
         ({"lora_rank": 2, "lora_alpha": -1.0}, "`lora_alpha` must be a number > 0"),
         ({"lora_rank": 2, "lora_dropout": 1.0}, "`lora_dropout`"),
-        ({"lora_rank": 2, "num_experts": 4}, "`lora_rank` must be None when `num_experts > 0`"),
     ],
 )
 def test_bad_lora_arguments(kwargs, message):

@@ -341,8 +341,9 @@ class LoRADense(keras.layers.Layer):
 
 def dense_or_lora(layer, units, name, activation=None, use_bias=True, kernel_initializer=None):
     """A `Dense` projection of `layer`, or a `LoRADense` when its `lora_rank`
-    is set, with the layer's weight arguments (`layer.weight_options`;
-    `kernel_initializer` is the layer's default). Both create `kernel` then
+    is set (DoRA when the layer has `lora_dora=True`), with the layer's
+    weight arguments (`layer.weight_options`; `kernel_initializer` is the
+    layer's default). Both create `kernel` then
     `bias` first, so `hlkeras.lora` can line up the plain and adapted weights
     (the LoRA protocol)."""
     common = {
@@ -359,5 +360,6 @@ def dense_or_lora(layer, units, name, activation=None, use_bias=True, kernel_ini
         rank=layer.lora_rank,
         alpha=layer.lora_alpha,
         dropout=layer.lora_dropout,
+        dora=getattr(layer, "lora_dora", False),
         **common,
     )

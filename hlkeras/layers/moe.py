@@ -35,9 +35,12 @@ import fractions
 import math
 
 import keras
+import numpy as np
 from keras import ops
 
 from hlkeras import _validation
+from hlkeras.layers.lora import check_lora_arguments
+from hlkeras.layers.lora import lora_scale
 from hlkeras.layers.weight_options import WeightOptions
 
 # Rows per block in dropless mode, as a fraction of the average expert load:
@@ -379,6 +382,9 @@ def expert_ffn(
     block_expert=None,
     hidden_dropout=None,
     training=None,
+    hidden_adapter=None,
+    output_adapter=None,
+    adapter_scale=1.0,
 ):
     """Runs every block of the buffer through its expert's FFN.
 
@@ -391,20 +397,32 @@ def expert_ffn(
             expert of every block (the weights are gathered per block).
         hidden_dropout: Optional dropout layer for the hidden activations.
         training: Passed to the dropout layer.
+        hidden_adapter, output_adapter: Optional per-expert LoRA adapters
+            `(A, B)` of the two kernels, `(E, d_in, r)` and `(E, r, d_out)`:
+            each expert computes `x @ W_e + scale * (x @ A_e) @ B_e`.
+        adapter_scale: The adapters' `scale`.
 
     Returns:
         `(blocks, rows, o)` expert outputs.
     """
-    if block_expert is not None:
-        hidden_kernel = ops.take(hidden_kernel, block_expert, axis=0)
-        hidden_bias = ops.take(hidden_bias, block_expert, axis=0)
-        output_kernel = ops.take(output_kernel, block_expert, axis=0)
-        output_bias = ops.take(output_bias, block_expert, axis=0)
-    hidden = ops.matmul(expert_inputs, hidden_kernel) + hidden_bias[:, None, :]
-    hidden = activation(hidden)
+
+    def per_block(weight):
+        # A capacity buffer's block e is expert e; a dropless block gathers
+        # its expert's weights.
+        return weight if block_expert is None else ops.take(weight, block_expert, axis=0)
+
+    def project(x, kernel, bias, adapter):
+        outputs = ops.matmul(x, per_block(kernel))
+        if adapter is not None:
+            a, b = map(per_block, adapter)
+            # Scale the thin (..., r) activation, as `LoRADense` does.
+            outputs = outputs + ops.matmul(ops.matmul(x, a) * adapter_scale, b)
+        return outputs + per_block(bias)[:, None, :]
+
+    hidden = activation(project(expert_inputs, hidden_kernel, hidden_bias, hidden_adapter))
     if hidden_dropout is not None:
         hidden = hidden_dropout(hidden, training=training)
-    return ops.matmul(hidden, output_kernel) + output_bias[:, None, :]
+    return project(hidden, output_kernel, output_bias, output_adapter)
 
 
 def combine_expert_outputs(expert_outputs, layout, gates):
@@ -527,6 +545,17 @@ class MixtureOfExperts(keras.layers.Layer):
         router_jitter: Float in [0, 1). In training, the router input is
             multiplied by noise uniform in `[1 - jitter, 1 + jitter]`.
         dropout: Float in [0, 1), dropout on the expert hidden activations.
+        lora_rank: Optional positive int. When set, every expert gets its own
+            rank-`lora_rank` LoRA adapters on both kernels (`A`:
+            `(E, d_in, r)`, Kaiming-uniform per expert; `B`: `(E, r, d_out)`,
+            zeros, so a fresh adapter changes nothing), and only they train:
+            the experts, their biases and the router are frozen, so routing
+            stays what pretraining learned. One adapter per expert rather
+            than one shared by all: experts specialize, and a shared update
+            would move them all the same way. Usually set by
+            `hlkeras.lora.apply_lora`; `merge_lora` folds them back in.
+        lora_alpha: Optional number > 0, the adapters' strength
+            (`scale = lora_alpha / lora_rank`). Defaults to `lora_rank`.
         **kwargs: Base layer keyword arguments, such as `name` and `dtype`,
             and the Keras weight arguments: `kernel_initializer`,
             `kernel_regularizer`, `kernel_constraint` for the expert kernels
@@ -564,6 +593,8 @@ class MixtureOfExperts(keras.layers.Layer):
         router_z_weight=1e-3,
         router_jitter=0.0,
         dropout=0.0,
+        lora_rank=None,
+        lora_alpha=None,
         **kwargs,
     ):
         weight_options = WeightOptions.pop(kwargs, kinds=("kernel", "bias", "router"))
@@ -597,6 +628,9 @@ class MixtureOfExperts(keras.layers.Layer):
         self.router_z_weight = _validation.check_non_negative("router_z_weight", router_z_weight)
         self.router_jitter = _validation.check_rate("router_jitter", router_jitter)
         self.dropout = _validation.check_rate("dropout", dropout)
+        check_lora_arguments(lora_rank, lora_alpha, 0.0)
+        self.lora_rank = lora_rank
+        self.lora_alpha = lora_alpha
         self.activation_fn = keras.activations.get(self.activation)
         self.jitter_seed = keras.random.SeedGenerator() if self.router_jitter > 0 else None
 
@@ -613,10 +647,14 @@ class MixtureOfExperts(keras.layers.Layer):
         # Router logits in float32 even under mixed precision: the top-k
         # choice and the z-loss are sensitive to rounding.
         router = self.weight_options.weight("router", "glorot_uniform")
+        # With adapters only they train (the LoRA protocol): the base is
+        # created frozen, so `trainable = True` later cannot unfreeze it.
+        base_trains = self.lora_rank is None
         self.router = FloatRouter(
             experts,
             use_bias=False,
             dtype="float32",
+            trainable=base_trains,
             name="router",
             kernel_initializer=router["initializer"],
             kernel_regularizer=router["regularizer"],
@@ -625,6 +663,7 @@ class MixtureOfExperts(keras.layers.Layer):
         self.router.build(tuple(input_shape[:-1]) + (input_dim,))
         self.expert_hidden_kernel = self.add_weight(
             name="expert_hidden_kernel",
+            trainable=base_trains,
             shape=(experts, input_dim, hidden),
             **self.weight_options.weight(
                 "kernel", _per_expert_initializer(self.activation, experts)
@@ -632,28 +671,88 @@ class MixtureOfExperts(keras.layers.Layer):
         )
         self.expert_hidden_bias = self.add_weight(
             name="expert_hidden_bias",
+            trainable=base_trains,
             shape=(experts, hidden),
             **self.weight_options.weight("bias", "zeros"),
         )
         self.expert_output_kernel = self.add_weight(
             name="expert_output_kernel",
+            trainable=base_trains,
             shape=(experts, hidden, output_dim),
             **self.weight_options.weight("kernel", _per_expert_initializer(None, experts)),
         )
         self.expert_output_bias = self.add_weight(
             name="expert_output_bias",
+            trainable=base_trains,
             shape=(experts, output_dim),
             **self.weight_options.weight("bias", "zeros"),
         )
         self.hidden_dropout = (
             keras.layers.Dropout(self.dropout, dtype=self.dtype_policy) if self.dropout else None
         )
+        self.hidden_adapter = self.output_adapter = None
+        if self.lora_rank is not None:
+            self.hidden_adapter = self._expert_adapter("expert_hidden", input_dim, hidden)
+            self.output_adapter = self._expert_adapter("expert_output", hidden, output_dim)
         # Routing statistics are layer state that training calls update, as
         # BatchNormalization's moving statistics are: unlike a metric inside
         # a layer, state updates survive JAX's stateless `fit` too.
         self.routing_calls = self._routing_state("routing_calls", ())
         self.routing_dropped_total = self._routing_state("routing_dropped_total", ())
         self.routing_load_total = self._routing_state("routing_load_total", (experts,))
+
+    def _expert_adapter(self, prefix, input_dim, output_dim):
+        """`(A, B)`: `(E, input_dim, r)` and `(E, r, output_dim)` adapters."""
+        if self.lora_rank > min(input_dim, output_dim):
+            raise ValueError(
+                f"MixtureOfExperts '{self.name}': argument `lora_rank` must be "
+                f"<= min(d_in, d_out) = min({input_dim}, {output_dim}) of the "
+                f"'{prefix}_kernel' experts. Received: lora_rank={self.lora_rank}"
+            )
+        regularizer = self.weight_options.weight("kernel", None)["regularizer"]
+        # Kaiming-uniform with each expert's own fan-in, as `LoRADense`'s A
+        # (Keras would count the `(E, d, r)` fan-in as E * d).
+        limit = math.sqrt(6.0 / input_dim)
+        a = self.add_weight(
+            name=f"{prefix}_lora_a",
+            shape=(self.num_experts, input_dim, self.lora_rank),
+            initializer=keras.initializers.RandomUniform(-limit, limit),
+            regularizer=regularizer,
+        )
+        b = self.add_weight(
+            name=f"{prefix}_lora_b",
+            shape=(self.num_experts, self.lora_rank, output_dim),
+            initializer="zeros",
+            regularizer=regularizer,
+        )
+        return a, b
+
+    @property
+    def adapter_weights(self):
+        """The expert adapters `[A_hidden, B_hidden, A_output, B_output]`
+        (empty without `lora_rank`)."""
+        adapters = (self.hidden_adapter, self.output_adapter)
+        return [w for adapter in adapters if adapter is not None for w in adapter]
+
+    @property
+    def adapter_scale(self):
+        """`lora_alpha / lora_rank`, the adapters' output scale."""
+        return lora_scale(self.lora_rank, self.lora_alpha)
+
+    def merged_kernels(self):
+        """NumPy `(hidden, output)` expert kernels with the adapters folded
+        in, `W_e + scale * A_e @ B_e` per expert (summed in float64)."""
+        merged = []
+        for kernel, (a, b) in (
+            (self.expert_hidden_kernel, self.hidden_adapter),
+            (self.expert_output_kernel, self.output_adapter),
+        ):
+            a, b = (np.asarray(ops.convert_to_numpy(w), "float64") for w in (a, b))
+            value = np.asarray(ops.convert_to_numpy(kernel), "float64") + self.adapter_scale * (
+                a @ b
+            )
+            merged.append(value.astype(kernel.dtype))
+        return merged
 
     def _routing_state(self, name, shape):
         return self.add_weight(
@@ -689,6 +788,9 @@ class MixtureOfExperts(keras.layers.Layer):
             block_expert=layout.block_expert,
             hidden_dropout=self.hidden_dropout,
             training=training,
+            hidden_adapter=self.hidden_adapter,
+            output_adapter=self.output_adapter,
+            adapter_scale=self.adapter_scale if self.lora_rank else 1.0,
         )
         outputs = combine_expert_outputs(expert_outputs, layout, gates)
         if training:
@@ -776,6 +878,8 @@ class MixtureOfExperts(keras.layers.Layer):
                 "router_z_weight": self.router_z_weight,
                 "router_jitter": self.router_jitter,
                 "dropout": self.dropout,
+                "lora_rank": self.lora_rank,
+                "lora_alpha": self.lora_alpha,
                 **self.weight_options.get_config(),
             }
         )
@@ -785,8 +889,6 @@ class MixtureOfExperts(keras.layers.Layer):
 def routing_summary(calls, dropped_total, load_total):
     """Mean routing statistics from the totals a layer keeps (see
     `MixtureOfExperts.routing_statistics`); NaN means for zero calls."""
-    import numpy as np
-
     calls = float(calls)
     if calls <= 0:
         nan = float("nan")
@@ -895,4 +997,5 @@ def expert_parallel_layout(device_mesh, expert_axis="model"):
     layout_map = keras.distribution.LayoutMap(device_mesh)
     layout_map[r".*expert_(hidden|output)_kernel"] = (expert_axis, None, None)
     layout_map[r".*expert_(hidden|output)_bias"] = (expert_axis, None)
+    layout_map[r".*expert_(hidden|output)_lora_[ab]"] = (expert_axis, None, None)
     return layout_map

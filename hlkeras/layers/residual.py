@@ -7,6 +7,8 @@ import keras
 from keras import ops
 
 from hlkeras import _validation
+from hlkeras.layers.lora import check_lora_arguments
+from hlkeras.layers.lora import dense_or_lora
 from hlkeras.layers.weight_options import WeightOptions
 
 NORMS = ("layer", "batch", None)
@@ -65,11 +67,13 @@ class DropPath(keras.layers.Layer):
         return config
 
 
-def _make_norm(norm, dtype, name):
+def _make_norm(norm, dtype, name, trainable=True):
     if norm == "layer":
-        return keras.layers.LayerNormalization(epsilon=1e-5, dtype=dtype, name=name)
+        return keras.layers.LayerNormalization(
+            epsilon=1e-5, dtype=dtype, name=name, trainable=trainable
+        )
     if norm == "batch":
-        return keras.layers.BatchNormalization(dtype=dtype, name=name)
+        return keras.layers.BatchNormalization(dtype=dtype, name=name, trainable=trainable)
     return None
 
 
@@ -91,6 +95,18 @@ class ResidualBlock(keras.layers.Layer):
             branch input (pre-norm).
         dropout: Float in [0, 1), dropout on the inner activations.
         drop_path: Float in [0, 1), stochastic-depth rate of the branch.
+        lora_rank: Optional positive int. When set, `hidden_dense` and
+            `output_dense` are `hlkeras.layers.LoRADense` with
+            rank-`lora_rank` adapters, and the norm and the shortcut
+            projection are frozen, so only the adapters train (a frozen
+            `BatchNormalization` runs in inference mode, as Keras' transfer
+            learning guide recommends). Usually set by
+            `hlkeras.lora.apply_lora`.
+        lora_alpha: Optional number > 0, the adapters' strength. Defaults to
+            `lora_rank`.
+        lora_dropout: Float in [0, 1), dropout on the adapters' inputs.
+        lora_dora: With `lora_rank`, weight-decomposed adapters (DoRA,
+            `LoRADense(dora=True)`). Set by `apply_lora(..., dora=True)`.
         **kwargs: Base layer keyword arguments, such as `name` and `dtype`,
             and the Keras weight arguments `kernel_initializer`,
             `bias_initializer`, `kernel_regularizer`, `bias_regularizer`,
@@ -119,11 +135,20 @@ class ResidualBlock(keras.layers.Layer):
         norm="layer",
         dropout=0.0,
         drop_path=0.0,
+        lora_rank=None,
+        lora_alpha=None,
+        lora_dropout=0.0,
+        lora_dora=False,
         **kwargs,
     ):
         weight_options = WeightOptions.pop(kwargs)
         super().__init__(**kwargs)
         self.weight_options = weight_options
+        check_lora_arguments(lora_rank, lora_alpha, lora_dropout)
+        self.lora_rank = lora_rank
+        self.lora_alpha = lora_alpha
+        self.lora_dropout = lora_dropout
+        self.lora_dora = bool(lora_dora)
         self.units = _validation.check_positive_int("units", units)
         self.hidden_units = (
             None
@@ -140,18 +165,18 @@ class ResidualBlock(keras.layers.Layer):
         _validation.check_min_rank("ResidualBlock", input_shape, 2)
         input_dim = _validation.check_feature_dim("ResidualBlock", input_shape)
         policy = self.dtype_policy
-        self.branch_norm = _make_norm(self.norm, policy, "branch_norm")
-        self.hidden_dense = keras.layers.Dense(
+        # With adapters only they train (the LoRA protocol).
+        base_trains = self.lora_rank is None
+        self.branch_norm = _make_norm(self.norm, policy, "branch_norm", trainable=base_trains)
+        self.hidden_dense = dense_or_lora(
+            self,
             self.hidden_units or self.units,
+            "hidden_dense",
             activation=self.activation,
-            dtype=policy,
-            name="hidden_dense",
-            **self.weight_options.sublayer(_validation.kernel_initializer_for(self.activation)),
+            kernel_initializer=_validation.kernel_initializer_for(self.activation),
         )
         self.hidden_dropout = keras.layers.Dropout(self.dropout, dtype=policy)
-        self.output_dense = keras.layers.Dense(
-            self.units, dtype=policy, name="output_dense", **self.weight_options.sublayer()
-        )
+        self.output_dense = dense_or_lora(self, self.units, "output_dense")
         self.branch_drop_path = DropPath(self.drop_path, dtype=policy)
         self.shortcut = None
         if input_dim != self.units:
@@ -160,6 +185,7 @@ class ResidualBlock(keras.layers.Layer):
                 use_bias=False,
                 dtype=policy,
                 name="shortcut",
+                trainable=base_trains,
                 **self.weight_options.sublayer(),
             )
             self.shortcut.build(input_shape)
@@ -173,9 +199,9 @@ class ResidualBlock(keras.layers.Layer):
         branch = inputs
         if self.branch_norm is not None:
             branch = self.branch_norm(branch, training=training)
-        branch = self.hidden_dense(branch)
+        branch = self.hidden_dense(branch, training=training)  # adapter dropout
         branch = self.hidden_dropout(branch, training=training)
-        branch = self.output_dense(branch)
+        branch = self.output_dense(branch, training=training)
         branch = self.branch_drop_path(branch, training=training)
         shortcut = inputs if self.shortcut is None else self.shortcut(inputs)
         return shortcut + branch
@@ -193,6 +219,10 @@ class ResidualBlock(keras.layers.Layer):
                 "norm": self.norm,
                 "dropout": self.dropout,
                 "drop_path": self.drop_path,
+                "lora_rank": self.lora_rank,
+                "lora_alpha": self.lora_alpha,
+                "lora_dropout": self.lora_dropout,
+                "lora_dora": self.lora_dora,
                 **self.weight_options.get_config(),
             }
         )

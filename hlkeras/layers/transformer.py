@@ -28,6 +28,8 @@ class FeedForward(keras.layers.Layer):
         lora_alpha: Optional number > 0, the adapters' strength. Defaults to
             `lora_rank`.
         lora_dropout: Float in [0, 1), dropout on the adapters' inputs.
+        lora_dora: With `lora_rank`, weight-decomposed adapters (DoRA,
+            `LoRADense(dora=True)`). Set by `apply_lora(..., dora=True)`.
         **kwargs: Base layer keyword arguments, such as `name` and `dtype`,
             and the Keras weight arguments `kernel_initializer`,
             `bias_initializer`, `kernel_regularizer`, `bias_regularizer`,
@@ -54,6 +56,7 @@ class FeedForward(keras.layers.Layer):
         lora_rank=None,
         lora_alpha=None,
         lora_dropout=0.0,
+        lora_dora=False,
         **kwargs,
     ):
         weight_options = WeightOptions.pop(kwargs)
@@ -66,6 +69,7 @@ class FeedForward(keras.layers.Layer):
         self.lora_rank = lora_rank
         self.lora_alpha = lora_alpha
         self.lora_dropout = lora_dropout
+        self.lora_dora = bool(lora_dora)
         self.supports_masking = True
 
     def build(self, input_shape):
@@ -102,6 +106,7 @@ class FeedForward(keras.layers.Layer):
                 "lora_rank": self.lora_rank,
                 "lora_alpha": self.lora_alpha,
                 "lora_dropout": self.lora_dropout,
+                "lora_dora": self.lora_dora,
                 **self.weight_options.get_config(),
             }
         )
@@ -143,9 +148,10 @@ class TransformerBlock(keras.layers.Layer):
         lora_rank: Optional positive int. When set, the attention's Q, K, V
             and output projections and both `FeedForward` projections are
             `hlkeras.layers.LoRADense` with rank-`lora_rank` adapters, and
-            the LayerNorms are frozen, so only the adapters train. Usually
-            set by `hlkeras.lora.apply_lora`. Not available with
-            `num_experts > 0`.
+            the LayerNorms are frozen, so only the adapters train. With
+            `num_experts > 0` the FFN is a `MixtureOfExperts(lora_rank=...)`
+            instead: per-expert adapters, the router frozen. Usually set by
+            `hlkeras.lora.apply_lora`.
         lora_alpha: Optional number > 0, the adapters' strength. Defaults to
             `lora_rank`.
         lora_dropout: Float in [0, 1), dropout on the adapters' inputs.
@@ -212,12 +218,6 @@ class TransformerBlock(keras.layers.Layer):
         self.top_k = _validation.check_positive_int("top_k", top_k)
         self.capacity_factor = capacity_factor
         check_lora_arguments(lora_rank, lora_alpha, lora_dropout)
-        if num_experts and lora_rank is not None:
-            raise ValueError(
-                "Argument `lora_rank` must be None when `num_experts > 0`: "
-                "the MixtureOfExperts experts take no adapters. "
-                f"Received: lora_rank={lora_rank}, num_experts={num_experts}"
-            )
         self.lora_rank = lora_rank
         self.lora_alpha = lora_alpha
         self.lora_dropout = lora_dropout
@@ -294,6 +294,9 @@ class TransformerBlock(keras.layers.Layer):
                 # The block's name prefixes the routing metrics, so each
                 # MoE layer of a model shows its own in the `fit` logs.
                 name=f"{self.name}_moe",
+                # Its experts take per-expert adapters (no adapter dropout).
+                lora_rank=self.lora_rank,
+                lora_alpha=self.lora_alpha,
                 **self.weight_options.given(),
             )
         return FeedForward(

@@ -30,8 +30,9 @@ IMAGES = RNG.normal(size=(4, 8, 8, 3)).astype("float32")
             (4, 8),
         ),
         ({"units": 3, "norm": None, "activation": "tanh"}, SEQUENCES, (4, 5, 3)),
+        ({"units": 8, "norm": "batch", "lora_rank": 2, "lora_dropout": 0.1}, VECTORS, (4, 8)),
     ],
-    ids=["identity-shortcut", "projection-batchnorm", "sequence-no-norm"],
+    ids=["identity-shortcut", "projection-batchnorm", "sequence-no-norm", "lora"],
 )
 def test_residual_block_contract(init_kwargs, inputs, expected_shape):
     run_layer_test(ResidualBlock, init_kwargs, inputs, expected_output_shape=expected_shape)
