@@ -326,16 +326,6 @@ def _lora_version(layer, rank, alpha, dropout, dora):
     return type(layer).from_config(config)
 
 
-def _frozen_copy(layer):
-    if not isinstance(layer, keras.layers.Layer):
-        # An operation node such as the `not_equal` of an
-        # `Embedding(mask_zero=True)` mask: no weights, nothing to freeze.
-        return _plain_copy(layer)
-    config = layer.get_config()
-    config["trainable"] = False
-    return type(layer).from_config(config)
-
-
 def _freeze(layer):
     """Freezes a built layer and every sublayer it built. `trainable=False`
     in a config does not reach the sublayers a composite layer builds later,
@@ -347,6 +337,8 @@ def _freeze(layer):
 
 
 def _plain_copy(layer):
+    # Also copies operation nodes, such as the `not_equal` of an
+    # `Embedding(mask_zero=True)` mask.
     return type(layer).from_config(layer.get_config())
 
 
@@ -469,7 +461,7 @@ def apply_lora(
     _validation.check_positive_int("rank", rank)
     check_alpha(alpha)
     _validation.check_rate("dropout", dropout)
-    _check_adapter_name(adapter_name)
+    _check_adapter_name(adapter_name, "adapter_name")
     target_paths = set(select_targets(model, targets))
     layers_by_path = dict(layer_paths(model))
     if dora:
@@ -479,9 +471,7 @@ def apply_lora(
     def clone_leaf(path, layer):
         if path in target_paths:
             return _lora_version(layer, rank, alpha, dropout, bool(dora))
-        if path == head_path:
-            return _plain_copy(layer)
-        return _frozen_copy(layer)
+        return _plain_copy(layer)  # frozen below, once built
 
     adapted = _clone_by_path(model, clone_leaf)
     adapted_layers = dict(layer_paths(adapted))
@@ -683,7 +673,8 @@ def _mismatches(model, metadata):
                 f"layer '{name}' has {entry['kind']} weights in the file but {where} in the model"
             )
             continue
-        _, _, kind, weights, ranks, adapter_kinds = in_model[name]
+        kind, weights, ranks = in_model[name].kind, in_model[name].weights, in_model[name].ranks
+        adapter_kinds = in_model[name].adapter_kinds
         if kind != entry["kind"]:
             problems.append(
                 f"layer '{name}' is '{entry['kind']}' in the file but '{kind}' in the model"
@@ -826,10 +817,11 @@ def _bank(model):
     return bank
 
 
-def _check_adapter_name(name):
+def _check_adapter_name(name, argument="name"):
     if not isinstance(name, str) or not name:
         raise ValueError(
-            f"Argument `name` must be a non-empty string naming an adapter. Received: name={name!r}"
+            f"Argument `{argument}` must be a non-empty string naming an adapter. "
+            f"Received: {argument}={name!r}"
         )
 
 

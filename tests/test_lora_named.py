@@ -146,3 +146,5 @@ def test_wrong_names_and_shapes_fail_before_anything_changes(tmp_path):
     assert lora.adapter_names(model) == ["b", "default"]
     with pytest.raises(ValueError, match="`model` has no LoRA layer"):
         lora.add_adapter(pretrained, "b")
+    with pytest.raises(ValueError, match=r"`adapter_name` must be a non-empty string.*None"):
+        lora.apply_lora(pretrained, adapter_name=None)

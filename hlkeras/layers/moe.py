@@ -647,8 +647,9 @@ class MixtureOfExperts(keras.layers.Layer):
         # Router logits in float32 even under mixed precision: the top-k
         # choice and the z-loss are sensitive to rounding.
         router = self.weight_options.weight("router", "glorot_uniform")
-        # With adapters only they train (the LoRA protocol): the base is
-        # created frozen, so `trainable = True` later cannot unfreeze it.
+        # With adapters only they train (the LoRA protocol): the expert
+        # weights are created frozen (`layer.trainable = True` flips only
+        # variables created trainable), the router is a frozen sublayer.
         base_trains = self.lora_rank is None
         self.router = FloatRouter(
             experts,
@@ -747,11 +748,10 @@ class MixtureOfExperts(keras.layers.Layer):
             (self.expert_hidden_kernel, self.hidden_adapter),
             (self.expert_output_kernel, self.output_adapter),
         ):
-            a, b = (np.asarray(ops.convert_to_numpy(w), "float64") for w in (a, b))
-            value = np.asarray(ops.convert_to_numpy(kernel), "float64") + self.adapter_scale * (
-                a @ b
+            kernel_value, a, b = (
+                np.asarray(ops.convert_to_numpy(w), "float64") for w in (kernel, a, b)
             )
-            merged.append(value.astype(kernel.dtype))
+            merged.append((kernel_value + self.adapter_scale * (a @ b)).astype(kernel.dtype))
         return merged
 
     def _routing_state(self, name, shape):
