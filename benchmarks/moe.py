@@ -115,8 +115,12 @@ def make_step(layer, inputs, jit_compile):
             grads = tape.gradient(loss, layer.trainable_variables)
             # One scalar that depends on every gradient: fetching it waits
             # for the whole backward pass without copying the gradients out.
-            # (Dropless mode gathers expert weights: some are IndexedSlices.)
-            return tf.add_n([tf.reduce_sum(tf.convert_to_tensor(g)) for g in grads])
+            # (Dropless mode gathers expert weights: some are IndexedSlices;
+            # `benchmarks/moe_profile.py`'s cut layers leave some unused: None.)
+            return tf.add_n(
+                [tf.constant(0.0)]
+                + [tf.reduce_sum(tf.convert_to_tensor(g)) for g in grads if g is not None]
+            )
 
         return lambda: grad_fn(inputs).numpy()
 

@@ -1,0 +1,157 @@
+"""Where a MixtureOfExperts training step spends its time, stage by stage.
+
+Times forward + backward (as `benchmarks/moe.py` does, same shapes) of the
+layer cut after each stage of its pipeline, each cut a prefix of the next:
+
+1. router: router logits, top-k, gates, auxiliary losses
+2. positions: + `expert_positions` (queue positions, the sort)
+3. layout: + `capacity_layout` / `dropless_layout`
+4. dispatch: + `dispatch_tokens` (the gather into the expert buffer)
+5. experts: + `expert_ffn` (the expert matmuls)
+6. combine: + `combine_expert_outputs` (the whole layer)
+
+A stage's cost is its prefix's time minus the previous prefix's; the
+FLOP-matched dense FFN of `benchmarks/moe.py` is timed in the same run as
+the anchor, and every number is also printed as a share of it. Integer
+results feed the output through a zero-weight float sum so the compiler
+cannot drop them.
+
+Usage:
+    KERAS_BACKEND=jax PYTHONPATH=. python benchmarks/moe_profile.py --experts 8,64
+"""
+
+import argparse
+import os
+import sys
+
+import keras
+import numpy as np
+from keras import ops
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from moe import BACKEND  # noqa: E402
+from moe import DenseFFN  # noqa: E402
+from moe import make_step  # noqa: E402
+
+from hlkeras import _timing  # noqa: E402
+from hlkeras.layers import MixtureOfExperts  # noqa: E402
+from hlkeras.layers import moe as moe_ops  # noqa: E402
+
+STAGES = ("router", "positions", "layout", "dispatch", "experts", "combine")
+
+
+def _keep(total, value):
+    """`total` plus a zero-weight sum of `value`: it must be computed."""
+    return total + 0.0 * ops.sum(ops.cast(value, "float32"))
+
+
+class MixtureOfExpertsUpTo(MixtureOfExperts):
+    """`MixtureOfExperts.call` cut after `stage` (see the module docstring)."""
+
+    def __init__(self, *args, stage="combine", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stage = stage
+
+    def call(self, inputs, training=None):
+        last = STAGES.index(self.stage)
+        input_shape = ops.shape(inputs)
+        tokens = ops.reshape(inputs, (-1, input_shape[-1]))
+        num_tokens = moe_ops._num_tokens(inputs)
+        router_logits = self._router_logits(tokens, training)
+        expert_index, gates, router_probs = moe_ops.route_top_k(router_logits, self.top_k)
+        self._add_aux_losses(router_logits, router_probs, expert_index)
+        total = ops.mean(gates) + ops.mean(router_probs)
+        if last == 0:
+            return total
+        group_size = moe_ops._tokens_per_example(inputs)
+        positions = moe_ops.expert_positions(expert_index, self.num_experts, group_size)
+        for value in positions:
+            total = _keep(total, value)
+        if last == 1:
+            return total
+        layout = self._layout(expert_index, num_tokens, group_size)
+        total = _keep(_keep(total, layout.assignment_row), layout.row_assignment)
+        if last == 2:
+            return total
+        expert_inputs = moe_ops.dispatch_tokens(tokens, layout, self.top_k)
+        total = total + ops.mean(expert_inputs)
+        if last == 3:
+            return total
+        if layout.block_expert is None:
+            expert_inputs = ops.reshape(expert_inputs, (self.num_experts, -1, input_shape[-1]))
+        expert_outputs = moe_ops.expert_ffn(
+            expert_inputs,
+            self.expert_hidden_kernel,
+            self.expert_hidden_bias,
+            self.expert_output_kernel,
+            self.expert_output_bias,
+            self.activation_fn,
+            block_expert=layout.block_expert,
+        )
+        total = total + ops.mean(expert_outputs)
+        if last == 4:
+            return total
+        outputs = moe_ops.combine_expert_outputs(expert_outputs, layout, gates)
+        return total + ops.mean(outputs)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--sequence-length", type=int, default=256)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--experts", default="8,64")
+    parser.add_argument("--dropless", action="store_true", help="capacity_factor=None")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    jit_compile = BACKEND in ("tensorflow", "jax")
+    inputs = ops.convert_to_tensor(
+        np.random.default_rng(0)
+        .normal(size=(args.tokens // args.sequence_length, args.sequence_length, args.dim))
+        .astype("float32")
+    )
+
+    def seconds(layer):
+        step = make_step(layer, inputs, jit_compile)
+        return _timing.median_seconds(step, args.repeats, args.warmup)
+
+    capacity_factor = None if args.dropless else 1.25
+    mode = "dropless" if args.dropless else "capacity 1.25"
+    for num_experts in [int(e) for e in args.experts.split(",")]:
+        keras.utils.set_random_seed(0)
+        dense = seconds(DenseFFN(args.top_k * args.hidden))
+        prefix_times = [
+            seconds(
+                MixtureOfExpertsUpTo(
+                    num_experts,
+                    args.hidden,
+                    top_k=args.top_k,
+                    capacity_factor=capacity_factor,
+                    stage=stage,
+                )
+            )
+            for stage in STAGES
+        ]
+        stage_times = np.diff([0.0] + prefix_times)
+        print(
+            f"backend={BACKEND} E={num_experts} {mode} tokens={args.tokens} d={args.dim} "
+            f"hidden={args.hidden} k={args.top_k}: whole layer "
+            f"{prefix_times[-1] * 1e3:.1f} ms = {prefix_times[-1] / dense:.2f}x dense FFN "
+            f"({dense * 1e3:.1f} ms); forward+backward per stage, ms (x dense):"
+        )
+        print(
+            "  "
+            + "  ".join(
+                f"{stage} {t * 1e3:.1f} ({t / dense:.2f})" for stage, t in zip(STAGES, stage_times)
+            ),
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
