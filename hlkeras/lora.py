@@ -758,10 +758,10 @@ def load_adapters(model, path, name=None):
 class _AdapterBank:
     """The named adapters of one model. The active one lives in the model's
     variables; `stored` holds the others as backend tensors, one per
-    variable of `_swapped_weights(model)`, in that order (tensors, not NumPy:
-    a switch then moves nothing through the host, 2-4x faster here). `initial_heads` maps the
-    variables of the layers that train in full (heads) to the values a new
-    adapter starts from."""
+    variable of `_swapped_weights(model)`, in that order (tensors, not
+    NumPy: a switch then moves nothing through the host, 2-4x faster here).
+    `initial_heads` maps the variables of the layers that train in full
+    (heads) to the values a new adapter starts from."""
 
     def __init__(self, active, initial_heads):
         self.active = active
@@ -909,9 +909,23 @@ def set_adapter(model, name):
     if name == bank.active:
         return
     variables = _swapped_weights(model)
+    _check_same_layout(model, variables, bank.stored[name])
     bank.stored[bank.active] = [_copy(variable) for variable in variables]
     _assign(variables, bank.stored.pop(name))
     bank.active = name
+
+
+def _check_same_layout(model, variables, values):
+    """The stored values still line up with the model's adapter variables
+    (they do not when a layer was frozen or unfrozen after `add_adapter`)."""
+    shapes = [tuple(v.shape) for v in variables]
+    if shapes != [tuple(value.shape) for value in values]:
+        raise ValueError(
+            f"Model '{model.name}' no longer has the layout its named adapters were "
+            f"made for: its adapter and trainable layers changed since (now "
+            f"{len(shapes)} variables, {len(values)} stored). Nothing was switched; "
+            "restore the layers' `trainable` flags, or start again with `apply_lora`."
+        )
 
 
 @contextlib.contextmanager

@@ -148,3 +148,12 @@ def test_wrong_names_and_shapes_fail_before_anything_changes(tmp_path):
         lora.add_adapter(pretrained, "b")
     with pytest.raises(ValueError, match=r"`adapter_name` must be a non-empty string.*None"):
         lora.apply_lora(pretrained, adapter_name=None)
+
+
+def test_switching_after_the_trainable_layers_changed_is_refused():
+    _, model, _, outputs_b = _two_task_model()
+    model.get_layer("head").trainable = False  # the head no longer switches
+    with pytest.raises(ValueError, match=r"no longer has the layout .* Nothing was switched"):
+        lora.set_adapter(model, "default")
+    assert lora.active_adapter(model) == "b"
+    np.testing.assert_array_equal(_predict(model), outputs_b)
