@@ -12,7 +12,9 @@ layer cut after each stage of its pipeline, each cut a prefix of the next:
 
 A stage's cost is its prefix's time minus the previous prefix's; the
 FLOP-matched dense FFN of `benchmarks/moe.py` is timed in the same run as
-the anchor, and every number is also printed as a share of it. Integer
+the anchor, and every number is also printed as a share of it. Last, the
+experts' batched matmuls alone are timed against one dense FFN of the same
+FLOPs: the floor of the experts stage on that backend. Integer
 results feed the output through a zero-weight float sum so the compiler
 cannot drop them.
 
@@ -96,6 +98,39 @@ class MixtureOfExpertsUpTo(MixtureOfExperts):
         return total + ops.mean(outputs)
 
 
+class ExpertMatmuls(keras.layers.Layer):
+    """Only the expert FFNs on an `(E, rows, d)` buffer: `expert_ffn`."""
+
+    def __init__(self, num_experts, hidden_units, **kwargs):
+        super().__init__(**kwargs)
+        self.num_experts = num_experts
+        self.hidden_units = hidden_units
+
+    def build(self, input_shape):
+        e, d, h = self.num_experts, input_shape[-1], self.hidden_units
+        self.w1 = self.add_weight(shape=(e, d, h), name="w1")
+        self.b1 = self.add_weight(shape=(e, h), initializer="zeros", name="b1")
+        self.w2 = self.add_weight(shape=(e, h, d), name="w2")
+        self.b2 = self.add_weight(shape=(e, d), initializer="zeros", name="b2")
+
+    def call(self, inputs, training=None):
+        return moe_ops.expert_ffn(inputs, self.w1, self.b1, self.w2, self.b2, ops.gelu)
+
+
+def batched_matmul_efficiency(num_experts, rows, dim, hidden, repeats, warmup, jit_compile):
+    """Seconds of the experts' batched matmuls on `(E, rows, d)` and of one
+    dense FFN over the same `E * rows` tokens (the same FLOPs)."""
+    rng = np.random.default_rng(0)
+    buffer = ops.convert_to_tensor(rng.normal(size=(num_experts, rows, dim)).astype("float32"))
+    flat = ops.reshape(buffer, (num_experts * rows, dim))
+    batched = make_step(ExpertMatmuls(num_experts, hidden), buffer, jit_compile)
+    dense = make_step(DenseFFN(hidden), flat, jit_compile)
+    return (
+        _timing.median_seconds(batched, repeats, warmup),
+        _timing.median_seconds(dense, repeats, warmup),
+    )
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4096)
@@ -149,6 +184,17 @@ def main(argv=None):
             + "  ".join(
                 f"{stage} {t * 1e3:.1f} ({t / dense:.2f})" for stage, t in zip(STAGES, stage_times)
             ),
+            flush=True,
+        )
+        # The floor of the experts stage: the same FLOPs as one dense FFN.
+        rows = int(1.25 * args.tokens * args.top_k / num_experts)
+        batched, flat = batched_matmul_efficiency(
+            num_experts, rows, args.dim, args.hidden, args.repeats, args.warmup, jit_compile
+        )
+        print(
+            f"  expert matmuls alone on ({num_experts}, {rows}, {args.dim}): "
+            f"{batched * 1e3:.1f} ms = {batched / flat:.2f}x one dense FFN "
+            f"(hidden {args.hidden}) over the same {num_experts * rows} tokens",
             flush=True,
         )
 
