@@ -277,9 +277,9 @@ def _few(names, limit=12):
 def _paths_matching(model, adaptable, patterns):
     """Adaptable paths matching any pattern; a pattern that matches no
     layer, or only layers that cannot take an adapter, is an error."""
-    all_paths = [path for path, _ in layer_paths(model)]
-    adaptable_paths = [path for path, _ in adaptable]
     layers = dict(layer_paths(model))
+    all_paths = list(layers)
+    adaptable_paths = [path for path, _ in adaptable]
     for pattern in patterns:
         matched = [path for path in all_paths if fnmatch.fnmatchcase(path, pattern)]
         if not matched:
