@@ -15,9 +15,11 @@ ratio to an anchor measured in the same process:
   first divided by the dense anchor measured next to it, so load drift of a
   shared machine between the two cancels; the raw ratio is printed too.
 
-Dropless mode (capacity_factor=None, block-sparse grouped matmul) is measured
-too, and, with --dropless-methods, the padded alternative (capacity = all
-tokens, i.e. every expert's buffer holds every token).
+Every measurement runs under each Keras dtype policy of --policies (default
+float32, then mixed_bfloat16: bf16 compute, float32 weights), the anchors
+under the same policy. Dropless mode (capacity_factor=None, block-sparse
+grouped matmul) is measured too, and, with --dropless-methods, the padded
+alternative (capacity = all tokens: every expert's buffer holds every token).
 
 Usage:
     KERAS_BACKEND=jax PYTHONPATH=. python benchmarks/moe.py --json out.json
@@ -76,7 +78,9 @@ class AllExpertsMoE(keras.layers.Layer):
         logits = ops.matmul(inputs, self.router)
         top_logits, top_index = ops.top_k(logits, k=self.top_k)
         gates = ops.softmax(top_logits, axis=-1)
-        dense_gates = ops.sum(ops.one_hot(top_index, self.num_experts) * gates[..., None], axis=1)
+        dense_gates = ops.sum(
+            ops.one_hot(top_index, self.num_experts, dtype=gates.dtype) * gates[..., None], axis=1
+        )
         hidden = ops.gelu(ops.einsum("td,edh->teh", inputs, self.w1) + self.b1)
         outputs = ops.einsum("teh,ehd->ted", hidden, self.w2) + self.b2
         return ops.einsum("ted,te->td", outputs, dense_gates)
@@ -96,7 +100,7 @@ def make_step(layer, inputs, jit_compile):
             y, _, losses = layer.stateless_call(
                 trainable, non_trainable, x, training=True, return_losses=True
             )
-            return jnp.mean(jnp.square(y)) + sum(losses)
+            return jnp.mean(jnp.square(y.astype("float32"))) + sum(losses)
 
         grad_fn = jax.grad(loss_fn)
         if jit_compile:
@@ -109,7 +113,7 @@ def make_step(layer, inputs, jit_compile):
         def grad_fn(x):
             with tf.GradientTape() as tape:
                 y = layer(x, training=True)
-                loss = tf.reduce_mean(tf.square(y)) + tf.add_n(
+                loss = tf.reduce_mean(tf.square(tf.cast(y, "float32"))) + tf.add_n(
                     [tf.constant(0.0)] + list(layer.losses)
                 )
             grads = tape.gradient(loss, layer.trainable_variables)
@@ -128,69 +132,17 @@ def make_step(layer, inputs, jit_compile):
         for variable in layer.trainable_variables:
             variable.value.grad = None
         y = layer(inputs, training=True)
-        loss = ops.mean(ops.square(y)) + sum(layer.losses)
+        loss = ops.mean(ops.square(ops.cast(y, "float32"))) + sum(layer.losses)
         loss.backward()
 
     return torch_step
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument(
-        "--sequence-length",
-        type=int,
-        default=256,
-        help="tokens per example (the MoE capacity group)",
-    )
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--top-k", type=int, default=2)
-    parser.add_argument("--experts", default="8,32,64")
-    parser.add_argument(
-        "--all-experts-at",
-        default="32",
-        help="E values at which to time the all-experts anchor (it is slow)",
-    )
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--no-jit", action="store_true", help="eager TF / JAX")
-    parser.add_argument(
-        "--dropless-methods",
-        action="store_true",
-        help="also time the padded dropless alternative (at the "
-        "--all-experts-at sizes: it is as slow as all experts)",
-    )
-    parser.add_argument("--json", help="write the results to this file")
-    args = parser.parse_args(argv)
-
-    jit_compile = BACKEND in ("tensorflow", "jax") and not args.no_jit
-    experts = [int(e) for e in args.experts.split(",")]
-    all_experts_at = {int(e) for e in args.all_experts_at.split(",") if e}
-    inputs = ops.convert_to_tensor(
-        np.random.default_rng(0)
-        .normal(size=(args.tokens // args.sequence_length, args.sequence_length, args.dim))
-        .astype("float32")
-    )
-
-    def time_layer(layer, repeats=args.repeats):
-        step = make_step(layer, inputs, jit_compile)
-        return _timing.median_seconds(step, repeats, args.warmup)
-
+def run_policy(args, time_layer, experts, all_experts_at):
+    """Times every configuration under the current dtype policy; prints and
+    returns the rows."""
     keras.utils.set_random_seed(0)
-    results = {
-        "backend": BACKEND,
-        "jit_compile": jit_compile,
-        "tokens": args.tokens,
-        "dim": args.dim,
-        "hidden": args.hidden,
-        "top_k": args.top_k,
-        "experts": {},
-    }
-    print(
-        f"moe benchmark backend={BACKEND} jit_compile={jit_compile} "
-        f"tokens={args.tokens} d={args.dim} hidden={args.hidden} k={args.top_k}"
-    )
+    results = {"experts": {}}
     dense_seconds = time_layer(DenseFFN(args.top_k * args.hidden))
     results["dense_ms"] = 1e3 * dense_seconds
     for num_experts in experts:
@@ -251,6 +203,74 @@ def main(argv=None):
             f"scaling_64_vs_8={scaling:.2f} (anchored to the dense FFN; "
             f"raw time ratio {raw_scaling:.2f})"
         )
+    return results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument(
+        "--sequence-length",
+        type=int,
+        default=256,
+        help="tokens per example (the MoE capacity group)",
+    )
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--experts", default="8,32,64")
+    parser.add_argument(
+        "--all-experts-at",
+        default="32",
+        help="E values at which to time the all-experts anchor (it is slow)",
+    )
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--no-jit", action="store_true", help="eager TF / JAX")
+    parser.add_argument(
+        "--dropless-methods",
+        action="store_true",
+        help="also time the padded dropless alternative (at the "
+        "--all-experts-at sizes: it is as slow as all experts)",
+    )
+    parser.add_argument(
+        "--policies",
+        default="float32,mixed_bfloat16",
+        help="Keras dtype policies to run under, comma-separated",
+    )
+    parser.add_argument("--json", help="write the results to this file")
+    args = parser.parse_args(argv)
+
+    jit_compile = BACKEND in ("tensorflow", "jax") and not args.no_jit
+    experts = [int(e) for e in args.experts.split(",")]
+    all_experts_at = {int(e) for e in args.all_experts_at.split(",") if e}
+    inputs = ops.convert_to_tensor(
+        np.random.default_rng(0)
+        .normal(size=(args.tokens // args.sequence_length, args.sequence_length, args.dim))
+        .astype("float32")
+    )
+
+    def time_layer(layer, repeats=args.repeats):
+        step = make_step(layer, inputs, jit_compile)
+        return _timing.median_seconds(step, repeats, args.warmup)
+
+    results = {
+        "backend": BACKEND,
+        "jit_compile": jit_compile,
+        "tokens": args.tokens,
+        "dim": args.dim,
+        "hidden": args.hidden,
+        "top_k": args.top_k,
+        "policies": {},
+    }
+    for policy in args.policies.split(","):
+        keras.config.set_dtype_policy(policy)
+        print(
+            f"moe benchmark backend={BACKEND} policy={policy} jit_compile={jit_compile} "
+            f"tokens={args.tokens} d={args.dim} hidden={args.hidden} k={args.top_k}"
+        )
+        results["policies"][policy] = run_policy(args, time_layer, experts, all_experts_at)
+    keras.config.set_dtype_policy("float32")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -322,9 +322,28 @@ def dropless_layout(
 # --- 4.-6. dispatch, experts, combine -----------------------------------------
 
 
+def _sum_of_row_blocks(rows, blocks, weights=None):
+    """`sum_i weights[:, i:i+1] * rows[i*n:(i+1)*n]` over `blocks` equal row
+    blocks of `rows` (`weights` optional, `(n, blocks)`).
+
+    Static slices added one by one, not `ops.sum` over a reshaped leading
+    axis: XLA on CPU fuses the gather that produced `rows` into such a
+    reduction and runs it 30x slower (13 ms against 0.35 ms for 8192 rows of
+    256, JAX 0.10).
+    """
+    block_rows = ops.shape(rows)[0] // blocks
+    total = None
+    for i in range(blocks):
+        block = rows[i * block_rows : (i + 1) * block_rows]
+        if weights is not None:
+            block = block * weights[:, i : i + 1]
+        total = block if total is None else total + block
+    return total
+
+
 def _masked_take(source, index, valid):
     rows = ops.take(source, index, axis=0)
-    return ops.where(valid[:, None], rows, ops.zeros_like(rows))
+    return ops.where(valid[:, None], rows, ops.cast(0, rows.dtype))
 
 
 def _gather_rows(source, index, valid, inverse_index, inverse_valid, groups):
@@ -350,8 +369,7 @@ def _gather_rows(source, index, valid, inverse_index, inverse_valid, groups):
             if upstream is None:
                 (upstream,) = args
             source_grad = _masked_take(upstream, inverse_index, inverse_valid)
-            source_grad = ops.reshape(source_grad, (groups, -1, ops.shape(source_grad)[-1]))
-            return ops.sum(source_grad, axis=0)
+            return _sum_of_row_blocks(source_grad, groups)
 
         return _masked_take(source, index, valid), grad
 
@@ -451,11 +469,8 @@ def combine_expert_outputs(expert_outputs, layout, gates):
         layout.row_valid,
         1,
     )
-    top_k = ops.shape(gates)[-1]
-    num_tokens = ops.shape(gates)[0]
-    gathered = ops.reshape(gathered, (top_k, num_tokens, output_dim))
-    choice_major_gates = ops.cast(ops.transpose(gates), gathered.dtype)
-    return ops.sum(gathered * choice_major_gates[:, :, None], axis=0)
+    # `gathered` is choice-major: row `choice * tokens + token`.
+    return _sum_of_row_blocks(gathered, gates.shape[-1], ops.cast(gates, gathered.dtype))
 
 
 def expert_capacity_for(num_tokens, num_experts, top_k, capacity_factor):
