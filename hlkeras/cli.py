@@ -475,7 +475,24 @@ def _add_train_command(commands):
         default=None,
         help="compute in bfloat16 with float32 weights (mixed_bfloat16)",
     )
+    flag(
+        "--distribute",
+        help="train on every visible device (JAX): data (DataParallel) or model "
+        "(ModelParallel: MoE experts, attention heads and FFN units sharded)",
+    )
+    flag("--mesh", help="--distribute model's device mesh BATCHxMODEL (default: model axis 2)")
     train.set_defaults(func=cmd_train)
+
+
+def _join_hosts(args):
+    """This process' index in the run: a `--distribute` run joins the other
+    hosts its environment names (`hlkeras.distribute.ENVIRONMENT`) first."""
+    if not args.distribute:
+        return 0
+    from hlkeras import distribute
+
+    distribute.initialize_from_environment()
+    return distribute.process_index()
 
 
 def _add_data_flags(flag):
@@ -502,11 +519,16 @@ def _given_settings(args, defaults):
 
 def cmd_train(args):
     try:
-        run_dir, resuming = runs.RunDir.open(args.out, resume=args.resume, overwrite=args.overwrite)
+        run_dir, resuming = runs.open_run_dir(
+            args.out, resume=args.resume, overwrite=args.overwrite, process=_join_hosts(args)
+        )
         settings = runs.settings_for(run_dir, resuming, _given_settings(args, TRAIN_DEFAULTS))
         outcome = runs.train_run(settings, run_dir, resuming=resuming, tensorboard=args.tensorboard)
     except runs.RunError as error:
         raise UsageError(str(error)) from None
+    if outcome.process:
+        print(f"hlkeras train: process {outcome.process} done; process 0 wrote the run")
+        return 0
     if outcome.nan_message:
         print(f"hlkeras train: error: {outcome.nan_message}", file=sys.stderr)
         return 1

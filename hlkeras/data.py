@@ -270,6 +270,24 @@ def _pipeline(examples, count, batch_size, shuffle_seed, scale=_scale, augment=N
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
+def evenly_divisible_batches(ds, num_examples, batch_size, divisor):
+    """Rebatches `ds` so every batch is a multiple of `divisor` rows, as a
+    data-parallel distribution needs (`hlkeras.distribute`).
+
+    The batch is the multiple of `divisor` up to `batch_size` that leaves
+    the fewest of the `num_examples` over (fewer than `divisor`, dropped).
+
+    Returns:
+        `(dataset, dropped)`.
+    """
+    candidates = range(divisor, max(batch_size, divisor) + 1, divisor)
+    best = min(candidates, key=lambda size: (num_examples % size, -size))
+    rebatched = ds.unbatch().batch(best, drop_remainder=True)
+    # `unbatch` loses the cardinality; Keras needs it to end each epoch quietly.
+    rebatched = rebatched.apply(tf.data.experimental.assert_cardinality(num_examples // best))
+    return rebatched.prefetch(tf.data.AUTOTUNE), num_examples % best
+
+
 def _split_train(train_examples, num_examples, validation_split):
     """The last `validation_split` of the (deterministically ordered) train split
     is the validation set, so it never depends on the shuffle seed."""

@@ -23,6 +23,7 @@ print(outcome.metrics["test_accuracy"], outcome.refused)
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -60,6 +61,8 @@ TRAIN_DEFAULTS = {
     "seed": 0,
     "patience": 15,
     "mixed_precision": False,
+    "distribute": None,  # hlkeras.distribute.STRATEGIES: data or model (JAX)
+    "mesh": None,  # "BATCHxMODEL" for --distribute model
 }
 MOE_EXPERTS_DEFAULT = 4
 # The arch of a run that names none, by `DatasetInfo.kind`. On the digits a
@@ -239,6 +242,15 @@ def check_settings(settings):
         raise RunError(f"--capacity-factor must be > 0, got {settings['capacity_factor']}")
     if settings["experts"] is not None and settings["experts"] < 0:
         raise RunError(f"--experts must be >= 0, got {settings['experts']}")
+    if settings["distribute"] is not None:
+        from hlkeras import distribute
+
+        _validation.check_flag_choice(
+            "--distribute", settings["distribute"], distribute.STRATEGIES, RunError
+        )
+    if settings["mesh"] is not None and settings["distribute"] != "model":
+        given = settings["distribute"]
+        raise RunError("--mesh needs --distribute model" + (f"; got {given}" if given else ""))
 
 
 def model_spec(settings, info):
@@ -286,12 +298,15 @@ class RunOutcome:
             on a NaN loss (then `nan_message` says why).
         nan_message: The one-line explanation of a NaN stop, else `None`.
         refused: Why `model.tflite` was not written, else `None`.
+        process: This process' index in a multi-host run; only process 0
+            evaluates, exports and has `metrics`.
     """
 
     run_dir: RunDir
     metrics: dict = None
     nan_message: str = None
     refused: str = None
+    process: int = 0
 
 
 def train_run(settings, run_dir, *, resuming=False, tensorboard=False, log=print):
@@ -309,6 +324,7 @@ def train_run(settings, run_dir, *, resuming=False, tensorboard=False, log=print
     """
     import keras
 
+    from hlkeras import distribute
     from hlkeras import models
     from hlkeras import training
 
@@ -316,6 +332,7 @@ def train_run(settings, run_dir, *, resuming=False, tensorboard=False, log=print
     keras.utils.set_random_seed(settings["seed"])
     (train_ds, val_ds, test_ds), info = load_data(settings, run_dir if resuming else None)
     spec = model_spec(settings, info)
+    distribution, val_ds = distribution_for(settings, spec, val_ds, info, log)
     if not resuming:
         run_dir.prepare()
         training.atomic_write_json(run_dir.file(RunDir.SPEC), spec)
@@ -327,24 +344,32 @@ def train_run(settings, run_dir, *, resuming=False, tensorboard=False, log=print
     log(f"hlkeras train: {spec['arch']} on {info.name} ({backend} backend) -> {run_dir.path}")
 
     with _dtype_policy("mixed_bfloat16" if settings["mixed_precision"] else None):
-        model = models.build(spec)
-        result = training.compile_and_fit(
-            model,
-            train_ds,
-            val_ds,
-            run_dir=run_dir.path,
-            epochs=settings["epochs"],
-            learning_rate=settings["lr"],
-            weight_decay=settings["weight_decay"],
-            clipnorm=settings["clipnorm"],
-            patience=settings["patience"],
-            tensorboard=tensorboard,
-        )
-        if result.nan_epoch is not None:
-            return RunOutcome(run_dir, nan_message=training.nan_message(result))
-        if result.best_path:
-            # In place, so the compiled evaluation functions are reused.
-            model.load_weights(result.best_path)
+        with distribution.scope() if distribution else contextlib.nullcontext():
+            model = models.build(spec)
+            result = training.compile_and_fit(
+                model,
+                train_ds,
+                val_ds,
+                run_dir=run_dir.path,
+                epochs=settings["epochs"],
+                learning_rate=settings["lr"],
+                weight_decay=settings["weight_decay"],
+                clipnorm=settings["clipnorm"],
+                patience=settings["patience"],
+                tensorboard=tensorboard,
+            )
+            if result.nan_epoch is not None:
+                return RunOutcome(run_dir, nan_message=training.nan_message(result))
+            if result.best_path:
+                # In place, so the compiled evaluation functions are reused.
+                model.load_weights(result.best_path)
+        if distribution:
+            process = distribute.process_index()
+            if process != 0:
+                shutil.rmtree(run_dir.path, ignore_errors=True)
+                return RunOutcome(run_dir, process=process)
+            # Evaluated and exported on one device, like any other run.
+            model = single_device_copy(model, spec)
         metrics = evaluate_and_export(model, spec, settings, run_dir, test_ds)
 
     monitor = "val_loss" if val_ds is not None else "loss"
@@ -363,6 +388,75 @@ def train_run(settings, run_dir, *, resuming=False, tensorboard=False, log=print
     )
     training.atomic_write_json(run_dir.file(RunDir.METRICS), metrics)
     return RunOutcome(run_dir, metrics=metrics, refused=metrics["tflite_refused"])
+
+
+def distribution_for(settings, spec, val_ds, info, log):
+    """The `keras.distribution` of `--distribute` (None without it), and the
+    validation batches rebatched for it (`hlkeras.distribute`)."""
+    if settings["distribute"] is None:
+        return None, val_ds
+    from hlkeras import data
+    from hlkeras import distribute
+    from hlkeras import models
+
+    try:
+        distribution, replicas, description = distribute.make_distribution(
+            settings["distribute"],
+            models.build(spec),  # its variables give the layout
+            settings["batch_size"],
+            settings["mesh"],
+        )
+        if settings["distribute"] == "model" and distribute.num_processes() > 1:
+            raise distribute.DistributeError(
+                "--distribute model runs on one host in this version; use --distribute data "
+                "across hosts"
+            )
+    except distribute.DistributeError as error:
+        raise RunError(str(error)) from None
+    if val_ds is not None:
+        val_ds, dropped = data.evenly_divisible_batches(
+            val_ds, info.num_val, settings["batch_size"], replicas
+        )
+        if dropped:
+            description += f"; {dropped} of {info.num_val} validation examples left out"
+    log(f"hlkeras train: {description}")
+    return distribution, val_ds
+
+
+def single_device_copy(model, spec):
+    """`model`'s weights in a model built outside any distribution, compiled
+    for evaluation: a distributed run evaluates and exports like any other."""
+    from hlkeras import models
+    from hlkeras import training
+
+    copy = models.build(spec)
+    copy.set_weights(model.get_weights())
+    return training.compile_model(copy)
+
+
+def open_run_dir(out, *, resume=False, overwrite=False, process=0):
+    """`RunDir.open` for process `process` of a run: process 0 opens `out`.
+    Every other process of a multi-host run writes the same files to a
+    private directory of its own (its backup lets it resume with the
+    others), which the run deletes when it finishes."""
+    if process == 0:
+        return RunDir.open(out, resume=resume, overwrite=overwrite)
+    private = RunDir(private_run_path(out, process), overwrite=True)
+    if resume:
+        try:
+            private.check_resumable()
+        except RunError:
+            raise RunError(
+                f"--resume: process {process} kept no copy of the run at {private.path}, "
+                "so it cannot resume with process 0"
+            ) from None
+    return private, resume
+
+
+def private_run_path(out, process):
+    """Where process `process` (> 0) of a multi-host run into `out` writes."""
+    key = hashlib.sha1(os.path.abspath(out or "runs").encode()).hexdigest()[:12]
+    return os.path.join(tempfile.gettempdir(), f"hlkeras-process-{process}-{key}")
 
 
 def load_data(settings, resumed_run_dir=None):
