@@ -172,7 +172,14 @@ def _backup_epoch(out):
 @pytest.mark.slow
 @pytest.mark.backends("tensorflow")
 @pytest.mark.serial
-def test_resume_after_sigkill_continues_from_last_finished_epoch(data_dir, tmp_path):
+@pytest.mark.parametrize(
+    "backend, distribute",
+    # The subprocess' backend: also a DataParallel run on 4 virtual devices.
+    [("tensorflow", []), ("jax", ["--distribute", "data"])],
+)
+def test_resume_after_sigkill_continues_from_last_finished_epoch(
+    data_dir, tmp_path, backend, distribute
+):
     out = str(tmp_path / "run")
     epochs = 4
     command = [
@@ -184,13 +191,16 @@ def test_resume_after_sigkill_continues_from_last_finished_epoch(data_dir, tmp_p
         data_dir,
         "--out",
         out,
+        *distribute,
         "--epochs",
         str(epochs),
         "--batch-size",
         "8",
         *SMALL,
     ]
-    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "PYTHONPATH": ROOT}
+    env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": ROOT}
+    if distribute:
+        env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     process = subprocess.Popen(
         command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
