@@ -13,6 +13,8 @@ the data moves:
    goes to (or that it is dropped), and which token fills each buffer row.
 4. `dispatch_tokens`: gathers the tokens into the expert buffer.
 5. `expert_ffn`: every expert's FFN as one batched matmul over the buffer.
+   (Dropless on eager torch skips 3-5 and 6's gather: `grouped_experts_eager`
+   runs each expert on exactly its rows, since shapes may be dynamic there.)
 6. `combine_expert_outputs`: gathers each assignment's row back and sums the
    gate-weighted results per token.
 
@@ -473,6 +475,42 @@ def combine_expert_outputs(expert_outputs, layout, gates):
     return _sum_of_row_blocks(gathered, gates.shape[-1], ops.cast(gates, gathered.dtype))
 
 
+def grouped_experts_eager(tokens, expert_index, gates, num_experts, run_experts):
+    """Dropless experts where shapes may be dynamic (eager torch): expert e's
+    FFN runs on exactly its assignments, in one matmul of `load_e` rows.
+
+    The generic dropless layout (static shapes, for XLA and TFLite) gathers
+    every block's expert weights and pads each expert to whole blocks; on
+    torch that costs 2-4x a dense FFN. Here nothing is padded or gathered
+    but the tokens. The result equals the generic path's
+    (tests/layers/test_moe.py checks outputs and gradients).
+
+    Args:
+        tokens: `(tokens, d)`.
+        expert_index, gates: `(tokens, top_k)` from `route_top_k`.
+        num_experts: Number of experts.
+        run_experts: `fn(expert, rows)`: expert `expert`'s FFN on `(n, d)`
+            rows.
+
+    Returns:
+        `(tokens, o)`.
+    """
+    num_tokens = ops.shape(tokens)[0]
+    _, _, loads, sorted_assignments = expert_positions(expert_index, num_experts)
+    sorted_tokens = ops.take(tokens, sorted_assignments % num_tokens, axis=0)
+    outputs, start = [], 0
+    for expert, load in enumerate(ops.convert_to_numpy(loads).tolist()):
+        if load:
+            outputs.append(run_experts(expert, sorted_tokens[start : start + load]))
+        start += load
+    sorted_outputs = ops.concatenate(outputs, axis=0)
+    # Back to assignment order (choice-major) through the inverse permutation.
+    assignment_outputs = ops.take(sorted_outputs, ops.argsort(sorted_assignments), axis=0)
+    return _sum_of_row_blocks(
+        assignment_outputs, gates.shape[-1], ops.cast(gates, assignment_outputs.dtype)
+    )
+
+
 def expert_capacity_for(num_tokens, num_experts, top_k, capacity_factor):
     """`min(ceil(capacity_factor * tokens * top_k / E), tokens)`, at least 1.
 
@@ -788,30 +826,94 @@ class MixtureOfExperts(keras.layers.Layer):
         expert_index, gates, router_probs = route_top_k(router_logits, self.top_k)
         self._add_aux_losses(router_logits, router_probs, expert_index)
 
-        layout = self._layout(expert_index, num_tokens, _tokens_per_example(inputs))
+        group_size = _tokens_per_example(inputs)
+        if self._runs_grouped_eager(tokens, group_size):
+            per_expert = self._weights_per_expert()
+            outputs = grouped_experts_eager(
+                tokens,
+                expert_index,
+                gates,
+                self.num_experts,
+                lambda expert, rows: self._expert_ffn(rows[None], training, per_expert[expert])[0],
+            )
+            if training:
+                self._record_routing(expert_index, ops.ones((1,), dtype="bool"))
+            return ops.reshape(outputs, tuple(input_shape[:-1]) + (ops.shape(outputs)[-1],))
+        layout = self._layout(expert_index, num_tokens, group_size)
         expert_inputs = dispatch_tokens(tokens, layout, self.top_k)
         if layout.block_expert is None:
             # Capacity mode: each expert's queues are contiguous blocks.
             expert_inputs = ops.reshape(expert_inputs, (self.num_experts, -1, input_shape[-1]))
-        expert_outputs = expert_ffn(
-            expert_inputs,
-            self.expert_hidden_kernel,
-            self.expert_hidden_bias,
-            self.expert_output_kernel,
-            self.expert_output_bias,
-            self.activation_fn,
-            block_expert=layout.block_expert,
-            hidden_dropout=self.hidden_dropout,
-            training=training,
-            hidden_adapter=self.hidden_adapter,
-            output_adapter=self.output_adapter,
-            adapter_scale=self.adapter_scale if self.lora_rank else 1.0,
+        expert_outputs = self._expert_ffn(
+            expert_inputs, training, self._expert_weights(), block_expert=layout.block_expert
         )
         outputs = combine_expert_outputs(expert_outputs, layout, gates)
         if training:
             self._record_routing(expert_index, layout.assignment_kept)
         output_dim = ops.shape(outputs)[-1]
         return ops.reshape(outputs, tuple(input_shape[:-1]) + (output_dim,))
+
+    def _expert_weights(self):
+        """`(hidden_kernel, hidden_bias, output_kernel, output_bias,
+        hidden_adapter, output_adapter)` of every expert (adapters may be None)."""
+        return (
+            self.expert_hidden_kernel,
+            self.expert_hidden_bias,
+            self.expert_output_kernel,
+            self.expert_output_bias,
+            self.hidden_adapter,
+            self.output_adapter,
+        )
+
+    def _weights_per_expert(self):
+        """`_expert_weights` of each expert, each weight `(1, ...)`. One
+        `unstack` per weight: its gradient is one stack, where slicing each
+        expert would write a full-size gradient per expert."""
+
+        def split(weight):
+            parts = ops.unstack(ops.convert_to_tensor(weight), axis=0)
+            return [ops.expand_dims(part, 0) for part in parts]
+
+        def split_adapter(pair):
+            if pair is None:
+                return [None] * self.num_experts
+            return list(zip(*map(split, pair)))
+
+        *kernels, hidden_adapter, output_adapter = self._expert_weights()
+        return list(
+            zip(*map(split, kernels), split_adapter(hidden_adapter), split_adapter(output_adapter))
+        )
+
+    def _expert_ffn(self, expert_inputs, training, weights, block_expert=None):
+        """`expert_ffn` with this layer's settings and `weights`
+        (`_expert_weights`, or one expert's from `_weights_per_expert`)."""
+        hidden_kernel, hidden_bias, output_kernel, output_bias, hidden_adapter, output_adapter = (
+            weights
+        )
+        return expert_ffn(
+            expert_inputs,
+            hidden_kernel,
+            hidden_bias,
+            output_kernel,
+            output_bias,
+            self.activation_fn,
+            block_expert=block_expert,
+            hidden_dropout=self.hidden_dropout,
+            training=training,
+            hidden_adapter=hidden_adapter,
+            output_adapter=output_adapter,
+            adapter_scale=self.adapter_scale if self.lora_rank else 1.0,
+        )
+
+    def _runs_grouped_eager(self, tokens, group_size):
+        """Whether this call takes `grouped_experts_eager`: dropless routing
+        on eager torch with concrete tensors (not torch.compile, not Keras'
+        symbolic build on the meta device)."""
+        if keras.backend.backend() != "torch" or not _is_dropless_call(self, group_size):
+            return False
+        import torch
+
+        return tokens.device.type != "meta" and not torch.compiler.is_compiling()
 
     def _router_logits(self, tokens, training):
         router_inputs = ops.cast(tokens, "float32")
@@ -836,16 +938,12 @@ class MixtureOfExperts(keras.layers.Layer):
     def _layout(self, expert_index, num_tokens, group_size):
         """Capacity queues per (expert, example), or dropless blocks when
         `capacity_factor=None` or when the capacity cannot drop anything."""
-        if self.capacity_factor is not None:
+        if not _is_dropless_call(self, group_size):
             capacity = expert_capacity_for(
                 group_size, self.num_experts, self.top_k, self.capacity_factor
             )
-            # A token picks distinct experts, so a queue never holds more
-            # than `group_size` assignments: capacity `group_size` drops
-            # nothing, and the dropless layout computes the same for less.
-            if not (isinstance(capacity, int) and capacity >= group_size):
-                positions = expert_positions(expert_index, self.num_experts, group_size)
-                return capacity_layout(*positions, num_tokens, capacity)
+            positions = expert_positions(expert_index, self.num_experts, group_size)
+            return capacity_layout(*positions, num_tokens, capacity)
         positions = expert_positions(expert_index, self.num_experts)
         num_assignments = num_tokens * self.top_k
         block_size = dropless_block_size(num_assignments, self.num_experts)
@@ -921,6 +1019,19 @@ def routing_summary(calls, dropped_total, load_total):
         "expert_load": expert_load,
         "max_expert_load": float(expert_load.max() * len(expert_load)),
     }
+
+
+def _is_dropless_call(layer, group_size):
+    """`capacity_factor=None`, or a capacity that cannot drop anything: a
+    token picks distinct experts, so a queue never holds more than
+    `group_size` assignments, and the dropless layout computes the same for
+    less."""
+    if layer.capacity_factor is None:
+        return True
+    capacity = expert_capacity_for(
+        group_size, layer.num_experts, layer.top_k, layer.capacity_factor
+    )
+    return isinstance(capacity, int) and capacity >= group_size
 
 
 def _tokens_per_example(inputs):

@@ -620,3 +620,43 @@ def test_int8_tflite_keeps_the_capacity_of_longer_sequences_than_calibration():
     # Re-measured over seeds 0-7: 94.8-100% close (the range quoted above),
     # so the bound is 94%, not the 95% four of those eight seeds missed.
     assert close.mean() >= 0.94
+
+
+@pytest.mark.backends("torch")
+@pytest.mark.parametrize("lora_rank", [None, 2])
+def test_eager_grouped_experts_equal_the_block_layout(monkeypatch, lora_rank):
+    """torch's dropless escape hatch (`grouped_experts_eager`) against the
+    generic block-sparse path, outputs and gradients."""
+    import torch
+
+    layer = MixtureOfExperts(4, 8, capacity_factor=None, top_k=2, lora_rank=lora_rank)
+    x = np.random.default_rng(0).normal(size=(3, 5, 6)).astype("float32")
+    layer(x)  # build
+    if lora_rank:  # B starts at zero; make the adapters count
+        b = layer.hidden_adapter[1]
+        b.assign(np.full(b.shape, 0.1, dtype="float32"))
+
+    def outputs_and_grads(grouped):
+        monkeypatch.setattr(MixtureOfExperts, "_runs_grouped_eager", lambda *_: grouped)
+        inputs = torch.tensor(x, requires_grad=True)
+        for variable in layer.trainable_variables:
+            variable.value.grad = None
+        y = layer(inputs, training=True)
+        (torch.sum(y * y) + sum(layer.losses)).backward()
+        grads = [v.value.grad.numpy().copy() for v in layer.trainable_variables]
+        return y.detach().numpy(), inputs.grad.numpy(), grads
+
+    fast, generic = outputs_and_grads(True), outputs_and_grads(False)
+    np.testing.assert_allclose(fast[0], generic[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fast[1], generic[1], rtol=1e-5, atol=1e-6)
+    for fast_grad, generic_grad in zip(fast[2], generic[2]):
+        np.testing.assert_allclose(fast_grad, generic_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.backends("torch")
+def test_eager_grouped_experts_run_for_dropless_calls_on_torch():
+    layer = MixtureOfExperts(4, 8, capacity_factor=None)
+    tokens = keras.ops.zeros((6, 5))
+    assert layer._runs_grouped_eager(tokens, 3)
+    capacity_layer = MixtureOfExperts(4, 8, capacity_factor=1.0)
+    assert not capacity_layer._runs_grouped_eager(tokens, 3)
