@@ -3,15 +3,18 @@
 Forward + backward (gradients of a mean-square loss plus the aux losses with
 respect to every trainable weight) at tokens 4096 (16 sequences of 256: the
 layer's capacity is per sequence), d 256, hidden 512, top_k 2, for E in
-{8, 32, 64}; median of repeats after warm-up. Every number is a
-ratio to an anchor measured in the same process:
+{8, 32, 64}; after warm-up, the dense anchor and both MoE modes run
+interleaved, and every ratio is the median of the per-round ratios. Every
+number is a ratio to an anchor measured in the same process:
 
 - ratio_vs_active_dense: MoE time / a dense FFN with hidden top_k*hidden
-  (the same active FLOPs per token). Target <= 1.5 at E=32.
+  (the same active FLOPs per token). Target <= 1.35 at every E (capacity
+  factor 1.25 computes 1.25x the dense FLOPs: that is the floor), and
+  dropless <= 1.5 at E=32 (issue 20).
 - speedup_vs_all_experts: a KerasHub-style MoE that runs every expert on
   every token (einsum) and weights by the gates / MoE time. Target >= 6 at
   E=32.
-- scaling_64_vs_8: MoE time at E=64 / at E=8. Target <= 1.3. Each time is
+- scaling_64_vs_8: MoE time at E=64 / at E=8. Target <= 1.15. Each time is
   first divided by the dense anchor measured next to it, so load drift of a
   shared machine between the two cancels; the raw ratio is printed too.
 
@@ -27,6 +30,7 @@ Usage:
 
 import argparse
 import json
+import statistics
 
 import keras
 import numpy as np
@@ -138,27 +142,32 @@ def make_step(layer, inputs, jit_compile):
     return torch_step
 
 
-def run_policy(args, time_layer, experts, all_experts_at):
+def run_policy(args, make, experts, all_experts_at):
     """Times every configuration under the current dtype policy; prints and
-    returns the rows."""
+    returns the rows. `make(layer)` gives a layer's step function.
+
+    At each E the dense anchor, the capacity-mode and the dropless layer run
+    interleaved (`_timing.time_interleaved`): every ratio is the median of
+    per-round ratios, whose two calls saw the same load of the shared
+    machine."""
     keras.utils.set_random_seed(0)
     results = {"experts": {}}
-    dense_seconds = time_layer(DenseFFN(args.top_k * args.hidden))
-    results["dense_ms"] = 1e3 * dense_seconds
     for num_experts in experts:
-        row = {}
-        moe_seconds = time_layer(MixtureOfExperts(num_experts, args.hidden, top_k=args.top_k))
-        # The dense anchor again, so slow drift of the shared machine
-        # cancels out in the ratio.
-        dense_seconds = time_layer(DenseFFN(args.top_k * args.hidden))
-        row["moe_ms"] = 1e3 * moe_seconds
-        row["dense_ms"] = 1e3 * dense_seconds
-        row["ratio_vs_active_dense"] = moe_seconds / dense_seconds
-        dropless_seconds = time_layer(
-            MixtureOfExperts(num_experts, args.hidden, top_k=args.top_k, capacity_factor=None)
-        )
-        row["dropless_ms"] = 1e3 * dropless_seconds
-        row["dropless_ratio_vs_active_dense"] = dropless_seconds / dense_seconds
+        steps = [
+            make(DenseFFN(args.top_k * args.hidden)),
+            make(MixtureOfExperts(num_experts, args.hidden, top_k=args.top_k)),
+            make(
+                MixtureOfExperts(num_experts, args.hidden, top_k=args.top_k, capacity_factor=None)
+            ),
+        ]
+        dense, moe, dropless = _timing.time_interleaved(steps, args.repeats, args.warmup)
+        row = {
+            "moe_ms": 1e3 * statistics.median(moe),
+            "dense_ms": 1e3 * statistics.median(dense),
+            "ratio_vs_active_dense": _timing.median_pair_ratio(moe, dense),
+            "dropless_ms": 1e3 * statistics.median(dropless),
+            "dropless_ratio_vs_active_dense": _timing.median_pair_ratio(dropless, dense),
+        }
         line = (
             f"E={num_experts} moe_ms={row['moe_ms']:.1f} "
             f"dense_ms={row['dense_ms']:.1f} "
@@ -166,25 +175,19 @@ def run_policy(args, time_layer, experts, all_experts_at):
             f"dropless_ms={row['dropless_ms']:.1f} "
             f"dropless_ratio_vs_active_dense={row['dropless_ratio_vs_active_dense']:.2f}"
         )
+        slow_repeats = max(1, args.repeats // 2)
         if args.dropless_methods and num_experts in all_experts_at:
-            padded_seconds = time_layer(
-                MixtureOfExperts(
-                    num_experts,
-                    args.hidden,
-                    top_k=args.top_k,
-                    capacity_factor=num_experts / args.top_k,
-                ),
-                repeats=max(1, args.repeats // 2),
+            padded = MixtureOfExperts(
+                num_experts, args.hidden, top_k=args.top_k, capacity_factor=num_experts / args.top_k
             )
+            padded_seconds = _timing.median_seconds(make(padded), slow_repeats, args.warmup)
             row["padded_dropless_ms"] = 1e3 * padded_seconds
             line += f" padded_dropless_ms={row['padded_dropless_ms']:.1f}"
         if num_experts in all_experts_at:
-            all_seconds = time_layer(
-                AllExpertsMoE(num_experts, args.hidden, top_k=args.top_k),
-                repeats=max(1, args.repeats // 2),
-            )
+            all_experts = AllExpertsMoE(num_experts, args.hidden, top_k=args.top_k)
+            all_seconds = _timing.median_seconds(make(all_experts), slow_repeats, args.warmup)
             row["all_experts_ms"] = 1e3 * all_seconds
-            row["speedup_vs_all_experts"] = all_seconds / moe_seconds
+            row["speedup_vs_all_experts"] = all_seconds / statistics.median(moe)
             line += (
                 f" all_experts_ms={row['all_experts_ms']:.1f} "
                 f"speedup_vs_all_experts={row['speedup_vs_all_experts']:.2f}"
@@ -224,7 +227,7 @@ def main(argv=None):
         default="32",
         help="E values at which to time the all-experts anchor (it is slow)",
     )
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-jit", action="store_true", help="eager TF / JAX")
     parser.add_argument(
@@ -250,9 +253,8 @@ def main(argv=None):
         .astype("float32")
     )
 
-    def time_layer(layer, repeats=args.repeats):
-        step = make_step(layer, inputs, jit_compile)
-        return _timing.median_seconds(step, repeats, args.warmup)
+    def make(layer):
+        return make_step(layer, inputs, jit_compile)
 
     results = {
         "backend": BACKEND,
@@ -269,7 +271,7 @@ def main(argv=None):
             f"moe benchmark backend={BACKEND} policy={policy} jit_compile={jit_compile} "
             f"tokens={args.tokens} d={args.dim} hidden={args.hidden} k={args.top_k}"
         )
-        results["policies"][policy] = run_policy(args, time_layer, experts, all_experts_at)
+        results["policies"][policy] = run_policy(args, make, experts, all_experts_at)
     keras.config.set_dtype_policy("float32")
     if args.json:
         with open(args.json, "w") as f:

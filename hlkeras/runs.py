@@ -332,7 +332,7 @@ def train_run(settings, run_dir, *, resuming=False, tensorboard=False, log=print
     keras.utils.set_random_seed(settings["seed"])
     (train_ds, val_ds, test_ds), info = load_data(settings, run_dir if resuming else None)
     spec = model_spec(settings, info)
-    distribution, val_ds = distribution_for(settings, spec, val_ds, info, log)
+    distribution, val_ds, initial_weights = distribution_for(settings, spec, val_ds, info, log)
     if not resuming:
         run_dir.prepare()
         training.atomic_write_json(run_dir.file(RunDir.SPEC), spec)
@@ -346,6 +346,8 @@ def train_run(settings, run_dir, *, resuming=False, tensorboard=False, log=print
     with _dtype_policy("mixed_bfloat16" if settings["mixed_precision"] else None):
         with distribution.scope() if distribution else contextlib.nullcontext():
             model = models.build(spec)
+            if initial_weights is not None:
+                model.set_weights(initial_weights)
             result = training.compile_and_fit(
                 model,
                 train_ds,
@@ -391,20 +393,20 @@ def train_run(settings, run_dir, *, resuming=False, tensorboard=False, log=print
 
 
 def distribution_for(settings, spec, val_ds, info, log):
-    """The `keras.distribution` of `--distribute` (None without it), and the
-    validation batches rebatched for it (`hlkeras.distribute`)."""
+    """`(distribution, val_ds, initial_weights)` of `--distribute`: the
+    `keras.distribution` (None without it), the validation batches rebatched
+    for it, and the weights the model starts from, those an undistributed
+    run with the same seed starts from (the model built first, here)."""
     if settings["distribute"] is None:
-        return None, val_ds
+        return None, val_ds, None
     from hlkeras import data
     from hlkeras import distribute
     from hlkeras import models
 
+    model = models.build(spec)  # its variables also give the layout
     try:
         distribution, replicas, description = distribute.make_distribution(
-            settings["distribute"],
-            models.build(spec),  # its variables give the layout
-            settings["batch_size"],
-            settings["mesh"],
+            settings["distribute"], model, settings["batch_size"], settings["mesh"]
         )
         if settings["distribute"] == "model" and distribute.num_processes() > 1:
             raise distribute.DistributeError(
@@ -420,7 +422,7 @@ def distribution_for(settings, spec, val_ds, info, log):
         if dropped:
             description += f"; {dropped} of {info.num_val} validation examples left out"
     log(f"hlkeras train: {description}")
-    return distribution, val_ds
+    return distribution, val_ds, model.get_weights()
 
 
 def single_device_copy(model, spec):

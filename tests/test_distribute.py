@@ -228,8 +228,9 @@ def test_two_processes_train_one_model_into_one_run_directory(tmp_path):
     command = [sys.executable, "-m", "hlkeras.cli", "train", "--data-dir", data_dir]
     command += ["--out", str(out), "--arch", "mlp", "--depth", "1", "--width", "16"]
     # --no-augment: the random shifts run in a parallel tf.data map, whose
-    # draws differ from run to run, distributed or not.
-    command += ["--epochs", "1", "--no-augment", "--distribute", "data"]
+    # draws differ from run to run, distributed or not; --dropout 0: JAX
+    # draws dropout masks per sharding.
+    command += ["--epochs", "1", "--no-augment", "--dropout", "0", "--distribute", "data"]
     address = f"127.0.0.1:{_free_port()}"
     processes = [
         subprocess.Popen(
@@ -261,18 +262,19 @@ def test_two_processes_train_one_model_into_one_run_directory(tmp_path):
     # The worker wrote only to its private directory, and removed it.
     assert not os.path.exists(runs.private_run_path(str(out), 1))
 
-    # Oracle: one process with all 4 devices trains the same model (dropout
-    # masks included: the same 4-way sharding draws the same random bits).
+    # Oracle: the same command on one device, without --distribute, starts
+    # from the same weights and sees the same global batches.
     reference = tmp_path / "reference"
     command[command.index(str(out))] = str(reference)
-    completed = subprocess.run(command, env=_env(4), capture_output=True, text=True, timeout=600)
+    command = command[: command.index("--distribute")]
+    completed = subprocess.run(command, env=_env(1), capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
     rows, reference_rows = (
         training.read_history_rows(str(path / "history.csv")) for path in (out, reference)
     )
     assert len(rows) == 1
     for key in ("loss", "val_loss", "accuracy"):
-        np.testing.assert_allclose(rows[0][key], reference_rows[0][key], rtol=1e-5)
+        np.testing.assert_allclose(rows[0][key], reference_rows[0][key], rtol=1e-4)
     metrics, reference_metrics = (
         json.loads((path / runs.RunDir.METRICS).read_text()) for path in (out, reference)
     )
