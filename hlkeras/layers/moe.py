@@ -475,15 +475,18 @@ def combine_expert_outputs(expert_outputs, layout, gates):
     return _sum_of_row_blocks(gathered, gates.shape[-1], ops.cast(gates, gathered.dtype))
 
 
-def grouped_experts_eager(tokens, expert_index, gates, num_experts, run_experts):
-    """Dropless experts where shapes may be dynamic (eager torch): expert e's
-    FFN runs on exactly its assignments, in one matmul of `load_e` rows.
+def grouped_experts_eager(
+    tokens, expert_index, gates, num_experts, run_experts, group_size=None, capacity=None
+):
+    """Steps 3-6 where shapes may be dynamic (eager torch): expert e's FFN
+    runs on exactly the assignments it keeps, in one matmul of `load_e` rows.
 
-    The generic dropless layout (static shapes, for XLA and TFLite) gathers
-    every block's expert weights and pads each expert to whole blocks; on
-    torch that costs 2-4x a dense FFN. Here nothing is padded or gathered
-    but the tokens. The result equals the generic path's
-    (tests/layers/test_moe.py checks outputs and gradients).
+    The generic layouts (static shapes, for XLA and TFLite) pad every queue
+    to its capacity, or every dropless expert to whole blocks with a
+    gathered copy of its weights per block; on torch that costs 1.5-4x a
+    dense FFN. Here nothing is padded and only the tokens are gathered. The
+    result equals the generic path's (tests/layers/test_moe.py checks
+    outputs and gradients).
 
     Args:
         tokens: `(tokens, d)`.
@@ -491,24 +494,44 @@ def grouped_experts_eager(tokens, expert_index, gates, num_experts, run_experts)
         num_experts: Number of experts.
         run_experts: `fn(expert, rows)`: expert `expert`'s FFN on `(n, d)`
             rows.
+        group_size, capacity: Capacity mode as in `capacity_layout`: an
+            assignment at position >= `capacity` of its (expert, group)
+            queue is dropped (contributes zero). `capacity=None`: dropless.
 
     Returns:
-        `(tokens, o)`.
+        `(outputs, assignment_kept)`: `(tokens, o)` and the `(A,)` bool of
+        `BufferLayout`.
     """
     num_tokens = ops.shape(tokens)[0]
-    _, _, loads, sorted_assignments = expert_positions(expert_index, num_experts)
-    sorted_tokens = ops.take(tokens, sorted_assignments % num_tokens, axis=0)
+    _, position, queue_lengths, sorted_assignments = expert_positions(
+        expert_index, num_experts, group_size
+    )
+    # Queues are numbered expert-major, so each expert's kept assignments
+    # are contiguous in sorted order. (Index arithmetic in NumPy: eager only.)
+    kept_order = ops.convert_to_numpy(sorted_assignments)
+    queue_lengths = ops.convert_to_numpy(queue_lengths).reshape(num_experts, -1)
+    if capacity is not None:
+        kept_order = kept_order[ops.convert_to_numpy(position)[kept_order] < capacity]
+        queue_lengths = np.minimum(queue_lengths, capacity)
+    kept_tokens = ops.take(tokens, ops.convert_to_tensor(kept_order % num_tokens), axis=0)
     outputs, start = [], 0
-    for expert, load in enumerate(ops.convert_to_numpy(loads).tolist()):
+    for expert, load in enumerate(queue_lengths.sum(axis=1).tolist()):
         if load:
-            outputs.append(run_experts(expert, sorted_tokens[start : start + load]))
+            outputs.append(run_experts(expert, kept_tokens[start : start + load]))
         start += load
-    sorted_outputs = ops.concatenate(outputs, axis=0)
-    # Back to assignment order (choice-major) through the inverse permutation.
-    assignment_outputs = ops.take(sorted_outputs, ops.argsort(sorted_assignments), axis=0)
-    return _sum_of_row_blocks(
+    # A dropped assignment reads the zero row appended last.
+    outputs.append(ops.zeros((1, ops.shape(outputs[0])[-1]), dtype=outputs[0].dtype))
+    row_of_assignment = np.full(int(ops.size(sorted_assignments)), len(kept_order))
+    row_of_assignment[kept_order] = np.arange(len(kept_order))
+    assignment_outputs = ops.take(
+        ops.concatenate(outputs, axis=0), ops.convert_to_tensor(row_of_assignment), axis=0
+    )
+    outputs = _sum_of_row_blocks(
         assignment_outputs, gates.shape[-1], ops.cast(gates, assignment_outputs.dtype)
     )
+    if capacity is None:
+        return outputs, ops.ones_like(position, dtype="bool")
+    return outputs, position < capacity
 
 
 def expert_capacity_for(num_tokens, num_experts, top_k, capacity_factor):
@@ -827,18 +850,8 @@ class MixtureOfExperts(keras.layers.Layer):
         self._add_aux_losses(router_logits, router_probs, expert_index)
 
         group_size = _tokens_per_example(inputs)
-        if self._runs_grouped_eager(tokens, group_size):
-            per_expert = self._weights_per_expert()
-            outputs = grouped_experts_eager(
-                tokens,
-                expert_index,
-                gates,
-                self.num_experts,
-                lambda expert, rows: self._expert_ffn(rows[None], training, per_expert[expert])[0],
-            )
-            if training:
-                self._record_routing(expert_index, ops.ones((1,), dtype="bool"))
-            return ops.reshape(outputs, tuple(input_shape[:-1]) + (ops.shape(outputs)[-1],))
+        if self._runs_grouped_eager(tokens):
+            return self._call_grouped_eager(inputs, tokens, expert_index, gates, training)
         layout = self._layout(expert_index, num_tokens, group_size)
         expert_inputs = dispatch_tokens(tokens, layout, self.top_k)
         if layout.block_expert is None:
@@ -905,15 +918,37 @@ class MixtureOfExperts(keras.layers.Layer):
             adapter_scale=self.adapter_scale if self.lora_rank else 1.0,
         )
 
-    def _runs_grouped_eager(self, tokens, group_size):
-        """Whether this call takes `grouped_experts_eager`: dropless routing
-        on eager torch with concrete tensors (not torch.compile, not Keras'
-        symbolic build on the meta device)."""
-        if keras.backend.backend() != "torch" or not _is_dropless_call(self, group_size):
+    def _runs_grouped_eager(self, tokens):
+        """Whether this call takes `grouped_experts_eager`: eager torch with
+        concrete tensors (not torch.compile, not Keras' symbolic build on
+        the meta device)."""
+        if keras.backend.backend() != "torch":
             return False
         import torch
 
         return tokens.device.type != "meta" and not torch.compiler.is_compiling()
+
+    def _call_grouped_eager(self, inputs, tokens, expert_index, gates, training):
+        """`call`'s steps 2-6 through `grouped_experts_eager`."""
+        group_size = _tokens_per_example(inputs)
+        capacity = None
+        if not _is_dropless_call(self, group_size):
+            capacity = expert_capacity_for(
+                group_size, self.num_experts, self.top_k, self.capacity_factor
+            )
+        per_expert = self._weights_per_expert()
+        outputs, assignment_kept = grouped_experts_eager(
+            tokens,
+            expert_index,
+            gates,
+            self.num_experts,
+            lambda expert, rows: self._expert_ffn(rows[None], training, per_expert[expert])[0],
+            group_size=None if capacity is None else group_size,
+            capacity=capacity,
+        )
+        if training:
+            self._record_routing(expert_index, assignment_kept)
+        return ops.reshape(outputs, tuple(ops.shape(inputs)[:-1]) + (ops.shape(outputs)[-1],))
 
     def _router_logits(self, tokens, training):
         router_inputs = ops.cast(tokens, "float32")

@@ -623,13 +623,16 @@ def test_int8_tflite_keeps_the_capacity_of_longer_sequences_than_calibration():
 
 
 @pytest.mark.backends("torch")
-@pytest.mark.parametrize("lora_rank", [None, 2])
-def test_eager_grouped_experts_equal_the_block_layout(monkeypatch, lora_rank):
-    """torch's dropless escape hatch (`grouped_experts_eager`) against the
-    generic block-sparse path, outputs and gradients."""
+@pytest.mark.parametrize(
+    "capacity_factor, lora_rank", [(None, None), (None, 2), (0.5, None), (0.5, 2)]
+)
+def test_eager_grouped_experts_equal_the_generic_layouts(monkeypatch, capacity_factor, lora_rank):
+    """torch's escape hatch (`grouped_experts_eager`) against the generic
+    capacity and block-sparse layouts: outputs, gradients and the dropped
+    fraction the routing statistics record."""
     import torch
 
-    layer = MixtureOfExperts(4, 8, capacity_factor=None, top_k=2, lora_rank=lora_rank)
+    layer = MixtureOfExperts(4, 8, capacity_factor=capacity_factor, top_k=2, lora_rank=lora_rank)
     x = np.random.default_rng(0).normal(size=(3, 5, 6)).astype("float32")
     layer(x)  # build
     if lora_rank:  # B starts at zero; make the adapters count
@@ -644,9 +647,14 @@ def test_eager_grouped_experts_equal_the_block_layout(monkeypatch, lora_rank):
         y = layer(inputs, training=True)
         (torch.sum(y * y) + sum(layer.losses)).backward()
         grads = [v.value.grad.numpy().copy() for v in layer.trainable_variables]
-        return y.detach().numpy(), inputs.grad.numpy(), grads
+        dropped = keras.ops.convert_to_numpy(layer.routing_dropped_total).copy()
+        layer.routing_dropped_total.assign(0.0)
+        return y.detach().numpy(), inputs.grad.numpy(), grads, dropped
 
     fast, generic = outputs_and_grads(True), outputs_and_grads(False)
+    np.testing.assert_allclose(fast[3], generic[3], rtol=1e-6)
+    if capacity_factor:  # capacity 2 of 5 tokens x 2 choices over 4 experts
+        assert generic[3] > 0
     np.testing.assert_allclose(fast[0], generic[0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(fast[1], generic[1], rtol=1e-5, atol=1e-6)
     for fast_grad, generic_grad in zip(fast[2], generic[2]):
@@ -654,9 +662,9 @@ def test_eager_grouped_experts_equal_the_block_layout(monkeypatch, lora_rank):
 
 
 @pytest.mark.backends("torch")
-def test_eager_grouped_experts_run_for_dropless_calls_on_torch():
-    layer = MixtureOfExperts(4, 8, capacity_factor=None)
-    tokens = keras.ops.zeros((6, 5))
-    assert layer._runs_grouped_eager(tokens, 3)
-    capacity_layer = MixtureOfExperts(4, 8, capacity_factor=1.0)
-    assert not capacity_layer._runs_grouped_eager(tokens, 3)
+def test_eager_grouped_experts_run_on_concrete_torch_tensors_only():
+    import torch
+
+    layer = MixtureOfExperts(4, 8)
+    assert layer._runs_grouped_eager(torch.zeros((6, 5)))
+    assert not layer._runs_grouped_eager(torch.zeros((6, 5), device="meta"))
