@@ -665,9 +665,11 @@ def test_eager_grouped_experts_equal_the_generic_layouts(monkeypatch, capacity_f
 def test_eager_grouped_experts_run_on_concrete_torch_tensors_with_enough_rows():
     import torch
 
-    layer = MixtureOfExperts(4, 8, top_k=2)
+    layer = MixtureOfExperts(4, 8, top_k=2)  # capacity mode, one group
     # tokens x 2 choices / 4 experts = EAGER_GROUPED_MIN_ROWS rows per expert.
     tokens = moe.EAGER_GROUPED_MIN_ROWS * 4 // 2
-    assert layer._runs_grouped_eager(torch.zeros((tokens, 5)))
-    assert not layer._runs_grouped_eager(torch.zeros((tokens - 1, 5)))
-    assert not layer._runs_grouped_eager(torch.zeros((tokens, 5), device="meta"))
+    assert layer._runs_grouped_eager(torch.zeros((tokens, 5)), tokens)
+    assert not layer._runs_grouped_eager(torch.zeros((tokens - 1, 5)), tokens - 1)
+    assert not layer._runs_grouped_eager(torch.zeros((tokens, 5), device="meta"), tokens)
+    dropless = MixtureOfExperts(4, 8, top_k=2, capacity_factor=None)
+    assert dropless._runs_grouped_eager(torch.zeros((6, 5)), 6)
