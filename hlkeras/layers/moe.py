@@ -13,8 +13,9 @@ the data moves:
    goes to (or that it is dropped), and which token fills each buffer row.
 4. `dispatch_tokens`: gathers the tokens into the expert buffer.
 5. `expert_ffn`: every expert's FFN as one batched matmul over the buffer.
-   (Dropless on eager torch skips 3-5 and 6's gather: `grouped_experts_eager`
-   runs each expert on exactly its rows, since shapes may be dynamic there.)
+   (On eager torch, where shapes may be dynamic, `grouped_experts_eager`
+   replaces 3-6 for dropless calls, and for capacity calls whose experts
+   average `EAGER_GROUPED_MIN_ROWS`: each expert on exactly its rows.)
 6. `combine_expert_outputs`: gathers each assignment's row back and sums the
    gate-weighted results per token.
 
@@ -860,7 +861,9 @@ class MixtureOfExperts(keras.layers.Layer):
 
         group_size = _tokens_per_example(inputs)
         if self._runs_grouped_eager(tokens, group_size):
-            return self._call_grouped_eager(inputs, tokens, expert_index, gates, training)
+            return self._call_grouped_eager(
+                inputs, tokens, expert_index, gates, group_size, training
+            )
         layout = self._layout(expert_index, num_tokens, group_size)
         expert_inputs = dispatch_tokens(tokens, layout, self.top_k)
         if layout.block_expert is None:
@@ -945,9 +948,8 @@ class MixtureOfExperts(keras.layers.Layer):
         rows_per_expert = ops.shape(tokens)[0] * self.top_k / self.num_experts
         return rows_per_expert >= EAGER_GROUPED_MIN_ROWS
 
-    def _call_grouped_eager(self, inputs, tokens, expert_index, gates, training):
+    def _call_grouped_eager(self, inputs, tokens, expert_index, gates, group_size, training):
         """`call`'s steps 2-6 through `grouped_experts_eager`."""
-        group_size = _tokens_per_example(inputs)
         capacity = None
         if not _is_dropless_call(self, group_size):
             capacity = expert_capacity_for(
