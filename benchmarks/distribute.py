@@ -1,8 +1,9 @@
 """Benchmark: the step-time overhead of `hlkeras train --distribute` (JAX).
 
 One training step (`model.train_on_batch`, forward + backward + AdamW) of
-the same model on the same global batch, timed as the median of repeats
-after warm-up, under each configuration:
+the same model on the same global batch under each configuration, the
+configurations interleaved after warm-up (each ratio is the median of
+per-round ratios):
 
 - single: no distribution (one device), the anchor;
 - data: `keras.distribution.DataParallel` over every device;
@@ -23,6 +24,7 @@ import argparse
 import contextlib
 import json
 import os
+import statistics
 import sys
 
 
@@ -65,43 +67,50 @@ def main(argv=None):
     probe = models.build(spec)
     weights = probe.get_weights()
 
-    def step_seconds(distribution):
-        with distribution.scope() if distribution else contextlib.nullcontext():
+    def make_step(distribution):
+        """One training step of a model built (and run) under `distribution`."""
+        scope = distribution.scope if distribution else contextlib.nullcontext
+        with scope():
             model = models.build(spec)
             model.set_weights(weights)
             training.compile_model(model)
-            step = lambda: model.train_on_batch(x, y)  # noqa: E731
-            return _timing.median_seconds(step, args.repeats, args.warmup)
 
-    configurations = [("single", None), ("data", None)]
-    configurations += [("model", mesh) for mesh in args.meshes.split(",") if mesh]
+        def step():
+            with scope():
+                model.train_on_batch(x, y)
+
+        return step
+
+    configurations = [("single", None, None), ("data", "data", None)]
+    configurations += [(f"model_{mesh}", "model", mesh) for mesh in args.meshes.split(",") if mesh]
     print(
         f"distribute benchmark: {args.arch} (experts {args.experts}), global batch "
         f"{args.batch_size}, {len(keras.distribution.list_devices())} virtual CPU devices "
         "sharing the same cores: ratios are framework overhead, not speed-up"
     )
-    results = {"arch": args.arch, "batch_size": args.batch_size, "configurations": {}}
-    single = None
-    for strategy, mesh in configurations:
-        if strategy == "single":
-            distribution, description = None, "one device"
-        else:
+    names, steps, descriptions = [], [], []
+    for name, strategy, mesh in configurations:
+        distribution, description = None, "one device"
+        if strategy:
             distribution, _, description = distribute.make_distribution(
                 strategy, probe, args.batch_size, mesh
             )
-        seconds = step_seconds(distribution)
-        single = single or seconds
-        name = strategy if mesh is None else f"model_{mesh}"
+        names.append(name)
+        steps.append(make_step(distribution))
+        descriptions.append(description)
+    # Interleaved rounds: each ratio is the median of per-round ratios, whose
+    # calls saw the same load of the shared machine.
+    seconds = _timing.time_interleaved(steps, args.repeats, args.warmup)
+    results = {"arch": args.arch, "batch_size": args.batch_size, "configurations": {}}
+    for name, times, description in zip(names, seconds, descriptions):
+        step_ms = 1e3 * statistics.median(times)
+        ratio = _timing.median_pair_ratio(times, seconds[0])
         results["configurations"][name] = {
-            "step_ms": 1e3 * seconds,
-            "ratio_vs_single": seconds / single,
+            "step_ms": step_ms,
+            "ratio_vs_single": ratio,
             "description": description,
         }
-        print(
-            f"{name} step_ms={1e3 * seconds:.1f} ratio_vs_single={seconds / single:.2f} "
-            f"({description})",
-            flush=True,
-        )
+        print(f"{name} step_ms={step_ms:.1f} ratio_vs_single={ratio:.2f} ({description})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
