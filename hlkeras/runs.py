@@ -371,7 +371,7 @@ def train_run(settings, run_dir, *, resuming=False, tensorboard=False, log=print
                 shutil.rmtree(run_dir.path, ignore_errors=True)
                 return RunOutcome(run_dir, process=process)
             # Evaluated and exported on one device, like any other run.
-            model = single_device_copy(model, spec)
+            model = training.compile_model(rebuilt_copy(model, spec))
         metrics = evaluate_and_export(model, spec, settings, run_dir, test_ds)
 
     monitor = "val_loss" if val_ds is not None else "loss"
@@ -423,17 +423,6 @@ def distribution_for(settings, spec, val_ds, info, log):
             description += f"; {dropped} of {info.num_val} validation examples left out"
     log(f"hlkeras train: {description}")
     return distribution, val_ds, model.get_weights()
-
-
-def single_device_copy(model, spec):
-    """`model`'s weights in a model built outside any distribution, compiled
-    for evaluation: a distributed run evaluates and exports like any other."""
-    from hlkeras import models
-    from hlkeras import training
-
-    copy = models.build(spec)
-    copy.set_weights(model.get_weights())
-    return training.compile_model(copy)
 
 
 def open_run_dir(out, *, resume=False, overwrite=False, process=0):
@@ -497,7 +486,7 @@ def evaluate_and_export(model, spec, settings, run_dir, test_ds):
     training.save_model_atomic(model, run_dir.file(RunDir.MODEL))
     results = model.evaluate(test_ds, verbose=0, return_dict=True)
     test_images, test_labels = data.to_numpy(test_ds)
-    exportable = float32_copy(model, spec) if settings["mixed_precision"] else model
+    exportable = rebuilt_copy(model, spec, "float32") if settings["mixed_precision"] else model
     metrics = {"test_accuracy": float(results["accuracy"]), "test_loss": float(results["loss"])}
     try:
         report = export_verified_tflite(
@@ -545,12 +534,17 @@ def export_verified_tflite(model, test_images, test_labels, path):
     return report
 
 
-def float32_copy(model, spec):
-    """The same model under the float32 policy, with the same weights: the
-    TFLite converter rejects the bfloat16 ops of a mixed_bfloat16 model."""
+def rebuilt_copy(model, spec, policy=None):
+    """`models.build(spec)` with `model`'s weights, under dtype `policy`
+    (default: the current one) and outside any distribution scope.
+
+    The TFLite converter rejects the bfloat16 ops of a mixed_bfloat16 model
+    (its export uses a float32 copy), and a distributed run evaluates and
+    exports a single-device copy, like any other run.
+    """
     from hlkeras import models
 
-    with _dtype_policy("float32"):
+    with _dtype_policy(policy):
         copy = models.build(spec)
     copy.set_weights(model.get_weights())
     return copy
