@@ -1,7 +1,7 @@
 """Tests of ONNX export (`export_model(formats=("onnx",))`): the built-in
 architectures, with attention and MoE, match Keras sample by sample in
-ONNX Runtime (the vit with MoE on every backend), with a dynamic batch dimension and the
-documented opset; text models take int32 token ids; the accuracy gate
+ONNX Runtime (the vit with MoE on every backend), with a dynamic batch
+dimension and the documented opset; text models take int32 token ids; the accuracy gate
 covers the `.onnx`; an op with no ONNX conversion and a missing `onnx`
 extra fail in one line.
 
