@@ -1,9 +1,9 @@
 """Tests of ONNX export (`export_model(formats=("onnx",))`): the built-in
 architectures, with attention and MoE, match Keras sample by sample in
 ONNX Runtime (the vit with MoE on every backend), with a dynamic batch
-dimension and the documented opset; text models take int32 token ids; the accuracy gate
-covers the `.onnx`; an op with no ONNX conversion and a missing `onnx`
-extra fail in one line.
+dimension and the documented opset; text models take int32 token ids; the
+accuracy gate covers the `.onnx`; an op with no ONNX conversion and a
+missing `onnx` extra fail in one line.
 
 The oracles are Keras' own per-sample outputs and an `onnxruntime`
 session opened here, not hlkeras' runner.
