@@ -10,13 +10,13 @@ layer cut after each stage of its pipeline, each cut a prefix of the next:
 5. experts: + `expert_ffn` (the expert matmuls)
 6. combine: + `combine_expert_outputs` (the whole layer)
 
-A stage's cost is its prefix's time minus the previous prefix's; the
-FLOP-matched dense FFN of `benchmarks/moe.py` is timed in the same run as
-the anchor, and every number is also printed as a share of it. Last, the
-experts' batched matmuls alone are timed against one dense FFN of the same
-FLOPs: the floor of the experts stage on that backend. Integer
-results feed the output through a zero-weight float sum so the compiler
-cannot drop them.
+The prefixes and the FLOP-matched dense FFN of `benchmarks/moe.py` (the
+anchor) run interleaved; a stage's cost is the median over rounds of its
+prefix's time minus the previous prefix's, also printed as a share of the
+anchor. Last, the experts' batched matmuls alone are timed against one
+dense FFN of the same FLOPs: the floor of the experts stage on that
+backend. Integer results feed the output through a zero-weight float sum
+so the compiler cannot drop them.
 
 Usage:
     KERAS_BACKEND=jax PYTHONPATH=. python benchmarks/moe_profile.py --experts 8,64
@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from moe import BACKEND  # noqa: E402
 from moe import DenseFFN  # noqa: E402
+from moe import ExpertMatmuls  # noqa: E402
 from moe import make_step  # noqa: E402
 
 from hlkeras import _timing  # noqa: E402
@@ -98,25 +99,6 @@ class MixtureOfExpertsUpTo(MixtureOfExperts):
         return total + ops.mean(outputs)
 
 
-class ExpertMatmuls(keras.layers.Layer):
-    """Only the expert FFNs on an `(E, rows, d)` buffer: `expert_ffn`."""
-
-    def __init__(self, num_experts, hidden_units, **kwargs):
-        super().__init__(**kwargs)
-        self.num_experts = num_experts
-        self.hidden_units = hidden_units
-
-    def build(self, input_shape):
-        e, d, h = self.num_experts, input_shape[-1], self.hidden_units
-        self.w1 = self.add_weight(shape=(e, d, h), name="w1")
-        self.b1 = self.add_weight(shape=(e, h), initializer="zeros", name="b1")
-        self.w2 = self.add_weight(shape=(e, h, d), name="w2")
-        self.b2 = self.add_weight(shape=(e, d), initializer="zeros", name="b2")
-
-    def call(self, inputs, training=None):
-        return moe_ops.expert_ffn(inputs, self.w1, self.b1, self.w2, self.b2, ops.gelu)
-
-
 def batched_matmul_efficiency(num_experts, rows, dim, hidden, repeats, warmup, jit_compile):
     """Seconds of the experts' batched matmuls on `(E, rows, d)` and of one
     dense FFN over the same `E * rows` tokens (the same FLOPs)."""
@@ -151,32 +133,38 @@ def main(argv=None):
         .astype("float32")
     )
 
-    def seconds(layer):
-        step = make_step(layer, inputs, jit_compile)
-        return _timing.median_seconds(step, args.repeats, args.warmup)
+    def step(layer):
+        return make_step(layer, inputs, jit_compile)
 
     capacity_factor = None if args.dropless else 1.25
     mode = "dropless" if args.dropless else "capacity 1.25"
     for num_experts in [int(e) for e in args.experts.split(",")]:
         keras.utils.set_random_seed(0)
-        dense = seconds(DenseFFN(args.top_k * args.hidden))
-        prefix_times = [
-            seconds(
-                MixtureOfExpertsUpTo(
-                    num_experts,
-                    args.hidden,
-                    top_k=args.top_k,
-                    capacity_factor=capacity_factor,
-                    stage=stage,
-                )
+        prefixes = [
+            MixtureOfExpertsUpTo(
+                num_experts,
+                args.hidden,
+                top_k=args.top_k,
+                capacity_factor=capacity_factor,
+                stage=stage,
             )
             for stage in STAGES
         ]
-        stage_times = np.diff([0.0] + prefix_times)
+        # Interleaved: a stage's cost is the median over rounds of the
+        # difference of two prefixes timed next to each other.
+        dense, *prefix_times = _timing.time_interleaved(
+            [step(DenseFFN(args.top_k * args.hidden))] + [step(layer) for layer in prefixes],
+            args.repeats,
+            args.warmup,
+        )
+        dense = np.median(dense)
+        rounds = np.array(prefix_times)
+        stage_times = np.median(np.diff(rounds, axis=0, prepend=0.0), axis=1)
+        whole_layer = np.median(rounds[-1])
         print(
             f"backend={BACKEND} E={num_experts} {mode} tokens={args.tokens} d={args.dim} "
             f"hidden={args.hidden} k={args.top_k}: whole layer "
-            f"{prefix_times[-1] * 1e3:.1f} ms = {prefix_times[-1] / dense:.2f}x dense FFN "
+            f"{whole_layer * 1e3:.1f} ms = {whole_layer / dense:.2f}x dense FFN "
             f"({dense * 1e3:.1f} ms); forward+backward per stage, ms (x dense):"
         )
         print(
