@@ -624,20 +624,28 @@ def test_int8_tflite_keeps_the_capacity_of_longer_sequences_than_calibration():
 
 @pytest.mark.backends("torch")
 @pytest.mark.parametrize(
-    "capacity_factor, lora_rank", [(None, None), (None, 2), (0.5, None), (0.5, 2)]
+    "capacity_factor, lora_rank", [(None, None), (None, 4), (0.5, None), (0.5, 4)]
 )
 def test_eager_grouped_experts_equal_the_generic_layouts(monkeypatch, capacity_factor, lora_rank):
-    """torch's escape hatch (`grouped_experts_eager`) against the generic
-    capacity and block-sparse layouts: outputs, gradients and the dropped
-    fraction the routing statistics record."""
+    """torch's escape hatch (`grouped_experts_eager`, torch's grouped GEMM)
+    against the generic capacity and block-sparse layouts: outputs,
+    gradients and the dropped fraction the routing statistics record."""
     import torch
 
     layer = MixtureOfExperts(4, 8, capacity_factor=capacity_factor, top_k=2, lora_rank=lora_rank)
-    x = np.random.default_rng(0).normal(size=(3, 5, 6)).astype("float32")
+    # Widths of 8 float32 (32 bytes): shapes torch's grouped GEMM takes.
+    x = np.random.default_rng(0).normal(size=(3, 5, 8)).astype("float32")
     layer(x)  # build
     if lora_rank:  # B starts at zero; make the adapters count
         b = layer.hidden_adapter[1]
         b.assign(np.full(b.shape, 0.1, dtype="float32"))
+    grouped_mm_calls = []
+    grouped_mm = torch.nn.functional.grouped_mm
+    monkeypatch.setattr(
+        torch.nn.functional,
+        "grouped_mm",
+        lambda *args, **kwargs: grouped_mm_calls.append(1) or grouped_mm(*args, **kwargs),
+    )
 
     def outputs_and_grads(grouped):
         monkeypatch.setattr(MixtureOfExperts, "_runs_grouped_eager", lambda *_: grouped)
@@ -652,6 +660,8 @@ def test_eager_grouped_experts_equal_the_generic_layouts(monkeypatch, capacity_f
         return y.detach().numpy(), inputs.grad.numpy(), grads, dropped
 
     fast, generic = outputs_and_grads(True), outputs_and_grads(False)
+    # Two kernels, each with its adapter's two: 2 or 6 grouped GEMMs.
+    assert len(grouped_mm_calls) == (6 if lora_rank else 2)
     np.testing.assert_allclose(fast[3], generic[3], rtol=1e-6)
     if capacity_factor:  # capacity 2 of 5 tokens x 2 choices over 4 experts
         assert generic[3] > 0
@@ -662,14 +672,22 @@ def test_eager_grouped_experts_equal_the_generic_layouts(monkeypatch, capacity_f
 
 
 @pytest.mark.backends("torch")
-def test_eager_grouped_experts_run_on_concrete_torch_tensors_with_enough_rows():
+def test_eager_grouped_experts_run_on_concrete_torch_tensors_the_grouped_gemm_takes():
     import torch
 
-    layer = MixtureOfExperts(4, 8, top_k=2)  # capacity mode, one group
-    # tokens x 2 choices / 4 experts = EAGER_GROUPED_MIN_ROWS rows per expert.
-    tokens = moe.EAGER_GROUPED_MIN_ROWS * 4 // 2
-    assert layer._runs_grouped_eager(torch.zeros((tokens, 5)), tokens)
-    assert not layer._runs_grouped_eager(torch.zeros((tokens - 1, 5)), tokens - 1)
-    assert not layer._runs_grouped_eager(torch.zeros((tokens, 5), device="meta"), tokens)
+    capacity = MixtureOfExperts(4, 8, top_k=2)
     dropless = MixtureOfExperts(4, 8, top_k=2, capacity_factor=None)
-    assert dropless._runs_grouped_eager(torch.zeros((6, 5)), 6)
+    for layer in (capacity, dropless):
+        assert layer._runs_grouped_eager(torch.zeros((6, 4)))
+        assert not layer._runs_grouped_eager(torch.zeros((6, 4), device="meta"))
+    # The grouped GEMM needs every width a multiple of 16 bytes: 6 float32
+    # inputs (24 bytes), 6 output units or a LoRA rank of 2 (8 bytes) take
+    # the generic path.
+    assert not dropless._runs_grouped_eager(torch.zeros((6, 6)))
+    assert not MixtureOfExperts(4, 8, output_units=6)._runs_grouped_eager(torch.zeros((6, 4)))
+    with_rank_2 = MixtureOfExperts(4, 8, top_k=2, lora_rank=2)
+    assert not with_rank_2._runs_grouped_eager(torch.zeros((6, 4)))
+    # bfloat16 (2 bytes): widths of 8 fit, widths of 4 do not.
+    bf16 = MixtureOfExperts(4, 8, top_k=2, dtype="mixed_bfloat16")
+    assert bf16._runs_grouped_eager(torch.zeros((6, 8)))
+    assert not bf16._runs_grouped_eager(torch.zeros((6, 4)))
