@@ -485,10 +485,11 @@ def _grouped_mm_ops(row_loads, rows):
 
 
 def grouped_mm_fits(tokens, compute_dtype, widths):
-    """Whether `torch.nn.functional.grouped_mm` takes this call: torch
-    >= 2.8 on CPU (where it is measured), a float16/bfloat16/float32
-    compute dtype, and every matrix width (`d`, hidden, output, LoRA rank)
-    a multiple of 16 bytes, the stride its kernel requires."""
+    """Whether `torch.nn.functional.grouped_mm` takes this call: a torch
+    that has it (2.13 here), on CPU (where it is measured), a
+    float16/bfloat16/float32 compute dtype, and every matrix width (`d`,
+    hidden, output, LoRA rank) a multiple of 16 bytes, the stride its
+    kernel requires."""
     import torch
 
     itemsize = {"float16": 2, "bfloat16": 2, "float32": 4}.get(compute_dtype)
