@@ -7,7 +7,9 @@ issue: >= 98% on every backend, <= 90 s on TensorFlow):
 - the LiteRT-vs-Keras test accuracy gap of the exported `model.tflite`;
 - framework overhead: training steps/s of the network `hlkeras.models`
   builds against the same network hand-written with `keras.layers`
-  built-ins, measured in this process, interleaved, median of repeats.
+  built-ins, measured in this process, interleaved, median of repeats;
+- the cost of MoE in the main job: training steps/s of the vit with MoE
+  against the same vit with FLOP-matched dense FFNs, measured the same way.
 
 Usage:
     KERAS_BACKEND=tensorflow python benchmarks/train.py [--backends tensorflow,jax,torch]
@@ -180,43 +182,88 @@ def steps_per_second(model, dataset, steps):
     return steps / (time.perf_counter() - wall), steps / (time.process_time() - cpu)
 
 
+def interleaved_rates(contenders, dataset, repeats, steps):
+    """Training steps/s of two compiled models, in interleaved pairs.
+
+    Returns `(median steps/s per contender, wall ratios, CPU ratios)`, the
+    ratios first contender / second, one per pair. On a shared, noisy
+    machine the two runs of one pair see about the same load, so the median
+    of the pair ratios is steadier than a ratio of medians.
+    """
+    for model in contenders.values():
+        steps_per_second(model, dataset, steps)  # warm-up: compile
+    rates = {name: [] for name in contenders}
+    wall_ratios, cpu_ratios = [], []
+    first, second = contenders
+    for i in range(repeats):
+        order = [first, second] if i % 2 == 0 else [second, first]
+        for name in order:
+            rates[name].append(steps_per_second(contenders[name], dataset, steps))
+        (first_wall, first_cpu), (second_wall, second_cpu) = rates[first][-1], rates[second][-1]
+        wall_ratios.append(first_wall / second_wall)
+        cpu_ratios.append(first_cpu / second_cpu)
+    medians = {name: statistics.median(r[0] for r in rates[name]) for name in contenders}
+    return medians, wall_ratios, cpu_ratios
+
+
+def _digits_for_training(data_dir):
+    from hlkeras import data
+
+    train_ds, _, _, info = data.load("digits", batch_size=64, data_dir=data_dir)
+    return train_ds.repeat(), info
+
+
 def report_overhead(arch, data_dir, repeats, steps):
     import keras
 
-    from hlkeras import data
     from hlkeras import training
 
-    train_ds, _, _, info = data.load("digits", batch_size=64, data_dir=data_dir)
-    train_ds = train_ds.repeat()
+    train_ds, info = _digits_for_training(data_dir)
     builder, hand_written = overhead_contenders(arch, info)
     contenders = {"builder": builder, "hand-written": hand_written}
     assert contenders["builder"].count_params() == contenders["hand-written"].count_params()
     for model in contenders.values():
         training.compile_model(model, total_steps=10_000)
-        steps_per_second(model, train_ds, steps)  # warm-up: compile
-    rates = {name: [] for name in contenders}
-    wall_ratios, cpu_ratios = [], []
-    for i in range(repeats):
-        # Interleaved pairs, alternating who goes first: on a shared, noisy
-        # machine the two runs of one pair see about the same load, so the
-        # median of the pair ratios is steadier than a ratio of medians.
-        order = list(contenders) if i % 2 == 0 else list(contenders)[::-1]
-        for name in order:
-            rates[name].append(steps_per_second(contenders[name], train_ds, steps))
-        (builder_wall, builder_cpu), (hand_wall, hand_cpu) = (
-            rates["builder"][-1],
-            rates["hand-written"][-1],
-        )
-        wall_ratios.append(builder_wall / hand_wall)
-        cpu_ratios.append(builder_cpu / hand_cpu)
-    builder = statistics.median(r[0] for r in rates["builder"])
-    hand = statistics.median(r[0] for r in rates["hand-written"])
+    rates, wall_ratios, cpu_ratios = interleaved_rates(contenders, train_ds, repeats, steps)
     ratio = statistics.median(wall_ratios)
     print(
         f"overhead {arch} [{keras.backend.backend()}] (median of {repeats} pairs x {steps} steps): "
-        f"builder={builder:.1f} steps/s hand-written={hand:.1f} steps/s "
+        f"builder={rates['builder']:.1f} steps/s hand-written={rates['hand-written']:.1f} steps/s "
         f"ratio={ratio:.3f} (pair ratios {min(wall_ratios):.2f}..{max(wall_ratios):.2f}; "
         f"target >= {OVERHEAD_TARGET}: {_verdict(ratio >= OVERHEAD_TARGET)}); "
+        f"per CPU-second ratio={statistics.median(cpu_ratios):.3f}"
+    )
+
+
+def report_moe_cost(data_dir, repeats, steps):
+    """Training steps/s of the main job's vit with MoE (`hlkeras train
+    --arch vit`: 4 experts, top 2) against the same vit whose FFNs are
+    dense and FLOP-matched (`ffn_ratio * top_k` hidden units: the same
+    active FLOPs per token). The ratio is what MoE routing costs a real
+    training step (issue 20); compare it before and after a change."""
+    import keras
+
+    from hlkeras import models
+    from hlkeras import runs
+    from hlkeras import training
+
+    train_ds, info = _digits_for_training(data_dir)
+    hyper = models.hyperparameter_defaults("vit")
+    moe = {**hyper, "num_experts": runs.MOE_EXPERTS_DEFAULT}
+    dense = {**hyper, "num_experts": 0, "ffn_ratio": hyper["ffn_ratio"] * hyper["top_k"]}
+    keras.utils.set_random_seed(0)
+    contenders = {
+        "moe": models.vit(info.input_shape, info.num_classes, **moe),
+        "dense": models.vit(info.input_shape, info.num_classes, **dense),
+    }
+    for model in contenders.values():
+        training.compile_model(model, total_steps=10_000)
+    rates, wall_ratios, cpu_ratios = interleaved_rates(contenders, train_ds, repeats, steps)
+    print(
+        f"moe vit [{keras.backend.backend()}] (median of {repeats} pairs x {steps} steps): "
+        f"moe={rates['moe']:.1f} steps/s flop-matched dense={rates['dense']:.1f} steps/s "
+        f"ratio={statistics.median(wall_ratios):.3f} (pair ratios "
+        f"{min(wall_ratios):.2f}..{max(wall_ratios):.2f}); "
         f"per CPU-second ratio={statistics.median(cpu_ratios):.3f}"
     )
 
@@ -237,6 +284,7 @@ def main():
     if not args.skip_overhead:
         for arch in ("mlp", "vit"):
             report_overhead(arch, data_dir, args.repeats, args.steps)
+        report_moe_cost(data_dir, args.repeats, args.steps)
     report_train_defaults(args.backends.split(","), data_dir)
 
 
