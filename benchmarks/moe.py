@@ -4,8 +4,9 @@ Forward + backward (gradients of a mean-square loss plus the aux losses with
 respect to every trainable weight) at tokens 4096 (16 sequences of 256: the
 layer's capacity is per sequence), d 256, hidden 512, top_k 2, for E in
 {8, 32, 64}; after warm-up, the dense anchor, both MoE modes and the
-capacity mode's floor run interleaved, and every ratio is the median of the per-round ratios. Every
-number is a ratio to an anchor measured in the same process:
+capacity mode's floor run interleaved, and every ratio is the median of the
+per-round ratios. Every number is a ratio to an anchor measured in the same
+process:
 
 - ratio_vs_active_dense: MoE time / a dense FFN with hidden top_k*hidden
   (the same active FLOPs per token). Target <= 1.35 at every E (capacity
@@ -88,23 +89,18 @@ class ExpertMatmuls(keras.layers.Layer):
         return moe_ops.expert_ffn(inputs, self.w1, self.b1, self.w2, self.b2, ops.gelu)
 
 
-class AllExpertsMoE(keras.layers.Layer):
+class AllExpertsMoE(ExpertMatmuls):
     """KerasHub-style (Mixtral / Qwen-MoE) MoE: every expert computes every
-    token with one einsum; the top-k gates weight the results."""
+    token with one einsum; the top-k gates weight the results. The expert
+    weights are `ExpertMatmuls`'."""
 
     def __init__(self, num_experts, hidden_units, top_k=2, **kwargs):
-        super().__init__(**kwargs)
-        self.num_experts = num_experts
-        self.hidden_units = hidden_units
+        super().__init__(num_experts, hidden_units, **kwargs)
         self.top_k = top_k
 
     def build(self, input_shape):
-        d, e, h = input_shape[-1], self.num_experts, self.hidden_units
-        self.router = self.add_weight(shape=(d, e), name="router")
-        self.w1 = self.add_weight(shape=(e, d, h), name="w1")
-        self.b1 = self.add_weight(shape=(e, h), initializer="zeros", name="b1")
-        self.w2 = self.add_weight(shape=(e, h, d), name="w2")
-        self.b2 = self.add_weight(shape=(e, d), initializer="zeros", name="b2")
+        super().build(input_shape)
+        self.router = self.add_weight(shape=(input_shape[-1], self.num_experts), name="router")
 
     def call(self, inputs, training=None):
         inputs = ops.reshape(inputs, (-1, ops.shape(inputs)[-1]))
