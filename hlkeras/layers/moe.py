@@ -892,6 +892,11 @@ class MixtureOfExperts(keras.layers.Layer):
         input_shape = ops.shape(inputs)
         tokens = ops.reshape(inputs, (-1, input_shape[-1]))
         num_tokens = _num_tokens(inputs)
+        if isinstance(num_tokens, int) and num_tokens == 0:
+            # An empty batch (a known size of 0: eager, or traced with a
+            # static batch) routes nothing; the routing below would divide by
+            # its size and reduce over empty axes.
+            return ops.zeros(self.compute_output_shape(inputs.shape), self.compute_dtype)
 
         router_logits = self._router_logits(tokens, training)
         expert_index, gates, router_probs = route_top_k(router_logits, self.top_k)

@@ -504,6 +504,21 @@ def test_inference_output_of_a_sample_does_not_depend_on_its_batch(capacity_fact
     np.testing.assert_allclose(one_at_a_time, whole_batch, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("capacity_factor", [1.25, None], ids=["capacity", "dropless"])
+def test_an_empty_batch_gives_an_empty_output_like_a_dense_layer(capacity_factor):
+    layer = MixtureOfExperts(4, 8, output_units=3, capacity_factor=capacity_factor)
+    before = to_numpy(layer(SEQUENCES))
+    for inputs in (SEQUENCES[:0], VECTORS[:0]):
+        output = layer(inputs, training=True)
+        expected = keras.layers.Dense(3)(inputs)  # the built-in's behaviour
+        assert tuple(output.shape) == tuple(expected.shape)
+        assert keras.backend.standardize_dtype(output.dtype) == "float32"
+        # Nothing was routed: no aux loss (a mean over no tokens is NaN).
+        assert not layer.losses
+    assert layer.routing_statistics()["calls"] == 0
+    np.testing.assert_array_equal(to_numpy(layer(SEQUENCES)), before)
+
+
 def test_vector_inputs_are_never_dropped_in_capacity_mode():
     # Each row of a (batch, d) input is its own group of one token.
     layer = MixtureOfExperts(4, 8, top_k=2, capacity_factor=0.25)
