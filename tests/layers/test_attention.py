@@ -438,6 +438,95 @@ def test_transformer_block_ignores_padded_positions():
         np.testing.assert_allclose(output[row : row + 1, :length], alone, rtol=1e-5, atol=1e-5)
 
 
+# --- masked keys have no effect, whatever they hold ---------------------------------
+
+# Large hidden keys/values (padding embeddings, a memory with large
+# activations): exp() of a masked score above the kept maximum overflows, so
+# a softmax that multiplies masked terms by 0 returns NaN (inf * 0).
+MASKED_SCALES = (1e2, 1e4, 1e30)
+VISIBLE_KEYS = 4
+
+
+def large_hidden_keys(x, scale, visible=VISIBLE_KEYS):
+    hidden = x.copy()
+    hidden[:, visible:] *= scale
+    return hidden
+
+
+@pytest.mark.parametrize("scale", MASKED_SCALES)
+@pytest.mark.parametrize(
+    "init_kwargs",
+    [
+        {"num_heads": 2, "key_dim": 8},
+        {"num_heads": 4, "key_dim": 4, "num_kv_heads": 2},  # GQA
+        {"num_heads": 4, "key_dim": 4, "num_kv_heads": 1, "attention_core": "einsum"},
+        {"num_heads": 2, "key_dim": 8, "attention_core": "dot_product_attention"},
+    ],
+)
+def test_masked_keys_have_no_effect_in_cross_attention(init_kwargs, scale):
+    # Oracle: the same layer called on the visible keys and values alone.
+    layer = MultiHeadAttention(**init_kwargs)
+    value = large_hidden_keys(VALUE, scale)
+    mask = np.ones((BATCH, QUERY_LENGTH, KEY_LENGTH), bool)
+    mask[:, :, VISIBLE_KEYS:] = False
+    output = to_numpy(layer(QUERY, value, attention_mask=mask))
+    alone = to_numpy(layer(QUERY, value[:, :VISIBLE_KEYS]))
+    assert np.isfinite(output).all(), f"{np.isnan(output).sum()} NaN of {output.size}"
+    np.testing.assert_allclose(output, alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", MASKED_SCALES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_padded_keys_have_no_effect_in_self_attention(scale, causal):
+    # The padded tokens are large; each real token's output must equal the
+    # layer on the real tokens alone (causal + padding: their causal prefix).
+    layer = MultiHeadAttention(4, 4, num_kv_heads=2, causal=causal)
+    tokens = large_hidden_keys(QUERY, scale)
+    padding = np.arange(QUERY_LENGTH) < VISIBLE_KEYS
+    mask = np.broadcast_to(padding, (BATCH, QUERY_LENGTH, QUERY_LENGTH))
+    output = to_numpy(layer(tokens, tokens, attention_mask=mask))
+    real = tokens[:, :VISIBLE_KEYS]
+    alone = to_numpy(layer(real, real))
+    # The padded tokens' own rows are padding; at 1e30 their scores against
+    # other padded tokens overflow float32 (1e60), where torch's SDPA core
+    # gives NaN (inf - inf). Only the real rows are promised.
+    output = output[:, :VISIBLE_KEYS]
+    assert np.isfinite(output).all(), f"{np.isnan(output).sum()} NaN of {output.size}"
+    np.testing.assert_allclose(output, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_fully_masked_query_keeps_the_uniform_average_of_keras():
+    # The documented behaviour of a query that may attend to no key: Keras'
+    # MultiHeadAttention averages the values uniformly.
+    layer = MultiHeadAttention(2, 8)
+    reference = keras.layers.MultiHeadAttention(2, 8)
+    reference(QUERY, VALUE)
+    layer(QUERY, VALUE)
+    copy_into_keras(layer, reference)
+    mask = np.ones((BATCH, QUERY_LENGTH, KEY_LENGTH), bool)
+    mask[:, 0] = False
+    np.testing.assert_allclose(
+        to_numpy(layer(QUERY, VALUE, attention_mask=mask)),
+        to_numpy(reference(QUERY, VALUE, attention_mask=mask)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("scale", MASKED_SCALES)
+def test_masked_softmax_gives_masked_positions_exactly_zero(scale):
+    scores = RNG.normal(size=(3, 6)).astype("float32")
+    scores[:, 3:] = scale * np.abs(scores[:, 3:])
+    scores[2, 5] = np.inf
+    mask = np.arange(6) < 3
+    weights = to_numpy(attention_ops.masked_softmax(scores, mask))
+    expected = np.exp(scores[:, :3] - scores[:, :3].max(-1, keepdims=True))
+    np.testing.assert_allclose(
+        weights[:, :3], expected / expected.sum(-1, keepdims=True), atol=1e-6
+    )
+    assert not weights[:, 3:].any()
+
+
 # --- variable sequence length ------------------------------------------------------
 
 

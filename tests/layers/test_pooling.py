@@ -57,3 +57,17 @@ def test_the_returned_weights_sum_to_one_over_real_positions():
     weights = keras.ops.convert_to_numpy(weights)
     assert not weights[~MASK].any()
     np.testing.assert_allclose(weights.sum(axis=-1), [1, 1, 1, 0], atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1e2, 1e4, 1e30])
+@pytest.mark.parametrize("units", [None, 3])
+def test_large_padded_positions_have_no_effect(units, scale):
+    # Oracle: the real positions alone. Large padding (big embeddings) made
+    # exp() of a masked score overflow, and inf * 0 is NaN.
+    layer = AttentionPooling(units)
+    padded = SEQUENCES.copy()
+    padded[:, 3:] *= scale
+    mask = np.broadcast_to(np.arange(5) < 3, (4, 5))
+    output = keras.ops.convert_to_numpy(layer(padded, mask=mask))
+    alone = keras.ops.convert_to_numpy(layer(SEQUENCES[:, :3]))
+    np.testing.assert_allclose(output, alone, rtol=1e-5, atol=1e-5)
