@@ -3,6 +3,9 @@
 
 For a layer config and an input it checks:
 - the output shape against `compute_output_shape`;
+- at inference a sample's output does not depend on its batch-mates: each
+  sample run alone equals its row of the batched output (the contract's
+  bold rule);
 - the `get_config` / `from_config` round trip;
 - a functional model holding the layer saves to `.keras` and reloads with
   `safe_mode=True`, giving the same outputs;
@@ -68,6 +71,22 @@ def check_output_shape(layer, inputs, call_kwargs, output):
     assert tuple(output.shape) == tuple(expected), (
         f"output shape {output.shape} != compute_output_shape {expected}"
     )
+
+
+def check_batch_independence(model, inputs, expected):
+    """Each sample alone (batch 1, `training=False`) gives its row of the
+    batched output, to float rounding (a batched matmul may sum in another
+    order)."""
+    tolerance = 1e-5 * (1.0 + float(np.max(np.abs(expected))))
+    for i in range(len(inputs[0])):
+        alone = _predict(model, [x[i : i + 1] for x in inputs])
+        np.testing.assert_allclose(
+            alone,
+            expected[i : i + 1],
+            rtol=0,
+            atol=tolerance,
+            err_msg=f"sample {i} alone differs from its row of the batched output",
+        )
 
 
 def check_config_round_trip(layer):
@@ -188,6 +207,7 @@ def run_layer_test(
     if expected_output_shape is not None:
         assert tuple(expected.shape) == tuple(expected_output_shape)
     assert np.all(np.isfinite(expected)), "float32 output is not finite"
+    check_batch_independence(model, inputs, expected)
     check_config_round_trip(layer)
     check_keras_file_round_trip(model, inputs, expected)
     if run_mixed_precision_check:
