@@ -121,11 +121,23 @@ def _leaf_layers(model):
 
 
 def _clone(model, clone_layer):
-    """`clone_model` into nested models too, keeping the input names (a
-    fresh `Input` gets a new name, which would rename the inputs of an
-    exported model)."""
+    """`clone_model` into nested models too, keeping every layer path.
+
+    Nested models are entered here rather than by Keras' `recursive=True`,
+    which rebuilds a nested model's inputs under new names (an unnamed
+    `keras.Input` comes back as `keras_tensor`), so the clone's paths would
+    differ from the model's. Each model level keeps its input names (a fresh
+    `Input` gets a new name, which would also rename the inputs of an
+    exported model) and its own name.
+    """
+
+    def clone_level(layer):
+        if _is_graph_model(layer):
+            return _clone(layer, clone_layer)
+        return clone_layer(layer)
+
     if isinstance(model, keras.Sequential):
-        return keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
+        return keras.models.clone_model(model, clone_function=clone_level)
     input_layer_names = {
         id(layer.output): layer.name
         for layer in model.layers
@@ -139,9 +151,7 @@ def _clone(model, clone_layer):
         ),
         model.input,
     )
-    return keras.models.clone_model(
-        model, input_tensors=inputs, clone_function=clone_layer, recursive=True
-    )
+    return keras.models.clone_model(model, input_tensors=inputs, clone_function=clone_level)
 
 
 def _is_adapted_experts(layer):
