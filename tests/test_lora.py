@@ -662,3 +662,37 @@ def test_docstring_examples_run():
     for module in (hlkeras.layers.lora, lora):
         result = doctest.testmod(module, extraglobs={"keras": keras})
         assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
+def _unnamed_nested_model():
+    """Nested two deep with unnamed `keras.Input`s and auto-named layers, as
+    users write them; every name depends on what the session built before."""
+    deep_inputs = keras.Input((6,))
+    deep = keras.Model(deep_inputs, keras.layers.Dense(8, activation="relu")(deep_inputs))
+    inner_inputs = keras.Input((6,))
+    inner = keras.Model(inner_inputs, keras.layers.Dense(5)(deep(inner_inputs)), name="backbone")
+    inputs = keras.Input((6,))
+    model = keras.Model(inputs, keras.layers.Dense(3)(inner(inputs)))
+    model.set_weights([RNG.normal(size=w.shape).astype("float32") for w in model.weights])
+    return model
+
+
+def test_nested_models_with_unnamed_inputs_keep_their_paths_through_lora(tmp_path):
+    _mlp(), _unnamed_nested_model()  # other models first: other auto-names
+    model = _unnamed_nested_model()
+    paths = [path for path, _ in lora.layer_paths(model)]
+    adapted = lora.apply_lora(model, rank=2, targets="backbone/*")
+    assert [path for path, _ in lora.layer_paths(adapted)] == paths
+    np.testing.assert_allclose(_predict(adapted, VECTORS), _predict(model, VECTORS), atol=1e-6)
+    _randomize_adapters(adapted)
+    # Oracle of the merge: the adapted model's own outputs.
+    merged = lora.merge_lora(adapted)
+    assert [path for path, _ in lora.layer_paths(merged)] == paths
+    np.testing.assert_allclose(_predict(merged, VECTORS), _predict(adapted, VECTORS), atol=1e-5)
+    # An adapter file and a named adapter round-trip on a fresh adaptation.
+    lora.save_adapters(adapted, tmp_path / "a.lora.npz")
+    again = lora.apply_lora(model, rank=2, targets="backbone/*")
+    lora.add_adapter(again, "other")
+    lora.set_adapter(again, "other")
+    lora.load_adapters(again, tmp_path / "a.lora.npz")
+    np.testing.assert_allclose(_predict(again, VECTORS), _predict(adapted, VECTORS), atol=1e-6)
