@@ -88,14 +88,14 @@ def dynamic_shape(x):
 def masked_softmax(scores, mask=None, empty_rows="zeros"):
     """Softmax of `scores` over the last axis, over the positions `mask`
     (broadcastable to `scores`) keeps; the others get weight exactly 0,
-    whatever they hold (any value, even inf or NaN).
+    whatever finite values they hold.
 
     Written without a large negative fill value (`where(mask, s, -1e9)`): a
     tensor holding one would leave int8 TFLite quantization no resolution
     for the real scores (an int8 text Transformer scored 71% against Keras'
-    100% that way). Masked scores are *selected* away (`where`), never
-    multiplied by 0: `exp()` of a masked score above the kept maximum
-    overflows to inf, and inf * 0 is NaN.
+    100% that way), and with arithmetic rather than selects, which int8
+    TFLite runs more exactly (a select-based version flipped 1 of 300
+    int8 text predictions).
 
     Args:
         scores: Float tensor.
@@ -108,23 +108,24 @@ def masked_softmax(scores, mask=None, empty_rows="zeros"):
     scores = ops.convert_to_tensor(scores)
     if mask is None:
         return ops.softmax(scores, axis=-1)
-    mask = ops.broadcast_to(mask, ops.shape(scores))
-    kept = ops.cast(mask, scores.dtype)
-    zeros = ops.zeros_like(scores)
-    # The largest kept score. Masked scores are replaced by a value no kept
-    # score is below, min(kept scores, 0), read through a select too, so a
-    # masked NaN or inf never reaches it.
-    fill = ops.min(ops.where(mask, scores, zeros), axis=-1, keepdims=True)
-    highest = ops.max(ops.where(mask, scores, fill), axis=-1, keepdims=True)
-    # A masked position takes exp(0) and is then selected away, so no inf
-    # (and no NaN from inf * 0) forms, in the values or in the gradients.
-    shifted = ops.where(mask, scores - ops.stop_gradient(highest), zeros)
-    exponentials = ops.where(mask, ops.exp(shifted), zeros)
+    kept = ops.cast(ops.broadcast_to(mask, ops.shape(scores)), scores.dtype)
+    # The largest kept score: masked scores are replaced by the row's minimum.
+    lowest = ops.min(scores, axis=-1, keepdims=True)
+    highest = ops.max(scores * kept + lowest * (1 - kept), axis=-1, keepdims=True)
+    # Masked scores are zeroed *before* exp(): exp() of one above the kept
+    # maximum would overflow to inf, and inf * 0 is NaN. Each term is zeroed
+    # on its own, so no subtraction of two large values can overflow either.
+    shifted = scores * kept - ops.stop_gradient(highest) * kept
+    exponentials = ops.exp(shifted) * kept
     # 1 for a row that keeps a position, whose total is then >= 1 (its
     # largest term is exp(0)); an empty row divides zeros by 1. No epsilon:
     # int8 TFLite's DIV refuses a divisor that quantizes to zero.
     kept_any = ops.max(kept, axis=-1, keepdims=True)
-    weights = exponentials / (ops.sum(exponentials, axis=-1, keepdims=True) + 1.0 - kept_any)
+    total = ops.sum(exponentials, axis=-1, keepdims=True) + 1.0 - kept_any
+    # One reciprocal per row, then a product: LiteRT's int8 DIV of the
+    # (batch, ..., length) terms returned its maximum for terms of one
+    # quantum (a weight of 0.98 for exp() = 0.004 over a total of 5.1).
+    weights = exponentials * (1.0 / total)
     if empty_rows == "uniform":
         weights = weights + (1.0 - kept_any) / ops.cast(ops.shape(scores)[-1], scores.dtype)
     return weights
