@@ -93,9 +93,7 @@ def masked_softmax(scores, mask=None, empty_rows="zeros"):
     Written without a large negative fill value (`where(mask, s, -1e9)`): a
     tensor holding one would leave int8 TFLite quantization no resolution
     for the real scores (an int8 text Transformer scored 71% against Keras'
-    100% that way), and with arithmetic rather than selects, which int8
-    TFLite runs more exactly (a select-based version flipped 1 of 300
-    int8 text predictions).
+    100% that way).
 
     Args:
         scores: Float tensor.
