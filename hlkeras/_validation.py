@@ -123,3 +123,25 @@ def check_sequence_shape(name, shape):
             f"features) with known features. Received: {name}.shape="
             f"{tuple(shape)}"
         )
+
+
+def first_non_finite(array):
+    """`(index, what)` of the first NaN or infinity of a float array, in C
+    order (`index` a tuple of ints, `what` "a NaN", "inf" or "-inf"), or
+    None when every value is finite (or the array is not floating point).
+
+    One vectorized `np.isfinite` pass; the position is only searched for
+    once a non-finite value is known to be there.
+    """
+    import numpy as np
+
+    array = np.asarray(array)
+    if not np.issubdtype(array.dtype, np.floating):
+        return None
+    finite = np.isfinite(array)
+    if finite.all():
+        return None
+    index = np.unravel_index(int(np.argmin(finite, axis=None)), array.shape)
+    value = array[index]
+    what = "a NaN" if np.isnan(value) else ("inf" if value > 0 else "-inf")
+    return tuple(int(i) for i in index), what

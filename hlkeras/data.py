@@ -353,6 +353,9 @@ def load(
         return _text_datasets(splits, class_names, name, batch_size, seed, tokenizer)
     train_examples = _read_split(builder, "train", name, data_dir)
     test_examples = _read_split(builder, "test", name, data_dir)
+    if _has_float_inputs(builder):
+        for split, examples in (("train", train_examples), ("test", test_examples)):
+            _check_finite_examples(examples, f"dataset {name!r}", split)
     train_examples, val_examples, num_train, num_val = _split_train(
         train_examples, _count(train_examples), validation_split
     )
@@ -380,6 +383,27 @@ def load(
         num_test=num_test,
     )
     return train_ds, val_ds, test_ds, info
+
+
+def _has_float_inputs(builder):
+    """Whether the dataset's inputs are floats (which can hold NaN); image
+    datasets are usually uint8, which cannot."""
+    feature = builder.info.features[builder.info.supervised_keys[0]]
+    return tf.as_dtype(feature.dtype).is_floating
+
+
+def _check_finite_examples(examples, where, split):
+    """Refuses a NaN or infinity in the inputs of `(input, label)` examples,
+    naming the first bad example: one tf.data pass, run only for float
+    inputs (see `_has_float_inputs`)."""
+    bad = examples.enumerate().filter(
+        lambda index, example: tf.logical_not(tf.reduce_all(tf.math.is_finite(example[0])))
+    )
+    for index, _ in bad.take(1).as_numpy_iterator():
+        raise DatasetError(
+            f"{where}: {split} example {index} has a NaN or infinity in its inputs; "
+            f"{MISSING_VALUES_HINT}"
+        )
 
 
 def _is_text(builder):
@@ -777,15 +801,37 @@ def _labels_to_ids(values, where):
     return np.asarray([index[v] for v in values], "int32"), unique
 
 
-def _read_csv(path, label):
+MISSING_VALUES_HINT = "fill or drop missing values first"
+
+
+def read_csv_rows(path, where):
+    """The non-blank rows of the CSV file at `path` as `(line, cells)` pairs,
+    `line` as an editor numbers it; errors start with `where`.
+
+    A file that is not UTF-8 text (a binary file named `.csv`, a
+    spreadsheet saved in another encoding) is a `DatasetError` naming the
+    file. A UTF-8 byte-order mark (Excel's "CSV UTF-8") is dropped.
+    """
     import csv
 
-    with open(path, newline="") as file:
-        rows = list(csv.reader(file))
-    rows = [row for row in rows if any(cell.strip() for cell in row)]
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as file:
+            reader = csv.reader(file)
+            return [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
+    except UnicodeDecodeError as error:
+        raise DatasetError(
+            f"{where}: not a UTF-8 text CSV file (it holds the byte "
+            f"{error.object[error.start : error.start + 1]!r}); save it as UTF-8 CSV"
+        ) from None
+    except csv.Error as error:
+        raise DatasetError(f"{where}: not a readable CSV file ({error})") from None
+
+
+def _read_csv(path, label):
+    rows = read_csv_rows(path, f"--data {path}")
     if not rows:
         raise DatasetError(f"--data {path}: the CSV file is empty")
-    header, body = [name.strip() for name in rows[0]], rows[1:]
+    header, body = [name.strip() for name in rows[0][1]], rows[1:]
     if label not in header:
         raise DatasetError(
             f"--data {path}: no label column {label!r} (pass --label COL); the columns are {header}"
@@ -796,22 +842,66 @@ def _read_csv(path, label):
     feature_columns = [i for i in range(len(header)) if i != label_index]
     if not feature_columns:
         raise DatasetError(f"--data {path}: no feature columns besides {label!r}")
+    features = csv_features(header, body, feature_columns, f"--data {path}")
+    labels, class_names = _labels_to_ids([row[label_index] for _, row in body], f"--data {path}")
+    return Examples(features, labels), class_names
+
+
+def csv_features(header, body, feature_columns, where):
+    """float32 features `(rows, columns)` from the CSV `body` (`(line, cells)`
+    pairs of `read_csv_rows`) at the `feature_columns` indices of `header`:
+    every row has the header's fields, every feature is a finite number."""
     features = np.empty((len(body), len(feature_columns)), "float32")
-    for r, row in enumerate(body):
+    for r, (line, row) in enumerate(body):
         if len(row) != len(header):
             raise DatasetError(
-                f"--data {path}: line {r + 2} has {len(row)} fields, the header {len(header)}"
+                f"{where}: line {line} has {len(row)} fields, the header {len(header)}"
             )
         for c, column in enumerate(feature_columns):
-            try:
-                features[r, c] = float(row[column])
-            except ValueError:
-                raise DatasetError(
-                    f"--data {path}: feature column {header[column]!r} is not numeric "
-                    f"(line {r + 2}: {row[column]!r}); only numeric features are supported"
-                ) from None
-    labels, class_names = _labels_to_ids([row[label_index] for row in body], f"--data {path}")
-    return Examples(features, labels), class_names
+            features[r, c] = _csv_number(row[column], where, header[column], line)
+    names = [header[column] for column in feature_columns]
+    check_finite_table(features, where, names, [line for line, _ in body])
+    return features
+
+
+def _csv_number(cell, where, column, line):
+    try:
+        return float(cell)
+    except ValueError:
+        if not cell.strip():
+            raise DatasetError(
+                f"{where}: column {column!r} is empty at line {line}; {MISSING_VALUES_HINT}"
+            ) from None
+        raise DatasetError(
+            f"{where}: feature column {column!r} is not numeric "
+            f"(line {line}: {cell!r}); only numeric features are supported"
+        ) from None
+
+
+def check_finite_table(features, where, columns, lines):
+    """Refuses a NaN or infinity in float `features` `(rows, columns)` read
+    from a CSV, naming the column and line (`lines[r]` of row r). A value
+    beyond float32's range (e.g. 1e39) reads as inf and is refused too."""
+    found = _validation.first_non_finite(features)
+    if found is not None:
+        (row, column), what = found
+        raise DatasetError(
+            f"{where}: column {columns[column]!r} has {what} at line {lines[row]}; "
+            f"{MISSING_VALUES_HINT}"
+        )
+
+
+def check_finite_array(array, where, name):
+    """Refuses a NaN or infinity in float `array` (samples first), naming
+    the array, the sample and the value's index."""
+    found = _validation.first_non_finite(array)
+    if found is not None:
+        index, what = found
+        subject = f"array {name!r}" if name else "the array"
+        raise DatasetError(
+            f"{where}: {subject} has {what} in sample {index[0]} (at index "
+            f"{list(index)}); {MISSING_VALUES_HINT}"
+        )
 
 
 def _read_npz(path):
@@ -838,7 +928,9 @@ def _read_npz(path):
     x = arrays["x"]
     kind = "table" if x.ndim == 2 else "images"
     if kind == "table" or x.dtype != np.uint8:
+        # Checked as float32: a float64 beyond its range becomes inf here.
         x = x.astype("float32")
+        check_finite_array(x, f"--data {path}", "x")
     if x.ndim == 3:
         x = x[..., None]  # (n, height, width) grayscale images
     splits = {"train": Examples(x[: len(arrays["y"])], ids[: len(arrays["y"])])}
@@ -846,6 +938,7 @@ def _read_npz(path):
     splits["test"] = None
     if len(pairs) > 1:
         x_test = arrays["x_test"].astype(x.dtype)
+        check_finite_array(x_test, f"--data {path}", "x_test")
         splits["test"] = Examples(
             x_test[..., None] if x_test.ndim == 3 else x_test, ids[len(arrays["y"]) :]
         )

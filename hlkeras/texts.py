@@ -7,7 +7,6 @@ takes int32 token ids (0 is padding, 1 an unknown word): it stays
 backend-neutral and exports to TFLite with builtin ops only.
 """
 
-import csv
 import json
 import math
 import os
@@ -15,6 +14,7 @@ import os
 import numpy as np
 
 from hlkeras.data import DatasetError
+from hlkeras.data import read_csv_rows
 
 VOCABULARY_FILE = "vocabulary.json"
 # Lowercase, strip punctuation, split on whitespace (Keras' default).
@@ -111,15 +111,17 @@ def read_text_csv(path, text_column, label, where=None):
     columns of the CSV at `path` (`label` None: texts only, labels None).
     Errors start with `where` (default `--data PATH`)."""
     where = where or f"--data {path}"
-    with open(path, newline="") as file:
-        reader = csv.DictReader(file)
-        columns = reader.fieldnames or []
-        for name, flag in ((text_column, "--text-column"), (label, "--label")):
-            if name is not None and name not in columns:
-                raise DatasetError(
-                    f"{where}: no column {name!r} ({flag} COL); the columns are {columns}"
-                )
-        rows = [row for row in reader if any((value or "").strip() for value in row.values())]
+    found = read_csv_rows(path, where)
+    columns = found[0][1] if found else []
+    for name, flag in ((text_column, "--text-column"), (label, "--label")):
+        if name is not None and name not in columns:
+            raise DatasetError(
+                f"{where}: no column {name!r} ({flag} COL); the columns are {columns}"
+            )
+    # As csv.DictReader reads them: a short row's missing cells are None.
+    rows = [
+        dict(zip(columns, cells + [None] * (len(columns) - len(cells)))) for _, cells in found[1:]
+    ]
     if not rows:
         raise DatasetError(f"{where}: the CSV file has no rows")
     texts = [(row[text_column] or "").strip() for row in rows]

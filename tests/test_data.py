@@ -5,6 +5,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from etils import epath
 
 from hlkeras import data
 from tests.digits_testing import load_digits_arrays
@@ -151,3 +152,45 @@ def test_unknown_dataset_names_the_choices(tmp_path):
 def test_bad_arguments_name_the_argument(kwargs, argument):
     with pytest.raises(ValueError, match=f"`{argument}`.*Received"):
         data.load("digits", **kwargs)
+
+
+class FloatFeatures(tfds.core.GeneratorBasedBuilder):
+    """A TFDS dataset of float feature vectors, one of which holds a NaN
+    (train example 3); the test split is clean."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    # TFDS looks for its metadata files in the builder's package; a test
+    # module has none.
+    code_path = epath.Path(__file__)
+    pkg_dir_path = epath.Path(__file__).parent
+
+    def _info(self):
+        return self.dataset_info_from_configs(
+            description="float features, one NaN",
+            features=tfds.features.FeaturesDict(
+                {
+                    "x": tfds.features.Tensor(shape=(2,), dtype=np.float32),
+                    "label": tfds.features.ClassLabel(num_classes=2),
+                }
+            ),
+            supervised_keys=("x", "label"),
+        )
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(bad=3), "test": self._generate_examples(None)}
+
+    def _generate_examples(self, bad):
+        for i in range(6):
+            x = np.full((2,), np.nan if i == bad else float(i), np.float32)
+            yield i, {"x": x, "label": i % 2}
+
+
+def test_a_tfds_dataset_with_nan_features_is_refused_naming_the_example(tmp_path):
+    FloatFeatures(data_dir=str(tmp_path)).download_and_prepare()
+    with pytest.raises(data.DatasetError) as raised:
+        data.load("float_features", data_dir=str(tmp_path), validation_split=0.0)
+    message = str(raised.value)
+    assert message == (
+        "dataset 'float_features': train example 3 has a NaN or infinity in its "
+        "inputs; fill or drop missing values first"
+    )

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from hlkeras import _validation
 from hlkeras import data
 
 pytestmark = pytest.mark.backends("tensorflow")
@@ -147,6 +148,41 @@ def test_an_npz_with_a_test_split_keeps_it(tmp_path):
         (lambda p: _npz(p, x=np.zeros((3, 2))), ["'x' and 'y'", "['x']"]),
         (lambda p: _npz(p, x=np.zeros((3, 2)), y=np.zeros(2)), ["len(x) = 3", "2 y"]),
         (lambda p: _write(p / "t.txt", "hello"), ["expected a folder", ".csv", ".npz"]),
+        # Non-finite and missing values, named by column and line as an editor
+        # numbers them (the blank line 3 counts).
+        (
+            lambda p: _write(p / "t.csv", "a,b,label\n1,2,x\n\n3,nan,y\n"),
+            ["t.csv", "column 'b' has a NaN at line 4", "fill or drop missing values"],
+        ),
+        (
+            lambda p: _write(p / "t.csv", "a,label\n1,x\n-inf,y\n"),
+            ["column 'a' has -inf at line 3"],
+        ),
+        (lambda p: _write(p / "t.csv", "a,label\n1e39,x\n2,y\n"), ["column 'a' has inf at line 2"]),
+        (lambda p: _write(p / "t.csv", "a,label\n1,x\n,y\n"), ["column 'a' is empty at line 3"]),
+        (
+            lambda p: _npz(p, x=np.array([[0.0, 1.0], [np.nan, 2.0]]), y=np.arange(2)),
+            ["a.npz", "array 'x' has a NaN in sample 1", "[1, 0]"],
+        ),
+        (
+            lambda p: _npz(
+                p,
+                x=np.zeros((4, 2)),
+                y=np.arange(4) % 2,
+                x_test=np.full((2, 2), np.inf),
+                y_test=np.arange(2),
+            ),
+            ["array 'x_test' has inf in sample 0"],
+        ),  # fmt: skip
+        # A binary file named .csv (a PNG's header), and a Latin-1 CSV.
+        (
+            lambda p: _write_bytes(p / "t.csv", b"\x89PNG\r\n\x1a\n\x00\x00\xff"),
+            ["t.csv", "not a UTF-8 text CSV file"],
+        ),
+        (
+            lambda p: _write_bytes(p / "t.csv", "caf\u00e9,label\n1,x\n".encode("latin-1")),
+            ["not a UTF-8 text CSV file", "save it as UTF-8"],
+        ),
     ],
 )
 def test_bad_data_is_one_clear_error_naming_the_path(tmp_path, make, fragments):
@@ -176,6 +212,11 @@ def _write(path, text):
     return path
 
 
+def _write_bytes(path, content):
+    path.write_bytes(content)
+    return path
+
+
 def _npz(tmp_path, **arrays):
     path = tmp_path / "a.npz"
     np.savez(path, **arrays)
@@ -198,3 +239,21 @@ def test_augmentation_changes_training_batches_only(tmp_path):
     np.testing.assert_array_equal(y_plain, y_augmented)  # same shuffle order
     changed = np.mean(np.any(x_plain != x_augmented, axis=(1, 2, 3)))
     assert changed > 0.5, f"only {changed:.0%} of training images were augmented"
+
+
+def test_a_utf8_byte_order_mark_does_not_hide_the_first_column(tmp_path):
+    # Excel's "CSV UTF-8" starts with a byte-order mark.
+    path = tmp_path / "t.csv"
+    path.write_bytes("label,a\nx,1\ny,2\nx,3\ny,4\n".encode("utf-8-sig"))
+    _, _, _, info = data.load_path(path, validation_split=0.0, test_split=0.0)
+    assert info.class_names == ("x", "y") and info.input_shape == (1,)
+
+
+def test_finite_check_of_100k_rows_is_vectorized():
+    # The check is one np.isfinite pass: its result on a large table is the
+    # NumPy oracle's, at the last row too.
+    table = np.ones((100_000, 30), "float32")
+    table[-1, 7] = np.nan
+    assert _validation.first_non_finite(table) == ((99_999, 7), "a NaN")
+    table[-1, 7] = 1.0
+    assert _validation.first_non_finite(table) is None
