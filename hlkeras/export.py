@@ -255,6 +255,13 @@ def _as_float_array(name, data, input_shape):
             f"(N, {', '.join(str(d) for d in expected)}). "
             f"Received shape {array.shape}."
         )
+    found = _validation.first_non_finite(array)
+    if found is not None:
+        index, what = found
+        raise ExportError(
+            f"Argument `{name}` has {what} in sample {index[0]} (at index {list(index)}): "
+            "a model cannot be verified or calibrated on it; drop or fix that sample"
+        )
     return array
 
 
@@ -864,6 +871,20 @@ def check_max_accuracy_drop(value):
     return _validation.check_non_negative("max_accuracy_drop", value, error=ExportError)
 
 
+def non_finite_outputs(reference):
+    """Why a Keras model whose own outputs are NaN or infinite cannot be
+    exported, or `None`. Checked first: NaN outputs would otherwise read as
+    batch dependence or a parity failure, and send the user after a layer."""
+    bad = ~np.isfinite(reference).reshape(len(reference), -1).all(axis=-1)
+    if not bad.any():
+        return None
+    return (
+        f"the Keras model outputs NaN or infinity for {int(bad.sum())} of {len(reference)} "
+        f"verification samples (the first is sample {int(np.argmax(bad))}): check the "
+        "verification data and the trained weights for NaN"
+    )
+
+
 def batch_dependence(report, reference):
     """Why the Keras model itself cannot be exported, or `None`: a sample's
     output that depends on its batch-mates (beyond `batch_tolerance`)."""
@@ -1127,7 +1148,7 @@ def _measure_keras(report, model, inputs, labels, sample, latency_runs):
         report.verify_samples = len(inputs)
         if labels is not None:
             report.keras_accuracy = _accuracy(reference, labels)
-        report.refused = batch_dependence(report, reference)
+        report.refused = non_finite_outputs(reference) or batch_dependence(report, reference)
     if sample is not None and latency_runs:
         report.keras_latency_ms = _keras_latency_ms(model, sample, latency_runs)
     return reference

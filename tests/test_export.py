@@ -627,3 +627,32 @@ def test_subprocess_refusal_reaches_the_caller_and_publishes_nothing(tmp_path):
     with pytest.raises(export.ExportError, match="from (jax|torch).*Lambda.*safe_mode"):
         export.export_model(model, tmp_path / "new", latency_runs=0)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_model_that_outputs_nan_is_refused_as_such_before_any_conversion(tmp_path):
+    # log() of a negative feature: NaN for exactly the samples with one. The
+    # refusal says so instead of reporting batch dependence or lost parity.
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Activation(ops.log)(inputs))
+    x = np.abs(np.random.default_rng(0).normal(size=(10, 3))).astype("float32") + 0.1
+    x[[2, 5, 7], 1] *= -1.0
+    with pytest.raises(export.ExportRefused) as raised:
+        export.export_model(model, tmp_path, formats=("tflite",), verify_data=x, latency_runs=0)
+    message = str(raised.value)
+    assert "the Keras model outputs NaN or infinity for 3 of 10 verification samples" in message
+    assert "(the first is sample 2)" in message and "depends on the other samples" not in message
+    assert os.listdir(tmp_path) == [export.REFUSED_REPORT_FILENAME]
+
+
+@pytest.mark.parametrize("argument", ["verify_data", "representative_data"])
+def test_non_finite_export_data_is_an_error_naming_the_argument(argument, tmp_path):
+    model = random_classifier(0)
+    x = np.zeros((4, 8, 8, 1), "float32")
+    x[3, 2, 1, 0] = np.inf
+    finite = np.zeros((4, 8, 8, 1), "float32")
+    data = {"verify_data": finite, "representative_data": finite, argument: x}
+    with pytest.raises(export.ExportError, match=f"`{argument}` has inf in sample 3"):
+        export.export_model(
+            model, tmp_path, formats=("tflite",), quantization="int8", latency_runs=0, **data
+        )
+    assert not tmp_path.exists() or not os.listdir(tmp_path)
