@@ -69,21 +69,14 @@ def convert_to_onnx(model, path):
             graph does not load in ONNX Runtime.
     """
     import tensorflow as tf
-    import tf2onnx
 
     # tf2onnx logs every op it cannot convert at ERROR level and carries on;
     # the graph check below reports them instead, as one error.
     logging.getLogger("tf2onnx").setLevel(logging.CRITICAL)
     model_input = model.inputs[0]
     signature = [tf.TensorSpec((None, *model_input.shape[1:]), model_input.dtype, name="inputs")]
-    serve = tf.function(lambda x: model(x, training=False), input_signature=signature)
     try:
-        proto, _ = tf2onnx.convert.from_function(
-            serve,
-            input_signature=signature,
-            opset=ONNX_OPSET,
-            custom_op_handlers=_OP_HANDLERS,
-        )
+        proto = _tf2onnx_proto(model, signature)
     except Exception as error:  # tf2onnx raises many types for one failure.
         raise OnnxConversionError([], f"tf2onnx failed: {_first_line(error)}") from None
     unconverted = _ops_outside_onnx(proto)
@@ -93,6 +86,43 @@ def convert_to_onnx(model, path):
     _check_loads_in_onnx_runtime(serialized)
     with open(path, "wb") as file:
         file.write(serialized)
+
+
+def _tf2onnx_proto(model, signature):
+    """The ONNX graph of `model` on `signature`.
+
+    `tf2onnx.convert.from_function` leaves the eager constants the function
+    captures (a `Normalization` layer's mean and variance) as graph inputs,
+    which ONNX Runtime then demands in every feed; they become initializers
+    holding the captured values.
+    """
+    import tensorflow as tf
+    import tf2onnx
+
+    serve = tf.function(lambda x: model(x, training=False), input_signature=signature)
+    proto, _ = tf2onnx.convert.from_function(
+        serve,
+        input_signature=signature,
+        opset=ONNX_OPSET,
+        custom_op_handlers=_OP_HANDLERS,
+    )
+    graph = serve.get_concrete_function().graph
+    captured = {
+        placeholder.name: value.numpy()
+        for value, placeholder in zip(graph.external_captures, graph.internal_captures)
+        if value.dtype != tf.resource
+    }
+    _inputs_to_initializers(proto.graph, captured)
+    return proto
+
+
+def _inputs_to_initializers(graph, values):
+    """Moves the graph inputs named in `values` into initializers of those values."""
+    from onnx import numpy_helper
+
+    for value in [value for value in graph.input if value.name in values]:
+        graph.input.remove(value)
+        graph.initializer.append(numpy_helper.from_array(values[value.name], value.name))
 
 
 def _ops_outside_onnx(proto):
@@ -200,7 +230,11 @@ def predictor(model):
     """A function that runs `model` (a `.onnx` path or bytes) on a batch in
     one ONNX Runtime session; inputs are cast to the model input's dtype
     (a text model takes int32 token ids). Returns the first output."""
-    session = new_session(model)
+    return session_predictor(new_session(model))
+
+
+def session_predictor(session):
+    """`predictor` of an open ONNX Runtime `session`."""
     model_input = session.get_inputs()[0]
     dtype = _NUMPY_DTYPES.get(model_input.type, "float32")
 

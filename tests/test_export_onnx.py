@@ -95,6 +95,21 @@ def test_text_model_onnx_takes_token_ids(encoder, tmp_path):
 
 
 @pytest.mark.backends("tensorflow")
+def test_a_table_model_onnx_takes_only_its_features(tmp_path):
+    # A table model starts with a Normalization layer whose mean and
+    # variance tf2onnx left as graph inputs: ONNX Runtime demanded them.
+    x = np.random.default_rng(0).normal(3.0, 2.0, (24, 5)).astype("float32")
+    spec = {"arch": "mlp", "input_shape": (5,), "num_classes": 3}
+    spec.update(feature_mean=tuple(x.mean(0)), feature_variance=tuple(x.var(0)))
+    model = models.build(spec)
+    export.export_model(model, tmp_path, formats=("onnx",), verify_data=x, latency_runs=0)
+    path = os.path.join(tmp_path, onnx_export.ONNX_FILENAME)
+    assert [i.name for i in onnxruntime.InferenceSession(path).get_inputs()] == ["inputs"]
+    reference = model.predict(x, batch_size=1, verbose=0)
+    np.testing.assert_allclose(onnx_runtime_per_sample(path, x), reference, atol=1e-5)
+
+
+@pytest.mark.backends("tensorflow")
 def test_an_onnx_file_that_loses_accuracy_is_refused(digits, tmp_path, monkeypatch):
     x_test = digits[2][:SAMPLES]
     keras.utils.set_random_seed(5)
