@@ -179,9 +179,20 @@ def _load_npy(flag, path):
     import numpy as np
 
     try:
-        return np.load(path, allow_pickle=False)
+        array = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as error:
         raise UsageError(f"{flag} {path}: cannot read a NumPy .npy file ({error})")
+    _check_finite(f"{flag} {path}", "", array)
+    return array
+
+
+def _check_finite(where, name, array):
+    from hlkeras import data
+
+    try:
+        data.check_finite_array(array, where, name)
+    except data.DatasetError as error:
+        raise UsageError(str(error)) from None
 
 
 def _load_verify_npz(path):
@@ -194,9 +205,11 @@ def _load_verify_npz(path):
                     f"--verify {path}: needs an array named 'x' (and optionally "
                     f"'y'); found {sorted(arrays.files)}"
                 )
-            return (arrays["x"], arrays["y"]) if "y" in arrays else arrays["x"]
+            x, y = arrays["x"], arrays["y"] if "y" in arrays else None
     except (OSError, ValueError, zipfile.BadZipFile) as error:
         raise UsageError(f"--verify {path}: cannot read a NumPy .npz file ({error})")
+    _check_finite(f"--verify {path}", "x", x)
+    return x if y is None else (x, y)
 
 
 def dataset_representative_samples(name):
@@ -672,17 +685,22 @@ def _add_predict_command(commands):
         help="run a trained model on image files, an image folder, a CSV or a .npz",
         description=(
             "Prints one line per input: input, class name, probability. MODEL is a "
-            "run directory, a .keras or a .tflite file (run in the LiteRT "
-            "interpreter, one input at a time)."
+            "run directory, a .keras, a .tflite file (run in the LiteRT "
+            "interpreter, one input at a time) or a .onnx file (ONNX Runtime, one "
+            "input at a time)."
         ),
     )
     predict.add_argument("model", metavar="MODEL")
     predict.add_argument("inputs", metavar="INPUT", nargs="+")
     predict.add_argument("--top", type=int, default=1, help="the K most probable classes")
     predict.add_argument("--out", help="also write the predictions to this CSV file")
-    predict.add_argument("--label", default="label", help="a CSV input's label column, skipped")
     predict.add_argument(
-        "--text-column", default="text", help="a text model's CSV input: the texts' column"
+        "--label",
+        help="a CSV input's label column, skipped (default: the run's, else 'label')",
+    )
+    predict.add_argument(
+        "--text-column",
+        help="a text model's CSV input: the texts' column (default: the run's, else 'text')",
     )
     predict.set_defaults(func=cmd_predict)
 
@@ -694,10 +712,13 @@ def cmd_predict(args):
         raise UsageError(f"--top must be a positive integer, got {args.top}")
     try:
         model = predict.load_predictor(args.model)
+        # A run directory recorded the columns it was trained on; flags win.
         if model.tokenizer is not None:
-            names, inputs = predict.read_texts(args.inputs, model.tokenizer, args.text_column)
+            text_column = args.text_column or model.text_column or "text"
+            names, inputs = predict.read_texts(args.inputs, model.tokenizer, text_column)
         else:
-            names, inputs = predict.read_inputs(args.inputs, model.input_shape, label=args.label)
+            label = args.label or model.label or "label"
+            names, inputs = predict.read_inputs(args.inputs, model.input_shape, label=label)
     except predict.PredictError as error:
         raise UsageError(str(error)) from None
     tops = predict.top_classes(model.predict(inputs), model.class_names, k=args.top)

@@ -40,36 +40,53 @@ class Predictor:
         predict: Maps a float32 batch `(n, *input_shape)` to probabilities `(n, classes)`.
         tokenizer: For a text model, the `hlkeras.texts.Tokenizer` of its run
             (`vocabulary.json` beside the model); None otherwise.
+        label, text_column: The CSV columns the run was trained with (its
+            `train_config.json` beside the model), if any; else None.
     """
 
     input_shape: tuple
     class_names: list
     predict: callable
     tokenizer: object = None
+    label: str = None
+    text_column: str = None
 
 
 def load_predictor(model_path):
-    """A `Predictor` for a run directory (its `model.keras`), a `.keras` or a
-    `.tflite` file. Class names come from `class_names.json` beside the
-    model, else they are the class ids."""
+    """A `Predictor` for a run directory (its `model.keras`), a `.keras`, a
+    `.tflite` or a `.onnx` file. Class names come from `class_names.json`
+    beside the model, else they are the class ids; the CSV columns from the
+    run's `train_config.json` beside it."""
     path = os.fspath(model_path)
     if os.path.isdir(path):
         path = os.path.join(path, "model.keras")
     if not os.path.isfile(path):
         raise PredictError(f"MODEL {model_path}: no such file or run directory")
     extension = os.path.splitext(path)[1].lower()
-    if extension == ".keras":
-        input_shape, predict, vocabulary_size = _keras_model(path)
-    elif extension == ".tflite":
-        input_shape, predict, vocabulary_size = _tflite_model(path)
-    else:
-        raise PredictError(f"MODEL {model_path}: expected a run directory, .keras or .tflite")
+    loaders = {".keras": _keras_model, ".tflite": _tflite_model, ".onnx": _onnx_model}
+    if extension not in loaders:
+        raise PredictError(
+            f"MODEL {model_path}: expected a run directory, .keras, .tflite or .onnx"
+        )
+    input_shape, predict, vocabulary_size = loaders[extension](path)
     probe = predict(np.zeros((1, *input_shape), "float32"))
     class_names = _class_names(os.path.dirname(path), probe.shape[-1])
     tokenizer = None
     if vocabulary_size is not None:
         tokenizer = _tokenizer_for(path, input_shape, vocabulary_size)
-    return Predictor(input_shape, class_names, predict, tokenizer)
+    columns = _recorded_columns(os.path.dirname(path))
+    return Predictor(input_shape, class_names, predict, tokenizer, **columns)
+
+
+def _recorded_columns(folder):
+    """The `label` and `text_column` recorded by the run whose directory
+    holds the model (its `train_config.json`), if any."""
+    config = os.path.join(folder, "train_config.json")
+    if not os.path.isfile(config):
+        return {}
+    with open(config) as file:
+        settings = json.load(file)
+    return {"label": settings.get("label"), "text_column": settings.get("text_column")}
 
 
 def _tokenizer_for(model_path, input_shape, vocabulary_size):
@@ -138,6 +155,35 @@ def _tflite_model(path):
     # Token ids come in as integers; the file does not say its vocabulary size.
     is_text = np.issubdtype(details[0]["dtype"], np.integer) and details[0]["dtype"] != np.int8
     return input_shape, predict, 0 if is_text else None
+
+
+def _onnx_model(path):
+    from hlkeras import onnx_export
+
+    missing = onnx_export.missing_packages()
+    if missing:
+        raise PredictError(
+            f"MODEL {path}: needs {', '.join(missing)} ({onnx_export.ONNX_EXTRA_HINT})"
+        )
+    try:
+        session = onnx_export.new_session(path)
+    except Exception as error:  # ONNX Runtime raises its own types for a bad file
+        raise PredictError(f"MODEL {path}: not an ONNX model ({_first_line(error)})") from None
+    model_input = session.get_inputs()[0]
+    input_shape = tuple(int(d) for d in model_input.shape[1:])
+    run = onnx_export.session_predictor(session)
+
+    def predict(batch):
+        # One input at a time, as for a .tflite.
+        return np.concatenate([run(x[None]) for x in batch])
+
+    is_text = model_input.type in ("tensor(int32)", "tensor(int64)")
+    return input_shape, predict, 0 if is_text else None
+
+
+def _first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def read_texts(inputs, tokenizer, text_column="text"):
@@ -211,15 +257,31 @@ def _read_one(path, input_shape, label):
     if extension == ".csv":
         return _read_csv_rows(path, label)
     if extension == ".npz":
-        with np.load(path, allow_pickle=False) as arrays:
-            if "x" not in arrays:
-                raise PredictError(f"INPUT {path}: needs an array 'x'; found {arrays.files}")
-            x = arrays["x"]
-        x = x.astype("float32") / 255.0 if x.dtype == np.uint8 else x.astype("float32")
-        if x.ndim == len(input_shape) and len(input_shape) == 3 and input_shape[-1] == 1:
-            x = x[..., None]  # (n, height, width) grayscale images
-        return [f"{path}[{i}]" for i in range(len(x))], x
+        return _read_npz_rows(path, input_shape)
     raise PredictError(f"INPUT {path}: expected image files, an image folder, a .csv or a .npz")
+
+
+def _read_npz_rows(path, input_shape):
+    import zipfile
+
+    from hlkeras import data
+
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            names, x = arrays.files, arrays["x"] if "x" in arrays.files else None
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        raise PredictError(f"INPUT {path}: cannot read a NumPy .npz file ({error})") from None
+    if x is None or x.dtype.kind not in "biuf":
+        what = f"found {names}" if x is None else f"its 'x' holds {x.dtype}"
+        raise PredictError(f"INPUT {path}: needs a numeric array 'x'; {what}")
+    x = x.astype("float32") / 255.0 if x.dtype == np.uint8 else x.astype("float32")
+    try:
+        data.check_finite_array(x, f"INPUT {path}", "x")
+    except data.DatasetError as error:
+        raise PredictError(str(error)) from None
+    if x.ndim == len(input_shape) and len(input_shape) == 3 and input_shape[-1] == 1:
+        x = x[..., None]  # (n, height, width) grayscale images
+    return [f"{path}[{i}]" for i in range(len(x))], x
 
 
 def _image_files(folder):
@@ -234,19 +296,22 @@ def _image_files(folder):
 
 
 def _read_csv_rows(path, label):
-    import csv
+    from hlkeras import data
 
-    with open(path, newline="") as file:
-        rows = [row for row in csv.reader(file) if any(cell.strip() for cell in row)]
-    if len(rows) < 2:
-        raise PredictError(f"INPUT {path}: the CSV file has no rows")
-    header = [name.strip() for name in rows[0]]
-    columns = [i for i, name in enumerate(header) if name != label]
+    where = f"INPUT {path}"
+    header = None
     try:
-        features = np.asarray([[float(row[i]) for i in columns] for row in rows[1:]], "float32")
-    except (ValueError, IndexError) as error:
-        raise PredictError(f"INPUT {path}: a feature is not numeric ({error})") from None
-    return [f"{path}:{line}" for line in range(2, len(rows) + 1)], features
+        rows = data.read_csv_rows(path, where)
+        if len(rows) < 2:
+            raise PredictError(f"{where}: the CSV file has no rows")
+        header = [name.strip() for name in rows[0][1]]
+        columns = [i for i, name in enumerate(header) if name != label]
+        features = data.csv_features(header, rows[1:], columns, where)
+    except data.DatasetError as error:
+        unlabelled = header is not None and label not in header
+        hint = f" (no label column {label!r} to skip: pass --label COL)" if unlabelled else ""
+        raise PredictError(f"{error}{hint}") from None
+    return [f"{path}:{line}" for line, _ in rows[1:]], features
 
 
 def top_classes(probabilities, class_names, k=1):

@@ -35,10 +35,31 @@ def files(tmp_path_factory):
         Image.fromarray(image).resize((12, 12)).save(folder / f"{i}.png")
     with open(root / "table.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow([f"p{j}" for j in range(64)] + ["label"])
+        # Not named "label": predict must read the run's recorded --label.
+        writer.writerow([f"p{j}" for j in range(64)] + ["kind"])
         for image, label in zip(pixels, labels):
             writer.writerow(list(image.reshape(-1)) + [CLASSES[label]])
     return root
+
+
+@pytest.fixture(scope="module")
+def trained_run(files, tmp_path_factory):
+    """`trained_run(source, capsys)`: the run of `hlkeras train --data` on
+    `source`, trained once per module (and worker)."""
+    runs = {}
+
+    def train(source, capsys):
+        if source not in runs:
+            run = tmp_path_factory.mktemp("run") / "run"
+            label = ["--label", "kind"] if source.endswith(".csv") else []
+            status, _, err = _cli(
+                capsys, "train", "--data", files / source, "--out", run, *label, *SMALL
+            )
+            assert status == 0, err
+            runs[source] = run
+        return runs[source]
+
+    return train
 
 
 def _cli(capsys, *argv):
@@ -52,10 +73,10 @@ def _predicted_lines(out):
 
 
 @pytest.mark.parametrize("source", ["folder", "table.csv"])
-def test_train_on_files_then_predict_gives_model_predict_classes(files, tmp_path, capsys, source):
-    run = tmp_path / "run"
-    status, _, err = _cli(capsys, "train", "--data", files / source, "--out", run, *SMALL)
-    assert status == 0, err
+def test_train_on_files_then_predict_gives_model_predict_classes(
+    files, trained_run, tmp_path, capsys, source
+):
+    run = trained_run(source, capsys)
     model = keras.saving.load_model(run / "model.keras")
     inputs = files / source
     status, out, err = _cli(
@@ -87,20 +108,57 @@ def test_train_on_files_then_predict_gives_model_predict_classes(files, tmp_path
 
     # hlkeras export --data calibrates and verifies on the same files' test split.
     out_dir = tmp_path / "export"
+    label = ["--label", "kind"] if source.endswith(".csv") else []
+    formats = "tflite,onnx" if source.endswith(".csv") else "tflite"
     status, _, err = _cli(
-        capsys, "export", run / "model.keras", "--out", out_dir, "--data", inputs,
-        "--format", "tflite", "--quantize", "float16", "--latency-runs", "0",
+        capsys, "export", run / "model.keras", "--out", out_dir, "--data", inputs, *label,
+        "--format", formats, "--quantize", "float16", "--latency-runs", "0",
     )  # fmt: skip
     assert status == 0, err
     with open(out_dir / "export.json") as f:
         report = json.load(f)
-    assert report["verify_samples"] == data.load_path(inputs)[3].num_test
+    assert report["verify_samples"] == data.load_path(inputs, label="kind")[3].num_test
+    if source.endswith(".csv"):
+        # A .onnx runs in ONNX Runtime one input at a time, with the same
+        # classes (by id: no class_names.json beside it).
+        status, out, err = _cli(
+            capsys, "predict", out_dir / "model.onnx", inputs, "--label", "kind"
+        )
+        assert status == 0, err
+        assert [CLASSES[int(line[1])] for line in _predicted_lines(out)] == expected
 
 
-def test_an_input_of_the_wrong_shape_is_one_line_naming_both_shapes(files, tmp_path, capsys):
-    run = tmp_path / "run"
-    status, _, err = _cli(capsys, "train", "--data", files / "table.csv", "--out", run, *SMALL)
-    assert status == 0, err
+def test_predict_reads_the_runs_label_column_and_a_flag_overrides_it(
+    files, trained_run, tmp_path, capsys
+):
+    # The run recorded --label kind; without it the 'kind' strings would be
+    # read as a feature. A flag naming another column still wins.
+    run = trained_run("table.csv", capsys)
+    status, out, err = _cli(capsys, "predict", run, files / "table.csv")
+    assert status == 0 and len(_predicted_lines(out)) == 240, err
+    status, _, err = _cli(capsys, "predict", run, files / "table.csv", "--label", "p0")
+    assert status == 2 and err.count("\n") == 1
+    assert "column 'kind' is not numeric" in err and "line 2" in err
+
+
+def test_a_nan_input_is_one_line_naming_column_and_line(files, trained_run, tmp_path, capsys):
+    run = trained_run("table.csv", capsys)
+    lines = (files / "table.csv").read_text().splitlines()
+    cells = lines[3].split(",")
+    cells[5] = "nan"
+    lines[3] = ",".join(cells)
+    table = tmp_path / "nan.csv"
+    table.write_text("\n".join(lines) + "\n")
+    status, out, err = _cli(capsys, "predict", run, table, "--out", tmp_path / "p.csv")
+    assert status == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert f"INPUT {table}: column 'p5' has a NaN at line 4" in err
+    assert not (tmp_path / "p.csv").exists() and out == ""
+
+
+def test_an_input_of_the_wrong_shape_is_one_line_naming_both_shapes(
+    files, trained_run, tmp_path, capsys
+):
+    run = trained_run("table.csv", capsys)
     image = next((files / "folder" / "dot").glob("*.png"))
     status, _, err = _cli(capsys, "predict", run, image)
     assert status == 2 and err.count("\n") == 1 and err.startswith("hlkeras predict: error: ")
