@@ -11,6 +11,7 @@ the same code path as `mnist`, `fashion_mnist` or `cifar10` in a user's TFDS
 
 import dataclasses
 import os
+import zipfile
 
 import numpy as np
 import tensorflow as tf
@@ -908,7 +909,7 @@ def _read_npz(path):
     try:
         with np.load(path, allow_pickle=False) as arrays:
             arrays = {name: arrays[name] for name in arrays.files}
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
         raise DatasetError(f"--data {path}: cannot read a NumPy .npz file ({error})") from None
     missing = [name for name in ("x", "y") if name not in arrays]
     if missing:
