@@ -566,6 +566,32 @@ def test_variable_length_transformer_block_converts_to_tflite():
         )
 
 
+@pytest.mark.backends("tensorflow")
+@pytest.mark.parametrize("scale", MASKED_SCALES)
+def test_masked_keys_have_no_effect_in_the_exported_tflite(scale):
+    # The float32 .tflite keeps the promise too; run in a plain LiteRT
+    # interpreter (not hlkeras' runner), the inputs fed by name.
+    from ai_edge_litert.interpreter import Interpreter
+
+    from hlkeras import export
+
+    query = keras.Input((QUERY_LENGTH, FEATURES), name="query")
+    value = keras.Input((KEY_LENGTH, FEATURES), name="value")
+    mask = keras.Input((QUERY_LENGTH, KEY_LENGTH), dtype="bool", name="mask")
+    layer = MultiHeadAttention(4, 4, num_kv_heads=2)
+    model = keras.Model([query, value, mask], layer(query, value, attention_mask=mask))
+    hidden = large_hidden_keys(VALUE, scale)
+    visible = np.zeros((BATCH, QUERY_LENGTH, KEY_LENGTH), bool)
+    visible[:, :, :VISIBLE_KEYS] = True
+    runner = Interpreter(model_content=export.model_to_tflite(model)).get_signature_runner()
+    for row in range(BATCH):
+        feeds = {"query": QUERY[row : row + 1], "value": hidden[row : row + 1]}
+        output = runner(**feeds, mask=visible[row : row + 1])
+        (output,) = output.values()
+        alone = to_numpy(layer(QUERY[row : row + 1], VALUE[row : row + 1, :VISIBLE_KEYS]))
+        np.testing.assert_allclose(output, alone, rtol=1e-5, atol=1e-5)
+
+
 # --- bad input -----------------------------------------------------------------------
 
 
