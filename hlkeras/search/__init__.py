@@ -20,6 +20,11 @@ Example:
 
 from hlkeras.search.budget import DeviceBudget
 from hlkeras.search.hypermodel import SpecHyperModel
+from hlkeras.search.outcome import BEST_MODEL
+from hlkeras.search.outcome import BEST_TFLITE
+from hlkeras.search.outcome import RETRAIN_DIR
+from hlkeras.search.outcome import SearchError
+from hlkeras.search.outcome import SearchOutcome
 from hlkeras.search.reports import BEST_SPEC_JSON
 from hlkeras.search.reports import BEST_TRIAL_JSON
 from hlkeras.search.reports import PARETO_PNG
@@ -33,13 +38,8 @@ from hlkeras.search.reports import read_trials_csv
 from hlkeras.search.reports import trial_rows
 from hlkeras.search.reports import write_reports
 from hlkeras.search.reports import write_trials_csv
-from hlkeras.search.run import BEST_MODEL
-from hlkeras.search.run import BEST_TFLITE
 from hlkeras.search.run import OBJECTIVES
-from hlkeras.search.run import RETRAIN_DIR
 from hlkeras.search.run import SEARCH_DEFAULTS
-from hlkeras.search.run import SearchError
-from hlkeras.search.run import SearchOutcome
 from hlkeras.search.run import retrain_best
 from hlkeras.search.run import run_search
 from hlkeras.search.space import SEARCH_SPACES

@@ -15,7 +15,6 @@ print(outcome.best_spec, outcome.best_path)
 ```
 """
 
-import dataclasses
 import json
 import os
 import shutil
@@ -30,6 +29,13 @@ from hlkeras.search import reports
 from hlkeras.search import tuners
 from hlkeras.search.budget import BUDGET_DEFAULTS
 from hlkeras.search.hypermodel import SpecHyperModel
+from hlkeras.search.outcome import BEST_EXPORT_DIR
+from hlkeras.search.outcome import BEST_MODEL
+from hlkeras.search.outcome import BEST_TFLITE
+from hlkeras.search.outcome import RETRAIN_DIR
+from hlkeras.search.outcome import SearchError
+from hlkeras.search.outcome import SearchOutcome
+from hlkeras.search.outcome import retrained_val_accuracy
 from hlkeras.search.space import SEARCH_SPACES
 from hlkeras.search.space import TRAINING_KEYS
 from hlkeras.search.space import arch_names
@@ -37,10 +43,6 @@ from hlkeras.search.space import load_space
 from hlkeras.search.space import resolve_space
 from hlkeras.search.space import space_arch
 
-BEST_MODEL = "best.keras"
-BEST_TFLITE = "best.tflite"
-BEST_EXPORT_DIR = "export"  # the export of best.keras behind best.tflite, with its report
-RETRAIN_DIR = "retrain"
 OBJECTIVES = ("val_accuracy", "val_loss", "accuracy", "loss")
 # The settings of a search and their defaults (the `hlkeras tune` flags; the
 # error messages name them as flags). `arch` None: the space file's, else mlp.
@@ -61,37 +63,6 @@ SEARCH_DEFAULTS = {
     "workers": 0,
     **BUDGET_DEFAULTS,  # a device budget: see hlkeras.search.budget
 }
-
-
-class SearchError(ValueError):
-    """A user mistake about a search (its settings, space or directory), in one line."""
-
-
-@dataclasses.dataclass
-class SearchOutcome:
-    """What `run_search` did.
-
-    Attributes:
-        directory: The search directory.
-        rows: One dict per trial (as in `trials.csv`); None in a worker.
-        best_values: The best trial's hyperparameters; None when no trial
-            completed (then `error` says so) or in a worker.
-        best_spec: The `hlkeras.models` spec of the best trial.
-        best_path: The retrained best model (`DIR/best.keras`).
-        best_val_accuracy: The retrained model's best validation accuracy.
-        best_tflite: With a device budget, `DIR/best.tflite`, the retrained
-            best model exported and verified (its report in `DIR/export/`).
-        error: Why the search produced no best model, else None.
-    """
-
-    directory: str
-    rows: list = None
-    best_values: dict = None
-    best_spec: dict = None
-    best_path: str = None
-    best_val_accuracy: float = None
-    best_tflite: str = None
-    error: str = None
 
 
 def check_search_settings(settings):
@@ -365,14 +336,6 @@ def _check_directory(settings, hypermodel, device_budget):
         return tuners.check_search_dir(settings["directory"], config)
     except ValueError as error:
         raise SearchError(str(error)) from None
-
-
-def retrained_val_accuracy(directory):
-    """The best validation accuracy of the retraining in `directory`, or None."""
-    path = os.path.join(directory, RETRAIN_DIR, training.HISTORY_CSV)
-    if not os.path.exists(path):
-        return None
-    return training.best_value(training.read_history_rows(path), "val_accuracy")
 
 
 def retrain_best(

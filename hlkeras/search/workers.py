@@ -17,11 +17,11 @@ import time
 
 from hlkeras import training
 from hlkeras.search import reports
-from hlkeras.search.run import BEST_MODEL
-from hlkeras.search.run import BEST_TFLITE
-from hlkeras.search.run import SearchError
-from hlkeras.search.run import SearchOutcome
-from hlkeras.search.run import retrained_val_accuracy
+from hlkeras.search.outcome import BEST_MODEL
+from hlkeras.search.outcome import BEST_TFLITE
+from hlkeras.search.outcome import SearchError
+from hlkeras.search.outcome import SearchOutcome
+from hlkeras.search.outcome import retrained_val_accuracy
 
 SETTINGS_JSON = "search_settings.json"
 LOG_DIR = "logs"
