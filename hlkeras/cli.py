@@ -187,11 +187,11 @@ def _load_npy(flag, path):
 
 
 def _check_finite(where, name, array):
-    from hlkeras import data
+    from hlkeras import tables
 
     try:
-        data.check_finite_array(array, where, name)
-    except data.DatasetError as error:
+        tables.check_finite_array(array, where, name)
+    except tables.DatasetError as error:
         raise UsageError(str(error)) from None
 
 

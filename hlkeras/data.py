@@ -19,6 +19,12 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from hlkeras import _validation
+from hlkeras import texts
+from hlkeras.tables import MISSING_VALUES_HINT
+from hlkeras.tables import DatasetError
+from hlkeras.tables import check_finite_array
+from hlkeras.tables import csv_features
+from hlkeras.tables import read_csv_rows
 
 EMBEDDED_DATASETS = ("digits",)
 # Kept as a full-size buffer for these small datasets; the cap bounds memory
@@ -29,10 +35,6 @@ _DIGITS_FILE = os.path.join(os.path.dirname(__file__), "datasets", "digits.npz")
 _DIGITS_TEST_SIZE = 360
 _DIGITS_SPLIT_SEED = 0
 _DIGITS_MAX_PIXEL = 16
-
-
-class DatasetError(ValueError):
-    """A dataset that cannot be loaded; the message says what to do."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +62,6 @@ class DatasetInfo:
 
     def tokenizer(self):
         """The `hlkeras.texts.Tokenizer` of a text dataset."""
-        from hlkeras import texts
-
         return texts.Tokenizer(self.vocabulary, self.input_shape[0])
 
     def spec_entries(self):
@@ -70,8 +70,6 @@ class DatasetInfo:
         if self.kind == "table":
             return {"feature_mean": self.feature_mean, "feature_variance": self.feature_variance}
         if self.kind == "text":
-            from hlkeras import texts
-
             return {"vocabulary_size": len(self.vocabulary) + texts.RESERVED_IDS}
         return {}
 
@@ -575,8 +573,6 @@ def _text_datasets(splits, class_names, name, batch_size, seed, tokenizer):
     """Pipelines of token ids from `splits` of texts. `tokenizer` is a
     `hlkeras.texts.Tokenizer`, or `(max_length, vocab_size)` to fit one on
     the training texts."""
-    from hlkeras import texts
-
     if not isinstance(tokenizer, texts.Tokenizer):
         max_length, vocab_size = tokenizer
         texts.check_max_length(max_length)
@@ -605,8 +601,6 @@ def _text_datasets(splits, class_names, name, batch_size, seed, tokenizer):
 
 
 def _read_text_csv(path, text_column, label):
-    from hlkeras import texts
-
     if os.path.splitext(os.fspath(path))[1].lower() != ".csv" or not os.path.isfile(path):
         raise DatasetError(f"--text-column needs --data to be a .csv file, got {path}")
     text_values, label_values = texts.read_text_csv(path, text_column, label)
@@ -802,32 +796,6 @@ def _labels_to_ids(values, where):
     return np.asarray([index[v] for v in values], "int32"), unique
 
 
-MISSING_VALUES_HINT = "fill or drop missing values first"
-
-
-def read_csv_rows(path, where):
-    """The non-blank rows of the CSV file at `path` as `(line, cells)` pairs,
-    `line` as an editor numbers it; errors start with `where`.
-
-    A file that is not UTF-8 text (a binary file named `.csv`, a
-    spreadsheet saved in another encoding) is a `DatasetError` naming the
-    file. A UTF-8 byte-order mark (Excel's "CSV UTF-8") is dropped.
-    """
-    import csv
-
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as file:
-            reader = csv.reader(file)
-            return [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
-    except UnicodeDecodeError as error:
-        raise DatasetError(
-            f"{where}: not a UTF-8 text CSV file (it holds the byte "
-            f"{error.object[error.start : error.start + 1]!r}); save it as UTF-8 CSV"
-        ) from None
-    except csv.Error as error:
-        raise DatasetError(f"{where}: not a readable CSV file ({error})") from None
-
-
 def _read_csv(path, label):
     rows = read_csv_rows(path, f"--data {path}")
     if not rows:
@@ -846,63 +814,6 @@ def _read_csv(path, label):
     features = csv_features(header, body, feature_columns, f"--data {path}")
     labels, class_names = _labels_to_ids([row[label_index] for _, row in body], f"--data {path}")
     return Examples(features, labels), class_names
-
-
-def csv_features(header, body, feature_columns, where):
-    """float32 features `(rows, columns)` from the CSV `body` (`(line, cells)`
-    pairs of `read_csv_rows`) at the `feature_columns` indices of `header`:
-    every row has the header's fields, every feature is a finite number."""
-    features = np.empty((len(body), len(feature_columns)), "float32")
-    for r, (line, row) in enumerate(body):
-        if len(row) != len(header):
-            raise DatasetError(
-                f"{where}: line {line} has {len(row)} fields, the header {len(header)}"
-            )
-        for c, column in enumerate(feature_columns):
-            features[r, c] = _csv_number(row[column], where, header[column], line)
-    names = [header[column] for column in feature_columns]
-    check_finite_table(features, where, names, [line for line, _ in body])
-    return features
-
-
-def _csv_number(cell, where, column, line):
-    try:
-        return float(cell)
-    except ValueError:
-        if not cell.strip():
-            raise DatasetError(
-                f"{where}: column {column!r} is empty at line {line}; {MISSING_VALUES_HINT}"
-            ) from None
-        raise DatasetError(
-            f"{where}: feature column {column!r} is not numeric "
-            f"(line {line}: {cell!r}); only numeric features are supported"
-        ) from None
-
-
-def check_finite_table(features, where, columns, lines):
-    """Refuses a NaN or infinity in float `features` `(rows, columns)` read
-    from a CSV, naming the column and line (`lines[r]` of row r). A value
-    beyond float32's range (e.g. 1e39) reads as inf and is refused too."""
-    found = _validation.first_non_finite(features)
-    if found is not None:
-        (row, column), what = found
-        raise DatasetError(
-            f"{where}: column {columns[column]!r} has {what} at line {lines[row]}; "
-            f"{MISSING_VALUES_HINT}"
-        )
-
-
-def check_finite_array(array, where, name):
-    """Refuses a NaN or infinity in float `array` (samples first), naming
-    the array, the sample and the value's index."""
-    found = _validation.first_non_finite(array)
-    if found is not None:
-        index, what = found
-        subject = f"array {name!r}" if name else "the array"
-        raise DatasetError(
-            f"{where}: {subject} has {what} in sample {index[0]} (at index "
-            f"{list(index)}); {MISSING_VALUES_HINT}"
-        )
 
 
 def _read_npz(path):

@@ -264,7 +264,7 @@ def _read_one(path, input_shape, label):
 def _read_npz_rows(path, input_shape):
     import zipfile
 
-    from hlkeras import data
+    from hlkeras import tables
 
     try:
         with np.load(path, allow_pickle=False) as arrays:
@@ -276,8 +276,8 @@ def _read_npz_rows(path, input_shape):
         raise PredictError(f"INPUT {path}: needs a numeric array 'x'; {what}")
     x = x.astype("float32") / 255.0 if x.dtype == np.uint8 else x.astype("float32")
     try:
-        data.check_finite_array(x, f"INPUT {path}", "x")
-    except data.DatasetError as error:
+        tables.check_finite_array(x, f"INPUT {path}", "x")
+    except tables.DatasetError as error:
         raise PredictError(str(error)) from None
     if x.ndim == len(input_shape) and len(input_shape) == 3 and input_shape[-1] == 1:
         x = x[..., None]  # (n, height, width) grayscale images
@@ -296,18 +296,18 @@ def _image_files(folder):
 
 
 def _read_csv_rows(path, label):
-    from hlkeras import data
+    from hlkeras import tables
 
     where = f"INPUT {path}"
     header = None
     try:
-        rows = data.read_csv_rows(path, where)
+        rows = tables.read_csv_rows(path, where)
         if len(rows) < 2:
             raise PredictError(f"{where}: the CSV file has no rows")
         header = [name.strip() for name in rows[0][1]]
         columns = [i for i, name in enumerate(header) if name != label]
-        features = data.csv_features(header, rows[1:], columns, where)
-    except data.DatasetError as error:
+        features = tables.csv_features(header, rows[1:], columns, where)
+    except tables.DatasetError as error:
         unlabelled = header is not None and label not in header
         hint = f" (no label column {label!r} to skip: pass --label COL)" if unlabelled else ""
         raise PredictError(f"{error}{hint}") from None

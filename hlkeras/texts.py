@@ -13,8 +13,8 @@ import os
 
 import numpy as np
 
-from hlkeras.data import DatasetError
-from hlkeras.data import read_csv_rows
+from hlkeras.tables import DatasetError
+from hlkeras.tables import read_csv_rows
 
 VOCABULARY_FILE = "vocabulary.json"
 # Lowercase, strip punctuation, split on whitespace (Keras' default).
