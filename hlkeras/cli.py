@@ -806,25 +806,31 @@ def _benchmark_formats(args):
     return list(benchmark.FORMATS)
 
 
-def _benchmark_model_path(args):
-    """MODEL's `.keras` file; a run directory's recorded data fills in
-    --dataset / --data when neither is given."""
-    path = args.model
+def _benchmark_args(args):
+    """A copy of `args` whose `model` is MODEL's `.keras` file; a run
+    directory's recorded data fills in --dataset / --data when neither is
+    given. `args` itself is left as parsed."""
+    path, recorded = args.model, {}
     if os.path.isdir(path):
         run_dir = runs.RunDir(path)
         if not args.dataset and not args.data and os.path.exists(run_dir.file(run_dir.CONFIG)):
             settings = run_dir.recorded_settings()
-            args.data, args.label = settings.get("data"), settings.get("label", args.label)
-            args.text_column = settings.get("text_column")
-            args.dataset = None if args.data else settings.get("dataset") or "digits"
+            data = settings.get("data")
+            recorded = {
+                "data": data,
+                "label": settings.get("label", args.label),
+                "text_column": settings.get("text_column"),
+                "dataset": None if data else settings.get("dataset") or "digits",
+            }
         path = run_dir.file(run_dir.MODEL)
     if not os.path.isfile(path) or not path.endswith(".keras"):
         raise UsageError(f"MODEL {args.model}: expected a .keras file or a run directory")
-    if not args.dataset and not args.data:
+    resolved = argparse.Namespace(**{**vars(args), **recorded, "model": path})
+    if not resolved.dataset and not resolved.data:
         raise UsageError(
             f"MODEL {args.model}: pass --dataset NAME or --data PATH to measure accuracy on"
         )
-    return path
+    return resolved
 
 
 def cmd_benchmark(args):
@@ -840,7 +846,7 @@ def cmd_benchmark(args):
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
         if os.path.isdir(path):
             raise UsageError(f"{flag} {path} is a directory; give a file name")
-    args.model = _benchmark_model_path(args)
+    args = _benchmark_args(args)
     try:
         export.load_keras_model(args.model)
     except export.ExportError as error:

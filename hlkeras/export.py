@@ -1086,6 +1086,7 @@ def export_model(
     created_out_dir = not os.path.exists(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     staging_dir = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir)
+    staged = {}
     published = False
     try:
         reference = _measure_keras(report, model, inputs, labels, latency_sample, latency_runs)

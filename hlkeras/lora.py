@@ -66,8 +66,8 @@ from keras import ops
 
 from hlkeras import _compat
 from hlkeras import _validation
-from hlkeras.layers.lora import LoRADense
-from hlkeras.layers.lora import check_alpha
+from hlkeras.layers.lora_dense import LoRADense
+from hlkeras.layers.lora_dense import check_alpha
 from hlkeras.layers.moe import MixtureOfExperts
 from hlkeras.layers.weight_options import KERNEL_AND_BIAS_ARGUMENTS
 

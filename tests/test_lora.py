@@ -657,9 +657,9 @@ def test_digits_fine_tuned_merged_model_exports_to_tflite_builtins():
 def test_docstring_examples_run():
     import doctest
 
-    import hlkeras.layers.lora
+    import hlkeras.layers.lora_dense
 
-    for module in (hlkeras.layers.lora, lora):
+    for module in (hlkeras.layers.lora_dense, lora):
         result = doctest.testmod(module, extraglobs={"keras": keras})
         assert result.attempted > 0 and result.failed == 0, module.__name__
 

@@ -2,7 +2,7 @@
 
 from hlkeras.layers.attention import MultiHeadAttention
 from hlkeras.layers.embeddings import PositionEmbedding
-from hlkeras.layers.lora import LoRADense
+from hlkeras.layers.lora_dense import LoRADense
 from hlkeras.layers.moe import MixtureOfExperts
 from hlkeras.layers.pooling import AttentionPooling
 from hlkeras.layers.residual import ConvResidualBlock

@@ -29,7 +29,7 @@ from hlkeras.layers.attention_ops import attention_mask_to_4d
 from hlkeras.layers.attention_ops import dynamic_shape
 from hlkeras.layers.attention_ops import masked_softmax
 from hlkeras.layers.attention_ops import rotary_embedding
-from hlkeras.layers.lora import check_lora_arguments
+from hlkeras.layers.lora_dense import check_lora_arguments
 
 # The faster core on CPU, measured with `benchmarks/attention.py`, which
 # prints both cores' ratios in every run. On JAX CPU, XLA runs

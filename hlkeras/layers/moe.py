@@ -42,8 +42,8 @@ import numpy as np
 from keras import ops
 
 from hlkeras import _validation
-from hlkeras.layers.lora import check_lora_arguments
-from hlkeras.layers.lora import lora_scale
+from hlkeras.layers.lora_dense import check_lora_arguments
+from hlkeras.layers.lora_dense import lora_scale
 from hlkeras.layers.weight_options import WeightOptions
 
 # Rows per block in dropless mode, as a fraction of the average expert load:

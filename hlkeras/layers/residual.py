@@ -7,8 +7,8 @@ import keras
 from keras import ops
 
 from hlkeras import _validation
-from hlkeras.layers.lora import check_lora_arguments
-from hlkeras.layers.lora import dense_or_lora
+from hlkeras.layers.lora_dense import check_lora_arguments
+from hlkeras.layers.lora_dense import dense_or_lora
 from hlkeras.layers.weight_options import WeightOptions
 
 NORMS = ("layer", "batch", None)

@@ -6,8 +6,8 @@ import keras
 from hlkeras import _validation
 from hlkeras.layers.attention import MultiHeadAttention
 from hlkeras.layers.attention import check_num_kv_heads
-from hlkeras.layers.lora import check_lora_arguments
-from hlkeras.layers.lora import dense_or_lora
+from hlkeras.layers.lora_dense import check_lora_arguments
+from hlkeras.layers.lora_dense import dense_or_lora
 from hlkeras.layers.moe import MixtureOfExperts
 from hlkeras.layers.residual import DropPath
 from hlkeras.layers.weight_options import WeightOptions
