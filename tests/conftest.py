@@ -50,6 +50,11 @@ def _skip_reason(item):
             f"end-to-end test: runs on the {END_TO_END_BACKEND} backend only "
             "(its behaviour does not differ by backend)"
         )
+    if not marker and item.get_closest_marker("neutral") and BACKEND != END_TO_END_BACKEND:
+        return (
+            f"backend-neutral test (argument checks, files, pure Python): runs once, "
+            f"on the {END_TO_END_BACKEND} backend"
+        )
     return None
 
 

@@ -16,7 +16,10 @@ for backend in tensorflow jax torch; do
   # SIGKILL and chief/worker tests time their subprocesses: they run alone,
   # without a second worker competing for the two cores.
   KERAS_BACKEND=$backend "$PYTHON" -m pytest tests -m serial "$@" || status=1
-  KERAS_BACKEND=$backend "$PYTHON" -m pytest tests -n 2 --dist loadfile -m "not serial" "$@" || status=1
+  # Per-test durations of the parallel run, for keeping the suite in budget
+  # (tests/README.md): test-reports/<backend>.xml.
+  KERAS_BACKEND=$backend "$PYTHON" -m pytest tests -n 2 --dist loadfile -m "not serial" \
+    --junitxml "test-reports/$backend.xml" "$@" || status=1
   durations="$durations $backend=$((SECONDS - start))s"
 done
 echo "=== durations:$durations"

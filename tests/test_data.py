@@ -10,6 +10,9 @@ from etils import epath
 from hlkeras import data
 from tests.digits_testing import load_digits_arrays
 
+# Argument checks, files and tf.data: the same on every backend.
+pytestmark = pytest.mark.neutral
+
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
@@ -95,6 +98,7 @@ def test_validation_split_zero_has_no_validation_set(data_dir):
     assert val_ds is None and info.num_train == 1437 and info.num_val == 0
 
 
+@pytest.mark.backends("tensorflow", "jax", "torch")
 def test_pipeline_feeds_model_fit_on_this_backend(digits):
     train_ds, val_ds, _, info = digits
     model = keras.Sequential(

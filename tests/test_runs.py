@@ -10,6 +10,9 @@ import pytest
 from hlkeras import data
 from hlkeras import runs
 
+# Argument checks, files and tf.data: the same on every backend.
+pytestmark = pytest.mark.neutral
+
 
 def test_a_new_directory_is_created_by_prepare_not_by_open(tmp_path, monkeypatch):
     run_dir, resuming = runs.RunDir.open(str(tmp_path / "new"))

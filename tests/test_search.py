@@ -28,6 +28,7 @@ def _declared(space):
 # --- Space overrides ---------------------------------------------------------------
 
 
+@pytest.mark.neutral
 def test_overrides_narrow_fix_and_choose_in_kerastuner_terms():
     space = search.resolve_space(
         "mlp",
@@ -55,12 +56,14 @@ def test_overrides_narrow_fix_and_choose_in_kerastuner_terms():
     )
 
 
+@pytest.mark.neutral
 def test_a_narrowed_range_keeps_the_tables_log_scale():
     space = search.resolve_space("mlp", {"lr": [1e-4, 1e-3]})
     assert space["lr"]["log"] is True
     assert _declared(space)["lr"].sampling == "log"
 
 
+@pytest.mark.neutral
 def test_toml_json_and_dict_give_the_same_space(tmp_path):
     overrides = {
         "arch": "resnet",
@@ -80,6 +83,7 @@ def test_toml_json_and_dict_give_the_same_space(tmp_path):
     assert search.resolve_space("resnet", search.load_space(str(json_path))) == expected
 
 
+@pytest.mark.neutral
 @pytest.mark.parametrize(
     "overrides, named",
     [
@@ -104,6 +108,7 @@ def test_malformed_space_names_the_key(overrides, named):
         search.resolve_space("mlp", overrides)
 
 
+@pytest.mark.neutral
 def test_a_space_file_that_does_not_parse_is_a_value_error(tmp_path):
     path = tmp_path / "space.toml"
     path.write_text("depth = [2, \n")

@@ -38,6 +38,7 @@ def test_warmup_cosine_serializes():
     assert revived.get_config() == schedule.get_config()
 
 
+@pytest.mark.neutral
 @pytest.mark.parametrize(
     "kwargs, argument",
     [
@@ -219,6 +220,7 @@ def test_killed_run_resumes_from_last_finished_epoch(tmp_path):
     assert [row["epoch"] for row in result.rows] == [0, 1, 2, 3]
 
 
+@pytest.mark.neutral
 def test_history_csv_drops_rows_a_resume_reruns(tmp_path):
     path = str(tmp_path / "history.csv")
     training.write_history_rows(path, [{"epoch": e, "loss": 1.0 / (e + 1)} for e in range(4)])
@@ -231,6 +233,7 @@ def test_history_csv_drops_rows_a_resume_reruns(tmp_path):
     assert rows[2]["loss"] == 0.25 and rows[1]["loss"] == 0.5
 
 
+@pytest.mark.neutral
 def test_plot_history_accepts_keras_history_dict(tmp_path):
     path = str(tmp_path / "curves.png")
     training.plot_history(

@@ -595,6 +595,7 @@ def test_masked_keys_have_no_effect_in_the_exported_tflite(scale):
 # --- bad input -----------------------------------------------------------------------
 
 
+@pytest.mark.neutral
 @pytest.mark.parametrize(
     "make_layer, pattern",
     [

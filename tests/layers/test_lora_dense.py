@@ -197,6 +197,7 @@ def test_merged_before_build_raises():
         LoRADense(4).merged()
 
 
+@pytest.mark.neutral
 @pytest.mark.parametrize(
     "kwargs, argument",
     [

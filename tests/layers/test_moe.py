@@ -502,6 +502,7 @@ def test_dropless_flag():
 # --- bad input ----------------------------------------------------------------------
 
 
+@pytest.mark.neutral
 @pytest.mark.parametrize(
     "kwargs, argument, value",
     [

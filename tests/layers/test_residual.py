@@ -123,6 +123,7 @@ def test_drop_path_preserves_mean_and_drops_whole_samples():
     assert abs((per_sample[:, 0] == 0).mean() - rate) < 0.02
 
 
+@pytest.mark.neutral
 @pytest.mark.parametrize(
     "make_layer, argument, value",
     [
