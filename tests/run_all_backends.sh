@@ -13,8 +13,10 @@ durations=""
 for backend in tensorflow jax torch; do
   echo "=== KERAS_BACKEND=$backend ==="
   start=$SECONDS
-  # SIGKILL and chief/worker tests time their subprocesses: they run alone,
-  # without a second worker competing for the two cores.
+  # The chief/worker tests time their subprocesses (gRPC polling, two
+  # processes training one model): they run alone, without a second worker
+  # competing for the two cores. (The kill -9 tests kill at a chosen batch,
+  # tests/kill_at_batch.py, and run in parallel.)
   KERAS_BACKEND=$backend "$PYTHON" -m pytest tests -m serial "$@" || status=1
   # Per-test durations of the parallel run, for keeping the suite in budget
   # (tests/README.md): test-reports/<backend>.xml.

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import keras
 import numpy as np
@@ -171,7 +170,6 @@ def _backup_epoch(out):
 
 @pytest.mark.slow
 @pytest.mark.backends("tensorflow")
-@pytest.mark.serial
 @pytest.mark.parametrize(
     "backend, distribute",
     # The subprocess' backend: also a DataParallel run on 4 virtual devices.
@@ -182,43 +180,28 @@ def test_resume_after_sigkill_continues_from_last_finished_epoch(
 ):
     out = str(tmp_path / "run")
     epochs = 4
-    command = [
-        sys.executable,
-        "-m",
-        "hlkeras.cli",
-        "train",
-        "--data-dir",
-        data_dir,
-        "--out",
-        out,
-        *distribute,
-        "--epochs",
-        str(epochs),
-        "--batch-size",
-        "8",
-        *SMALL,
-    ]
+    argv = ["train", "--data-dir", data_dir, "--out", out, *distribute]
+    argv += ["--epochs", str(epochs), "--batch-size", "8", *SMALL]
     env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": ROOT}
     if distribute:
         env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-    process = subprocess.Popen(
-        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    # The run kills itself at batch 20 of its second epoch (of 162 steps).
+    killed = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tests", "kill_at_batch.py"), "1", "1", "20", "--"]
+        + argv,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=300,
     )
-    try:
-        deadline = time.time() + 240
-        while _backup_epoch(out) < 1 and process.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.2)  # into the next epoch's 162 steps
-        os.kill(process.pid, signal.SIGKILL)
-    finally:
-        process.wait()
+    assert killed.returncode == -signal.SIGKILL
     finished = _backup_epoch(out)
-    assert 1 <= finished < epochs, "the run was not killed mid-run"
+    assert finished == 1, "the kill did not land in the second epoch"
     assert not os.path.exists(os.path.join(out, "metrics.json"))
     rows_before = training.read_history_rows(os.path.join(out, "history.csv"))
 
     resumed = subprocess.run(
-        command[: -len(SMALL) - 4] + ["--resume"],
+        [sys.executable, "-m", "hlkeras.cli", *argv[: -len(SMALL) - 4], "--resume"],
         env=env,
         capture_output=True,
         text=True,

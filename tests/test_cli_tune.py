@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -134,38 +133,23 @@ def _read_trial(directory, trial_id):
 
 @pytest.mark.slow
 @pytest.mark.backends("tensorflow")
-@pytest.mark.serial
 def test_sigkill_mid_trial_then_the_rerun_continues_without_losing_or_rerunning(
     tmp_path, tiny_space
 ):
     directory = tmp_path / "search"
-    command = [sys.executable, "-m", "hlkeras.cli"] + _tune_argv(
-        tmp_path, tiny_space, directory, "--max-trials", "2"
-    )
-    second_trial = directory / "search" / "trial_1" / "trial.json"
+    argv = _tune_argv(tmp_path, tiny_space, directory, "--max-trials", "2")
+    command = [sys.executable, "-m", "hlkeras.cli"] + argv
+    # The search kills itself at the first batch of the second trial's fit.
+    killer = [sys.executable, os.path.join(REPO_ROOT, "tests", "kill_at_batch.py"), "2", "0", "0"]
     with open(tmp_path / "first.log", "wb") as log:
-        first = subprocess.Popen(
-            command,
+        first = subprocess.run(
+            killer + ["--"] + argv,
             env=_subprocess_env(),
             cwd=REPO_ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
+            timeout=300,
         )
-    try:
-        deadline = time.monotonic() + 240
-        # The oracle writes a trial's file when it hands the trial out, so
-        # the kill lands at the start of the second trial's training.
-        while not second_trial.exists():
-            assert first.poll() is None, (tmp_path / "first.log").read_text()
-            assert time.monotonic() < deadline, "the second trial never started"
-            time.sleep(0.05)
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
-    finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
-            first.wait()
     assert first.returncode == -signal.SIGKILL
     assert _read_trial(directory, 0)["status"] == "COMPLETED"
     assert _read_trial(directory, 1)["status"] == "RUNNING"  # killed mid-trial
