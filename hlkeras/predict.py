@@ -170,7 +170,12 @@ def _onnx_model(path):
     except Exception as error:  # ONNX Runtime raises its own types for a bad file
         raise PredictError(f"MODEL {path}: not an ONNX model ({_first_line(error)})") from None
     model_input = session.get_inputs()[0]
-    input_shape = tuple(int(d) for d in model_input.shape[1:])
+    if not all(isinstance(d, int) for d in model_input.shape[1:]):
+        raise PredictError(
+            f"MODEL {path}: its input has a variable shape {model_input.shape}; "
+            "predict needs a fixed one (export the model with a fixed input shape)"
+        )
+    input_shape = tuple(model_input.shape[1:])
     run = onnx_export.session_predictor(session)
 
     def predict(batch):

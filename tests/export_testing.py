@@ -86,3 +86,30 @@ class InverseErf(keras.layers.Layer):
 
     def call(self, inputs):
         return keras.ops.erfinv(0.5 * keras.ops.tanh(inputs))
+
+
+def litert_per_sample(flatbuffer, inputs):
+    """The `.tflite`'s outputs on `inputs`, one sample at a time, run in a
+    plain `ai_edge_litert` interpreter: the oracle of the tests, sharing no
+    code with hlkeras' verifier (`hlkeras.export.run_tflite`). An int8 input
+    or output is scaled with the file's own quantization parameters."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=flatbuffer)
+    (source,), (sink,) = interpreter.get_input_details(), interpreter.get_output_details()
+    interpreter.resize_tensor_input(source["index"], (1, *np.shape(inputs)[1:]))
+    interpreter.allocate_tensors()
+    outputs = []
+    for sample in inputs:
+        x = sample[None]
+        if source["dtype"] == np.int8:
+            scale, zero_point = source["quantization"]
+            x = np.clip(np.round(x / scale + zero_point), -128, 127)
+        interpreter.set_tensor(source["index"], x.astype(source["dtype"]))
+        interpreter.invoke()
+        y = interpreter.get_tensor(sink["index"])
+        if sink["dtype"] == np.int8:
+            scale, zero_point = sink["quantization"]
+            y = (y.astype("float32") - zero_point) * scale
+        outputs.append(y[0])
+    return np.stack(outputs)

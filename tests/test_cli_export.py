@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from export_testing import accuracy
 from export_testing import digits_splits
+from export_testing import litert_per_sample
 from keras import ops
 
 from hlkeras import cli
@@ -98,7 +99,7 @@ def test_export_prints_a_table_and_writes_export_json(
     assert tflite.builtin_only and report.quantization == "int8"
     _, _, x_test, y_test = digits
     with open(out / "model_int8.tflite", "rb") as file:
-        outputs = export.run_tflite(file.read(), x_test)
+        outputs = litert_per_sample(file.read(), x_test)
     assert tflite.accuracy == pytest.approx(accuracy(outputs, y_test))
     keras_accuracy = accuracy(ops.convert_to_numpy(model.predict(x_test, verbose=0)), y_test)
     assert report.keras_accuracy == pytest.approx(keras_accuracy)

@@ -70,7 +70,8 @@ def test_short_run_writes_a_verified_run_directory(capsys, data_dir, tmp_path):
     assert metrics["keras_batch1_accuracy"] == pytest.approx(metrics["test_accuracy"], abs=1e-6)
     # The MoE routing statistics reach the history on every backend.
     rows = training.read_history_rows(os.path.join(out, "history.csv"))
-    assert 0.0 <= rows[-1]["block_0_moe_dropped_fraction"] < 1.0
+    # The default MoE is dropless: no token may be dropped.
+    assert spec["capacity_factor"] is None and rows[-1]["block_0_moe_dropped_fraction"] == 0.0
     assert 1.0 <= rows[-1]["block_0_moe_max_expert_load"] <= runs.MOE_EXPERTS_DEFAULT
     # The progress bar's aggregates (one MoE layer here: the same values).
     assert rows[-1]["moe_dropped_fraction"] == rows[-1]["block_0_moe_dropped_fraction"]
@@ -179,15 +180,15 @@ def test_resume_after_sigkill_continues_from_last_finished_epoch(
     data_dir, tmp_path, backend, distribute
 ):
     out = str(tmp_path / "run")
-    epochs = 4
+    epochs = 3
     argv = ["train", "--data-dir", data_dir, "--out", out, *distribute]
-    argv += ["--epochs", str(epochs), "--batch-size", "8", *SMALL]
+    argv += ["--epochs", str(epochs), "--batch-size", "32", *SMALL]
     env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": ROOT}
     if distribute:
         env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-    # The run kills itself at batch 20 of its second epoch (of 162 steps).
+    # The run kills itself at batch 5 of its second epoch (of 40 steps).
     killed = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tests", "kill_at_batch.py"), "1", "1", "20", "--"]
+        [sys.executable, os.path.join(ROOT, "tests", "kill_at_batch.py"), "1", "1", "5", "--"]
         + argv,
         env=env,
         stdout=subprocess.DEVNULL,

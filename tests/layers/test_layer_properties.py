@@ -34,13 +34,13 @@ from hlkeras.layers import TransformerBlock
 
 settings.register_profile(
     "ci",
-    max_examples=6,
+    max_examples=4,
     deadline=None,
     derandomize=True,
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-settings.register_profile("thorough", parent=settings.get_profile("ci"), max_examples=60)
+settings.register_profile("thorough", parent=settings.get_profile("ci"), max_examples=40)
 PROFILE = settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 SEEDS = st.integers(0, 2**16)
