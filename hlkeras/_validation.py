@@ -145,3 +145,10 @@ def first_non_finite(array):
     value = array[index]
     what = "a NaN" if np.isnan(value) else ("inf" if value > 0 else "-inf")
     return tuple(int(i) for i in index), what
+
+
+def first_line(error):
+    """The first line of an exception's message (its type's name when the
+    message is empty), for a one-line error about a file a library refused."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -713,12 +713,9 @@ def _decode(file):
         data = tf.io.read_file(file)
         return tf.io.decode_image(data, expand_animations=False).numpy()
     except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as error:
-        raise DatasetError(f"cannot read the image {file}: {_first_line(error)}") from None
-
-
-def _first_line(error):
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+        raise DatasetError(
+            f"cannot read the image {file}: {_validation.first_line(error)}"
+        ) from None
 
 
 def _target_shape(file, image_size, color_mode):
@@ -753,7 +750,9 @@ def read_image(file, shape):
     try:
         return _decode_to_shape(tf.io.read_file(file), shape).numpy()
     except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as error:
-        raise DatasetError(f"cannot read the image {file}: {_first_line(error)}") from None
+        raise DatasetError(
+            f"cannot read the image {file}: {_validation.first_line(error)}"
+        ) from None
 
 
 def read_images(files, shape):

@@ -158,6 +158,7 @@ def _tflite_model(path):
 
 
 def _onnx_model(path):
+    from hlkeras import _validation
     from hlkeras import onnx_export
 
     missing = onnx_export.missing_packages()
@@ -168,7 +169,9 @@ def _onnx_model(path):
     try:
         session = onnx_export.new_session(path)
     except Exception as error:  # ONNX Runtime raises its own types for a bad file
-        raise PredictError(f"MODEL {path}: not an ONNX model ({_first_line(error)})") from None
+        raise PredictError(
+            f"MODEL {path}: not an ONNX model ({_validation.first_line(error)})"
+        ) from None
     model_input = session.get_inputs()[0]
     if not all(isinstance(d, int) for d in model_input.shape[1:]):
         raise PredictError(
@@ -184,11 +187,6 @@ def _onnx_model(path):
 
     is_text = model_input.type in ("tensor(int32)", "tensor(int64)")
     return input_shape, predict, 0 if is_text else None
-
-
-def _first_line(error):
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def read_texts(inputs, tokenizer, text_column="text"):
