@@ -19,7 +19,7 @@ import keras
 
 from hlkeras import data
 from hlkeras import models
-from hlkeras import texts
+from hlkeras.data import texts
 
 
 def main():

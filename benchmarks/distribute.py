@@ -8,7 +8,7 @@ per-round ratios):
 - single: no distribution (one device), the anchor;
 - data: `keras.distribution.DataParallel` over every device;
 - model BxM: `ModelParallel` on a BxM mesh (MoE experts, attention heads and
-  FFN units sharded over the model axis, `hlkeras.distribute`).
+  FFN units sharded over the model axis, `hlkeras.training.distribute`).
 
 Every number is printed as a ratio to the anchor measured in the same run.
 The devices are XLA's virtual CPU devices
@@ -52,9 +52,9 @@ def main(argv=None):
     import numpy as np
 
     from hlkeras import _timing
-    from hlkeras import distribute
     from hlkeras import models
     from hlkeras import training
+    from hlkeras.training import distribute
 
     spec = {"arch": args.arch, "input_shape": [8, 8, 1], "num_classes": 10}
     if args.arch == "vit":

@@ -47,7 +47,7 @@ from keras import ops
 
 from hlkeras import _timing
 from hlkeras.layers import MixtureOfExperts
-from hlkeras.layers import moe as moe_ops
+from hlkeras.layers import moe_ops
 
 BACKEND = keras.backend.backend()
 

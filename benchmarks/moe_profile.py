@@ -42,7 +42,7 @@ from moe import make_step  # noqa: E402
 
 from hlkeras import _timing  # noqa: E402
 from hlkeras.layers import MixtureOfExperts  # noqa: E402
-from hlkeras.layers import moe as moe_ops  # noqa: E402
+from hlkeras.layers import moe_ops  # noqa: E402
 
 STAGES = ("router", "positions", "layout", "dispatch", "experts", "combine")
 
@@ -63,14 +63,14 @@ class MixtureOfExpertsUpTo(MixtureOfExperts):
         last = STAGES.index(self.stage)
         input_shape = ops.shape(inputs)
         tokens = ops.reshape(inputs, (-1, input_shape[-1]))
-        num_tokens = moe_ops._num_tokens(inputs)
+        num_tokens = moe_ops.count_tokens(inputs)
         router_logits = self._router_logits(tokens, training)
         expert_index, gates, router_probs = moe_ops.route_top_k(router_logits, self.top_k)
         self._add_aux_losses(router_logits, router_probs, expert_index)
         total = ops.mean(gates) + ops.mean(router_probs)
         if last == 0:
             return total
-        group_size = moe_ops._tokens_per_example(inputs)
+        group_size = moe_ops.tokens_per_example(inputs)
         positions = moe_ops.expert_positions(expert_index, self.num_experts, group_size)
         for value in positions:
             total = _keep(total, value)

@@ -244,8 +244,8 @@ def report_moe_cost(data_dir, repeats, steps):
     import keras
 
     from hlkeras import models
-    from hlkeras import runs
     from hlkeras import training
+    from hlkeras.training import runs
 
     train_ds, info = _digits_for_training(data_dir)
     hyper = models.hyperparameter_defaults("vit")

@@ -16,8 +16,11 @@ save and load the same way.
 Which layers can take an adapter:
 - every `keras.layers.Dense` (exactly that class): it becomes a
   `hlkeras.layers.LoRADense` carrying the trained kernel and bias;
-- every hlkeras layer that follows the *LoRA protocol*: it is registered
-  under the package "hlkeras" and its `get_config()` has a `"lora_rank"` key,
+- every layer that follows the *LoRA protocol* (all hlkeras layers with
+  projections, and a user's own): it is registered with
+  `keras.saving.register_keras_serializable` (any package; Keras' built-ins,
+  whose configs also have `lora_rank`, are not) and its `get_config()` has a
+  `"lora_rank"` key,
   `None` when the layer has no adapters. `apply_lora` rebuilds it from its
   config with `lora_rank=rank` (and `lora_alpha=alpha`,
   `lora_dropout=dropout`, `lora_dora=dora` when those keys are in the
@@ -220,9 +223,10 @@ def adapter_weights(layer):
 
 
 def follows_lora_protocol(layer):
-    """Whether `layer` is an hlkeras layer with a `lora_rank` config key."""
+    """Whether `layer` is a registered serializable layer (`package>Name`;
+    not a Keras built-in) with a `lora_rank` config key."""
     registered = keras.saving.get_registered_name(type(layer))
-    return registered.startswith("hlkeras>") and "lora_rank" in layer.get_config()
+    return ">" in registered and "lora_rank" in layer.get_config()
 
 
 def _is_plain_dense(layer):

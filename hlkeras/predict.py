@@ -25,6 +25,8 @@ import os
 
 import numpy as np
 
+from hlkeras import _files
+
 
 class PredictError(ValueError):
     """A user mistake about a model or its inputs, in one line."""
@@ -38,7 +40,7 @@ class Predictor:
         input_shape: One input's shape (no batch axis).
         class_names: The class names, by class id.
         predict: Maps a float32 batch `(n, *input_shape)` to probabilities `(n, classes)`.
-        tokenizer: For a text model, the `hlkeras.texts.Tokenizer` of its run
+        tokenizer: For a text model, the `hlkeras.data.texts.Tokenizer` of its run
             (`vocabulary.json` beside the model); None otherwise.
         label, text_column: The CSV columns the run was trained with (its
             `train_config.json` beside the model), if any; else None.
@@ -93,7 +95,7 @@ def _tokenizer_for(model_path, input_shape, vocabulary_size):
     """The tokenizer saved beside a text model, checked to fit it
     (`vocabulary_size` 0: unknown, as for a .tflite)."""
     from hlkeras import data
-    from hlkeras import texts
+    from hlkeras.data import texts
 
     vocabulary = texts.vocabulary_path(model_path)
     try:
@@ -159,7 +161,7 @@ def _tflite_model(path):
 
 def _onnx_model(path):
     from hlkeras import _validation
-    from hlkeras import onnx_export
+    from hlkeras.export import onnx_export
 
     missing = onnx_export.missing_packages()
     if missing:
@@ -193,7 +195,7 @@ def read_texts(inputs, tokenizer, text_column="text"):
     """`(names, batch)` for a text model: each input is a CSV file (its
     `text_column`, one input per row) or else a text itself."""
     from hlkeras import data
-    from hlkeras import texts
+    from hlkeras.data import texts
 
     names, values = [], []
     for item in map(str, inputs):
@@ -245,7 +247,7 @@ def _read_one(path, input_shape, label):
 
     extension = os.path.splitext(path)[1].lower()
     if os.path.isdir(path) or extension in data.IMAGE_EXTENSIONS:
-        files = _image_files(path) if os.path.isdir(path) else [path]
+        files = data.images.image_files(path, recursive=True) if os.path.isdir(path) else [path]
         if not files:
             raise PredictError(f"INPUT {path}: no images in the folder")
         if len(input_shape) != 3:
@@ -265,20 +267,15 @@ def _read_one(path, input_shape, label):
 
 
 def _read_npz_rows(path, input_shape):
-    import zipfile
-
-    from hlkeras import tables
+    from hlkeras.data import tables
 
     try:
-        with np.load(path, allow_pickle=False) as arrays:
-            names, x = arrays.files, arrays["x"] if "x" in arrays.files else None
-    except (OSError, ValueError, zipfile.BadZipFile) as error:
-        raise PredictError(f"INPUT {path}: cannot read a NumPy .npz file ({error})") from None
-    if x is None or x.dtype.kind not in "biuf":
-        what = f"found {names}" if x is None else f"its 'x' holds {x.dtype}"
-        raise PredictError(f"INPUT {path}: needs a numeric array 'x'; {what}")
-    x = x.astype("float32") / 255.0 if x.dtype == np.uint8 else x.astype("float32")
-    try:
+        arrays = tables.read_npz(path, f"INPUT {path}")
+        x = arrays.get("x")
+        if x is None or x.dtype.kind not in "biuf":
+            what = f"found {sorted(arrays)}" if x is None else f"its 'x' holds {x.dtype}"
+            raise PredictError(f"INPUT {path}: needs a numeric array 'x'; {what}")
+        x = x.astype("float32") / 255.0 if x.dtype == np.uint8 else x.astype("float32")
         tables.check_finite_array(x, f"INPUT {path}", "x")
     except tables.DatasetError as error:
         raise PredictError(str(error)) from None
@@ -287,19 +284,8 @@ def _read_npz_rows(path, input_shape):
     return [f"{path}[{i}]" for i in range(len(x))], x
 
 
-def _image_files(folder):
-    from hlkeras import data
-
-    return sorted(
-        os.path.join(root, name)
-        for root, _, names in os.walk(folder)
-        for name in names
-        if name.lower().endswith(data.IMAGE_EXTENSIONS)
-    )
-
-
 def _read_csv_rows(path, label):
-    from hlkeras import tables
+    from hlkeras.data import tables
 
     where = f"INPUT {path}"
     header = None
@@ -330,8 +316,6 @@ def write_csv(path, names, tops):
     import csv
     import io
 
-    from hlkeras import training
-
     k = len(tops[0]) if tops else 1
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -340,4 +324,4 @@ def write_csv(path, names, tops):
     )
     for name, top in zip(names, tops):
         writer.writerow([name] + [value for pair in top for value in (pair[0], f"{pair[1]:.6f}")])
-    training.atomic_write_text(path, buffer.getvalue())
+    _files.atomic_write_text(path, buffer.getvalue())

@@ -107,10 +107,10 @@ def test_train_folder(monkeypatch, tmp_path, capsys):
 @pytest.mark.backends("tensorflow")
 def test_text_classifier(monkeypatch, tmp_path, capsys):
     import keras
+    from texts_testing import write_keyword_csv
 
     from hlkeras import data
     from hlkeras import predict
-    from tests.test_texts import write_keyword_csv
 
     write_keyword_csv(tmp_path / "tickets.csv", 300)
     monkeypatch.chdir(tmp_path)

@@ -1,4 +1,4 @@
-"""Tests of `hlkeras.benchmark` and `hlkeras benchmark`: every number comes
+"""Tests of `hlkeras.export.benchmark` and `hlkeras benchmark`: every number comes
 from the runtime it names (each row's accuracy and agreement equal an
 independent Keras / LiteRT / ONNX Runtime evaluation of the same file on the
 same data, sizes are the files' sizes), the table, JSON and plot, the run
@@ -17,11 +17,12 @@ from export_testing import digits_splits
 from export_testing import per_sample
 from export_testing import train
 
-from hlkeras import benchmark
 from hlkeras import cli
+from hlkeras import data
 from hlkeras import export
-from hlkeras import onnx_export
-from hlkeras import runs
+from hlkeras.export import benchmark
+from hlkeras.export import onnx_export
+from hlkeras.training import runs
 
 BACKEND = keras.backend.backend()
 SAMPLES = 120
@@ -189,7 +190,7 @@ def test_benchmark_of_a_run_directory_uses_its_dataset(keras_file, tmp_path, cap
     assert table[0].split()[:3] == ["runtime", "engine", "size"]
     assert [line.split()[0] for line in table[1:4]] == ["keras", "keras", "onnx"]
     saved = json.loads(json_path.read_text())
-    x_test, y_test = cli.dataset_test_arrays("digits")
+    x_test, y_test = data.arrays.dataset_test_arrays("digits")
     expected = np.mean(top1(model.predict(x_test, verbose=0)) == y_test)
     assert saved["samples"] == len(x_test)
     assert saved["results"][2]["accuracy"] == pytest.approx(expected, abs=1e-9)

@@ -9,11 +9,11 @@ import os
 import keras
 import numpy as np
 import pytest
+from digits_testing import load_digits_arrays
 from PIL import Image
 
 from hlkeras import cli
 from hlkeras import data
-from tests.digits_testing import load_digits_arrays
 
 pytestmark = [pytest.mark.slow, pytest.mark.backends("tensorflow")]
 SMALL = ["--epochs", "2", "--depth", "1", "--width", "16"]

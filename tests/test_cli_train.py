@@ -15,8 +15,8 @@ from hlkeras import _compat
 from hlkeras import cli
 from hlkeras import data
 from hlkeras import models
-from hlkeras import runs
 from hlkeras import training
+from hlkeras.training import runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--depth", "1", "--width", "16"]

@@ -10,10 +10,10 @@ import subprocess
 import sys
 
 import pytest
+from digits_testing import digits_mlp_search_config
 
 from hlkeras import cli
 from hlkeras import search
-from tests.digits_testing import digits_mlp_search_config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_SPACE = """\

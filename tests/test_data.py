@@ -5,10 +5,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from digits_testing import load_digits_arrays
 from etils import epath
 
 from hlkeras import data
-from tests.digits_testing import load_digits_arrays
 
 # Argument checks, files and tf.data: the same on every backend.
 pytestmark = pytest.mark.neutral

@@ -1,4 +1,4 @@
-"""`hlkeras train --distribute` and `hlkeras.distribute` (keras.distribution).
+"""`hlkeras train --distribute` and `hlkeras.training.distribute` (keras.distribution).
 
 The device count of XLA is fixed when JAX starts, so everything that needs
 several devices runs in a subprocess with
@@ -21,9 +21,9 @@ import tensorflow as tf
 
 from hlkeras import cli
 from hlkeras import data
-from hlkeras import distribute
-from hlkeras import runs
 from hlkeras import training
+from hlkeras.training import distribute
+from hlkeras.training import runs
 
 CHECKOUT = pathlib.Path(__file__).resolve().parents[1]
 BACKEND = keras.backend.backend()
@@ -123,7 +123,8 @@ SHARDING_SCRIPT = textwrap.dedent(
     import keras
     import numpy as np
     import tensorflow as tf
-    from hlkeras import distribute, models
+    from hlkeras import models
+    from hlkeras.training import distribute
 
     spec = models.resolve_spec({
         "arch": "vit", "input_shape": [8, 8, 1], "num_classes": 10,

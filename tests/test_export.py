@@ -44,7 +44,8 @@ def digits():
 
 @pytest.fixture(scope="module")
 def matrix(digits, tmp_path_factory):
-    """Trains each built-in architecture once and exports it in every mode."""
+    """Trains each built-in architecture once and exports it in every mode,
+    in one export (one SavedModel, one Keras reference)."""
     if BACKEND != "tensorflow":
         pytest.skip("the conversion matrix runs on the tensorflow backend only")
     x_train, y_train, x_test, y_test = digits
@@ -52,18 +53,16 @@ def matrix(digits, tmp_path_factory):
     for name in MATRIX_ARCHS:
         keras.utils.set_random_seed(7)
         model = train_architecture(name, x_train, y_train)
-        reports = {}
-        for quantization in QUANTIZATIONS:
-            reports[quantization] = export.export_model(
-                model,
-                tmp_path_factory.mktemp(f"{name}_{quantization}"),
-                formats=("tflite",),
-                quantization=quantization,
-                representative_data=x_train[:200],
-                verify_data=(x_test, y_test),
-                latency_runs=5,
-            )
-        results[name] = (model, reports)
+        report = export.export_model(
+            model,
+            tmp_path_factory.mktemp(name),
+            formats=("tflite",),
+            quantization=QUANTIZATIONS,
+            representative_data=x_train[:200],
+            verify_data=(x_test, y_test),
+            latency_runs=5,
+        )
+        results[name] = (model, report)
     return results
 
 
@@ -91,8 +90,9 @@ def read_bytes(path):
 def test_every_mode_is_builtins_only_and_runs_in_litert(
     matrix, keras_per_sample, digits, arch, quantization
 ):
-    _, reports = matrix[arch]
-    artifact = reports[quantization].artifact("tflite")
+    _, report = matrix[arch]
+    artifact = report.artifact("tflite", quantization)
+    assert artifact.quantization == quantization
     flatbuffer = read_bytes(artifact.path)
     ops_in_file = export.tflite_op_names(flatbuffer)
     assert set(ops_in_file) <= export.builtin_op_names()
@@ -114,10 +114,10 @@ def test_every_mode_is_builtins_only_and_runs_in_litert(
         np.mean(outputs.argmax(-1) == expected.argmax(-1))
     )
     assert artifact.accuracy == pytest.approx(accuracy(outputs, y_test))
-    assert reports[quantization].keras_accuracy == pytest.approx(accuracy(expected, y_test))
+    assert report.keras_accuracy == pytest.approx(accuracy(expected, y_test))
     # Medians of real timings: positive, and a 0.1-ms-scale model at batch 1
     # runs in well under a second in both runtimes.
-    assert 0 < artifact.latency_ms < 1000 and 0 < reports[quantization].keras_latency_ms < 1000
+    assert 0 < artifact.latency_ms < 1000 and 0 < report.keras_latency_ms < 1000
 
 
 @pytest.mark.backends("tensorflow")
@@ -125,9 +125,9 @@ def test_every_mode_is_builtins_only_and_runs_in_litert(
 def test_outputs_do_not_depend_on_the_batch_in_keras_and_litert(
     matrix, keras_per_sample, digits, arch
 ):
-    model, reports = matrix[arch]
+    model, report = matrix[arch]
     x_test = digits[2]
-    flatbuffer = read_bytes(reports["none"].artifact("tflite").path)
+    flatbuffer = read_bytes(report.artifact("tflite", "none").path)
     one_batch = export.run_tflite(flatbuffer, x_test)
     one_at_a_time = litert_per_sample(flatbuffer, x_test)
     np.testing.assert_allclose(one_at_a_time, one_batch, rtol=0, atol=1e-5)
@@ -137,33 +137,34 @@ def test_outputs_do_not_depend_on_the_batch_in_keras_and_litert(
         rtol=0,
         atol=1e-5,
     )
-    assert reports["none"].keras_batch_max_abs_diff <= 1e-5
+    assert report.keras_batch_max_abs_diff <= 1e-5
 
 
 @pytest.mark.backends("tensorflow")
 @pytest.mark.parametrize("arch", MATRIX_ARCHS)
 def test_float32_parity(matrix, arch):
-    _, reports = matrix[arch]
-    assert reports["none"].artifact("tflite").max_abs_diff <= 1e-4
+    _, report = matrix[arch]
+    assert report.artifact("tflite", "none").max_abs_diff <= 1e-4
 
 
 @pytest.mark.backends("tensorflow")
 @pytest.mark.parametrize("arch", MATRIX_ARCHS)
 def test_every_quantization_within_1_point_of_keras(matrix, arch):
-    _, reports = matrix[arch]
-    for quantization, report in reports.items():
-        assert report.keras_accuracy >= 0.9, "the model must be trained to mean much"
-        artifact = report.artifact("tflite")
+    _, report = matrix[arch]
+    assert report.keras_accuracy >= 0.9, "the model must be trained to mean much"
+    assert report.refused is None
+    assert report.quantization == list(QUANTIZATIONS)
+    for quantization in QUANTIZATIONS:
+        artifact = report.artifact("tflite", quantization)
         assert abs(artifact.accuracy - report.keras_accuracy) <= 0.01, quantization
         assert artifact.top1_agreement >= 0.98, quantization
-        assert report.refused is None
 
 
 @pytest.mark.backends("tensorflow")
 @pytest.mark.parametrize("arch", MATRIX_ARCHS)
 def test_quantized_file_sizes(matrix, arch):
-    _, reports = matrix[arch]
-    paths = {q: reports[q].artifact("tflite").path for q in QUANTIZATIONS}
+    _, report = matrix[arch]
+    paths = {q: report.artifact("tflite", q).path for q in QUANTIZATIONS}
     # The weights (constant buffers) shrink as quantization says: 1/4 for
     # int8 (plus per-channel scales), 1/2 for float16. Dynamic-range keeps
     # tensors of <= 1024 values (biases, norms, the position embedding) in
@@ -176,7 +177,7 @@ def test_quantized_file_sizes(matrix, arch):
     # are not 0.3x: their ~500 op and tensor tables (45-100 KB, measured)
     # weigh as much as their 69k-169k int8 weights.
     if arch in ("mlp", "resnet"):
-        size = {q: reports[q].artifact("tflite").size_bytes for q in QUANTIZATIONS}
+        size = {q: report.artifact("tflite", q).size_bytes for q in QUANTIZATIONS}
         assert size["int8"] <= 0.30 * size["none"]
         assert size["dynamic"] <= 0.30 * size["none"]
 
@@ -189,11 +190,12 @@ def constant_buffer_bytes(flatbuffer):
     return sum(model.Buffers(i).DataLength() for i in range(model.BuffersLength()))
 
 
+@pytest.mark.slow
 @pytest.mark.backends("tensorflow")
 def test_int8_io_takes_and_returns_int8(matrix, digits, tmp_path):
     from ai_edge_litert.interpreter import Interpreter
 
-    model, reports = matrix["resnet"]
+    model, _ = matrix["resnet"]
     x_train, _, x_test, y_test = digits
     report = export.export_model(
         model,
@@ -220,6 +222,7 @@ def test_int8_io_takes_and_returns_int8(matrix, digits, tmp_path):
 # ---------------------------------------------------------------- SavedModel
 
 
+@pytest.mark.slow
 @pytest.mark.backends("tensorflow")
 def test_saved_model_loads_with_plain_tensorflow_without_hlkeras(matrix, digits, tmp_path):
     model, _ = matrix["resnet"]
@@ -261,15 +264,20 @@ def test_saved_model_loads_with_plain_tensorflow_without_hlkeras(matrix, digits,
 
 @pytest.mark.backends("tensorflow")
 def test_report_is_written_as_json_and_round_trips(matrix):
-    _, reports = matrix["resnet"]
-    report = reports["int8"]
+    _, report = matrix["resnet"]
     with open(os.path.join(report.out_dir, export.REPORT_FILENAME)) as file:
         data = json.load(file)
     assert data == json.loads(report.to_json())
     assert export.ExportReport.from_dict(data) == report
+    # One export, one file per quantization, and nothing else left behind
+    # (the shared SavedModel was not asked for).
     assert sorted(os.listdir(report.out_dir)) == sorted(
-        [export.REPORT_FILENAME, "model_int8.tflite"]
+        [export.REPORT_FILENAME] + [export.tflite_filename(q) for q in QUANTIZATIONS]
     )
+    assert [a.quantization for a in report.artifacts] == list(QUANTIZATIONS)
+    with pytest.raises(KeyError, match="name the quantization"):
+        report.artifact("tflite")
+    assert report.artifact("tflite", "float32") is report.artifact("tflite", "none")
 
 
 # ---------------------------------------------------------------- any backend
@@ -281,31 +289,42 @@ def reference_tensorflow_export(keras_path, out_dir):
     env["PYTHONPATH"] = REPO_ROOT
     command = [sys.executable, "-m", "hlkeras.cli", "export", str(keras_path)]
     command += ["--out", str(out_dir), "--format", "tflite", "--latency-runs", "0"]
+    command += ["--quantize", ",".join(TWO_MODES)]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-2000:]
-    return os.path.join(out_dir, export.tflite_filename("none"))
+    return {q: os.path.join(out_dir, export.tflite_filename(q)) for q in TWO_MODES}
 
 
+# Two quantizations in one export: the request crosses to the TF-backend
+# subprocess as a list, and one SavedModel serves both conversions.
+TWO_MODES = ("none", "float16")
+
+
+@pytest.mark.slow
 @pytest.mark.backends("jax", "torch")
 def test_jax_and_torch_export_equals_tensorflow_export(digits, tmp_path):
     x_test = digits[2][:64]
     keras.utils.set_random_seed(3)
     model = build_resnet()  # Random weights are enough to compare numbers.
-    report = export.export_model(model, tmp_path / BACKEND, verify_data=x_test, latency_runs=5)
+    report = export.export_model(
+        model, tmp_path / BACKEND, quantization=TWO_MODES, verify_data=x_test, latency_runs=5
+    )
     assert report.backend == BACKEND
-    assert report.artifact("tflite").max_abs_diff <= 1e-4
+    assert report.artifact("tflite", "none").max_abs_diff <= 1e-4
+    assert report.artifact("tflite", "float16").max_abs_diff <= 1e-2
     assert report.artifact("saved_model").max_abs_diff <= 1e-4
-    assert report.artifact("tflite").builtin_only
+    assert all(a.builtin_only for a in report.artifacts if a.format == "tflite")
 
     model.save(tmp_path / "model.keras")
-    reference = reference_tensorflow_export(tmp_path / "model.keras", tmp_path / "tf")
-    ours = read_bytes(report.artifact("tflite").path)
-    assert export.tflite_op_names(ours) == export.tflite_op_names(read_bytes(reference))
-    np.testing.assert_array_equal(
-        export.run_tflite(ours, x_test), export.run_tflite(read_bytes(reference), x_test)
-    )
-    # The converter is deterministic, so the files are the same bytes.
-    assert ours == read_bytes(reference)
+    references = reference_tensorflow_export(tmp_path / "model.keras", tmp_path / "tf")
+    for quantization, reference in references.items():
+        ours = read_bytes(report.artifact("tflite", quantization).path)
+        assert export.tflite_op_names(ours) == export.tflite_op_names(read_bytes(reference))
+        np.testing.assert_array_equal(
+            export.run_tflite(ours, x_test), export.run_tflite(read_bytes(reference), x_test)
+        )
+        # The converter is deterministic, so the files are the same bytes.
+        assert ours == read_bytes(reference), quantization
 
 
 # ---------------------------------------------------------------- LoRA / MoE
@@ -329,7 +348,7 @@ def test_prepare_for_export_merges_lora_layers():
 
     model = lora_model()
     x = np.random.default_rng(0).normal(size=(8, 12)).astype("float32")
-    prepared = export._prepare_for_export(model)
+    prepared = export.loading.prepare_for_export(model)
     layers = list(prepared._flatten_layers(include_self=False, recursive=True))
     assert not any(isinstance(layer, LoRADense) for layer in layers)
     assert prepared.get_layer("adapted").__class__ is keras.layers.Dense
@@ -346,7 +365,9 @@ def test_lora_model_exports_merged(tmp_path):
     artifact = report.artifact("tflite")
     assert artifact.max_abs_diff <= 1e-5
     # Merged: one matmul per Dense. Unmerged LoRA would add two more.
-    interpreter = export._prepared_interpreter(read_bytes(artifact.path), (1, 12))
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=read_bytes(artifact.path))
     op_names = [op["op_name"] for op in interpreter._get_ops_details()]
     assert op_names.count("FULLY_CONNECTED") == 2
     assert "BATCH_MATMUL" not in op_names
@@ -365,7 +386,7 @@ def moe_model(capacity_factor):
 def test_moe_exports_match_keras_per_sample(capacity_factor, tmp_path):
     model = moe_model(capacity_factor)
     x = np.random.default_rng(0).normal(size=(24, 6, 8)).astype("float32")
-    assert export._prepare_for_export(model) is model  # no surgery needed
+    assert export.loading.prepare_for_export(model) is model  # no surgery needed
     report = export.export_model(model, tmp_path, verify_data=x, latency_runs=0)
     assert report.refused is None
     assert report.keras_batch_max_abs_diff <= 1e-5
@@ -406,7 +427,7 @@ def test_an_artifact_that_fails_in_litert_is_refused_in_one_line(digits, tmp_pat
     def failing_run(flatbuffer, inputs):
         raise RuntimeError(message)
 
-    monkeypatch.setattr(export, "_tflite_per_sample", failing_run)
+    monkeypatch.setattr(export.verify, "tflite_per_sample", failing_run)
     with pytest.raises(export.ExportRefused) as raised:
         export.export_model(
             random_classifier(0), tmp_path, formats=("tflite",), quantization="none",
@@ -594,6 +615,16 @@ def test_int8_without_representative_data_is_refused(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.neutral
+def test_quantizations_are_one_name_or_a_sequence_float32_naming_none():
+    assert export.check_quantizations("int8") == ("int8",)
+    assert export.check_quantizations(["float32", "none", "dynamic"]) == ("none", "dynamic")
+    with pytest.raises(export.ExportError, match=r"at least one of .*Received: \(\)"):
+        export.check_quantizations(())
+    with pytest.raises(export.ExportError, match=r"Received: quantization='int4'"):
+        export.check_quantizations(("none", "int4"))
+
+
 def test_unknown_quantization_is_refused(tmp_path):
     with pytest.raises(
         export.ExportError, match=r"`quantization`.*'int8'.*Received: quantization='int4'"
@@ -624,6 +655,7 @@ def test_representative_data_of_the_wrong_shape_is_refused(tmp_path):
         )
 
 
+@pytest.mark.slow
 @pytest.mark.backends("jax", "torch")
 def test_subprocess_refusal_reaches_the_caller_and_publishes_nothing(tmp_path):
     # In memory a Lambda runs fine; the TF-backend process must load it with

@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import pytest
 from digits_testing import load_digits_arrays
+from layer_testing import heavy
 
 from hlkeras import lora
 from hlkeras.layers import LoRADense
@@ -50,7 +51,7 @@ def _fit(model, epochs=2):
     model.fit(VECTORS, targets, batch_size=4, epochs=epochs, verbose=0)
 
 
-@keras.saving.register_keras_serializable(package="hlkeras")
+@keras.saving.register_keras_serializable(package="hlkeras_tests")
 class LoRAProtocolProbe(keras.layers.Layer):
     """Test double for a LoRA-capable hlkeras layer (as attention will be):
     a norm and two projections; with `lora_rank` set, the projections are
@@ -414,7 +415,7 @@ def test_protocol_layer_is_rebuilt_with_lora_rank_and_merged_back():
     )
 
 
-@keras.saving.register_keras_serializable(package="hlkeras")
+@keras.saving.register_keras_serializable(package="hlkeras_tests")
 class LeakyProbe(LoRAProtocolProbe):
     """Breaks protocol rule 2: its norm stays trainable next to the adapters."""
 
@@ -627,6 +628,7 @@ def _fine_tune_on_digits():
     return pretrained, fine_tuned, lora.merge_lora(fine_tuned), test
 
 
+@heavy
 def test_digits_fine_tune_then_merge_keeps_accuracy():
     pretrained, fine_tuned, merged, (images, labels) = _fine_tune_on_digits()
     # The adapters trained and the base did not.
@@ -696,3 +698,16 @@ def test_nested_models_with_unnamed_inputs_keep_their_paths_through_lora(tmp_pat
     lora.set_adapter(again, "other")
     lora.load_adapters(again, tmp_path / "a.lora.npz")
     np.testing.assert_allclose(_predict(again, VECTORS), _predict(adapted, VECTORS), atol=1e-6)
+
+
+def test_the_protocol_is_a_registered_layer_with_a_lora_rank_key_not_a_keras_built_in():
+    # Keras' Dense and EinsumDense with Keras' own LoRA have `lora_rank` in
+    # their configs too, but they are built-ins, never rebuilt as protocol layers.
+    einsum = keras.layers.EinsumDense("ab,bc->ac", output_shape=4, lora_rank=2)
+    dense = keras.layers.Dense(4, lora_rank=2)
+    assert "lora_rank" in einsum.get_config() and "lora_rank" in dense.get_config()
+    assert not lora.follows_lora_protocol(einsum)
+    assert not lora.follows_lora_protocol(dense)
+    # A user's registered layer follows it, whatever its package.
+    assert keras.saving.get_registered_name(LoRAProtocolProbe) == "hlkeras_tests>LoRAProtocolProbe"
+    assert lora.follows_lora_protocol(LoRAProtocolProbe(4))

@@ -6,12 +6,13 @@ computed in NumPy."""
 import keras
 import numpy as np
 import pytest
+from layer_testing import heavy
 from layer_testing import run_layer_test
 
 from hlkeras import lora
 from hlkeras.layers import MixtureOfExperts
 from hlkeras.layers import TransformerBlock
-from hlkeras.layers.moe import expert_parallel_layout
+from hlkeras.layers.moe_ops import expert_parallel_layout
 
 RNG = np.random.default_rng(0)
 TOKENS = RNG.normal(size=(4, 6, 8)).astype("float32")
@@ -56,6 +57,7 @@ def _numpy_merged_kernels(layer):
     )
 
 
+@heavy
 @pytest.mark.parametrize("capacity_factor", [1.0, None], ids=["capacity", "dropless"])
 def test_expert_adapters_compute_the_merged_kernel_formula(capacity_factor):
     model = _moe_model(capacity_factor=capacity_factor)
@@ -144,6 +146,7 @@ def test_merged_expert_adapters_export_to_tflite_builtins():
     np.testing.assert_allclose(tflite_outputs, _predict(adapted, TOKENS), rtol=0, atol=1e-4)
 
 
+@heavy
 def test_moe_with_lora_rank_contract():
     run_layer_test(
         MixtureOfExperts,

@@ -1,4 +1,4 @@
-"""`hlkeras.runs.RunDir` and the settings of a run: create, refuse, overwrite
+"""`hlkeras.training.runs.RunDir` and the settings of a run: create, refuse, overwrite
 only the run's own files, resume with the recorded settings. (The training
 flow itself, `train_run`, is exercised end to end by tests/test_cli_train.py.)
 """
@@ -8,7 +8,7 @@ import json
 import pytest
 
 from hlkeras import data
-from hlkeras import runs
+from hlkeras.training import runs
 
 # Argument checks, files and tf.data: the same on every backend.
 pytestmark = pytest.mark.neutral

@@ -10,12 +10,12 @@ import keras
 import keras_tuner as kt
 import numpy as np
 import pytest
+from digits_testing import digits_mlp_search_config
+from digits_testing import load_digits_arrays
 
 from hlkeras import data
 from hlkeras import models
 from hlkeras import search
-from tests.digits_testing import digits_mlp_search_config
-from tests.digits_testing import load_digits_arrays
 
 
 def _declared(space):
@@ -356,9 +356,10 @@ def test_a_search_on_a_csv_normalizes_features_inside_every_model(tmp_path):
 
 @pytest.mark.slow
 def test_a_search_on_texts_saves_the_tokenizer_its_trials_used(tmp_path):
+    from texts_testing import write_keyword_csv
+
     from hlkeras import predict
-    from hlkeras import texts
-    from tests.test_texts import write_keyword_csv
+    from hlkeras.data import texts
 
     path = tmp_path / "tickets.csv"
     write_keyword_csv(path, 300)

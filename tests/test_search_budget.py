@@ -9,11 +9,11 @@ import os
 
 import keras_tuner as kt
 import pytest
+from digits_testing import digits_mlp_search_config
 
 from hlkeras import models
 from hlkeras import search
 from hlkeras.search import budget
-from tests.digits_testing import digits_mlp_search_config
 
 # (trial, tflite KiB, latency ms, val_accuracy) -> verdict and oracle score
 # against 100 KiB and 1 ms, computed by hand: the score of a trial over

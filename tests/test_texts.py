@@ -1,4 +1,4 @@
-"""Text data: `hlkeras.texts.Tokenizer` against hand-computed ids and a
+"""Text data: `hlkeras.data.texts.Tokenizer` against hand-computed ids and a
 round trip, `load_path` on a CSV of texts and `load` on a mocked TFDS text
 dataset (splits, labels), one-line errors for bad text input, and, end to end
 on TensorFlow, `hlkeras train` on a generated keyword CSV with each encoder,
@@ -16,40 +16,14 @@ import re
 import keras
 import numpy as np
 import pytest
+from texts_testing import write_keyword_csv
 
 from hlkeras import cli
 from hlkeras import data
 from hlkeras import export
-from hlkeras import texts
+from hlkeras.data import texts
 
 pytestmark = pytest.mark.backends("tensorflow")
-
-KEYWORDS = {
-    "billing": ["invoice", "refund"],
-    "tech": ["crash", "error"],
-    "sales": ["price", "demo"],
-}
-
-
-def write_keyword_csv(path, rows, seed=0):
-    """Tickets of filler words whose class is decided by one keyword; text i
-    starts with the words `a<tens digit> b<units digit>` of i, so a test can
-    find its row from in-vocabulary words."""
-    rng = np.random.default_rng(seed)
-    filler = [f"w{i}" for i in range(60)]
-    labels = []
-    with open(path, "w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(["id", "text", "label"])
-        for i in range(rows):
-            label = list(KEYWORDS)[i % 3]
-            words = [f"a{i // 10 % 10}", f"b{i % 10}"] + list(
-                rng.choice(filler, rng.integers(3, 12))
-            )
-            words.insert(int(rng.integers(2, len(words) + 1)), str(rng.choice(KEYWORDS[label])))
-            writer.writerow([i, " ".join(words) + ".", label])
-            labels.append(label)
-    return labels
 
 
 def test_tokenizer_ids_follow_the_vocabulary_and_survive_a_round_trip(tmp_path):

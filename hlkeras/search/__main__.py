@@ -5,12 +5,13 @@ import json
 import os
 import sys
 
+from hlkeras import _files
+
 # TensorFlow's C++ start-up logging drowns the search's own output.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def main(settings_path):
-    from hlkeras import training
     from hlkeras.search.run import run_search
     from hlkeras.search.workers import error_path
 
@@ -19,7 +20,7 @@ def main(settings_path):
     outcome = run_search(log=lambda line: print(line, flush=True), **settings)
     if outcome.error and os.environ.get("KERASTUNER_TUNER_ID") == "chief":
         # The process that started the chief reports it as its own error.
-        training.atomic_write_text(error_path(settings["directory"]), outcome.error)
+        _files.atomic_write_text(error_path(settings["directory"]), outcome.error)
         return 1
     if outcome.error:
         print(

@@ -24,8 +24,8 @@ import json
 import os
 import time
 
+from hlkeras import _files
 from hlkeras import _validation
-from hlkeras import training
 
 # The `hlkeras tune` flags of a budget, as settings of `run_search`.
 BUDGET_DEFAULTS = {"max_tflite_kb": None, "max_latency_ms": None, "quantize": None}
@@ -180,7 +180,7 @@ def measure_on_device(model, device_budget, trial_dir, x_train, validation_data)
     measured["refused"] = refused
     measured["budget"] = refused or device_budget.verdict(measured)
     measured["measure_seconds"] = time.perf_counter() - start
-    training.atomic_write_json(os.path.join(trial_dir, DEVICE_JSON), measured)
+    _files.atomic_write_json(os.path.join(trial_dir, DEVICE_JSON), measured)
     return measured
 
 

@@ -5,7 +5,7 @@ import csv
 import io
 import os
 
-from hlkeras import training
+from hlkeras import _files
 from hlkeras.search import budget
 from hlkeras.search.space import _value_kind
 from hlkeras.search.tuners import TRAINED
@@ -87,7 +87,7 @@ def write_trials_csv(path, rows):
     writer.writeheader()
     for row in rows:
         writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in columns})
-    training.atomic_write_text(path, buffer.getvalue())
+    _files.atomic_write_text(path, buffer.getvalue())
 
 
 def read_trials_csv(path):
@@ -201,7 +201,7 @@ def plot_pareto(rows, device_budget, objective, path):
         axes.set_title(f"{objective} vs {key} ({device_budget.quantization})")
         axes.grid(alpha=0.3)
         axes.legend()
-    training.save_figure_atomic(figure, path)
+    _files.save_figure_atomic(figure, path)
 
 
 def plot_trials(rows, space, objective, path):
@@ -237,7 +237,7 @@ def plot_trials(rows, space, objective, path):
         axes.set_xlabel(key)
         axes.set_title(f"{objective} vs {key}")
         axes.grid(alpha=0.3)
-    training.save_figure_atomic(figure, path)
+    _files.save_figure_atomic(figure, path)
 
 
 def best_values(rows, space, direction="max"):
@@ -263,9 +263,9 @@ def write_reports(tuner, hypermodel, directory):
     values = best_values(rows, hypermodel.space, objective.direction)
     if values is not None:
         best = ranked(rows, objective.direction)[0]
-        training.atomic_write_json(os.path.join(directory, BEST_SPEC_JSON), hypermodel.spec(values))
+        _files.atomic_write_json(os.path.join(directory, BEST_SPEC_JSON), hypermodel.spec(values))
         measured = {key: best[key] for key in budget.MEASUREMENT_COLUMNS if key in best}
-        training.atomic_write_json(
+        _files.atomic_write_json(
             os.path.join(directory, BEST_TRIAL_JSON),
             {
                 "trial": best["trial"],

@@ -20,10 +20,11 @@ import os
 import shutil
 
 from hlkeras import _compat
+from hlkeras import _files
 from hlkeras import _validation
 from hlkeras import models
 from hlkeras import training
-from hlkeras.data_settings import DATA_FILE_DEFAULTS
+from hlkeras.data.settings import DATA_FILE_DEFAULTS
 from hlkeras.search import budget
 from hlkeras.search import reports
 from hlkeras.search import tuners
@@ -150,7 +151,7 @@ def run_search(log=print, **given):
     return _search_here(settings, overrides, log)
 
 
-CLASS_NAMES_JSON = "class_names.json"  # as in a run directory (hlkeras.runs.RunDir)
+CLASS_NAMES_JSON = "class_names.json"  # as in a run directory (hlkeras.training.runs.RunDir)
 
 
 def data_name(settings):
@@ -163,7 +164,7 @@ def _search_here(settings, overrides, log):
     import keras
 
     from hlkeras import data
-    from hlkeras import texts
+    from hlkeras.data import texts
 
     directory = settings["directory"]
     keras.utils.set_random_seed(settings["seed"])
@@ -218,7 +219,7 @@ def _search_here(settings, overrides, log):
     log(f"best spec: {json.dumps(outcome.best_spec, sort_keys=True)}")
     # What `hlkeras predict` reads beside best.keras: the class names and the
     # tokenizer the trials used.
-    training.atomic_write_json(os.path.join(directory, CLASS_NAMES_JSON), list(info.class_names))
+    _files.atomic_write_json(os.path.join(directory, CLASS_NAMES_JSON), list(info.class_names))
     tokenizer = info.tokenizer() if info.kind == "text" else None
     if tokenizer is not None:
         tokenizer.save(os.path.join(directory, texts.VOCABULARY_FILE))
@@ -290,7 +291,7 @@ def export_best(outcome, device_budget, x_train, validation, log):
         # Latency is not checked again: a re-measurement differs by noise.
         return f"best.tflite was not written: the retrained model is {verdict}"
     target = os.path.join(outcome.directory, BEST_TFLITE)
-    partial = training._partial_path(target, ".tflite")
+    partial = _files.partial_path(target, ".tflite")
     shutil.copyfile(report.artifacts[0].path, partial)
     os.replace(partial, target)
     outcome.best_tflite = target
@@ -367,7 +368,7 @@ def retrain_best(
                 # This configuration was retrained before: keep that model.
                 rows = training.read_history_rows(os.path.join(run_dir, training.HISTORY_CSV))
                 return training.FitResult(rows=rows, nan_epoch=None, best_path=target, seconds=0.0)
-    training.atomic_write_json(record_path, record)
+    _files.atomic_write_json(record_path, record)
     result = training.compile_and_fit(
         models.build(spec),
         train_ds,
@@ -380,8 +381,8 @@ def retrain_best(
         verbose=verbose,
     )
     if result.best_path and result.nan_epoch is None:
-        partial = training._partial_path(target, ".keras")
+        partial = _files.partial_path(target, ".keras")
         shutil.copyfile(result.best_path, partial)
         os.replace(partial, target)
-        training.atomic_write_json(done_path, record)
+        _files.atomic_write_json(done_path, record)
     return result

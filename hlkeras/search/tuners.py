@@ -18,6 +18,7 @@ import keras
 import keras_tuner as kt
 
 from hlkeras import _compat
+from hlkeras import _files
 from hlkeras import training
 from hlkeras.search import budget
 
@@ -52,14 +53,14 @@ class _RecordingTuner(_compat.TunerOverrides):
     def run_trial(self, trial, *args, **kwargs):
         start = time.perf_counter()
         # Which tuner ran the trial, for the report (workers share the directory).
-        training.atomic_write_text(
+        _files.atomic_write_text(
             os.path.join(self.get_trial_dir(trial.trial_id), TRIAL_TUNER_FILE), self.tuner_id
         )
         try:
             histories = super().run_trial(trial, *args, **kwargs)
         except Exception as error:
             path = os.path.join(self.get_trial_dir(trial.trial_id), TRIAL_ERROR_FILE)
-            training.atomic_write_text(path, _error_line(error) + "\n")
+            _files.atomic_write_text(path, _error_line(error) + "\n")
             print(f"trial {trial.trial_id} failed: {_error_line(error)}", flush=True)
             raise
         objective = self.oracle.objective.name
@@ -130,7 +131,7 @@ class HyperbandTuner(_RecordingTuner, kt.Hyperband):
 
 
 def _atomic_save_json(path, obj):
-    training.atomic_write_text(os.fspath(path), json.dumps(obj))
+    _files.atomic_write_text(os.fspath(path), json.dumps(obj))
 
 
 def make_tuner(
@@ -224,7 +225,7 @@ def check_search_dir(directory, config, *, record=True):
             )
         if record:
             os.makedirs(directory, exist_ok=True)
-            training.atomic_write_json(path, config)
+            _files.atomic_write_json(path, config)
         return False
     with open(path) as f:
         recorded = json.load(f)

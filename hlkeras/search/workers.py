@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-from hlkeras import training
+from hlkeras import _files
 from hlkeras.search import reports
 from hlkeras.search.outcome import BEST_MODEL
 from hlkeras.search.outcome import BEST_TFLITE
@@ -59,7 +59,7 @@ def run_chief_and_workers(settings, log=print):
     if os.path.exists(error_path(directory)):
         os.remove(error_path(directory))  # an earlier run's
     settings_path = os.path.join(log_dir, SETTINGS_JSON)
-    training.atomic_write_json(settings_path, {**settings, "workers": 0})
+    _files.atomic_write_json(settings_path, {**settings, "workers": 0})
     command = [sys.executable, "-m", "hlkeras.search", settings_path]
     env = {
         **os.environ,

@@ -4,6 +4,7 @@ import tempfile
 import keras
 import numpy as np
 import pytest
+from layer_testing import heavy
 from layer_testing import run_layer_test
 from moe_testing import layer_weights
 from moe_testing import np_kept
@@ -13,7 +14,7 @@ from moe_testing import randomize_biases
 from moe_testing import to_numpy
 
 from hlkeras.layers import MixtureOfExperts
-from hlkeras.layers import moe
+from hlkeras.layers import moe_ops
 
 BACKEND = keras.backend.backend()
 RNG = np.random.default_rng(0)
@@ -49,6 +50,7 @@ VECTORS = RNG.normal(size=(8, 6)).astype("float32")
     ],
     ids=["capacity-sequences", "dropless-top1-vectors-projection-jitter"],
 )
+@heavy
 def test_moe_contract(init_kwargs, inputs, expected_shape):
     run_layer_test(MixtureOfExperts, init_kwargs, inputs, expected_output_shape=expected_shape)
 
@@ -122,8 +124,8 @@ def test_capacity_layout_keeps_the_numpy_slot_rule_assignments():
     expert_index = RNG.integers(0, 4, size=(30, 1))
     expert_index = np.concatenate([expert_index, (expert_index + 1) % 4], axis=1)
     capacity = 9
-    positions = moe.expert_positions(keras.ops.convert_to_tensor(expert_index, "int32"), 4)
-    layout = moe.capacity_layout(*positions, 30, capacity)
+    positions = moe_ops.expert_positions(keras.ops.convert_to_tensor(expert_index, "int32"), 4)
+    layout = moe_ops.capacity_layout(*positions, 30, capacity)
     assignment_kept = to_numpy(layout[1]).reshape(2, 30).T
     np.testing.assert_array_equal(assignment_kept, np_kept(expert_index, 4, capacity))
 
@@ -133,10 +135,10 @@ def test_grouped_capacity_layout_keeps_the_slot_rule_of_each_group():
     logits = RNG.normal(size=(num_tokens, num_experts)).astype("float32")
     logits[:, 1] += 1.0  # expert 1's queues overflow
     expert_index, _ = np_route(logits, 2)
-    positions = moe.expert_positions(
+    positions = moe_ops.expert_positions(
         keras.ops.convert_to_tensor(expert_index, "int32"), num_experts, group_size
     )
-    layout = moe.capacity_layout(*positions, num_tokens, capacity)
+    layout = moe_ops.capacity_layout(*positions, num_tokens, capacity)
     row, kept, row_assignment, row_valid = (to_numpy(t) for t in layout[:4])
     kept = kept.reshape(2, num_tokens).T
     np.testing.assert_array_equal(
@@ -159,13 +161,13 @@ def test_dropless_layout_places_every_assignment_in_its_experts_block():
     logits = RNG.normal(size=(num_tokens, num_experts)).astype("float32")
     logits[:, 2] += 2.0  # a skewed load, so block counts differ per expert
     expert_index, _ = np_route(logits, top_k)
-    positions = moe.expert_positions(
+    positions = moe_ops.expert_positions(
         keras.ops.convert_to_tensor(expert_index, "int32"), num_experts
     )
     num_assignments = num_tokens * top_k
-    block_size = moe.dropless_block_size(num_assignments, num_experts)
-    num_blocks = moe.dropless_num_blocks(num_assignments, num_experts, block_size)
-    layout = moe.dropless_layout(*positions, num_tokens, block_size, num_blocks)
+    block_size = moe_ops.dropless_block_size(num_assignments, num_experts)
+    num_blocks = moe_ops.dropless_num_blocks(num_assignments, num_experts, block_size)
+    layout = moe_ops.dropless_layout(*positions, num_tokens, block_size, num_blocks)
     row, kept, row_assignment, row_valid, block_expert = (to_numpy(t) for t in layout[:5])
     assert kept.all()
     assert len(set(row.tolist())) == num_assignments, "two assignments share a row"
@@ -204,6 +206,7 @@ def test_aux_loss_weights_of_zero_add_no_loss():
     assert layer.losses == []
 
 
+@heavy
 def test_single_expert_top1_equals_its_ffn():
     layer = MixtureOfExperts(1, 9, top_k=1, activation="relu", output_units=5)
     layer.build(SEQUENCES.shape)
@@ -323,13 +326,13 @@ def test_nan_router_logits_give_nan_outputs_for_exactly_those_tokens():
     logits = RNG.normal(size=(num_tokens, num_experts)).astype("float32")
     logits[:, 0] += 2.0  # expert 0 overflows: some choices are dropped
     logits[[1, 19]] = np.nan
-    expert_index, gates, _ = moe.route_top_k(keras.ops.convert_to_tensor(logits), top_k)
-    positions = moe.expert_positions(expert_index, num_experts)
-    layout = moe.capacity_layout(*positions, num_tokens, capacity)
-    buffer = moe.dispatch_tokens(tokens, layout, top_k)
+    expert_index, gates, _ = moe_ops.route_top_k(keras.ops.convert_to_tensor(logits), top_k)
+    positions = moe_ops.expert_positions(expert_index, num_experts)
+    layout = moe_ops.capacity_layout(*positions, num_tokens, capacity)
+    buffer = moe_ops.dispatch_tokens(tokens, layout, top_k)
     w1 = RNG.normal(size=(num_experts, 6, 8)).astype("float32")
     w2 = RNG.normal(size=(num_experts, 8, 6)).astype("float32")
-    expert_outputs = moe.expert_ffn(
+    expert_outputs = moe_ops.expert_ffn(
         buffer,
         w1,
         np.zeros((num_experts, 8), "float32"),
@@ -337,7 +340,7 @@ def test_nan_router_logits_give_nan_outputs_for_exactly_those_tokens():
         np.zeros((num_experts, 6), "float32"),
         keras.activations.relu,
     )
-    output = to_numpy(moe.combine_expert_outputs(expert_outputs, layout, gates))
+    output = to_numpy(moe_ops.combine_expert_outputs(expert_outputs, layout, gates))
     # Which experts a NaN token picks is backend-specific; here token 19, the
     # last in every queue, loses at least one choice on every backend, so
     # the test covers a dropped NaN assignment too.
@@ -487,10 +490,12 @@ def test_router_runs_in_float32_under_mixed_bfloat16():
 
 
 def test_expert_capacity_formula():
-    assert moe.expert_capacity_for(100, 8, 2, 1.25) == math.ceil(1.25 * 100 * 2 / 8)
+    assert moe_ops.expert_capacity_for(100, 8, 2, 1.25) == math.ceil(1.25 * 100 * 2 / 8)
     # Never more than the token count: an expert gets each token at most once.
-    assert moe.expert_capacity_for(10, 2, 2, 4.0) == 10
-    tensor_capacity = moe.expert_capacity_for(keras.ops.convert_to_tensor(100, "int32"), 8, 2, 1.25)
+    assert moe_ops.expert_capacity_for(10, 2, 2, 4.0) == 10
+    tensor_capacity = moe_ops.expert_capacity_for(
+        keras.ops.convert_to_tensor(100, "int32"), 8, 2, 1.25
+    )
     assert int(to_numpy(tensor_capacity)) == 32
 
 
@@ -539,6 +544,7 @@ def test_rejects_rank_one_input_at_build():
         MixtureOfExperts(4, 8).build((6,))
 
 
+@pytest.mark.slow
 @pytest.mark.backends("tensorflow")
 def test_int8_tflite_keeps_the_capacity_of_longer_sequences_than_calibration():
     # The capacity of a dynamic sequence length is computed in integers: a

@@ -24,7 +24,7 @@ SCRIPT = textwrap.dedent(
     import keras
     import numpy as np
     from hlkeras.layers import MixtureOfExperts
-    from hlkeras.layers.moe import expert_parallel_layout
+    from hlkeras.layers.moe_ops import expert_parallel_layout
 
     NUM_EXPERTS = 4
     rng = np.random.default_rng(0)

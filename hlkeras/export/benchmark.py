@@ -17,11 +17,11 @@ import os
 
 import numpy as np
 
+from hlkeras import _files
 from hlkeras import _timing
 from hlkeras import _validation
 from hlkeras import export
-from hlkeras import onnx_export
-from hlkeras import training
+from hlkeras.export import onnx_export
 
 # The artifact families `--formats` chooses from; Keras is always measured,
 # since every other row is compared with it.
@@ -124,8 +124,8 @@ def benchmark_model(
         formats: Any of `FORMATS`.
         quantizations: The `.tflite` quantizations to measure.
         latency_runs: Timed batch-1 calls per runtime (p50, p90).
-        work_dir: Where the artifacts are exported (one directory per
-            quantization).
+        work_dir: Where the artifacts are exported (one export, one
+            directory per artifact only if that export failed).
         progress: Called with one line per step.
 
     Returns:
@@ -198,26 +198,35 @@ def _keras_runtimes(model, model_path):
 
 
 def _exported_runtimes(model_path, input_shape, options, work_dir, progress):
-    """One `_Runtime` per requested artifact, exported into `work_dir`: the
-    SavedModel, the float32 `.tflite` and the `.onnx` in one export, each
-    other quantization in its own."""
+    """One `_Runtime` per requested artifact, all from one export into
+    `work_dir` (one SavedModel and one conversion path for every `.tflite`).
+    When that export fails, each artifact is exported alone, so one mode
+    that cannot convert does not hide the others: its row gets the reason."""
+    formats = [f for f in FORMATS if f in options["formats"]]
+    quantizations = list(options["quantizations"]) if "tflite" in formats else []
+    failures = {}
+    if "int8" in quantizations and options["representative_data"] is None:
+        quantizations.remove("int8")
+        failures[("tflite", "int8")] = "int8 needs representative data (--dataset or --data)"
+    planned = [(f, None) for f in formats if f != "tflite"] + [("tflite", q) for q in quantizations]
+    export_formats = [f for f in formats if f != "tflite" or quantizations]
+    directories = {key: work_dir for key in planned}
+    if planned:
+        progress(f"exporting {', '.join(_row_name(*key) for key in planned)}")
+        if _export(model_path, work_dir, export_formats, quantizations, options):
+            for key in planned:
+                directories[key] = os.path.join(work_dir, _row_name(*key).replace(" ", "_"))
+                failures[key] = _export(
+                    model_path, directories[key], [key[0]], [key[1] or "none"], options
+                )
     runtimes = []
-    formats, quantizations = options["formats"], options["quantizations"]
-    for quantization in quantizations if "tflite" in formats else ("none",):
-        artifacts = ["tflite"] if "tflite" in formats else []
-        if quantization == "none":
-            artifacts = [f for f in FORMATS if f in formats]
-        if not artifacts:
-            continue
-        names = [_row_name(f, quantization) for f in artifacts]
-        progress(f"exporting {', '.join(names)}")
-        out_dir = os.path.join(work_dir, quantization)
-        failure = _export(model_path, out_dir, artifacts, quantization, options)
-        for format, name in zip(artifacts, names):
-            runtime = _artifact_runtime(format, name, out_dir, quantization, input_shape)
-            if failure:
-                runtime.make_predict, runtime.note = None, failure
-            runtimes.append(runtime)
+    for format, quantization in planned + [key for key in failures if key not in planned]:
+        out_dir = directories.get((format, quantization), work_dir)
+        name = _row_name(format, quantization)
+        runtime = _artifact_runtime(format, name, out_dir, quantization, input_shape)
+        if failures.get((format, quantization)):
+            runtime.make_predict, runtime.note = None, failures[(format, quantization)]
+        runtimes.append(runtime)
     return runtimes
 
 
@@ -227,17 +236,15 @@ def _row_name(format, quantization):
     return format
 
 
-def _export(model_path, out_dir, artifacts, quantization, options):
+def _export(model_path, out_dir, formats, quantizations, options):
     """Exports without verification (the benchmark measures); returns why
     it failed, or `None`."""
-    if quantization == "int8" and options["representative_data"] is None:
-        return "int8 needs representative data (--dataset or --data)"
     try:
         export.export_model(
             model_path,
             out_dir,
-            formats=artifacts,
-            quantization=quantization,
+            formats=formats,
+            quantization=quantizations or "none",
             representative_data=options["representative_data"],
             latency_runs=0,
         )
@@ -380,7 +387,7 @@ def format_optional(value, pattern):
 
 
 def write_json(report, path):
-    training.atomic_write_text(path, report.to_json() + "\n")
+    _files.atomic_write_text(path, report.to_json() + "\n")
 
 
 def plot(report, path):
@@ -404,4 +411,4 @@ def plot(report, path):
     size.barh(names, [(r.size_bytes or 0) / 1024 for r in measured], color="tab:orange")
     size.set_xlabel("size on disk (KiB)")
     figure.suptitle(f"{os.path.basename(report.model)} on {report.backend}")
-    training.save_figure_atomic(figure, path)
+    _files.save_figure_atomic(figure, path)

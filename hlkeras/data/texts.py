@@ -13,8 +13,9 @@ import os
 
 import numpy as np
 
-from hlkeras.tables import DatasetError
-from hlkeras.tables import read_csv_rows
+from hlkeras import _files
+from hlkeras.data.tables import DatasetError
+from hlkeras.data.tables import read_csv_rows
 
 VOCABULARY_FILE = "vocabulary.json"
 # Lowercase, strip punctuation, split on whitespace (Keras' default).
@@ -84,9 +85,8 @@ class Tokenizer:
 
     def save(self, path):
         """Writes the vocabulary and the max length to `path` (JSON, atomically)."""
-        from hlkeras import training
 
-        training.atomic_write_json(
+        _files.atomic_write_json(
             path, {"max_length": self.max_length, "vocabulary": list(self.vocabulary)}
         )
 

@@ -1,8 +1,10 @@
 """Reading a user's tables: the CSV reader (`read_csv_rows`, `csv_features`)
 and the checks that refuse NaN and infinity where data enters, with
 `DatasetError`, the error every data module raises. `hlkeras.data` (tables,
-`.npz`, TFDS) and `hlkeras.texts` (text CSVs) both read through it.
+`.npz`, TFDS) and `hlkeras.data.texts` (text CSVs) both read through it.
 No TensorFlow here."""
+
+import zipfile
 
 import numpy as np
 
@@ -94,3 +96,30 @@ def check_finite_array(array, where, name):
             f"{where}: {subject} has {what} in sample {index[0]} (at index "
             f"{list(index)}); {MISSING_VALUES_HINT}"
         )
+
+
+def labels_to_ids(values, where):
+    """Class ids for label values (ints sort numerically, strings by name)."""
+    values = [str(v).strip() for v in values]
+    if not values:
+        raise DatasetError(f"{where}: no examples")
+    unique = sorted(set(values))
+    try:
+        unique = sorted(unique, key=int)
+    except ValueError:
+        pass
+    if len(unique) < 2:
+        raise DatasetError(
+            f"{where}: only one class ({unique[0]!r}); classification needs at least two"
+        )
+    index = {name: i for i, name in enumerate(unique)}
+    return np.asarray([index[v] for v in values], "int32"), unique
+
+
+def read_npz(path, where):
+    """Every array of the `.npz` file at `path`, by name (no pickles)."""
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            return {name: arrays[name] for name in arrays.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        raise DatasetError(f"{where}: cannot read a NumPy .npz file ({error})") from None

@@ -29,7 +29,7 @@ import re
 
 import keras
 
-from hlkeras.layers.moe import expert_parallel_layout
+from hlkeras.layers.moe_ops import expert_parallel_layout
 
 STRATEGIES = ("data", "model")
 ENVIRONMENT = (

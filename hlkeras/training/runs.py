@@ -12,7 +12,7 @@ renamed into place.
 Example:
 
 ```python
-from hlkeras import runs
+from hlkeras.training import runs
 
 run_dir, resuming = runs.RunDir.open("runs/vit", resume=False, overwrite=False)
 settings = runs.settings_for(run_dir, resuming, {"epochs": 10})
@@ -30,8 +30,9 @@ import shutil
 import tempfile
 import time
 
+from hlkeras import _files
 from hlkeras import _validation
-from hlkeras.data_settings import DATA_FILE_DEFAULTS
+from hlkeras.data.settings import DATA_FILE_DEFAULTS
 
 # The settings of a run and their defaults (the `hlkeras train` flags; the
 # error messages name them as flags). `experts` None means
@@ -61,7 +62,7 @@ TRAIN_DEFAULTS = {
     "seed": 0,
     "patience": 15,
     "mixed_precision": False,
-    "distribute": None,  # hlkeras.distribute.STRATEGIES: data or model (JAX)
+    "distribute": None,  # hlkeras.training.distribute.STRATEGIES: data or model (JAX)
     "mesh": None,  # "BATCHxMODEL" for --distribute model
 }
 MOE_EXPERTS_DEFAULT = 4
@@ -87,7 +88,7 @@ class RunDir:
 
     SPEC = "spec.json"
     CLASS_NAMES = "class_names.json"
-    VOCABULARY = "vocabulary.json"  # hlkeras.texts.VOCABULARY_FILE
+    VOCABULARY = "vocabulary.json"  # hlkeras.data.texts.VOCABULARY_FILE
     CONFIG = "train_config.json"
     MODEL = "model.keras"
     TFLITE = "model.tflite"
@@ -243,7 +244,7 @@ def check_settings(settings):
     if settings["experts"] is not None and settings["experts"] < 0:
         raise RunError(f"--experts must be >= 0, got {settings['experts']}")
     if settings["distribute"] is not None:
-        from hlkeras import distribute
+        from hlkeras.training import distribute
 
         _validation.check_flag_choice(
             "--distribute", settings["distribute"], distribute.STRATEGIES, RunError
@@ -324,9 +325,9 @@ def train_run(settings, run_dir, *, resuming=False, tensorboard=False, log=print
     """
     import keras
 
-    from hlkeras import distribute
     from hlkeras import models
     from hlkeras import training
+    from hlkeras.training import distribute
 
     started = time.perf_counter()
     keras.utils.set_random_seed(settings["seed"])
@@ -335,9 +336,9 @@ def train_run(settings, run_dir, *, resuming=False, tensorboard=False, log=print
     distribution, val_ds, initial_weights = distribution_for(settings, spec, val_ds, info, log)
     if not resuming:
         run_dir.prepare()
-        training.atomic_write_json(run_dir.file(RunDir.SPEC), spec)
-        training.atomic_write_json(run_dir.file(RunDir.CONFIG), settings)
-        training.atomic_write_json(run_dir.file(RunDir.CLASS_NAMES), list(info.class_names))
+        _files.atomic_write_json(run_dir.file(RunDir.SPEC), spec)
+        _files.atomic_write_json(run_dir.file(RunDir.CONFIG), settings)
+        _files.atomic_write_json(run_dir.file(RunDir.CLASS_NAMES), list(info.class_names))
         if info.kind == "text":
             info.tokenizer().save(run_dir.file(RunDir.VOCABULARY))
     backend = keras.backend.backend()
@@ -388,7 +389,7 @@ def train_run(settings, run_dir, *, resuming=False, tensorboard=False, log=print
             "params": int(model.count_params()),
         }
     )
-    training.atomic_write_json(run_dir.file(RunDir.METRICS), metrics)
+    _files.atomic_write_json(run_dir.file(RunDir.METRICS), metrics)
     return RunOutcome(run_dir, metrics=metrics, refused=metrics["tflite_refused"])
 
 
@@ -400,8 +401,8 @@ def distribution_for(settings, spec, val_ds, info, log):
     if settings["distribute"] is None:
         return None, val_ds, None
     from hlkeras import data
-    from hlkeras import distribute
     from hlkeras import models
+    from hlkeras.training import distribute
 
     model = models.build(spec)  # its variables also give the layout
     try:
@@ -454,7 +455,7 @@ def load_data(settings, resumed_run_dir=None):
     """`((train_ds, val_ds, test_ds), info)` of the run's dataset; a resumed
     text run tokenizes with the vocabulary it recorded."""
     from hlkeras import data
-    from hlkeras import texts
+    from hlkeras.data import texts
 
     try:
         tokenizer = resumed_run_dir and texts.saved_tokenizer(resumed_run_dir.path)
@@ -481,9 +482,8 @@ def evaluate_and_export(model, spec, settings, run_dir, test_ds):
     verifies model.tflite; returns the accuracy metrics."""
     from hlkeras import data
     from hlkeras import export
-    from hlkeras import training
 
-    training.save_model_atomic(model, run_dir.file(RunDir.MODEL))
+    _files.save_model_atomic(model, run_dir.file(RunDir.MODEL))
     results = model.evaluate(test_ds, verbose=0, return_dict=True)
     test_images, test_labels = data.to_numpy(test_ds)
     exportable = rebuilt_copy(model, spec, "float32") if settings["mixed_precision"] else model
