@@ -21,6 +21,18 @@ if ONE_THREAD_PER_WORKER:
     os.environ.update(OMP_NUM_THREADS="1", TF_NUM_INTRAOP_THREADS="1", MKL_NUM_THREADS="1")
     os.environ["XLA_FLAGS"] += " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
+# Hermetic TFDS: each test process (xdist worker) prepares the embedded
+# digits in a directory of its own, never in the user's
+# ~/tensorflow_datasets, and two workers never prepare one directory at
+# once. Subprocesses inherit it; it is removed when the process exits.
+if "TFDS_DATA_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="hlkeras-tests-tfds-")
+    atexit.register(shutil.rmtree, os.environ["TFDS_DATA_DIR"], ignore_errors=True)
+
 import keras  # noqa: E402
 import pytest  # noqa: E402
 
@@ -58,13 +70,6 @@ def _skip_reason(item):
     return None
 
 
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        reason = _skip_reason(item)
-        if reason:
-            item.add_marker(pytest.mark.skip(reason=reason))
-
-
 @pytest.fixture(autouse=True)
 def clean_keras_state():
     keras.utils.set_random_seed(1234)
@@ -75,3 +80,49 @@ def clean_keras_state():
     # objects it took 0.28 s per test, about 8 CPU-minutes of CI (Keras' own
     # TestCase clears the same way). Python's generational gc still runs.
     keras.backend.clear_session(free_memory=False)
+
+
+# A test not marked `slow` must stay a unit test: its own call (fixtures
+# excluded, they are shared) fails past this many seconds, so the suite's
+# time cannot creep up unnoticed (tests/README.md states the budget).
+UNIT_TEST_SECONDS = 10.0
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    too_slow = call.when == "call" and report.passed and call.duration > UNIT_TEST_SECONDS
+    if too_slow and not item.get_closest_marker("slow"):
+        report.outcome = "failed"
+        report.longrepr = (
+            f"{item.nodeid} took {call.duration:.1f} s, more than the {UNIT_TEST_SECONDS:g} s "
+            "a test not marked `slow` may take: make it smaller, share its work through a "
+            "fixture, or mark it `slow` and say what it costs (tests/README.md)"
+        )
+
+
+# Heaviest files first: `--dist loadfile` hands whole files to the workers
+# in collection order, so a long file collected last would run alone at the
+# end. tests/durations.json holds each file's seconds per backend, from a
+# run's test-reports/<backend>.xml (tests/README.md says how to refresh it).
+DURATIONS_FILE = os.path.join(os.path.dirname(__file__), "durations.json")
+
+
+def _file_seconds():
+    import json
+
+    if not os.path.exists(DURATIONS_FILE):
+        return {}
+    with open(DURATIONS_FILE) as file:
+        return json.load(file).get(BACKEND, {})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        reason = _skip_reason(item)
+        if reason:
+            item.add_marker(pytest.mark.skip(reason=reason))
+    seconds = _file_seconds()
+    order = {item: index for index, item in enumerate(items)}
+    items.sort(key=lambda item: (-seconds.get(item.location[0], 0.0), order[item]))

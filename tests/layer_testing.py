@@ -24,8 +24,22 @@ import tempfile
 
 import keras
 import numpy as np
+import pytest
 
 BACKEND = keras.backend.backend()
+ALL_BACKENDS = ("tensorflow", "jax", "torch")
+# Compile-heavy layer and export tests (over the 10 s a unit test may take,
+# tests/README.md) are `slow` but keep running on every backend.
+HEAVY_MARKS = [pytest.mark.slow, pytest.mark.backends(*ALL_BACKENDS)]
+
+
+def heavy(test):
+    """Marks `test` slow (exempt from the 10 s unit-test limit) on every backend."""
+    for mark in HEAVY_MARKS:
+        test = mark(test)
+    return test
+
+
 # Torch's jit_compile is torch.compile (TorchDynamo + Inductor); compiling a
 # model takes minutes on this CPU, so the jit check covers TF (XLA) and JAX.
 JIT_BACKENDS = ("tensorflow", "jax")

@@ -37,6 +37,37 @@ def test_help_runs_as_a_module_without_traceback():
     assert "info" in result.stdout and "Traceback" not in result.stderr
 
 
+TENSORFLOW_FREE_IMPORTS = (
+    "hlkeras",
+    "hlkeras.data",
+    "hlkeras.training",
+    "hlkeras.export",
+    "hlkeras.search",
+    "hlkeras.cli",
+    "hlkeras.lora",
+    "hlkeras.predict",
+    "hlkeras.data.settings",
+    "hlkeras.data.tables",
+)
+
+
+@pytest.mark.neutral
+def test_packages_import_without_tensorflow():
+    # On the JAX backend Keras itself needs no TensorFlow, so any TF import
+    # is hlkeras' own: `hlkeras --help` and the settings tables stay fast.
+    script = (
+        "import sys\n"
+        f"for name in {TENSORFLOW_FREE_IMPORTS!r}:\n"
+        "    __import__(name)\n"
+        "    assert 'tensorflow' not in sys.modules, name\n"
+    )
+    env = dict(os.environ, KERAS_BACKEND="jax")
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_the_launcher_forwards_stderr_lines_except_native_tensorflow_logs(capfd):
     import hlkeras_launcher
 

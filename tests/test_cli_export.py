@@ -233,7 +233,7 @@ def test_unknown_format(tmp_path, capsys):
 
 
 def test_onnx_without_the_extra_names_the_pip_extra(tmp_path, capsys, monkeypatch):
-    from hlkeras import onnx_export
+    from hlkeras.export import onnx_export
 
     monkeypatch.setattr(onnx_export, "missing_packages", lambda: ["onnxruntime"])
     path = small_keras_file(tmp_path)

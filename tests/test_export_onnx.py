@@ -20,10 +20,11 @@ import pytest
 from export_testing import InverseErf
 from export_testing import build_architecture
 from export_testing import digits_splits
+from layer_testing import heavy
 
 from hlkeras import export
 from hlkeras import models
-from hlkeras import onnx_export
+from hlkeras.export import onnx_export
 
 BACKEND = keras.backend.backend()
 # On JAX and torch only the handoff differs (the model crosses to a
@@ -51,6 +52,7 @@ def onnx_runtime_per_sample(path, inputs):
     return np.concatenate([session.run(None, {name: sample[None]})[0] for sample in inputs])
 
 
+@heavy
 @pytest.mark.parametrize("arch", ARCHS)
 def test_onnx_matches_keras_sample_by_sample(arch, digits, tmp_path):
     x_test, y_test = digits[2][:SAMPLES], digits[3][:SAMPLES]
@@ -80,6 +82,7 @@ def test_onnx_matches_keras_sample_by_sample(arch, digits, tmp_path):
     np.testing.assert_allclose(batched, outputs, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.backends("tensorflow")
 @pytest.mark.parametrize("encoder", ("transformer", "gru"))
 def test_text_model_onnx_takes_token_ids(encoder, tmp_path):

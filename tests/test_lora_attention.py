@@ -8,6 +8,7 @@ import os
 import keras
 import numpy as np
 import pytest
+from layer_testing import heavy
 from layer_testing import run_layer_test
 
 from hlkeras import lora
@@ -222,6 +223,7 @@ def test_adapted_model_keras_file_round_trip(tmp_path):
 # The layers themselves
 
 
+@heavy
 def test_transformer_block_with_lora_rank_contract():
     # Layer contract with adapters: config round trip, .keras reload, fit
     # moves exactly the adapters (the frozen norms and bases stay), mixed

@@ -7,6 +7,7 @@ import os
 import keras
 import numpy as np
 import pytest
+from layer_testing import heavy
 
 import hlkeras
 from hlkeras import models
@@ -192,6 +193,7 @@ def test_vit_tokens_equal_a_hand_computed_patch_embedding():
     )
 
 
+@heavy
 def test_vit_with_experts_has_moe_ffns_and_their_losses():
     model = models.vit((8, 8, 1), 10, depth=2, width=16, num_heads=2, num_experts=4, top_k=2)
     moe_layers = [
@@ -217,6 +219,7 @@ TOKENS = np.array([[5, 3, 9, 2, 0, 0], [7, 1, 0, 0, 0, 0]], "int32")
     ],
     ids=["transformer", "transformer-moe-mean", "gru", "lstm-mean"],
 )
+@heavy
 def test_text_model_output_is_unchanged_by_extra_padding(options):
     spec = {"arch": "text", "num_classes": 3, "vocabulary_size": 12, "depth": 2, "width": 8}
     spec.update(options)

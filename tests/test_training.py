@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from layer_testing import heavy
 
 from hlkeras import models
 from hlkeras import training
@@ -201,6 +202,7 @@ class _RecordStart(keras.callbacks.Callback):
         self.epochs.append(epoch)
 
 
+@heavy
 def test_killed_run_resumes_from_last_finished_epoch(tmp_path):
     train, val = _toy_datasets()
     run_dir = str(tmp_path)

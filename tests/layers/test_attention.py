@@ -1,6 +1,7 @@
 import keras
 import numpy as np
 import pytest
+from layer_testing import heavy
 from layer_testing import run_layer_test
 
 from hlkeras.layers import FeedForward
@@ -139,6 +140,7 @@ def numpy_attention(layer, query, value, mask=None, causal=False):
     ],
     ids=["cross", "gqa-rope-causal", "mqa-dims-dropout"],
 )
+@heavy
 def test_multi_head_attention_contract(init_kwargs, input_data, expected_shape):
     run_layer_test(
         MultiHeadAttention,
@@ -159,6 +161,7 @@ def test_feed_forward_contract(init_kwargs):
     run_layer_test(FeedForward, init_kwargs, QUERY, expected_output_shape=QUERY.shape)
 
 
+@heavy
 def test_transformer_block_contract():
     # A single input: the attention inside runs the fused self-attention path.
     # One config only (CI budget); the default config is covered by the

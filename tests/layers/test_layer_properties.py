@@ -16,6 +16,7 @@ from hypothesis import HealthCheck
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
+from layer_testing import HEAVY_MARKS
 from moe_testing import layer_weights
 from moe_testing import np_moe
 from moe_testing import randomize_biases
@@ -31,6 +32,10 @@ from hlkeras.layers import MultiHeadAttention
 from hlkeras.layers import PositionEmbedding
 from hlkeras.layers import ResidualBlock
 from hlkeras.layers import TransformerBlock
+
+# Each property compiles its layer for every drawn shape: 10-30 s a property
+# on JAX, so they are `slow`, on every backend (layer_testing.heavy).
+pytestmark = HEAVY_MARKS
 
 settings.register_profile(
     "ci",

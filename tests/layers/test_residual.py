@@ -1,6 +1,7 @@
 import keras
 import numpy as np
 import pytest
+from layer_testing import heavy
 from layer_testing import run_layer_test
 
 from hlkeras.layers import ConvResidualBlock
@@ -47,6 +48,7 @@ def test_residual_block_contract(init_kwargs, inputs, expected_shape):
     ],
     ids=["identity-shortcut", "strided-projection", "bottleneck"],
 )
+@heavy
 def test_conv_residual_block_contract(init_kwargs, expected_shape):
     run_layer_test(ConvResidualBlock, init_kwargs, IMAGES, expected_output_shape=expected_shape)
 

@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+from layer_testing import heavy
 from layer_testing import run_layer_test
 
 from hlkeras.layers import MixtureOfExperts
@@ -16,6 +17,7 @@ def to_numpy(x):
     return keras.ops.convert_to_numpy(x)
 
 
+@heavy
 def test_moe_transformer_block_contract():
     # capacity_factor 4 keeps every token, so TFLite parity covers the full
     # path. top_k = num_experts: the mixed_bfloat16 copy may send a near-tie

@@ -10,6 +10,7 @@ quantized model stays close to the float one."""
 import keras
 import numpy as np
 import pytest
+from layer_testing import heavy
 
 from hlkeras import layers
 
@@ -220,6 +221,7 @@ def every_layer_model():
     return keras.Model([tokens, images], keras.layers.Concatenate()(branches))
 
 
+@heavy
 @pytest.mark.filterwarnings("ignore:Layer .* does not have a `quantize` method")
 def test_int8_quantize_of_every_layer_stays_close_to_float():
     keras.utils.set_random_seed(0)
