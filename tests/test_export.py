@@ -381,6 +381,7 @@ def moe_model(capacity_factor):
     return keras.Model(inputs, outputs)
 
 
+@pytest.mark.slow
 @pytest.mark.backends("tensorflow")
 @pytest.mark.parametrize("capacity_factor", [0.5, None], ids=["capacity-drops", "dropless"])
 def test_moe_exports_match_keras_per_sample(capacity_factor, tmp_path):
@@ -441,6 +442,7 @@ def test_an_artifact_that_fails_in_litert_is_refused_in_one_line(digits, tmp_pat
 # code on every backend; JAX and torch reach it through the conversion
 # subprocess that test_jax_and_torch_export_equals_tensorflow_export and
 # test_subprocess_refusal_reaches_the_caller_and_publishes_nothing cover.
+@pytest.mark.slow
 @pytest.mark.backends("tensorflow")
 def test_an_artifact_that_loses_accuracy_is_refused_and_nothing_is_published(digits, tmp_path):
     x_train, y_train, x_test, y_test = digits

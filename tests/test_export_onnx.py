@@ -112,6 +112,7 @@ def test_a_table_model_onnx_takes_only_its_features(tmp_path):
     np.testing.assert_allclose(onnx_runtime_per_sample(path, x), reference, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.backends("tensorflow")
 def test_an_onnx_file_that_loses_accuracy_is_refused(digits, tmp_path, monkeypatch):
     x_test = digits[2][:SAMPLES]
@@ -170,6 +171,7 @@ def small_model(kind):
         ),
     ],
 )
+@heavy
 def test_each_op_rewrite_is_what_makes_its_model_convert(
     tf_op, kind, message, tmp_path, monkeypatch
 ):

@@ -645,6 +645,7 @@ def test_digits_fine_tune_then_merge_keeps_accuracy():
     assert _accuracy(merged, images, labels) == adapted_accuracy
 
 
+@pytest.mark.slow
 @pytest.mark.backends("tensorflow")
 def test_digits_fine_tuned_merged_model_exports_to_tflite_builtins():
     from hlkeras import export

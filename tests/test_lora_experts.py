@@ -135,6 +135,7 @@ def test_transformer_block_with_experts_adapts_attention_and_experts_then_merges
     )
 
 
+@pytest.mark.slow
 @pytest.mark.backends("tensorflow")
 def test_merged_expert_adapters_export_to_tflite_builtins():
     from hlkeras import export

@@ -84,6 +84,7 @@ def _weights(model):
     return [np.array(keras.ops.convert_to_numpy(w)) for w in model.weights]
 
 
+@heavy
 def test_compile_and_fit_writes_history_curves_and_best(tmp_path):
     train, val = _toy_datasets()
     run_dir = str(tmp_path)
@@ -129,6 +130,7 @@ def test_training_stops_after_patience_epochs_without_improvement(tmp_path, pati
     assert len(result.rows) == 1 + patience
 
 
+@heavy
 def test_tensorboard_writes_event_files_to_run_dir_logs(tmp_path):
     train, val = _toy_datasets()
     training.compile_and_fit(
@@ -156,6 +158,7 @@ class _PoisonAtEpoch(keras.callbacks.Callback):
                 variable.assign(keras.ops.full(variable.shape, float("nan")))
 
 
+@heavy
 def test_nan_loss_stops_and_keeps_the_best_checkpoint(tmp_path):
     train, val = _toy_datasets()
     poison = _PoisonAtEpoch()

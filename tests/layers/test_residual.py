@@ -35,6 +35,7 @@ IMAGES = RNG.normal(size=(4, 8, 8, 3)).astype("float32")
     ],
     ids=["identity-shortcut", "projection-batchnorm", "sequence-no-norm", "lora"],
 )
+@heavy
 def test_residual_block_contract(init_kwargs, inputs, expected_shape):
     run_layer_test(ResidualBlock, init_kwargs, inputs, expected_output_shape=expected_shape)
 
