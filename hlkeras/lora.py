@@ -419,6 +419,17 @@ def _clone_by_path(model, clone_leaf):
     return _clone(model, lambda layer: clone_leaf(path_of.get(id(layer)), layer))
 
 
+def copy_model(model):
+    """A copy of `model` with the same layer paths, configs and weights
+    (copied through NumPy); the model passed in is left alone."""
+    copy = _clone_by_path(model, lambda path, layer: _plain_copy(layer))
+    if [tuple(w.shape) for w in copy.weights] != [tuple(w.shape) for w in model.weights]:
+        raise ValueError(f"Model '{model.name}' does not rebuild from its layers' configs.")
+    for target, value in zip(copy.weights, _as_numpy(model.weights)):
+        target.assign(value)
+    return copy
+
+
 def apply_lora(
     model,
     rank=8,

@@ -46,6 +46,7 @@ TENSORFLOW_FREE_IMPORTS = (
     "hlkeras.cli",
     "hlkeras.lora",
     "hlkeras.predict",
+    "hlkeras.prune",
     "hlkeras.data.settings",
     "hlkeras.data.tables",
 )
