@@ -16,8 +16,16 @@ def file_seconds(junit_path):
     """`{tests/...py: seconds}` summed over the file's test cases."""
     seconds = collections.Counter()
     for case in ET.parse(junit_path).getroot().iter("testcase"):
-        seconds[case.get("classname").replace(".", "/") + ".py"] += float(case.get("time", 0))
+        seconds[_test_file(case.get("classname"))] += float(case.get("time", 0))
     return {name: round(total, 1) for name, total in seconds.most_common()}
+
+
+def _test_file(classname):
+    """`tests.layers.test_x.TestCase` -> `tests/layers/test_x.py`."""
+    parts = classname.split(".")
+    while parts[-1][:1].isupper():  # a test class inside the module
+        parts.pop()
+    return "/".join(parts) + ".py"
 
 
 def main(out_path, *backend_reports):
