@@ -360,9 +360,7 @@ class Pruning(keras.callbacks.Callback):
         pattern=None,
     ):
         super().__init__()
-        self.final_sparsity, self.pattern = _check_target(
-            None if pattern is not None and final_sparsity is None else final_sparsity, pattern
-        )
+        self.final_sparsity, self.pattern = _check_target(final_sparsity, pattern)
         self.initial_sparsity = check_sparsity(initial_sparsity, "initial_sparsity")
         for name, value in (("begin_step", begin_step), ("frequency", frequency)):
             if not _validation.is_int(value) or value < (0 if name == "begin_step" else 1):

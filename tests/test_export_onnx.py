@@ -171,7 +171,7 @@ def small_model(kind):
         ),
     ],
 )
-@heavy
+@pytest.mark.slow
 def test_each_op_rewrite_is_what_makes_its_model_convert(
     tf_op, kind, message, tmp_path, monkeypatch
 ):
