@@ -1,36 +1,10 @@
 """Sparse Mixture-of-Experts: a router picks `top_k` of `num_experts` FFN
 experts per token, and each expert computes only the tokens sent to it.
 
-The layer is built from small pure functions (keras.ops only), in the order
-the data moves:
-
-1. `route_top_k`: router logits -> chosen experts, gates, router probabilities.
-2. `expert_positions`: each (token, choice) assignment's position in its
-   queue, and the assignments sorted by queue. In capacity mode every
-   (expert, example) pair has its own queue (GShard groups), so a token's
-   fate never depends on the other examples in the batch.
-3. `capacity_layout` / `dropless_layout`: which buffer row each assignment
-   goes to (or that it is dropped), and which token fills each buffer row.
-4. `dispatch_tokens`: gathers the tokens into the expert buffer.
-5. `expert_ffn`: every expert's FFN as one batched matmul over the buffer.
-   (On eager torch, where shapes may be dynamic, `grouped_experts_eager`
-   replaces 3-6: torch's grouped GEMM runs each expert on exactly the rows
-   it keeps, nothing padded.)
-6. `combine_expert_outputs`: gathers each assignment's row back and sums the
-   gate-weighted results per token.
-
-Tokens move only by gathers (`ops.take`), never by a dense
-`[tokens, experts, capacity]` one-hot einsum (quadratic in tokens) nor by
-`ops.scatter` (a Python loop on torch); a custom gradient makes the backward
-pass gathers too, instead of the scatter-adds autodiff would emit. Priority
-in a queue is "choice-major": every token's first choice is queued before
-any second choice, and within a choice earlier tokens come first
-(Switch/GShard). Sorting
-uses unique keys, so the order is deterministic on every backend even where
-argsort is unstable.
-
-`expert_parallel_layout` is a `keras.distribution.LayoutMap` recipe that
-shards the expert weights over a device-mesh axis (expert parallelism on JAX).
+`MixtureOfExperts` is the layer: its weights, config, routing statistics
+state and call. Its steps are the numbered pure functions of
+`hlkeras.layers.moe_ops` (routing, queue positions, buffer layouts,
+dispatch, experts, combine), whose docstring says how tokens move.
 """
 
 import math
