@@ -8,6 +8,7 @@ import sys
 
 from hlkeras.cli.common import COMMON_FLAGS
 from hlkeras.cli.common import UsageError
+from hlkeras.cli.common import add_measuring_data_flags
 from hlkeras.cli.common import check_onnx_installed
 from hlkeras.cli.common import comma_list
 from hlkeras.cli.export import export_arrays
@@ -34,16 +35,10 @@ def add_parser(commands):
         ),
     )
     benchmark.add_argument("model", metavar="MODEL")
-    benchmark.add_argument(
-        "--dataset",
-        metavar="NAME",
-        help="the data to measure on (its test split; int8 calibrates on its "
+    add_measuring_data_flags(
+        benchmark,
+        "the data to measure on (its test split; int8 calibrates on its "
         "training split); default: a run directory's own dataset",
-    )
-    benchmark.add_argument("--data", metavar="PATH", help="your own data, as hlkeras train --data")
-    benchmark.add_argument("--label", default="label", help="--data CSV's label column")
-    benchmark.add_argument(
-        "--text-column", metavar="COL", help="--data is a CSV of texts (a text model)"
     )
     benchmark.add_argument(
         "--formats",

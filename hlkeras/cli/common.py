@@ -1,6 +1,6 @@
 """What every command shares: the one-line `UsageError`, the parser that
-reports its own errors in one line, the common flags, and the flags of a
-user's own data."""
+reports its own errors in one line, the common flags, the flags of a
+user's own data and those of the data a model is measured on."""
 
 import argparse
 
@@ -48,6 +48,25 @@ def add_data_flags(flag):
     flag("--text-column", metavar="COL", help="--data is a CSV of texts: the column to classify")
     flag("--max-length", type=int, help="texts: tokens per text (default: covers 95%% of them)")
     flag("--vocab-size", type=int, help="texts: token ids incl. padding, unknown (default 20000)")
+
+
+def add_measuring_data_flags(parser, dataset_help):
+    """The flags naming the data a trained model is measured on (`export`,
+    `benchmark`): a dataset, or the user's own `--data` as it was trained."""
+    parser.add_argument("--dataset", metavar="NAME", help=dataset_help)
+    parser.add_argument(
+        "--data",
+        metavar="PATH",
+        help="the model's own data, as hlkeras train --data: int8 calibrates on 200 of "
+        "its training examples; its test split measures parity and accuracy",
+    )
+    parser.add_argument("--label", default="label", help="--data CSV's label column")
+    parser.add_argument(
+        "--text-column",
+        metavar="COL",
+        help="--data is a CSV of texts (a text model): tokenized with the "
+        "vocabulary.json beside the model",
+    )
 
 
 def given_settings(args, defaults):

@@ -6,6 +6,7 @@ import os
 
 from hlkeras.cli.common import COMMON_FLAGS
 from hlkeras.cli.common import UsageError
+from hlkeras.cli.common import add_measuring_data_flags
 from hlkeras.cli.common import check_onnx_installed
 from hlkeras.cli.common import comma_list
 
@@ -34,10 +35,9 @@ def add_parser(commands):
         help="comma-separated artifacts: saved_model, tflite, onnx (onnx needs "
         "pip install 'hlkeras[onnx]')",
     )
-    export.add_argument(
-        "--dataset",
-        metavar="NAME",
-        help="the model's dataset (e.g. digits): int8 calibrates on 200 of its "
+    add_measuring_data_flags(
+        export,
+        "the model's dataset (e.g. digits): int8 calibrates on 200 of its "
         "training images; its test split measures parity and accuracy",
     )
     export.add_argument(
@@ -49,19 +49,6 @@ def add_parser(commands):
         "--verify",
         metavar="FILE.npz",
         help="verification data: array `x` and optional labels `y`; overrides --dataset",
-    )
-    export.add_argument(
-        "--data",
-        metavar="PATH",
-        help="the model's own data (hlkeras train --data): calibrates on 200 of its "
-        "training examples and verifies on its test split",
-    )
-    export.add_argument("--label", default="label", help="--data CSV's label column")
-    export.add_argument(
-        "--text-column",
-        metavar="COL",
-        help="--data is a CSV of texts (a text model): tokenized with the "
-        "vocabulary.json beside MODEL",
     )
     export.add_argument("--int8-io", action="store_true", help="int8 input/output tensors for int8")
     export.add_argument("--overwrite", action="store_true", help="replace existing artifacts")
