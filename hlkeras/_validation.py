@@ -152,3 +152,9 @@ def first_line(error):
     message is empty), for a one-line error about a file a library refused."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def few(names, limit=12):
+    """`names` joined for an error message, at most `limit` of them."""
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")

@@ -117,7 +117,7 @@ def layer_paths(model, prefix=""):
     return paths
 
 
-def _leaf_layers(model):
+def leaf_layers(model):
     """`layer_paths` without the nested models themselves: the layers that
     hold weights of their own."""
     return [(path, layer) for path, layer in layer_paths(model) if not _is_graph_model(layer)]
@@ -242,8 +242,23 @@ def _is_adaptable(layer):
 
 def _head_path(model):
     """The path of the model's last `Dense` (its head), or None."""
-    dense_paths = [path for path, layer in _leaf_layers(model) if _is_plain_dense(layer)]
+    dense_paths = [path for path, layer in leaf_layers(model) if _is_plain_dense(layer)]
     return dense_paths[-1] if dense_paths else None
+
+
+def check_patterns_match(model, patterns):
+    """The layer paths each glob pattern matches (`targets` of `apply_lora`
+    and `hlkeras.prune`); a pattern that matches no layer is an error."""
+    all_paths = [path for path, _ in layer_paths(model)]
+    matches = {}
+    for pattern in patterns:
+        matches[pattern] = [path for path in all_paths if fnmatch.fnmatchcase(path, pattern)]
+        if not matches[pattern]:
+            raise ValueError(
+                f"Argument `targets`: pattern {pattern!r} matches no layer of model "
+                f"'{model.name}' (glob over layer paths). Layers: {_validation.few(all_paths)}"
+            )
+    return matches
 
 
 def select_targets(model, targets=None):
@@ -258,7 +273,7 @@ def select_targets(model, targets=None):
             `"*dense_1"` reaches into nested models); or a predicate
             `fn(layer) -> bool` asked about each adaptable layer.
     """
-    adaptable = [(path, layer) for path, layer in _leaf_layers(model) if _is_adaptable(layer)]
+    adaptable = [(path, layer) for path, layer in leaf_layers(model) if _is_adaptable(layer)]
     if targets is None or targets == ALL_LINEAR:
         head = _head_path(model)
         paths = [path for path, _ in adaptable if path != head]
@@ -283,31 +298,19 @@ def select_targets(model, targets=None):
     return paths
 
 
-def _few(names, limit=12):
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
-
-
 def _paths_matching(model, adaptable, patterns):
     """Adaptable paths matching any pattern; a pattern that matches no
     layer, or only layers that cannot take an adapter, is an error."""
     layers = dict(layer_paths(model))
-    all_paths = list(layers)
     adaptable_paths = [path for path, _ in adaptable]
-    for pattern in patterns:
-        matched = [path for path in all_paths if fnmatch.fnmatchcase(path, pattern)]
-        if not matched:
-            raise ValueError(
-                f"Argument `targets`: pattern {pattern!r} matches no layer of model "
-                f"'{model.name}' (glob over layer paths). Layers: {_few(all_paths)}"
-            )
+    for pattern, matched in check_patterns_match(model, patterns).items():
         if not set(matched) & set(adaptable_paths):
             not_adaptable = [f"{path} ({type(layers[path]).__name__})" for path in matched]
             raise ValueError(
                 f"Argument `targets`: pattern {pattern!r} matches only layers that "
-                f"cannot take an adapter: {_few(not_adaptable)}. Adaptable: "
+                f"cannot take an adapter: {_validation.few(not_adaptable)}. Adaptable: "
                 "keras.layers.Dense and hlkeras layers with a `lora_rank` argument "
-                f"that is not yet set. Adaptable layers: {_few(adaptable_paths)}"
+                f"that is not yet set. Adaptable layers: {_validation.few(adaptable_paths)}"
             )
     return [
         path
@@ -500,7 +503,7 @@ def apply_lora(
 
     adapted = _clone_by_path(model, clone_leaf)
     adapted_layers = dict(layer_paths(adapted))
-    for path, old_layer in _leaf_layers(model):
+    for path, old_layer in leaf_layers(model):
         new_layer = adapted_layers[path]
         if path in target_paths:
             _copy_values(
@@ -562,7 +565,7 @@ def merge_lora(model, name=None):
     if name is not None and name != active_adapter(model):
         with _adapter_active(model, name):
             return merge_lora(model)
-    lora_paths = {path for path, layer in _leaf_layers(model) if adapter_weights(layer)}
+    lora_paths = {path for path, layer in leaf_layers(model) if adapter_weights(layer)}
 
     def clone_leaf(path, layer):
         if isinstance(layer, LoRADense):
@@ -573,7 +576,7 @@ def merge_lora(model, name=None):
 
     merged = _clone_by_path(model, clone_leaf)
     merged_layers = dict(layer_paths(merged))
-    for path, old_layer in _leaf_layers(model):
+    for path, old_layer in leaf_layers(model):
         if isinstance(old_layer, LoRADense):
             continue
         new_layer = merged_layers[path]
@@ -598,7 +601,7 @@ def _saved_layers(model):
     """A `_SavedLayer` for every layer an adapter file holds: adapter layers
     (only `A`, `B`, and DoRA's magnitude) and layers that train in full."""
     entries = []
-    for path, layer in _leaf_layers(model):
+    for path, layer in leaf_layers(model):
         adapters = adapter_weights(layer)
         if adapters:
             projections = adapted_projections(layer)
@@ -908,7 +911,7 @@ def add_adapter(model, name):
             f"has {bank.names}. Received: name={name!r}"
         )
     fresh = dict(bank.initial_heads)
-    for _, layer in _leaf_layers(model):
+    for _, layer in leaf_layers(model):
         for projection in adapted_projections(layer):
             fresh.update(_fresh_adapter_values(projection))
     bank.stored[name] = [

@@ -30,7 +30,6 @@ Example:
 """
 
 import dataclasses
-import fnmatch
 import math
 import re
 
@@ -96,14 +95,6 @@ def _is_float(variable):
     return "float" in str(variable.dtype)
 
 
-def _leaf_layers(model):
-    return [
-        (path, layer)
-        for path, layer in lora.layer_paths(model)
-        if not (isinstance(layer, keras.Model) and _compat.is_graph_model(layer))
-    ]
-
-
 def prunable_weights(model, targets=None):
     """The `PrunableWeight`s of the layers `targets` selects, in model order.
 
@@ -111,7 +102,7 @@ def prunable_weights(model, targets=None):
         ValueError: when `targets` selects nothing, naming the layers that
             hold prunable weights.
     """
-    prunable = [(path, layer) for path, layer in _leaf_layers(model) if _kernels_of(layer)]
+    prunable = [(path, layer) for path, layer in lora.leaf_layers(model) if _kernels_of(layer)]
     paths = _selected_paths(model, prunable, targets)
     return [
         PrunableWeight(path, variable, axis)
@@ -122,7 +113,9 @@ def prunable_weights(model, targets=None):
 
 
 def _head_path(model):
-    dense = [path for path, layer in _leaf_layers(model) if isinstance(layer, keras.layers.Dense)]
+    dense = [
+        path for path, layer in lora.leaf_layers(model) if isinstance(layer, keras.layers.Dense)
+    ]
     return dense[-1] if dense else None
 
 
@@ -134,14 +127,8 @@ def _selected_paths(model, prunable, targets):
         isinstance(targets, (list, tuple)) and all(isinstance(t, str) for t in targets)
     ):
         patterns = [targets] if isinstance(targets, str) else list(targets)
-        all_paths = [path for path, _ in lora.layer_paths(model)]
-        for pattern in patterns:
-            if not any(fnmatch.fnmatchcase(path, pattern) for path in all_paths):
-                raise ValueError(
-                    f"Argument `targets`: pattern {pattern!r} matches no layer of model "
-                    f"'{model.name}' (glob over layer paths). Layers: {_few(all_paths)}"
-                )
-        selected = [p for p in paths if any(fnmatch.fnmatchcase(p, t) for t in patterns)]
+        matched = set().union(*lora.check_patterns_match(model, patterns).values())
+        selected = [path for path in paths if path in matched]
     else:
         raise ValueError(
             f"Argument `targets` must be None, {ALL_LINEAR!r}, a glob pattern or a list "
@@ -150,15 +137,10 @@ def _selected_paths(model, prunable, targets):
     if not selected:
         raise ValueError(
             "Argument `targets` selected no layer with prunable weights. Layers with "
-            f"prunable weights in model '{model.name}': {_few(paths)}. "
+            f"prunable weights in model '{model.name}': {_validation.few(paths)}. "
             f"Received: targets={targets!r}"
         )
     return selected
-
-
-def _few(names, limit=12):
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
 def sparsity(model, targets=None):
