@@ -303,7 +303,8 @@ def _paths_matching(model, adaptable, patterns):
     layer, or only layers that cannot take an adapter, is an error."""
     layers = dict(layer_paths(model))
     adaptable_paths = [path for path, _ in adaptable]
-    for pattern, matched in check_patterns_match(model, patterns).items():
+    matches = check_patterns_match(model, patterns)
+    for pattern, matched in matches.items():
         if not set(matched) & set(adaptable_paths):
             not_adaptable = [f"{path} ({type(layers[path]).__name__})" for path in matched]
             raise ValueError(
@@ -312,11 +313,8 @@ def _paths_matching(model, adaptable, patterns):
                 "keras.layers.Dense and hlkeras layers with a `lora_rank` argument "
                 f"that is not yet set. Adaptable layers: {_validation.few(adaptable_paths)}"
             )
-    return [
-        path
-        for path in adaptable_paths
-        if any(fnmatch.fnmatchcase(path, pattern) for pattern in patterns)
-    ]
+    matched_any = set().union(*matches.values())
+    return [path for path in adaptable_paths if path in matched_any]
 
 
 def _lora_version(layer, rank, alpha, dropout, dora):
