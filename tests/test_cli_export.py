@@ -277,6 +277,15 @@ def test_unreadable_representative_file(tmp_path, capsys):
     assert_one_line_error(status, err, "--representative", str(bad))
 
 
+def test_a_npy_given_as_verification_archive(tmp_path, capsys):
+    path = small_keras_file(tmp_path)
+    npy = tmp_path / "verify.npy"
+    np.save(npy, np.zeros((4, 6), "float32"))
+    status, _, err = run_cli(capsys, path, "--out", tmp_path / "o", "--verify", npy)
+    assert_one_line_error(status, err, "--verify", str(npy), "not a .npz archive")
+    assert not (tmp_path / "o").exists()
+
+
 def test_dataset_that_cannot_be_loaded(tmp_path, capsys):
     path = small_keras_file(tmp_path)
     status, _, err = run_cli(

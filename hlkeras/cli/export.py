@@ -116,6 +116,13 @@ def print_export_table(report):
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
+    sparse = [a for a in report.artifacts if a.sparse_tensors]
+    if sparse:
+        names = ", ".join(os.path.basename(a.path) for a in sparse)
+        print(
+            f"kernels {report.weight_sparsity:.1%} zeros: {names} store them in "
+            "the sparse encoding (dynamic and int8 stay dense: LiteRT cannot run theirs)"
+        )
 
 
 def run(args):

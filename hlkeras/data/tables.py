@@ -119,7 +119,13 @@ def labels_to_ids(values, where):
 def read_npz(path, where):
     """Every array of the `.npz` file at `path`, by name (no pickles)."""
     try:
-        with np.load(path, allow_pickle=False) as arrays:
-            return {name: arrays[name] for name in arrays.files}
+        loaded = np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile) as error:
         raise DatasetError(f"{where}: cannot read a NumPy .npz file ({error})") from None
+    if isinstance(loaded, np.ndarray):  # np.load reads a .npy as one array
+        raise DatasetError(
+            f"{where}: is one NumPy array (.npy), not a .npz archive of named arrays; "
+            "write it with np.savez(path, x=..., y=...)"
+        )
+    with loaded as arrays:
+        return {name: arrays[name] for name in arrays.files}

@@ -34,12 +34,24 @@ def export_saved_model(model, path):
     model.export(path, format="tf_saved_model", verbose=False)
 
 
+# The quantizations whose `.tflite` may hold sparse-encoded weights. Measured
+# with ai_edge_litert 2.3: a sparse dynamic-range or int8 FULLY_CONNECTED
+# fails to prepare in LiteRT's default (XNNPACK) runtime, so those stay
+# dense (tests/test_export_sparse.py pins it).
+SPARSE_QUANTIZATIONS = ("none", "float16")
+
+# A model whose kernels are at least this fraction zeros (a pruned model) is
+# exported with the sparse encoding.
+SPARSE_ENCODING_MIN_SPARSITY = 0.3
+
+
 def convert_saved_model(
     saved_model_dir,
     quantization="none",
     representative_data=None,
     int8_io=False,
     input_dtype="float32",
+    sparse=False,
 ):
     """Converts a SavedModel to a `.tflite` flatbuffer (bytes), builtins only.
 
@@ -58,14 +70,20 @@ def convert_saved_model(
         int8_io: For `"int8"`, make the model's input and output int8 too.
         input_dtype: The model input's dtype, which calibration samples are
             cast to (`"int32"` for the token ids of a text model).
+        sparse: Store mostly-zero weights in the converter's sparse encoding
+            (`EXPERIMENTAL_SPARSITY`, densified when the interpreter
+            prepares); only for the `SPARSE_QUANTIZATIONS`.
     """
     import tensorflow as tf
 
     check_choice("quantization", quantization, QUANTIZATIONS)
     converter = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir)
     supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    converter.optimizations = []
     if quantization != "none":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.optimizations.append(tf.lite.Optimize.DEFAULT)
+    if sparse and quantization in SPARSE_QUANTIZATIONS:
+        converter.optimizations.append(tf.lite.Optimize.EXPERIMENTAL_SPARSITY)
     if quantization == "float16":
         converter.target_spec.supported_types = [tf.float16]
     if quantization == "int8":
@@ -138,6 +156,7 @@ def _converted(saved_model_dir, quantization, request, model):
             request.get("representative_data"),
             request["int8_io"],
             request["input_dtype"],
+            request.get("sparse", False),
         )
     except ConverterError as error:
         raise ExportError(describe_conversion_failure(str(error), model)) from None

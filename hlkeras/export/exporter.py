@@ -18,10 +18,12 @@ from hlkeras.export.arguments import check_out_dir
 from hlkeras.export.arguments import check_quantizations
 from hlkeras.export.arguments import single_input_shape
 from hlkeras.export.arguments import split_verify_data
+from hlkeras.export.convert import SPARSE_ENCODING_MIN_SPARSITY
 from hlkeras.export.convert import has_recurrent_layer
 from hlkeras.export.convert import recurrent_layer_names
 from hlkeras.export.convert import write_artifacts
 from hlkeras.export.convert import write_artifacts_in_tensorflow_process
+from hlkeras.export.loading import kernel_sparsity
 from hlkeras.export.loading import load_keras_model
 from hlkeras.export.loading import prepare_for_export
 from hlkeras.export.report import DEFAULT_FORMATS
@@ -174,8 +176,10 @@ def export_model(
         int8_io=bool(int8_io),
         artifacts=[],
         max_accuracy_drop=max_accuracy_drop,
+        weight_sparsity=kernel_sparsity(model),
     )
     request = {
+        "sparse": report.weight_sparsity >= SPARSE_ENCODING_MIN_SPARSITY,
         "formats": list(formats),
         "quantizations": list(quantizations),
         "int8_io": bool(int8_io),

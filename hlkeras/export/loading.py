@@ -4,6 +4,8 @@ adapters merged)."""
 import os
 import zipfile
 
+import numpy as np
+
 from hlkeras import _compat
 from hlkeras.export.report import ExportError
 
@@ -66,3 +68,18 @@ def prepare_for_export(model):
 
 def all_layers(model):
     return _compat.sublayers(model)
+
+
+def kernel_sparsity(model):
+    """The fraction of exact zeros over `model`'s float weights of rank >= 2
+    (kernels, expert kernels, embeddings): what pruning zeroed, and what the
+    sparse `.tflite` encoding can save."""
+    import keras
+
+    kernels = [
+        keras.ops.convert_to_numpy(weight)
+        for weight in model.weights
+        if len(weight.shape) >= 2 and "float" in str(weight.dtype)
+    ]
+    total = sum(kernel.size for kernel in kernels)
+    return float(sum(np.sum(kernel == 0) for kernel in kernels) / total) if total else 0.0

@@ -76,6 +76,9 @@ class ArtifactReport:
         opset: The ONNX opset (`.onnx` only).
         quantization: The quantization of a `.tflite` (`"none"` for
             float32), `None` for the other formats.
+        sparse_tensors: How many tensors of a `.tflite` are stored in the
+            sparse encoding (a pruned model's, see
+            `ExportReport.weight_sparsity`).
     """
 
     format: str
@@ -89,6 +92,7 @@ class ArtifactReport:
     latency_ms: float = None
     opset: int = None
     quantization: str = None
+    sparse_tensors: int = None
 
 
 @dataclasses.dataclass
@@ -115,6 +119,11 @@ class ExportReport:
         max_accuracy_drop: The gate, in accuracy points (see `export_model`).
         refused: Why nothing was published, or `None` when it was.
         export_seconds: Wall time of the whole export, verification included.
+        weight_sparsity: The fraction of zeros over the model's kernels. From
+            `SPARSE_ENCODING_MIN_SPARSITY` (0.3) on, the float32 and float16
+            `.tflite` store them in the converter's sparse encoding; dynamic
+            and int8 stay dense (their sparse kernels fail in LiteRT's
+            default runtime).
     """
 
     source: str
@@ -130,6 +139,7 @@ class ExportReport:
     max_accuracy_drop: float = None
     refused: str = None
     export_seconds: float = None
+    weight_sparsity: float = None
 
     def artifact(self, format, quantization=None):
         """Returns the `ArtifactReport` of `format` (`"saved_model"`,

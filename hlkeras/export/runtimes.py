@@ -27,6 +27,20 @@ def tflite_op_names(tflite_model):
     return sorted({op["op_name"] for op in _compat.tflite_op_details(interpreter)})
 
 
+def tflite_sparse_tensor_count(tflite_model):
+    """How many tensors of a `.tflite` flatbuffer (bytes) are stored in the
+    sparse encoding (with `SparsityParameters`)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.Model.GetRootAs(tflite_model, 0)
+    subgraphs = [model.Subgraphs(i) for i in range(model.SubgraphsLength())]
+    return sum(
+        subgraph.Tensors(i).Sparsity() is not None
+        for subgraph in subgraphs
+        for i in range(subgraph.TensorsLength())
+    )
+
+
 def _prepared_interpreter(tflite_model, input_shape):
     from ai_edge_litert.interpreter import Interpreter
 

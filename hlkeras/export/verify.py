@@ -19,6 +19,7 @@ from hlkeras.export.runtimes import saved_model_predictor
 from hlkeras.export.runtimes import tflite_latency_ms
 from hlkeras.export.runtimes import tflite_op_names
 from hlkeras.export.runtimes import tflite_per_sample
+from hlkeras.export.runtimes import tflite_sparse_tensor_count
 
 
 def accuracy(outputs, labels):
@@ -55,7 +56,14 @@ def _verify_tflite(path, inputs, labels, reference, sample, latency_runs):
     not_builtin = sorted(set(ops) - builtin_op_names())
     if not_builtin:  # The converter should have refused already.
         raise ExportError(f"The .tflite file uses non-builtin ops {not_builtin}.")
-    report = ArtifactReport("tflite", path, 0, ops=ops, builtin_only=True)
+    report = ArtifactReport(
+        "tflite",
+        path,
+        0,
+        ops=ops,
+        builtin_only=True,
+        sparse_tensors=tflite_sparse_tensor_count(flatbuffer),
+    )
     if inputs is not None:
         _score(report, tflite_per_sample(flatbuffer, inputs), reference, labels)
     if sample is not None and latency_runs:
