@@ -6,6 +6,7 @@ from hlkeras.cli import benchmark
 from hlkeras.cli import export
 from hlkeras.cli import info
 from hlkeras.cli import predict
+from hlkeras.cli import prune
 from hlkeras.cli import train
 from hlkeras.cli import tune
 from hlkeras.cli.common import OneLineErrorParser
@@ -19,7 +20,7 @@ def build_parser():
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-    for command in (info, train, tune, export, predict, benchmark):
+    for command in (info, train, tune, export, predict, prune, benchmark):
         command.add_parser(commands)
     return parser
 

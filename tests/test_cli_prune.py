@@ -1,0 +1,151 @@
+"""`hlkeras prune`, end to end on one backend: a finished digits run pruned
+and fine-tuned into a new run directory whose model has the asked sparsity
+(counted in NumPy), whose dense and pruned accuracies are those of the two
+models on the test split, whose `.tflite` is verified and sparse-encoded,
+and which leaves the source run as it was; and the one-line errors."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from hlkeras import cli
+from hlkeras import data
+from hlkeras import prune
+from hlkeras.export import runtimes
+from hlkeras.training import read_history_rows
+
+SMALL = ["--arch", "mlp", "--depth", "1", "--width", "32", "--no-augment"]
+
+
+def _cli(capsys, *argv):
+    status = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def source_run(tmp_path_factory):
+    """A finished two-epoch digits run, and its files' bytes."""
+    root = tmp_path_factory.mktemp("source")
+    data_dir = str(root / "tfds")
+    run = root / "run"
+    argv = ["train", "--data-dir", data_dir, "--out", run, "--epochs", "2", *SMALL]
+    assert cli.main([str(a) for a in argv]) == 0
+    return run, data_dir, {name: (run / name).read_bytes() for name in os.listdir(run)}
+
+
+def _test_split(data_dir):
+    _, _, test_ds, _ = data.load("digits", data_dir=data_dir)
+    return data.to_numpy(test_ds)
+
+
+def _accuracy(model, images, labels):
+    probabilities = keras.ops.convert_to_numpy(model.predict(images, verbose=0))
+    return float(np.mean(np.argmax(probabilities, -1) == labels))
+
+
+def _kernels_but_head(model):
+    """Every matrix of the model (the mlp's Dense kernels, those inside its
+    residual blocks too) but the head's."""
+    head = model.get_layer("head").kernel.path
+    return [
+        keras.ops.convert_to_numpy(w) for w in model.weights if len(w.shape) == 2 and w.path != head
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.backends("tensorflow")
+def test_prune_fine_tunes_into_a_sparse_verified_run(source_run, tmp_path, capsys):
+    run, data_dir, source_files = source_run
+    out = tmp_path / "pruned"
+    status, stdout, stderr = _cli(
+        capsys, "prune", run, "--sparsity", "0.6", "--epochs", "2", "--out", out
+    )
+    assert status == 0, stderr
+    model = keras.saving.load_model(out / "model.keras")
+    kernels = _kernels_but_head(model)
+    zeros = sum(np.sum(k == 0) for k in kernels) / sum(k.size for k in kernels)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert zeros == pytest.approx(0.6, abs=1e-3) and metrics["sparsity"] == pytest.approx(zeros)
+    assert metrics["nonzero_params"] == model.count_params() - sum(np.sum(k == 0) for k in kernels)
+
+    images, labels = _test_split(data_dir)
+    dense = keras.saving.load_model(run / "model.keras")
+    assert metrics["dense_test_accuracy"] == pytest.approx(_accuracy(dense, images, labels))
+    assert metrics["test_accuracy"] == pytest.approx(_accuracy(model, images, labels))
+    flatbuffer = (out / "model.tflite").read_bytes()
+    assert metrics["tflite_bytes"] == len(flatbuffer) < metrics["dense_tflite_bytes"]
+    assert metrics["dense_tflite_bytes"] == len(source_files["model.tflite"])
+    assert runtimes.tflite_sparse_tensor_count(flatbuffer) >= 1
+    assert metrics["tflite_accuracy"] == pytest.approx(metrics["keras_batch1_accuracy"])
+    assert [row["epoch"] for row in read_history_rows(str(out / "history.csv"))] == [0, 1]
+    assert not (out / "best.keras").exists()  # it would be a less sparse epoch
+    assert f"{metrics['test_accuracy']:.2%}" in stdout and "sparsity" in stdout
+    # The source run is as it was.
+    assert {n: (run / n).read_bytes() for n in os.listdir(run)} == source_files
+
+
+@pytest.mark.slow
+@pytest.mark.backends("tensorflow")
+def test_one_shot_pattern_keeps_two_of_every_four_inputs(source_run, tmp_path, capsys):
+    run, _, _ = source_run
+    out = tmp_path / "pattern"
+    status, _, stderr = _cli(
+        capsys, "prune", run, "--pattern", "2:4", "--epochs", "0", "--out", out
+    )
+    assert status == 0, stderr
+    model = keras.saving.load_model(out / "model.keras")
+    for kernel in _kernels_but_head(model):
+        groups = kernel.T.reshape(kernel.shape[1], -1, 4)  # 4 consecutive inputs per unit
+        assert np.all(np.sum(groups != 0, axis=-1) <= 2)
+    assert prune.sparsity(model) == pytest.approx(0.5, abs=1e-3)
+    assert json.loads((out / "metrics.json").read_text())["epochs"] == 0
+
+
+@pytest.mark.backends("tensorflow")
+@pytest.mark.parametrize(
+    "flags, fragments",
+    [
+        (["--sparsity", "1.5"], ["--sparsity must be a float in [0, 1)", "1.5"]),
+        (["--pattern", "3:2"], ["--pattern must be 'm:n'", "'3:2'"]),
+        (["--sparsity", "0.5", "--scope", "model"], ["--scope", "'model'", "layer", "global"]),
+        (["--sparsity", "0.5", "--epochs", "-1"], ["--epochs must be an integer >= 0", "-1"]),
+    ],
+    ids=["sparsity", "pattern", "scope", "epochs"],
+)
+def test_a_bad_flag_is_one_line_and_writes_nothing(flags, fragments, tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    status, stdout, stderr = _cli(
+        capsys, "prune", tmp_path / "run", *flags, "--out", tmp_path / "o"
+    )
+    lines = stderr.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("hlkeras prune: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0]
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.backends("tensorflow")
+def test_a_folder_without_a_finished_run_is_named(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "model.keras").write_text("")
+    status, _, stderr = _cli(capsys, "prune", tmp_path / "run", "--sparsity", "0.5")
+    assert status == 2
+    assert stderr.strip() == (
+        f"hlkeras prune: error: {tmp_path / 'run'} holds no finished hlkeras train run "
+        "(missing: train_config.json, spec.json)"
+    )
+    status, _, stderr = _cli(capsys, "prune", tmp_path / "model.keras", "--sparsity", "0.5")
+    assert status == 2 and "is not a run directory" in stderr and "hlkeras train" in stderr
+
+
+@pytest.mark.backends("tensorflow")
+def test_out_may_not_be_the_source_run(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    status, _, stderr = _cli(
+        capsys, "prune", tmp_path / "run", "--sparsity", "0.5", "--out", tmp_path / "run"
+    )
+    assert status == 2 and "is the run being pruned" in stderr
