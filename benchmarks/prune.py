@@ -1,0 +1,137 @@
+"""Pruning benchmark on digits, against the dense model in the same run.
+
+Two parts:
+- `overhead` (any backend): the wall time of a training epoch with the
+  `Pruning` callback (masks recomputed every step, `frequency=1`, and every
+  100 steps) against the same epoch without it, interleaved, median of the
+  per-round ratios.
+- `accuracy` (TensorFlow backend, it exports): a dense `hlkeras train` run,
+  then `hlkeras prune` of it to 50/80/90% and 2:4, each fine-tuned
+  `--epochs` epochs: test accuracy against the dense run's, and the verified
+  `.tflite` (sparse-encoded float32) and an int8 export of the 80% model
+  against the dense float32 file.
+
+Usage:
+
+    KERAS_BACKEND=tensorflow PYTHONPATH=. python benchmarks/prune.py [--arch mlp]
+    KERAS_BACKEND=jax PYTHONPATH=. python benchmarks/prune.py --part overhead
+"""
+
+import argparse
+import os
+import tempfile
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+
+from hlkeras import _timing  # noqa: E402
+from hlkeras import export  # noqa: E402
+from hlkeras import models  # noqa: E402
+from hlkeras import prune  # noqa: E402
+from hlkeras import training  # noqa: E402
+from hlkeras.training import prune_run  # noqa: E402
+from hlkeras.training import runs  # noqa: E402
+
+TARGETS = {
+    "overhead_ratio_frequency_1": 1.10,
+    "sparsity_80_accuracy_drop_points": 1.0,
+    "sparsity_80_tflite_ratio": 0.40,
+    "sparsity_80_int8_tflite_ratio": 0.15,
+}
+
+
+def report(name, value, unit=""):
+    target = TARGETS.get(name)
+    line = f"{name} {value:.4f}{unit}"
+    if target is not None:
+        line += f" target <= {target} {'MET' if value <= target else 'NOT MET'}"
+    print(line, flush=True)
+
+
+def digits():
+    """The digits training split as NumPy arrays."""
+    from hlkeras import data
+
+    train_ds, _, _, _ = data.load("digits")
+    return data.to_numpy(train_ds)
+
+
+def measure_overhead(arch, repeats):
+    x, y = digits()
+    spec = {"arch": arch, "input_shape": x.shape[1:], "num_classes": 10}
+    fits = []
+    for callbacks in ([], [prune.Pruning(0.8, frequency=1, end_step=10**6)], None):
+        model = training.compile_model(models.build(spec))
+        callbacks = (
+            [prune.Pruning(0.8, frequency=100, end_step=10**6)] if callbacks is None else callbacks
+        )
+        fits.append(
+            lambda model=model, callbacks=callbacks: model.fit(
+                x, y, batch_size=64, epochs=1, verbose=0, callbacks=callbacks
+            )
+        )
+    plain, every_step, every_100 = _timing.time_interleaved(fits, repeats, warmup=1)
+    print(f"{keras.backend.backend()} {arch}: one epoch of {len(x) // 64 + 1} steps")
+    report("overhead_ratio_frequency_1", _timing.median_pair_ratio(every_step, plain))
+    report("overhead_ratio_frequency_100", _timing.median_pair_ratio(every_100, plain))
+
+
+def measure_accuracy(arch, dense_epochs, epochs, work_dir):
+    dense_dir, _ = runs.RunDir.open(os.path.join(work_dir, "dense"))
+    settings = runs.settings_for(dense_dir, False, {"arch": arch, "epochs": dense_epochs})
+    dense = runs.train_run(settings, dense_dir, log=lambda line: None).metrics
+    print(f"dense {arch}: test accuracy {dense['test_accuracy']:.4f} after {dense_epochs} epochs")
+    dense_bytes = os.path.getsize(dense_dir.file(runs.RunDir.TFLITE))
+    for name, target in (
+        ("sparsity_50", {"sparsity": 0.5}),
+        ("sparsity_80", {"sparsity": 0.8}),
+        ("sparsity_90", {"sparsity": 0.9}),
+        ("pattern_2of4", {"pattern": "2:4"}),
+    ):
+        run_dir, _ = runs.RunDir.open(os.path.join(work_dir, name))
+        metrics = prune_run.prune_run(
+            dense_dir.path, run_dir, epochs=epochs, log=lambda line: None, **target
+        ).metrics
+        drop = 100 * (dense["test_accuracy"] - metrics["test_accuracy"])
+        report(f"{name}_accuracy_drop_points", drop)
+        report(f"{name}_tflite_ratio", metrics["tflite_bytes"] / dense_bytes)
+        if name == "sparsity_80":
+            report(name + "_int8_tflite_ratio", int8_bytes(run_dir) / dense_bytes)
+
+
+def int8_bytes(run_dir):
+    """The size of a verified int8 export of the run's model."""
+    from hlkeras import data
+
+    calibration = digits()[0][:200]
+    _, _, test_ds, _ = data.load("digits")
+    result = export.export_model(
+        run_dir.file(runs.RunDir.MODEL),
+        os.path.join(run_dir.path, "int8"),
+        formats=("tflite",),
+        quantization="int8",
+        representative_data=calibration,
+        verify_data=data.to_numpy(test_ds),
+        latency_runs=0,
+    )
+    return result.artifact("tflite").size_bytes
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="mlp")
+    parser.add_argument("--part", choices=("overhead", "accuracy", "all"), default="all")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dense-epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=10)
+    args = parser.parse_args()
+    if args.part in ("overhead", "all"):
+        measure_overhead(args.arch, args.repeats)
+    if args.part in ("accuracy", "all"):
+        with tempfile.TemporaryDirectory() as work_dir:
+            measure_accuracy(args.arch, args.dense_epochs, args.epochs, work_dir)
+
+
+if __name__ == "__main__":
+    main()
