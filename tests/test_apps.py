@@ -127,3 +127,24 @@ def test_text_classifier(monkeypatch, tmp_path, capsys):
     predictor = predict.load_predictor(tmp_path / "t.keras")
     assert predictor.class_names == ["billing", "sales", "tech"]
     assert predictor.tokenizer.vocabulary == info.vocabulary
+
+
+@pytest.mark.slow
+@pytest.mark.backends("tensorflow")
+def test_prune_for_phone(monkeypatch, tmp_path, data_dir, capsys):
+    from hlkeras import export
+
+    flags = ("--out", "p", "--fine-tune-epochs", "2", "--sparsity", "0.7")
+    _run_app("prune_for_phone.py", monkeypatch, tmp_path, data_dir, *flags)
+    out = capsys.readouterr().out
+    assert "sparsity 0.700 (dense 0.000)" in out
+    reports = {
+        name: export.ExportReport.from_dict(
+            json.loads((tmp_path / "p" / name / "export.json").read_text())
+        )
+        for name in ("dense", "pruned")
+    }
+    dense, pruned = (reports[name].artifact("tflite") for name in ("dense", "pruned"))
+    assert pruned.sparse_tensors > 0 == dense.sparse_tensors
+    assert pruned.size_bytes < 0.6 * dense.size_bytes
+    assert f"pruned: {pruned.size_bytes / 1024:.1f} KB" in out
