@@ -30,6 +30,7 @@ from hlkeras import export  # noqa: E402
 from hlkeras import models  # noqa: E402
 from hlkeras import prune  # noqa: E402
 from hlkeras import training  # noqa: E402
+from hlkeras.export import runtimes  # noqa: E402
 from hlkeras.training import prune_run  # noqa: E402
 from hlkeras.training import runs  # noqa: E402
 
@@ -38,6 +39,10 @@ TARGETS = {
     "sparsity_80_accuracy_drop_points": 1.0,
     "sparsity_80_tflite_ratio": 0.40,
     "sparsity_80_int8_tflite_ratio": 0.15,
+    "structured_50_accuracy_drop_points": 1.0,
+    "structured_50_params_ratio": 0.35,
+    "structured_50_litert_latency_ratio": 0.6,
+    "structured_50_train_step_ratio": 0.6,
 }
 
 
@@ -98,6 +103,43 @@ def measure_accuracy(arch, dense_epochs, epochs, work_dir):
         report(f"{name}_tflite_ratio", metrics["tflite_bytes"] / dense_bytes)
         if name == "sparsity_80":
             report(name + "_int8_tflite_ratio", int8_bytes(run_dir) / dense_bytes)
+    measure_structured(dense_dir, dense["test_accuracy"], epochs)
+
+
+def measure_structured(dense_dir, dense_accuracy, epochs, repeats=30):
+    """`prune.structured` at 25% and 50% of every block's hidden units,
+    fine-tuned `epochs` epochs: accuracy, parameters, LiteRT batch-1
+    latency and a Keras training step against the dense model."""
+    from hlkeras import data
+
+    settings = dense_dir.recorded_settings()
+    (train_ds, val_ds, test_ds), _ = runs.load_data(settings)
+    images, labels = data.to_numpy(test_ds)
+    batch = next(iter(train_ds))
+    dense = keras.saving.load_model(dense_dir.file(runs.RunDir.MODEL))
+    dense_tflite = export.model_to_tflite(dense)
+    for ratio in (0.25, 0.5):
+        name = f"structured_{round(100 * ratio)}"
+        smaller = training.compile_model(
+            prune.structured(dense, ratio), learning_rate=settings["lr"]
+        )
+        smaller.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=0)
+        predicted = keras.ops.convert_to_numpy(smaller.predict(images, verbose=0)).argmax(-1)
+        report(
+            f"{name}_accuracy_drop_points", 100 * (dense_accuracy - (predicted == labels).mean())
+        )
+        report(f"{name}_params_ratio", smaller.count_params() / dense.count_params())
+        tflite = export.model_to_tflite(smaller)
+        predictors = [
+            runtimes.tflite_predictor(f, (1, *images.shape[1:])) for f in (tflite, dense_tflite)
+        ]
+        ours, anchor = _timing.time_interleaved(
+            [lambda p=p: p(images[:1]) for p in predictors], repeats, 5
+        )
+        report(f"{name}_litert_latency_ratio", _timing.median_pair_ratio(ours, anchor))
+        steps = [lambda m=m: m.train_on_batch(*batch) for m in (smaller, dense)]
+        ours, anchor = _timing.time_interleaved(steps, repeats, 3)
+        report(f"{name}_train_step_ratio", _timing.median_pair_ratio(ours, anchor))
 
 
 def int8_bytes(run_dir):

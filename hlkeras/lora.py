@@ -413,7 +413,7 @@ def _check_dora_targets(layers_by_path, target_paths):
         )
 
 
-def _clone_by_path(model, clone_leaf):
+def clone_by_path(model, clone_leaf):
     """`_clone(model)` with `clone_leaf(path, layer)` making every layer's
     twin (an operation node such as a mask's `not_equal` has no path)."""
     path_of = {id(layer): path for path, layer in layer_paths(model)}
@@ -423,7 +423,7 @@ def _clone_by_path(model, clone_leaf):
 def copy_model(model):
     """A copy of `model` with the same layer paths, configs and weights
     (copied through NumPy); the model passed in is left alone."""
-    copy = _clone_by_path(model, lambda path, layer: _plain_copy(layer))
+    copy = clone_by_path(model, lambda path, layer: _plain_copy(layer))
     if [tuple(w.shape) for w in copy.weights] != [tuple(w.shape) for w in model.weights]:
         raise ValueError(f"Model '{model.name}' does not rebuild from its layers' configs.")
     for target, value in zip(copy.weights, _as_numpy(model.weights)):
@@ -499,7 +499,7 @@ def apply_lora(
             return _lora_version(layer, rank, alpha, dropout, bool(dora))
         return _plain_copy(layer)  # frozen below, once built
 
-    adapted = _clone_by_path(model, clone_leaf)
+    adapted = clone_by_path(model, clone_leaf)
     adapted_layers = dict(layer_paths(adapted))
     for path, old_layer in leaf_layers(model):
         new_layer = adapted_layers[path]
@@ -572,7 +572,7 @@ def merge_lora(model, name=None):
             return _plain_version(layer)
         return _plain_copy(layer)
 
-    merged = _clone_by_path(model, clone_leaf)
+    merged = clone_by_path(model, clone_leaf)
     merged_layers = dict(layer_paths(merged))
     for path, old_layer in leaf_layers(model):
         if isinstance(old_layer, LoRADense):

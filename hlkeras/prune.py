@@ -40,8 +40,10 @@ from keras import ops
 from hlkeras import _compat
 from hlkeras import _validation
 from hlkeras import lora
+from hlkeras.layers import FeedForward
 from hlkeras.layers import LoRADense
 from hlkeras.layers import MixtureOfExperts
+from hlkeras.layers import ResidualBlock
 from hlkeras.layers.moe import FloatRouter
 
 ALL_LINEAR = lora.ALL_LINEAR
@@ -49,6 +51,9 @@ SCOPES = ("layer", "global")
 CONV_LAYERS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
 KERNEL_LAYERS = (keras.layers.Dense, keras.layers.EinsumDense, LoRADense) + CONV_LAYERS
 MOE_KERNELS = ("expert_hidden_kernel", "expert_output_kernel")
+# The layers whose hidden units `structured` removes, by their config key.
+HIDDEN_UNITS_KEY = {ResidualBlock: "hidden_units", FeedForward: "ffn_units"}
+CRITERIA = {"l2": 2, "l1": 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,6 +291,87 @@ def strip(model):
     pruning attached (the `Pruning` callback adds nothing to a model, so
     this is a copy: the file to export or to hand on)."""
     return lora.copy_model(model)
+
+
+# --------------------------------------------------------------------------
+# Structured: whole hidden units out, a smaller model
+
+
+def structured(model, ratio, *, targets=None, criterion="l2"):
+    """A new, smaller plain model: `model` with the `ratio` least salient
+    hidden units of each selected `ResidualBlock` and `FeedForward` removed.
+
+    A hidden unit `j` is column `j` of the block's `hidden_dense` (and its
+    bias) and row `j` of its `output_dense`. Its saliency is the product of
+    the norms of the two, so a unit whose incoming or outgoing weights are
+    all zero ranks first (ties to the lower index) and removing it changes
+    no output. The smaller model has the same graph and layer paths, each
+    block's config narrowed (`hidden_units`, `ffn_units`), and the surviving
+    weights copied. `model` itself is not changed.
+
+    Args:
+        model: A functional or Sequential `keras.Model`.
+        ratio: The fraction in [0, 1) of each block's hidden units to remove
+            (rounded down, at least one unit kept).
+        targets: Which blocks, as in `hlkeras.lora` (default: all).
+        criterion: `"l2"` or `"l1"`: the norm of the saliency.
+
+    Returns:
+        The smaller model.
+    """
+    ratio = check_sparsity(ratio, "ratio")
+    order = CRITERIA[_validation.check_choice("criterion", criterion, tuple(CRITERIA))]
+    kept = {
+        path: _kept_units(layer, ratio, order) for path, layer in _structured_blocks(model, targets)
+    }
+
+    def narrowed(path, layer):
+        config = layer.get_config()
+        if path in kept:
+            config[HIDDEN_UNITS_KEY[type(layer)]] = len(kept[path])
+        return type(layer).from_config(config)
+
+    smaller = lora.clone_by_path(model, narrowed)
+    paths = dict(lora.leaf_layers(smaller))
+    for path, layer in lora.leaf_layers(model):
+        for source, target in zip(layer.weights, paths[path].weights):
+            value = ops.convert_to_numpy(source)
+            for axis in np.flatnonzero(np.array(value.shape) != np.array(target.shape)):
+                value = np.take(value, kept[path], axis=axis)
+            target.assign(value)
+    return smaller
+
+
+def _structured_blocks(model, targets):
+    blocks = [(p, layer) for p, layer in lora.leaf_layers(model) if type(layer) in HIDDEN_UNITS_KEY]
+    if not blocks:
+        raise ValueError(
+            f"structured pruning found nothing to prune in model '{model.name}': it removes "
+            f"hidden units of {', '.join(c.__name__ for c in HIDDEN_UNITS_KEY)} layers, and "
+            f"the model's layers are {_validation.few([p for p, _ in lora.leaf_layers(model)])}"
+        )
+    if targets is None or targets == ALL_LINEAR:
+        return blocks
+    patterns = [targets] if isinstance(targets, str) else list(targets)
+    matched = set().union(*lora.check_patterns_match(model, patterns).values())
+    selected = [(p, layer) for p, layer in blocks if p in matched]
+    if not selected:
+        raise ValueError(
+            f"Argument `targets` selected no {' or '.join(c.__name__ for c in HIDDEN_UNITS_KEY)} "
+            f"layer. Those in model '{model.name}': {_validation.few([p for p, _ in blocks])}. "
+            f"Received: targets={targets!r}"
+        )
+    return selected
+
+
+def _kept_units(layer, ratio, order):
+    """The sorted indices of the hidden units of `layer` that stay."""
+    hidden = ops.convert_to_numpy(layer.hidden_dense.kernel)
+    incoming = np.concatenate([hidden, ops.convert_to_numpy(layer.hidden_dense.bias)[None]])
+    outgoing = ops.convert_to_numpy(layer.output_dense.kernel)
+    saliency = np.linalg.norm(incoming, order, axis=0) * np.linalg.norm(outgoing, order, axis=1)
+    # Rounded down, and the ratio is below 1: at least one unit stays.
+    return np.flatnonzero(~_smallest(saliency, math.floor(ratio * saliency.size)))
 
 
 # --------------------------------------------------------------------------

@@ -223,3 +223,104 @@ def test_pruning_callback_arguments_are_checked():
 def test_the_module_docstring_example_runs():
     failures, tried = doctest.testmod(prune, globs={"hlkeras": hlkeras, **vars(prune)})
     assert tried > 0 and failures == 0
+
+
+# --------------------------------------------------------------------------
+# Structured
+
+
+def _blocks(model):
+    return [layer for layer in model.layers if isinstance(layer, hlkeras.layers.ResidualBlock)]
+
+
+def _zero_outgoing(block, units):
+    """Zeroes the outgoing weights (output_dense rows) of `units` by hand."""
+    kernel = ops.convert_to_numpy(block.output_dense.kernel).copy()
+    kernel[units] = 0.0
+    block.output_dense.kernel.assign(kernel)
+
+
+def test_structured_removes_units_whose_outgoing_weights_are_zero_without_changing_outputs():
+    model = models.mlp((6,), 4, depth=2, width=8, hidden_ratio=2, dropout=0.0)
+    zeroed = {0: [1, 6, 9, 12], 1: [0, 3, 4, 15]}  # 4 of each block's 16 hidden units
+    for index, units in zeroed.items():
+        _zero_outgoing(_blocks(model)[index], units)
+    x = RNG.normal(size=(5, 6)).astype("float32")
+    before = ops.convert_to_numpy(model(x))
+    smaller = prune.structured(model, 0.25)
+    np.testing.assert_allclose(ops.convert_to_numpy(smaller(x)), before, atol=1e-5)
+    # Each block lost 4 units: 4 columns (+ biases) of its 8x16 hidden kernel
+    # and 4 rows of its 16x8 output kernel.
+    assert smaller.count_params() == model.count_params() - 2 * 4 * (8 + 1 + 8)
+    assert [b.hidden_units for b in _blocks(smaller)] == [12, 12]
+    assert [b.hidden_units for b in _blocks(model)] == [16, 16]  # unchanged
+    assert [layer.path for layer in smaller.layers] == [layer.path for layer in model.layers]
+
+
+def test_structured_keeps_the_units_of_largest_saliency():
+    model = models.mlp((6,), 4, depth=1, width=8, hidden_ratio=2, dropout=0.0)
+    block = _blocks(model)[0]
+    incoming = np.concatenate(
+        [
+            ops.convert_to_numpy(block.hidden_dense.kernel),
+            ops.convert_to_numpy(block.hidden_dense.bias)[None],
+        ]
+    )
+    outgoing = ops.convert_to_numpy(block.output_dense.kernel)
+    for criterion, order in (("l2", 2), ("l1", 1)):
+        saliency = np.linalg.norm(incoming, order, axis=0) * np.linalg.norm(outgoing, order, axis=1)
+        expected = np.sort(np.argsort(saliency, kind="stable")[8:])
+        smaller = prune.structured(model, 0.5, criterion=criterion)
+        np.testing.assert_array_equal(
+            ops.convert_to_numpy(_blocks(smaller)[0].output_dense.kernel), outgoing[expected]
+        )
+
+
+def test_structured_narrows_a_feed_forward_by_target_and_round_trips(tmp_path):
+    inputs = keras.Input((5, 8))
+    hidden = hlkeras.layers.FeedForward(12, name="ffn")(inputs)
+    hidden = hlkeras.layers.FeedForward(12, name="other")(hidden)
+    model = keras.Model(
+        inputs, keras.layers.Dense(3)(keras.layers.GlobalAveragePooling1D()(hidden))
+    )
+    ffn = model.get_layer("ffn")
+    # gelu(0) = 0: a unit with zero incoming weights and bias outputs nothing.
+    kernel, bias = (
+        ops.convert_to_numpy(w).copy() for w in (ffn.hidden_dense.kernel, ffn.hidden_dense.bias)
+    )
+    kernel[:, [2, 5, 7]], bias[[2, 5, 7]] = 0.0, 0.0
+    ffn.hidden_dense.kernel.assign(kernel)
+    ffn.hidden_dense.bias.assign(bias + 0.0)
+    x = RNG.normal(size=(2, 5, 8)).astype("float32")
+    smaller = prune.structured(model, 0.25, targets="ffn")
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(smaller(x)), ops.convert_to_numpy(model(x)), atol=1e-5
+    )
+    assert smaller.get_layer("ffn").ffn_units == 9 and smaller.get_layer("other").ffn_units == 12
+    smaller.save(tmp_path / "smaller.keras")
+    loaded = keras.saving.load_model(tmp_path / "smaller.keras")
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(loaded(x)), ops.convert_to_numpy(smaller(x)), atol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"ratio": 1.0}, r"`ratio` must be a float in \[0, 1\)"),
+        ({"ratio": 0.5, "criterion": "l3"}, "`criterion`.*'l3'"),
+        ({"ratio": 0.5, "targets": "nothing*"}, "nothing\\*.*matches no layer"),
+        ({"ratio": 0.5, "targets": "head"}, "selected no ResidualBlock or FeedForward.*block_0"),
+    ],
+)
+def test_structured_bad_arguments(kwargs, message):
+    model = models.mlp((6,), 4, depth=1, width=8)
+    with pytest.raises(ValueError, match=message):
+        prune.structured(model, **kwargs)
+
+
+def test_structured_names_what_it_looked_at_when_nothing_is_prunable():
+    inputs = keras.Input((6,))
+    model = keras.Model(inputs, keras.layers.Dense(3, name="only")(inputs))
+    with pytest.raises(ValueError, match="nothing to prune.*ResidualBlock, FeedForward.*only"):
+        prune.structured(model, 0.5)
