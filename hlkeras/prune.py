@@ -1,6 +1,7 @@
 """Pruning for Keras 3 on every backend: weight sparsity, one-shot magnitude
-pruning (per layer, global, or an m:n pattern such as 2:4) and gradual
-pruning during `fit` with tfmot's polynomial schedule.
+pruning (per layer, global, or an m:n pattern such as 2:4), gradual
+pruning during `fit` with tfmot's polynomial schedule, and structured
+pruning (`structured`: whole hidden units out, a smaller model).
 
 A pruned model here is a plain Keras model whose pruned weights are exactly
 zero: no wrapper layers, so it saves, loads (`safe_mode=True`), fine-tunes,
