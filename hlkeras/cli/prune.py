@@ -42,9 +42,8 @@ def add_parser(commands):
 def _as_flags(message):
     """A library argument error in the CLI's terms: `sparsity` is --sparsity."""
     message = re.sub(r"Argument `(\w+)`", lambda m: "--" + m[1].replace("_", "-"), message)
-    return message.split(" Received: ")[0] + (
-        f" (got {message.split('=', 1)[1]})" if " Received: " in message else ""
-    )
+    head, _, received = message.partition(" Received: ")  # "Received: sparsity=1.5"
+    return head + (f" (got {received.split('=', 1)[-1]})" if received else "")
 
 
 def _check_flags(args):

@@ -16,7 +16,6 @@ numbers measured in the same run beside the pruned one's:
 
 import json
 import os
-import shutil
 import time
 
 from hlkeras import _files
@@ -103,8 +102,9 @@ def prune_run(
     run_dir.prepare()
     for name in COPIED:
         if os.path.exists(source.file(name)):
-            shutil.copyfile(source.file(name), run_dir.file(name))
-    _files.atomic_write_json(run_dir.file(RunDir.CONFIG), {**settings, "epochs": max(epochs, 1)})
+            with open(source.file(name), "rb") as file:
+                _files.atomic_write_bytes(run_dir.file(name), file.read())
+    _files.atomic_write_json(run_dir.file(RunDir.CONFIG), {**settings, "epochs": epochs})
     what = f"pattern {pattern}" if pattern else f"{sparsity:.0%} sparsity ({scope})"
     log(f"hlkeras prune: {source.path} to {what} over {epochs} epochs -> {run_dir.path}")
 
