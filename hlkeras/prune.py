@@ -125,21 +125,29 @@ def _head_path(model):
     return dense[-1] if dense else None
 
 
-def _selected_paths(model, prunable, targets):
-    paths = [path for path, _ in prunable]
+def _matched_paths(model, targets):
+    """The layer paths the glob(s) `targets` match (`None` for the default
+    selection, `None` or `"all-linear"`)."""
     if targets is None or targets == ALL_LINEAR:
-        selected = [path for path in paths if path != _head_path(model)]
-    elif isinstance(targets, str) or (
+        return None
+    if isinstance(targets, str) or (
         isinstance(targets, (list, tuple)) and all(isinstance(t, str) for t in targets)
     ):
         patterns = [targets] if isinstance(targets, str) else list(targets)
-        matched = set().union(*lora.check_patterns_match(model, patterns).values())
-        selected = [path for path in paths if path in matched]
+        return set().union(*lora.check_patterns_match(model, patterns).values())
+    raise ValueError(
+        f"Argument `targets` must be None, {ALL_LINEAR!r}, a glob pattern or a list "
+        f"of them. Received: targets={targets!r}"
+    )
+
+
+def _selected_paths(model, prunable, targets):
+    paths = [path for path, _ in prunable]
+    matched = _matched_paths(model, targets)
+    if matched is None:
+        selected = [path for path in paths if path != _head_path(model)]
     else:
-        raise ValueError(
-            f"Argument `targets` must be None, {ALL_LINEAR!r}, a glob pattern or a list "
-            f"of them. Received: targets={targets!r}"
-        )
+        selected = [path for path in paths if path in matched]
     if not selected:
         raise ValueError(
             "Argument `targets` selected no layer with prunable weights. Layers with "
@@ -351,10 +359,9 @@ def _structured_blocks(model, targets):
             f"hidden units of {', '.join(c.__name__ for c in HIDDEN_UNITS_KEY)} layers, and "
             f"the model's layers are {_validation.few([p for p, _ in lora.leaf_layers(model)])}"
         )
-    if targets is None or targets == ALL_LINEAR:
+    matched = _matched_paths(model, targets)
+    if matched is None:
         return blocks
-    patterns = [targets] if isinstance(targets, str) else list(targets)
-    matched = set().union(*lora.check_patterns_match(model, patterns).values())
     selected = [(p, layer) for p, layer in blocks if p in matched]
     if not selected:
         raise ValueError(
