@@ -6,6 +6,7 @@ and which leaves the source run as it was; and the one-line errors."""
 
 import json
 import os
+import re
 
 import keras
 import numpy as np
@@ -84,6 +85,7 @@ def test_prune_fine_tunes_into_a_sparse_verified_run(source_run, tmp_path, capsy
     assert [row["epoch"] for row in read_history_rows(str(out / "history.csv"))] == [0, 1]
     assert not (out / "best.keras").exists()  # it would be a less sparse epoch
     assert f"{metrics['test_accuracy']:.2%}" in stdout and "sparsity" in stdout
+    assert re.search(r"model\.keras +the pruned model \(the last epoch: the fully sparse", stdout)
     # The source run is as it was.
     assert {n: (run / n).read_bytes() for n in os.listdir(run)} == source_files
 

@@ -82,7 +82,7 @@ def run(args):
         print(f"hlkeras prune: error: {outcome.nan_message}", file=sys.stderr)
         return 1
     print("\n".join(prune_run.before_after_table(outcome.metrics)))
-    print("\n".join(run_dir.summary()))
+    print("\n".join(run_dir.summary(prune_run.FILE_ROLES)))
     if outcome.refused:
         print(
             f"hlkeras prune: error: model.tflite was not written: {outcome.refused}",

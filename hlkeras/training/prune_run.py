@@ -26,6 +26,8 @@ from hlkeras.training.runs import RunError
 # Fractions of the fine-tuning steps: the schedule ends here, the rest recovers.
 SCHEDULE_FRACTION = 2 / 3
 MASK_UPDATES = 10
+# What a pruned run's files are where they differ from a training run's.
+FILE_ROLES = {RunDir.MODEL: "the pruned model (the last epoch: the fully sparse one)"}
 # Files of the source run the pruned run keeps as they are.
 COPIED = (RunDir.SPEC, RunDir.CLASS_NAMES, RunDir.VOCABULARY)
 

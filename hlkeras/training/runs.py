@@ -178,12 +178,14 @@ class RunDir:
     def written_files(self):
         return [name for name in self.FILES if os.path.exists(self.file(name))]
 
-    def summary(self):
-        """Lines saying where everything was written and what each file is."""
+    def summary(self, roles=None):
+        """Lines saying where everything was written and what each file is
+        (`roles` overrides some of `FILE_ROLES`)."""
+        roles = {**self.FILE_ROLES, **(roles or {})}
         names = self.written_files()
         width = max(map(len, names), default=0)
         lines = [f"wrote {self.path}{os.sep}"]
-        lines += [f"  {name:<{width}}  {self.FILE_ROLES[name]}" for name in names]
+        lines += [f"  {name:<{width}}  {roles[name]}" for name in names]
         if os.path.isdir(self.file("logs")):
             lines.append(
                 f"  {'logs/':<{width}}  TensorBoard logs: tensorboard --logdir {self.file('logs')}"
