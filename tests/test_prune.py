@@ -220,8 +220,10 @@ def test_pruning_callback_arguments_are_checked():
         prune.Pruning(0.5, initial_sparsity=1.5)
 
 
-def test_the_module_docstring_example_runs():
-    failures, tried = doctest.testmod(prune, globs={"hlkeras": hlkeras, **vars(prune)})
+@pytest.mark.parametrize("module", [prune, prune.units], ids=["package", "units"])
+def test_the_docstring_examples_run(module):
+    globs = {"hlkeras": hlkeras, "keras": keras, **vars(module)}
+    failures, tried = doctest.testmod(module, globs=globs)
     assert tried > 0 and failures == 0
 
 

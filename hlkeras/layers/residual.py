@@ -235,20 +235,25 @@ class ConvResidualBlock(keras.layers.Layer):
 
     The basic block is `conv3x3 → BN → act → conv3x3 → BN`; the bottleneck
     block is `conv1x1 → BN → act → conv3x3 → BN → act → conv1x1 → BN` with an
-    inner width of `filters // 4`. The output is
+    inner width of `filters // 4` (the basic block's is `filters`; both can
+    be set with `inner_filters`, which is how structured pruning narrows a
+    block). The output is
     `act(shortcut(x) + drop_path(branch(x)))`, where the shortcut is the
     identity, or a strided 1x1 convolution with BatchNorm when the spatial size
     or the channel count changes (He et al., 2016). The output always has
     `filters` channels.
 
     Args:
-        filters: Positive int, output channels. With `bottleneck=True` it must
-            be divisible by 4.
+        filters: Positive int, output channels. With `bottleneck=True` and
+            no `inner_filters` it must be divisible by 4.
         strides: Positive int, the stride of the 3x3 convolution (and of the
             projection shortcut).
         bottleneck: Whether to use the 1x1-3x3-1x1 bottleneck branch.
         activation: Name of a Keras activation.
         drop_path: Float in [0, 1), stochastic-depth rate of the branch.
+        inner_filters: Positive int, the channels between the branch's
+            convolutions. Defaults to `filters` (basic) or `filters // 4`
+            (bottleneck).
         **kwargs: Base layer keyword arguments, such as `name` and `dtype`,
             and the Keras weight arguments `kernel_initializer`,
             `bias_initializer`, `kernel_regularizer`, `bias_regularizer`,
@@ -276,6 +281,7 @@ class ConvResidualBlock(keras.layers.Layer):
         bottleneck=False,
         activation="relu",
         drop_path=0.0,
+        inner_filters=None,
         **kwargs,
     ):
         weight_options = WeightOptions.pop(kwargs)
@@ -283,7 +289,12 @@ class ConvResidualBlock(keras.layers.Layer):
         self.weight_options = weight_options
         self.filters = _validation.check_positive_int("filters", filters)
         self.strides = _validation.check_positive_int("strides", strides)
-        if bottleneck and filters % 4:
+        self.inner_filters = (
+            None
+            if inner_filters is None
+            else _validation.check_positive_int("inner_filters", inner_filters)
+        )
+        if bottleneck and inner_filters is None and filters % 4:
             raise ValueError(
                 "With `bottleneck=True`, argument `filters` must be divisible "
                 f"by 4 (the inner width is filters // 4). Received: filters={filters}"
@@ -316,7 +327,7 @@ class ConvResidualBlock(keras.layers.Layer):
             )
         in_channels = _validation.check_feature_dim("ConvResidualBlock", input_shape)
         if self.bottleneck:
-            inner = self.filters // 4
+            inner = self.inner_filters or self.filters // 4
             convs = [
                 self._conv(inner, 1, 1, "conv_reduce"),
                 self._conv(inner, 3, self.strides, "conv_spatial"),
@@ -324,7 +335,7 @@ class ConvResidualBlock(keras.layers.Layer):
             ]
         else:
             convs = [
-                self._conv(self.filters, 3, self.strides, "conv_1"),
+                self._conv(self.inner_filters or self.filters, 3, self.strides, "conv_1"),
                 self._conv(self.filters, 3, 1, "conv_2"),
             ]
         self.branch_convs = convs
@@ -372,6 +383,7 @@ class ConvResidualBlock(keras.layers.Layer):
                 "bottleneck": self.bottleneck,
                 "activation": self.activation,
                 "drop_path": self.drop_path,
+                "inner_filters": self.inner_filters,
                 **self.weight_options.get_config(),
             }
         )
