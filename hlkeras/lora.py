@@ -351,10 +351,13 @@ def _freeze(layer):
         sublayer.trainable = False
 
 
-def _plain_copy(layer):
+def _plain_copy(layer, compute_dtype=None):
     # Also copies operation nodes, such as the `not_equal` of an
     # `Embedding(mask_zero=True)` mask.
-    return type(layer).from_config(layer.get_config())
+    config = layer.get_config()
+    if compute_dtype and layer.dtype_policy.name.startswith("mixed"):
+        config["dtype"] = compute_dtype
+    return type(layer).from_config(config)
 
 
 def _base_weights(layer):
@@ -420,10 +423,14 @@ def clone_by_path(model, clone_leaf):
     return _clone(model, lambda layer: clone_leaf(path_of.get(id(layer)), layer))
 
 
-def copy_model(model):
+def copy_model(model, compute_dtype=None):
     """A copy of `model` with the same layer paths, configs and weights
-    (copied through NumPy); the model passed in is left alone."""
-    copy = clone_by_path(model, lambda path, layer: _plain_copy(layer))
+    (copied through NumPy); the model passed in is left alone.
+
+    With `compute_dtype` (such as `"float32"`), layers under a mixed
+    precision policy compute in that dtype instead: the float32 twin of a
+    `mixed_bfloat16` model, which the TFLite converter takes."""
+    copy = clone_by_path(model, lambda path, layer: _plain_copy(layer, compute_dtype))
     if [tuple(w.shape) for w in copy.weights] != [tuple(w.shape) for w in model.weights]:
         raise ValueError(f"Model '{model.name}' does not rebuild from its layers' configs.")
     for target, value in zip(copy.weights, _as_numpy(model.weights)):

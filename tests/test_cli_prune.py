@@ -57,16 +57,19 @@ def _kernels_but_head(model):
     ]
 
 
+def _prune(capsys, run, out, *flags):
+    """`hlkeras prune RUN *flags --out OUT` that succeeds, and the model it wrote."""
+    status, stdout, stderr = _cli(capsys, "prune", run, *flags, "--out", out)
+    assert status == 0, stderr
+    return keras.saving.load_model(out / "model.keras"), stdout
+
+
 @pytest.mark.slow
 @pytest.mark.backends("tensorflow")
 def test_prune_fine_tunes_into_a_sparse_verified_run(source_run, tmp_path, capsys):
     run, data_dir, source_files = source_run
     out = tmp_path / "pruned"
-    status, stdout, stderr = _cli(
-        capsys, "prune", run, "--sparsity", "0.6", "--epochs", "2", "--out", out
-    )
-    assert status == 0, stderr
-    model = keras.saving.load_model(out / "model.keras")
+    model, stdout = _prune(capsys, run, out, "--sparsity", "0.6", "--epochs", "2")
     kernels = _kernels_but_head(model)
     zeros = sum(np.sum(k == 0) for k in kernels) / sum(k.size for k in kernels)
     metrics = json.loads((out / "metrics.json").read_text())
@@ -95,16 +98,53 @@ def test_prune_fine_tunes_into_a_sparse_verified_run(source_run, tmp_path, capsy
 def test_one_shot_pattern_keeps_two_of_every_four_inputs(source_run, tmp_path, capsys):
     run, _, _ = source_run
     out = tmp_path / "pattern"
-    status, _, stderr = _cli(
-        capsys, "prune", run, "--pattern", "2:4", "--epochs", "0", "--out", out
-    )
-    assert status == 0, stderr
-    model = keras.saving.load_model(out / "model.keras")
+    model, _ = _prune(capsys, run, out, "--pattern", "2:4", "--epochs", "0")
     for kernel in _kernels_but_head(model):
         groups = kernel.T.reshape(kernel.shape[1], -1, 4)  # 4 consecutive inputs per unit
         assert np.all(np.sum(groups != 0, axis=-1) <= 2)
     assert prune.sparsity(model) == pytest.approx(0.5, abs=1e-3)
     assert json.loads((out / "metrics.json").read_text())["epochs"] == 0
+
+
+def _hidden_units(model):
+    return [layer.hidden_units for layer in model.layers if hasattr(layer, "hidden_units")]
+
+
+@pytest.mark.slow
+@pytest.mark.backends("tensorflow")
+def test_structured_writes_a_smaller_verified_run(source_run, tmp_path, capsys):
+    run, data_dir, source_files = source_run
+    out = tmp_path / "structured"
+    model, stdout = _prune(capsys, run, out, "--structured", "0.5", "--epochs", "1")
+    dense = keras.saving.load_model(run / "model.keras")
+    assert _hidden_units(model) == [units - units // 2 for units in _hidden_units(dense)]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["params"] == model.count_params() < metrics["dense_params"]
+    assert metrics["dense_params"] == dense.count_params() and metrics["structured"] == 0.5
+    images, labels = _test_split(data_dir)
+    assert metrics["test_accuracy"] == pytest.approx(_accuracy(model, images, labels))
+    assert metrics["tflite_accuracy"] == pytest.approx(metrics["keras_batch1_accuracy"])
+    assert metrics["tflite_bytes"] == (out / "model.tflite").stat().st_size
+    assert metrics["tflite_bytes"] < metrics["dense_tflite_bytes"]
+    assert "units removed" in stdout and re.search(r"spec\.json +the spec of the dense", stdout)
+    assert {n: (run / n).read_bytes() for n in os.listdir(run)} == source_files
+
+
+@pytest.mark.backends("tensorflow")
+def test_structured_on_a_model_without_units_names_its_layers(source_run, tmp_path, capsys):
+    run, _, _ = source_run
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for name in os.listdir(run):
+        (plain / name).write_bytes((run / name).read_bytes())
+    inputs = keras.Input((8, 8, 1))
+    flat = keras.layers.Flatten(name="flatten")(inputs)
+    keras.Model(inputs, keras.layers.Dense(10, name="head")(flat)).save(plain / "model.keras")
+    status, _, stderr = _cli(capsys, "prune", plain, "--structured", "0.5", "--out", tmp_path / "o")
+    lines = stderr.strip().splitlines()
+    assert status == 2 and len(lines) == 1, stderr
+    assert "found nothing to prune" in lines[0] and "flatten" in lines[0] and "head" in lines[0]
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.backends("tensorflow")
@@ -115,8 +155,9 @@ def test_one_shot_pattern_keeps_two_of_every_four_inputs(source_run, tmp_path, c
         (["--pattern", "3:2"], ["--pattern must be 'm:n'", "'3:2'"]),
         (["--sparsity", "0.5", "--scope", "model"], ["--scope", "'model'", "layer", "global"]),
         (["--sparsity", "0.5", "--epochs", "-1"], ["--epochs must be an integer >= 0", "-1"]),
+        (["--structured", "1"], ["--structured must be a float in [0, 1)", "1.0"]),
     ],
-    ids=["sparsity", "pattern", "scope", "epochs"],
+    ids=["sparsity", "pattern", "scope", "epochs", "structured"],
 )
 def test_a_bad_flag_is_one_line_and_writes_nothing(flags, fragments, tmp_path, capsys):
     (tmp_path / "run").mkdir()

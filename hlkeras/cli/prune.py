@@ -19,7 +19,8 @@ def add_parser(commands):
             "it on the run's data while the sparsity rises (tfmot's polynomial "
             "schedule), and write a new run directory: model.keras, a verified "
             "model.tflite (sparse-encoded), metrics.json beside the dense model's "
-            "numbers, history.csv and curves.png."
+            "numbers, history.csv and curves.png. With --structured, remove whole "
+            "hidden units, heads, experts and channels instead: a smaller model."
         ),
     )
     flag = prune.add_argument
@@ -30,6 +31,12 @@ def add_parser(commands):
     )
     target.add_argument(
         "--pattern", metavar="M:N", help="keep the M largest of every N input weights (2:4)"
+    )
+    target.add_argument(
+        "--structured",
+        type=float,
+        metavar="R",
+        help="remove the fraction R in [0, 1) of each block's units: a smaller model",
     )
     flag("--scope", default="layer", help="layer (default) or global: one threshold for all")
     flag("--epochs", type=int, default=10, help="fine-tuning epochs (default 10; 0: one shot)")
@@ -54,7 +61,10 @@ def _check_flags(args):
     if args.out and os.path.abspath(args.out) == os.path.abspath(args.run):
         raise UsageError(f"--out {args.out} is the run being pruned; give a new directory")
     try:
-        prune.Pruning(args.sparsity, pattern=args.pattern, scope=args.scope)
+        if args.structured is None:
+            prune.Pruning(args.sparsity, pattern=args.pattern, scope=args.scope)
+        else:
+            prune.check_sparsity(args.structured, "structured")
     except ValueError as error:
         raise UsageError(_as_flags(str(error))) from None
 
@@ -73,6 +83,7 @@ def run(args):
             sparsity=args.sparsity,
             pattern=args.pattern,
             scope=args.scope,
+            structured=args.structured,
             epochs=args.epochs,
             lr=args.lr,
         )
@@ -82,7 +93,8 @@ def run(args):
         print(f"hlkeras prune: error: {outcome.nan_message}", file=sys.stderr)
         return 1
     print("\n".join(prune_run.before_after_table(outcome.metrics)))
-    print("\n".join(run_dir.summary(prune_run.FILE_ROLES)))
+    roles = prune_run.FILE_ROLES if args.structured is None else prune_run.STRUCTURED_FILE_ROLES
+    print("\n".join(run_dir.summary(roles)))
     if outcome.refused:
         print(
             f"hlkeras prune: error: model.tflite was not written: {outcome.refused}",

@@ -7,11 +7,14 @@ the steps, with the masks updated ten times, and the last third recovers at
 the final sparsity. The model kept is the last epoch's, so it has the full
 sparsity (an earlier, better-scoring epoch is less sparse, so no `best.keras`
 is kept). With `epochs=0` the run prunes in one shot (`prune.magnitude`).
+With `structured=R` the run instead removes the fraction R of the units of
+each block (`prune.structured`: hidden units, heads, experts, channels) and
+fine-tunes the smaller model as it is.
 
 `metrics.json` holds what `hlkeras train` writes, and the dense model's
 numbers measured in the same run beside the pruned one's:
-`dense_test_accuracy`, `sparsity`, `params`, `nonzero_params`,
-`dense_params`, `tflite_bytes` and `dense_tflite_bytes`.
+`dense_test_accuracy`, `sparsity`, `structured`, `params`,
+`nonzero_params`, `dense_params`, `tflite_bytes` and `dense_tflite_bytes`.
 """
 
 import json
@@ -28,6 +31,10 @@ SCHEDULE_FRACTION = 2 / 3
 MASK_UPDATES = 10
 # What a pruned run's files are where they differ from a training run's.
 FILE_ROLES = {RunDir.MODEL: "the pruned model (the last epoch: the fully sparse one)"}
+STRUCTURED_FILE_ROLES = {
+    RunDir.MODEL: "the smaller model (the last epoch)",
+    RunDir.SPEC: "the spec of the dense model it was narrowed from",
+}
 # Files of the source run the pruned run keeps as they are.
 COPIED = (RunDir.SPEC, RunDir.CLASS_NAMES, RunDir.VOCABULARY)
 
@@ -66,6 +73,7 @@ def prune_run(
     sparsity=None,
     pattern=None,
     scope="layer",
+    structured=None,
     epochs=10,
     lr=None,
     log=print,
@@ -76,6 +84,7 @@ def prune_run(
         source_path: The `hlkeras train` run directory.
         run_dir: The new run's `RunDir` (`RunDir.open`).
         sparsity, pattern, scope: As in `hlkeras.prune.magnitude`.
+        structured: Instead, the ratio of `hlkeras.prune.structured`.
         epochs: Fine-tuning epochs (0: one-shot pruning only).
         lr: The fine-tuning learning rate (default: the run's).
         log: Where the one-line progress messages go.
@@ -90,15 +99,17 @@ def prune_run(
 
     started = time.perf_counter()
     source = finished_run(source_path)
-    prune.Pruning(sparsity, pattern=pattern, scope=scope)  # checks them before any work
+    if structured is None:
+        prune.Pruning(sparsity, pattern=pattern, scope=scope)  # checks them before any work
     if not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"Argument `epochs` must be an integer >= 0. Received: epochs={epochs!r}")
     settings = {**source.recorded_settings(), "distribute": None, "mesh": None}
     if lr is not None:  # else the run's: on digits a tenth of it recovered less
         settings["lr"] = lr
     keras.utils.set_random_seed(settings["seed"])
-    (train_ds, val_ds, test_ds), info = runs.load_data(settings, source)
     dense = keras.saving.load_model(source.file(RunDir.MODEL))
+    smaller = None if structured is None else _narrowed(dense, structured)
+    (train_ds, val_ds, test_ds), info = runs.load_data(settings, source)
     with open(source.file(RunDir.SPEC)) as file:
         spec = json.load(file)
     run_dir.prepare()
@@ -107,10 +118,22 @@ def prune_run(
             with open(source.file(name), "rb") as file:
                 _files.atomic_write_bytes(run_dir.file(name), file.read())
     _files.atomic_write_json(run_dir.file(RunDir.CONFIG), {**settings, "epochs": epochs})
-    what = f"pattern {pattern}" if pattern else f"{sparsity:.0%} sparsity ({scope})"
+    if smaller is not None:
+        what = f"{structured:.0%} fewer units ({dense.count_params():,} -> "
+        what += f"{smaller.count_params():,} params)"
+    else:
+        what = f"pattern {pattern}" if pattern else f"{sparsity:.0%} sparsity ({scope})"
     log(f"hlkeras prune: {source.path} to {what} over {epochs} epochs -> {run_dir.path}")
 
-    if epochs == 0:
+    if smaller is not None:
+        model = training.compile_model(smaller)
+        rows, seconds = [], 0.0
+        if epochs:
+            result = _fine_tune(model, train_ds, val_ds, run_dir, settings, epochs, [])
+            if result.nan_epoch is not None:
+                return runs.RunOutcome(run_dir, nan_message=training.nan_message(result))
+            rows, seconds = result.rows, result.seconds
+    elif epochs == 0:
         model = training.compile_model(
             prune.magnitude(dense, sparsity, scope=scope, pattern=pattern)
         )
@@ -121,25 +144,12 @@ def prune_run(
         pruning = prune.Pruning(
             sparsity, pattern=pattern, scope=scope, end_step=end_step, frequency=frequency
         )
-        result = training.compile_and_fit(
-            model,
-            train_ds,
-            val_ds,
-            run_dir=run_dir.path,
-            epochs=epochs,
-            learning_rate=settings["lr"],
-            weight_decay=settings["weight_decay"],
-            clipnorm=settings["clipnorm"],
-            patience=epochs + 1,  # the last epoch is the sparse one
-            extra_callbacks=[pruning],
-        )
-        if result.best_path:
-            os.remove(result.best_path)
+        result = _fine_tune(model, train_ds, val_ds, run_dir, settings, epochs, [pruning])
         if result.nan_epoch is not None:
             return runs.RunOutcome(run_dir, nan_message=training.nan_message(result))
         rows, seconds = result.rows, result.seconds
 
-    metrics = runs.evaluate_and_export(model, spec, settings, run_dir, test_ds)
+    metrics = runs.evaluate_and_export(model, settings, run_dir, test_ds)
     dense_results = dense.evaluate(test_ds, verbose=0, return_dict=True)
     metrics.update(
         {
@@ -147,6 +157,7 @@ def prune_run(
             "sparsity": prune.sparsity(model),
             "pattern": pattern,
             "scope": scope,
+            "structured": structured,
             "params": int(model.count_params()),
             "nonzero_params": int(model.count_params()) - _pruned_count(model),
             "dense_params": int(dense.count_params()),
@@ -163,6 +174,38 @@ def prune_run(
     )
     _files.atomic_write_json(run_dir.file(RunDir.METRICS), metrics)
     return runs.RunOutcome(run_dir, metrics=metrics, refused=metrics["tflite_refused"])
+
+
+def _narrowed(dense, ratio):
+    """`prune.structured(dense, ratio)`, its refusals as run errors (one line)."""
+    from hlkeras import prune
+
+    try:
+        return prune.structured(dense, ratio)
+    except ValueError as error:
+        raise RunError(str(error)) from None
+
+
+def _fine_tune(model, train_ds, val_ds, run_dir, settings, epochs, callbacks):
+    """`compile_and_fit` for the whole fine-tuning: the model kept is the last
+    epoch's (the fully sparse one), so no best.keras stays."""
+    from hlkeras import training
+
+    result = training.compile_and_fit(
+        model,
+        train_ds,
+        val_ds,
+        run_dir=run_dir.path,
+        epochs=epochs,
+        learning_rate=settings["lr"],
+        weight_decay=settings["weight_decay"],
+        clipnorm=settings["clipnorm"],
+        patience=epochs + 1,
+        extra_callbacks=callbacks,
+    )
+    if result.best_path:
+        os.remove(result.best_path)
+    return result
 
 
 def _pruned_count(model):
@@ -187,6 +230,7 @@ def before_after_table(metrics):
     def kb(size):
         return f"{size / 1024:.1f} KB" if size is not None else "-"
 
+    structured = metrics.get("structured")
     rows = [
         ("", "dense", "pruned"),
         (
@@ -194,7 +238,9 @@ def before_after_table(metrics):
             f"{metrics['dense_test_accuracy']:.2%}",
             f"{metrics['test_accuracy']:.2%}",
         ),
-        ("sparsity", "-", f"{metrics['sparsity']:.1%}"),
+        ("units removed", "-", f"{structured:.0%}")
+        if structured is not None
+        else ("sparsity", "-", f"{metrics['sparsity']:.1%}"),
         ("params (nonzero)", f"{metrics['dense_params']:,}", f"{metrics['nonzero_params']:,}"),
         ("model.tflite", kb(metrics["dense_tflite_bytes"]), kb(metrics["tflite_bytes"])),
     ]

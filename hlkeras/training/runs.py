@@ -375,7 +375,7 @@ def train_run(settings, run_dir, *, resuming=False, tensorboard=False, log=print
                 return RunOutcome(run_dir, process=process)
             # Evaluated and exported on one device, like any other run.
             model = training.compile_model(rebuilt_copy(model, spec))
-        metrics = evaluate_and_export(model, spec, settings, run_dir, test_ds)
+        metrics = evaluate_and_export(model, settings, run_dir, test_ds)
 
     monitor = "val_loss" if val_ds is not None else "loss"
     best_row = min(result.rows, key=lambda row: row.get(monitor, float("inf")))
@@ -479,16 +479,17 @@ def load_data(settings, resumed_run_dir=None):
     return (train_ds, val_ds, test_ds), info
 
 
-def evaluate_and_export(model, spec, settings, run_dir, test_ds):
+def evaluate_and_export(model, settings, run_dir, test_ds):
     """Saves model.keras, evaluates it on the test split, exports and
     verifies model.tflite; returns the accuracy metrics."""
     from hlkeras import data
     from hlkeras import export
+    from hlkeras import lora
 
     _files.save_model_atomic(model, run_dir.file(RunDir.MODEL))
     results = model.evaluate(test_ds, verbose=0, return_dict=True)
     test_images, test_labels = data.to_numpy(test_ds)
-    exportable = rebuilt_copy(model, spec, "float32") if settings["mixed_precision"] else model
+    exportable = lora.copy_model(model, "float32") if settings["mixed_precision"] else model
     metrics = {"test_accuracy": float(results["accuracy"]), "test_loss": float(results["loss"])}
     try:
         report = export_verified_tflite(
