@@ -15,6 +15,7 @@ from digits_testing import load_digits_arrays
 
 from hlkeras import data
 from hlkeras import models
+from hlkeras import prune
 from hlkeras import search
 
 
@@ -377,3 +378,29 @@ def test_a_search_on_texts_saves_the_tokenizer_its_trials_used(tmp_path):
     predictor = predict.load_predictor(outcome.best_path)
     assert predictor.class_names == ["billing", "sales", "tech"]
     assert predictor.tokenizer.vocabulary == saved.vocabulary
+
+
+# --- Pruning as a hyperparameter -------------------------------------------------
+
+
+def test_a_sparsity_value_prunes_the_trial_to_it_within_the_first_epoch():
+    images, labels = load_digits_arrays()
+    images, labels = images[:128], labels[:128]
+    hypermodel = search.SpecHyperModel(
+        "mlp", (8, 8, 1), 10, {"depth": 1, "width": 32, "sparsity": 0.75, "batch_size": 16}
+    )
+    hp = kt.HyperParameters()
+    model = hypermodel.build(hp)
+    dense_zeros = prune.sparsity(model)
+    hypermodel.fit(hp, model, images, labels, epochs=1, verbose=0)
+    assert dense_zeros == 0.0 and prune.sparsity(model) == pytest.approx(0.75, abs=1e-3)
+    # The head keeps its weights (pruning's default targets).
+    assert np.all(keras.ops.convert_to_numpy(model.get_layer("head").kernel) != 0)
+
+
+def test_sparsity_is_shared_by_every_arch_and_checked():
+    space = search.resolve_space("mlp,vit", {"sparsity": {"values": [0.0, 0.8]}})
+    assert space["sparsity"] == {"values": [0.0, 0.8]} and "vit.sparsity" not in space
+    with pytest.raises(ValueError, match=r"space\['sparsity'\] takes fractions in \[0, 1\)"):
+        search.resolve_space("mlp", {"sparsity": {"values": [0.5, 1.0]}})
+    assert search.trial_pruning({"sparsity": 0.0}, 10) == []

@@ -7,6 +7,7 @@ disk."""
 import json
 import os
 
+import keras
 import keras_tuner as kt
 import pytest
 from digits_testing import digits_mlp_search_config
@@ -276,3 +277,40 @@ def test_a_search_rejects_the_largest_trials_resumes_with_their_measurements_shi
     with open(outcome.best_tflite, "rb") as f, open(report["artifacts"][0]["path"], "rb") as g:
         assert f.read() == g.read()  # best.tflite is the verified export of best.keras
     assert (directory / search.reports.PARETO_PNG).stat().st_size > 0
+
+
+# A float16 mlp of width 256 is about 530 KiB dense, about 200 KiB when its
+# kernels are 80% zeros (sparse-encoded): only the pruned trial fits.
+PRUNING_SPACE = {**TWO_SIZES_SPACE, "width": 256, "lr": 3e-3, "sparsity": {"values": [0.0, 0.8]}}
+PRUNED_MAX_KB = 320
+
+
+@pytest.mark.slow
+@pytest.mark.backends("tensorflow")
+def test_a_search_trades_sparsity_for_size_under_the_budget(tmp_path):
+    from hlkeras import prune
+
+    directory = tmp_path / "search"
+    outcome = search.run_search(
+        space=PRUNING_SPACE,
+        tuner="random",
+        max_trials=2,
+        max_epochs=2,
+        patience=1,
+        seed=1,
+        directory=str(directory),
+        max_tflite_kb=PRUNED_MAX_KB,
+        quantize="float16",
+        log=lambda line: None,
+    )
+    assert outcome.error is None, outcome.error
+    rows = {row["sparsity"]: row for row in search.read_trials_csv(directory / search.TRIALS_CSV)}
+    assert set(rows) == {"0.0", "0.8"}
+    assert float(rows["0.0"]["tflite_kb"]) > PRUNED_MAX_KB >= float(rows["0.8"]["tflite_kb"])
+    assert rows["0.8"]["budget"] == "fits" and rows["0.0"]["budget"].startswith("over size")
+    with open(directory / search.BEST_TRIAL_JSON) as f:
+        assert json.load(f)["hyperparameters"]["sparsity"] == 0.8
+    # The retrained best has the sparsity, and so has the file shipped.
+    best = keras.saving.load_model(directory / search.BEST_MODEL)
+    assert prune.sparsity(best) == pytest.approx(0.8, abs=1e-3)
+    assert os.path.getsize(outcome.best_tflite) <= PRUNED_MAX_KB * 1024

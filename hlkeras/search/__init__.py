@@ -20,6 +20,7 @@ Example:
 
 from hlkeras.search.budget import DeviceBudget
 from hlkeras.search.hypermodel import SpecHyperModel
+from hlkeras.search.hypermodel import trial_pruning
 from hlkeras.search.outcome import BEST_MODEL
 from hlkeras.search.outcome import BEST_TFLITE
 from hlkeras.search.outcome import RETRAIN_DIR
@@ -102,6 +103,7 @@ __all__ = [
     "read_trials_csv",
     "resolve_space",
     "retrain_best",
+    "trial_pruning",
     "run_search",
     "run_trials",
     "search_config",

@@ -118,4 +118,23 @@ class SpecHyperModel(kt.HyperModel):
         )
 
     def fit(self, hp, model, *args, **kwargs):
-        return model.fit(*args, batch_size=hp.get("batch_size"), **kwargs)
+        batch_size = hp.get("batch_size")
+        steps_per_epoch = math.ceil((self.num_train or len(args[0])) / batch_size)
+        callbacks = list(kwargs.pop("callbacks", None) or [])
+        callbacks += trial_pruning(hp.values, steps_per_epoch)
+        return model.fit(*args, batch_size=batch_size, callbacks=callbacks, **kwargs)
+
+
+def trial_pruning(values, steps_per_epoch):
+    """The callbacks a trial's `sparsity` value adds: `hlkeras.prune.Pruning`
+    rising to it over the first epoch (ten mask updates), so that every
+    epoch's checkpoint (the one the tuner keeps, the device budget measures
+    and the retraining copies) has the full sparsity."""
+    sparsity = values.get("sparsity") or 0.0
+    if not sparsity:
+        return []
+    from hlkeras import prune
+
+    frequency = max(1, steps_per_epoch // 10)
+    end_step = frequency * max(1, steps_per_epoch // frequency)
+    return [prune.Pruning(sparsity, end_step=end_step, frequency=frequency)]

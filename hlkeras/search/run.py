@@ -30,6 +30,7 @@ from hlkeras.search import reports
 from hlkeras.search import tuners
 from hlkeras.search.budget import BUDGET_DEFAULTS
 from hlkeras.search.hypermodel import SpecHyperModel
+from hlkeras.search.hypermodel import trial_pruning
 from hlkeras.search.outcome import BEST_EXPORT_DIR
 from hlkeras.search.outcome import BEST_MODEL
 from hlkeras.search.outcome import BEST_TFLITE
@@ -353,7 +354,8 @@ def retrain_best(
     os.makedirs(run_dir, exist_ok=True)
     record_path = os.path.join(run_dir, "retrain.json")
     spec = hypermodel.spec(values)
-    record = {"spec": spec, "training": {k: values[k] for k in TRAINING_KEYS}, "epochs": epochs}
+    training_values = {k: values[k] for k in TRAINING_KEYS if k in values}
+    record = {"spec": spec, "training": training_values, "epochs": epochs}
     if os.path.exists(record_path):
         with open(record_path) as f:
             if json.load(f) != record:
@@ -379,6 +381,7 @@ def retrain_best(
         weight_decay=values["weight_decay"],
         patience=patience,
         verbose=verbose,
+        extra_callbacks=trial_pruning(values, int(train_ds.cardinality())),
     )
     if result.best_path and result.nan_epoch is None:
         partial = _files.partial_path(target, ".keras")

@@ -4,6 +4,7 @@ notation a user narrows it with (a dict, or a TOML/JSON file):
     depth = [2, 6]                               # an inclusive range
     lr = {min = 1e-4, max = 3e-3, log = true}    # a range with options
     width = {values = [64, 128]}                 # a choice
+    sparsity = {values = [0.0, 0.5, 0.8]}        # magnitude pruning in training
     dropout = 0.1                                # fixed
     arch = "vit"
 
@@ -21,7 +22,9 @@ from hlkeras import _validation
 from hlkeras import models
 
 # Hyperparameters of the training recipe rather than of the model builder.
-TRAINING_KEYS = ("lr", "weight_decay", "batch_size")
+# `sparsity` (optional, in no default space) prunes the trial while it
+# trains (`hlkeras.search.hypermodel.trial_pruning`).
+TRAINING_KEYS = ("lr", "weight_decay", "batch_size", "sparsity")
 
 _TRAINING_SPACE = {
     "lr": {"min": 3e-4, "max": 1e-2, "log": True},
@@ -291,7 +294,18 @@ def resolve_space(arch, overrides=None):
                 f"space[{key!r}] is not a hyperparameter of arch={arch!r}. Allowed keys: {allowed}"
             )
         space[key] = parse_entry(key, raw, space.get(key))
+    if "sparsity" in space:
+        _check_sparsity_entry(space["sparsity"])
     return dict(sorted(space.items()))
+
+
+def _check_sparsity_entry(entry):
+    values = [entry["fixed"]] if "fixed" in entry else entry.get("values")
+    values = values or [entry["min"], entry["max"]]
+    if not all(_validation.is_number(v) and 0 <= v < 1 for v in values):
+        raise ValueError(
+            f"space['sparsity'] takes fractions in [0, 1) (0: a dense trial). Received: {entry}"
+        )
 
 
 def _resolve_several_archs(names, overrides):
