@@ -10,10 +10,16 @@ Two parts:
   `--epochs` epochs: test accuracy against the dense run's, and the verified
   `.tflite` (sparse-encoded float32) and an int8 export of the 80% model
   against the dense float32 file.
+- `structured` (TensorFlow backend): `prune.structured` at 25% and 50% of
+  every block's units (hidden units, heads, experts, channels), fine-tuned
+  `--epochs` epochs: accuracy, parameters, LiteRT batch-1 latency and a
+  Keras training step against the dense model (also the end of `accuracy`).
 
 Usage:
 
     KERAS_BACKEND=tensorflow PYTHONPATH=. python benchmarks/prune.py [--arch mlp]
+    KERAS_BACKEND=tensorflow PYTHONPATH=. python benchmarks/prune.py --part structured \
+        --arch vit --num-experts 4
     KERAS_BACKEND=jax PYTHONPATH=. python benchmarks/prune.py --part overhead
 """
 
@@ -82,11 +88,21 @@ def measure_overhead(arch, repeats):
     report("overhead_ratio_frequency_100", _timing.median_pair_ratio(every_100, plain))
 
 
-def measure_accuracy(arch, dense_epochs, epochs, work_dir):
+def train_dense(arch, num_experts, dense_epochs, work_dir):
+    """The dense `hlkeras train` run every pruned model is measured against."""
     dense_dir, _ = runs.RunDir.open(os.path.join(work_dir, "dense"))
-    settings = runs.settings_for(dense_dir, False, {"arch": arch, "epochs": dense_epochs})
+    flags = {"arch": arch, "epochs": dense_epochs, "experts": num_experts or None}
+    settings = runs.settings_for(dense_dir, False, flags)
     dense = runs.train_run(settings, dense_dir, log=lambda line: None).metrics
-    print(f"dense {arch}: test accuracy {dense['test_accuracy']:.4f} after {dense_epochs} epochs")
+    experts = f" with {num_experts} experts" if num_experts else ""
+    print(
+        f"dense {arch}{experts}: test accuracy {dense['test_accuracy']:.4f} after "
+        f"{dense_epochs} epochs, {dense['params']:,} params"
+    )
+    return dense_dir, dense
+
+
+def measure_accuracy(dense_dir, dense, epochs, work_dir):
     dense_bytes = os.path.getsize(dense_dir.file(runs.RunDir.TFLITE))
     for name, target in (
         ("sparsity_50", {"sparsity": 0.5}),
@@ -103,7 +119,6 @@ def measure_accuracy(arch, dense_epochs, epochs, work_dir):
         report(f"{name}_tflite_ratio", metrics["tflite_bytes"] / dense_bytes)
         if name == "sparsity_80":
             report(name + "_int8_tflite_ratio", int8_bytes(run_dir) / dense_bytes)
-    measure_structured(dense_dir, dense["test_accuracy"], epochs)
 
 
 def measure_structured(dense_dir, dense_accuracy, epochs, repeats=30):
@@ -163,16 +178,23 @@ def int8_bytes(run_dir):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="mlp")
-    parser.add_argument("--part", choices=("overhead", "accuracy", "all"), default="all")
+    parser.add_argument(
+        "--part", choices=("overhead", "accuracy", "structured", "all"), default="all"
+    )
+    parser.add_argument("--num-experts", type=int, default=0, help="vit: MoE experts")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dense-epochs", type=int, default=30)
     parser.add_argument("--epochs", type=int, default=10)
     args = parser.parse_args()
     if args.part in ("overhead", "all"):
         measure_overhead(args.arch, args.repeats)
-    if args.part in ("accuracy", "all"):
-        with tempfile.TemporaryDirectory() as work_dir:
-            measure_accuracy(args.arch, args.dense_epochs, args.epochs, work_dir)
+    if args.part == "overhead":
+        return
+    with tempfile.TemporaryDirectory() as work_dir:
+        dense_dir, dense = train_dense(args.arch, args.num_experts, args.dense_epochs, work_dir)
+        if args.part in ("accuracy", "all"):
+            measure_accuracy(dense_dir, dense, args.epochs, work_dir)
+        measure_structured(dense_dir, dense["test_accuracy"], args.epochs)
 
 
 if __name__ == "__main__":

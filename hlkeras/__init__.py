@@ -13,7 +13,17 @@ __version__ = "0.1.0"
 from hlkeras import layers  # noqa: E402,F401  (registers the layers)
 from hlkeras import training  # noqa: E402,F401  (registers WarmupCosine)
 
-_LAZY_SUBMODULES = ("cli", "data", "export", "lora", "models", "predict", "prune", "search")
+_LAZY_SUBMODULES = (
+    "cli",
+    "data",
+    "distill",
+    "export",
+    "lora",
+    "models",
+    "predict",
+    "prune",
+    "search",
+)
 
 
 def __getattr__(name):

@@ -47,6 +47,7 @@ TENSORFLOW_FREE_IMPORTS = (
     "hlkeras.lora",
     "hlkeras.predict",
     "hlkeras.prune",
+    "hlkeras.distill",
     "hlkeras.data.settings",
     "hlkeras.data.tables",
 )
