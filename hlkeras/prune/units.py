@@ -174,12 +174,11 @@ def _plan(layer, ratio, criterion, kinds):
     if isinstance(layer, ConvResidualBlock) and "channels" in kinds:
         parts.append(_channels_plan(layer, ratio, order))
     if isinstance(layer, TransformerBlock):
-        if "heads" in kinds:
-            parts.append(_heads_plan(layer.attention, ratio, order))
-        if isinstance(layer.ffn, FeedForward) and "hidden" in kinds:
-            parts.append(_hidden_plan(layer.ffn, "ffn_units", ratio, order))
-        if isinstance(layer.ffn, MixtureOfExperts) and "experts" in kinds:
-            parts.append(_experts_plan(layer.ffn, ratio, order, criterion))
+        # Its sublayers' config keys (num_heads, ffn_units, num_experts, ...)
+        # are the block's own.
+        parts += [
+            _plan(sublayer, ratio, criterion, kinds) for sublayer in (layer.attention, layer.ffn)
+        ]
     config, slices = {}, {}
     for part_config, part_slices in parts:
         config.update(part_config)
