@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 from hlkeras import layers  # noqa: E402,F401  (registers the layers)
 from hlkeras import training  # noqa: E402,F401  (registers WarmupCosine)
+from hlkeras._validation import HlkerasWarning  # noqa: E402,F401
 
 _LAZY_SUBMODULES = (
     "cli",

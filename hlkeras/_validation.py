@@ -9,6 +9,12 @@ default; e.g. `hlkeras.export.ExportError`, which the CLI prints as one line).
 
 import keras
 
+
+class HlkerasWarning(UserWarning):
+    """A warning hlkeras itself raises about the user's model or arguments
+    (the CLI prints each as one line)."""
+
+
 # Activations whose variance-preserving init is He (Kaiming), not Glorot.
 RELU_FAMILY = frozenset({"relu", "relu6", "leaky_relu", "elu", "gelu", "silu", "swish", "selu"})
 

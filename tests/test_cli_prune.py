@@ -14,7 +14,6 @@ import pytest
 
 from hlkeras import cli
 from hlkeras import data
-from hlkeras import prune
 from hlkeras.export import runtimes
 from hlkeras.training import read_history_rows
 
@@ -93,17 +92,63 @@ def test_prune_fine_tunes_into_a_sparse_verified_run(source_run, tmp_path, capsy
     assert {n: (run / n).read_bytes() for n in os.listdir(run)} == source_files
 
 
+def _run_with_model(run, folder, model):
+    """A copy of the finished run `run` in `folder`, `model` its model.keras
+    (compiled, as a run's model is)."""
+    folder.mkdir()
+    for name in os.listdir(run):
+        (folder / name).write_bytes((run / name).read_bytes())
+    model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.save(folder / "model.keras")
+    return folder
+
+
+def _conv_stem_model(hidden=True):
+    """A digits model whose stem convolution has one input channel, which no
+    m:n pattern fits, and (with `hidden`) a Dense of 144 inputs that 2:4 fits."""
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Flatten()(keras.layers.Conv2D(4, 3, name="stem")(inputs))
+    if hidden:
+        x = keras.layers.Dense(8, activation="relu", name="hidden")(x)
+    return keras.Model(inputs, keras.layers.Dense(10, activation="softmax", name="head")(x))
+
+
 @pytest.mark.slow
 @pytest.mark.backends("tensorflow")
 def test_one_shot_pattern_keeps_two_of_every_four_inputs(source_run, tmp_path, capsys):
+    """2:4 on every weight it fits; the one-input-channel stem stays dense,
+    said in one warning line."""
     run, _, _ = source_run
+    dense = _conv_stem_model()
+    source = _run_with_model(run, tmp_path / "conv", dense)
     out = tmp_path / "pattern"
-    model, _ = _prune(capsys, run, out, "--pattern", "2:4", "--epochs", "0")
-    for kernel in _kernels_but_head(model):
-        groups = kernel.T.reshape(kernel.shape[1], -1, 4)  # 4 consecutive inputs per unit
-        assert np.all(np.sum(groups != 0, axis=-1) <= 2)
-    assert prune.sparsity(model) == pytest.approx(0.5, abs=1e-3)
+    status, _, stderr = _cli(capsys, "prune", source, "--pattern", "2:4", "--epochs", "0",
+                             "--out", out)  # fmt: skip
+    assert status == 0, stderr
+    warnings = [line for line in stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("hlkeras prune: warning: "), stderr
+    assert "leaves 1 weight(s) dense" in warnings[0] and "stem/kernel (3, 3, 1, 4)" in warnings[0]
+    model = keras.saving.load_model(out / "model.keras")
+    kernel = keras.ops.convert_to_numpy(model.get_layer("hidden").kernel)
+    groups = kernel.T.reshape(kernel.shape[1], -1, 4)  # 4 consecutive inputs per unit
+    assert np.all(np.sum(groups != 0, axis=-1) == 2)
+    for name in ("stem", "head"):
+        np.testing.assert_array_equal(
+            keras.ops.convert_to_numpy(model.get_layer(name).kernel),
+            keras.ops.convert_to_numpy(dense.get_layer(name).kernel),
+        )
     assert json.loads((out / "metrics.json").read_text())["epochs"] == 0
+
+
+@pytest.mark.backends("tensorflow")
+def test_a_pattern_no_weight_fits_is_one_line_before_any_work(source_run, tmp_path, capsys):
+    run, _, _ = source_run
+    source = _run_with_model(run, tmp_path / "conv", _conv_stem_model(hidden=False))
+    status, _, stderr = _cli(capsys, "prune", source, "--pattern", "2:4", "--out", tmp_path / "o")
+    lines = stderr.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("hlkeras prune: error: ")
+    assert "--pattern: '2:4' fits no selected weight" in lines[0] and "stem/kernel" in lines[0]
+    assert not (tmp_path / "o").exists()
 
 
 def _hidden_units(model):
@@ -133,13 +178,11 @@ def test_structured_writes_a_smaller_verified_run(source_run, tmp_path, capsys):
 @pytest.mark.backends("tensorflow")
 def test_structured_on_a_model_without_units_names_its_layers(source_run, tmp_path, capsys):
     run, _, _ = source_run
-    plain = tmp_path / "plain"
-    plain.mkdir()
-    for name in os.listdir(run):
-        (plain / name).write_bytes((run / name).read_bytes())
     inputs = keras.Input((8, 8, 1))
     flat = keras.layers.Flatten(name="flatten")(inputs)
-    keras.Model(inputs, keras.layers.Dense(10, name="head")(flat)).save(plain / "model.keras")
+    plain = _run_with_model(
+        run, tmp_path / "plain", keras.Model(inputs, keras.layers.Dense(10, name="head")(flat))
+    )
     status, _, stderr = _cli(capsys, "prune", plain, "--structured", "0.5", "--out", tmp_path / "o")
     lines = stderr.strip().splitlines()
     assert status == 2 and len(lines) == 1, stderr

@@ -128,6 +128,19 @@ def test_pattern_2_4_on_a_model_and_targets_by_glob():
             np.testing.assert_array_equal(after[path], original[path])
 
 
+def test_a_pattern_leaves_the_weights_it_does_not_fit_dense_and_says_so():
+    model = mlp()  # its stem's kernel has 6 inputs, not a multiple of 4
+    with pytest.warns(hlkeras.HlkerasWarning, match=r"leaves 1 weight\(s\) dense.*\(6, 8\)"):
+        pruned = prune.magnitude(model, pattern="2:4")
+    original, after = kernels(model), kernels(pruned)
+    np.testing.assert_array_equal(after["stem/kernel"], original["stem/kernel"])
+    fitted = [path for path in original if path != "stem/kernel"]
+    assert len(fitted) == 4  # the two residual blocks' two kernels each
+    for path in fitted:
+        expected = np.where(oracle_pattern_keep(original[path], 2, 4, 0), original[path], 0)
+        np.testing.assert_array_equal(after[path], expected)
+
+
 @pytest.mark.parametrize(
     ("step", "expected"), [(0, 0.1), (50, 0.8 + (0.1 - 0.8) * 0.5**3), (100, 0.8), (150, 0.8)]
 )
@@ -198,7 +211,7 @@ def test_strip_is_a_plain_copy_with_the_zeros():
         ({"sparsity": 0.8, "pattern": "2:4"}, r"a sparsity of 0.5; it contradicts sparsity=0.8"),
         ({"sparsity": 0.5, "targets": "attention*"}, r"pattern 'attention\*' matches no layer"),
         ({"sparsity": 0.5, "scope": "model"}, r"`scope`"),
-        ({"pattern": "2:4", "targets": "stem"}, r"multiple of 4; a weight of shape \(6, 8\)"),
+        ({"pattern": "2:4", "targets": "stem"}, r"fits no selected weight.*stem/kernel \(6, 8\)"),
     ],
 )
 def test_bad_arguments_name_the_argument_and_what_is_allowed(kwargs, message):

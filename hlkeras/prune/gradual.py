@@ -47,7 +47,8 @@ class Pruning(keras.callbacks.Callback):
         scope: `"layer"` or `"global"`, as in `magnitude`.
         targets: Which layers, as in `hlkeras.lora`.
         pattern: `"m:n"`: prune to that pattern at `begin_step` instead, and
-            keep it.
+            keep it (a weight whose number of inputs is not a multiple of
+            `n` stays dense, as in `magnitude`).
 
     Example:
 
@@ -87,7 +88,7 @@ class Pruning(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self.step = int(ops.convert_to_numpy(self.model.optimizer.iterations))
-        self.weights = prunable_weights(self.model, self.targets)
+        self.weights = prunable_weights(self.model, self.targets, pattern=self.pattern)
         self.masks = [
             keras.Variable(
                 ops.convert_to_numpy(w.variable) != 0,

@@ -5,6 +5,7 @@ through NumPy copies, as in `hlkeras.lora`): per-layer and global top-k by
 import dataclasses
 import math
 import re
+import warnings
 
 import keras
 import numpy as np
@@ -68,8 +69,12 @@ def _is_float(variable):
     return "float" in str(variable.dtype)
 
 
-def prunable_weights(model, targets=None):
+def prunable_weights(model, targets=None, *, pattern=None):
     """The `PrunableWeight`s of the layers `targets` selects, in model order.
+
+    With an m:n `pattern` (`"2:4"` or `(2, 4)`), only those whose input axis
+    is a multiple of n; an `HlkerasWarning` names the others, which stay
+    dense.
 
     Raises:
         ValueError: when `targets` selects nothing, naming the layers that
@@ -77,12 +82,39 @@ def prunable_weights(model, targets=None):
     """
     prunable = [(path, layer) for path, layer in lora.leaf_layers(model) if _kernels_of(layer)]
     paths = _selected_paths(model, prunable, targets)
-    return [
+    weights = [
         PrunableWeight(path, variable, axis)
         for path, layer in prunable
         if path in paths
         for variable, axis in _kernels_of(layer)
     ]
+    return weights if pattern is None else _fitting_pattern(weights, pattern)
+
+
+def _fitting_pattern(weights, pattern):
+    """The weights an m:n pattern can prune. As NVIDIA's ASP does for 2:4, a
+    weight with a number of inputs that is not a multiple of n (a grayscale
+    stem convolution has 1) is left dense rather than the model refused."""
+    m, n = parse_pattern(pattern) if isinstance(pattern, str) else pattern
+    fits = [w for w in weights if w.variable.shape[w.input_axis] % n == 0]
+    skipped = [
+        f"{w.variable.path} {tuple(w.variable.shape)}"
+        for w in weights
+        if w.variable.shape[w.input_axis] % n
+    ]
+    if not fits:
+        raise ValueError(
+            f"Argument `pattern`: '{m}:{n}' fits no selected weight: each needs a number of "
+            f"inputs that is a multiple of {n}. Received weights: {', '.join(skipped)}"
+        )
+    if skipped:
+        warnings.warn(
+            f"pattern '{m}:{n}' leaves {len(skipped)} weight(s) dense, their number of inputs "
+            f"not a multiple of {n}: {', '.join(skipped)}",
+            _validation.HlkerasWarning,
+            stacklevel=3,
+        )
+    return fits
 
 
 def _head_path(model):
@@ -184,12 +216,6 @@ def magnitude_masks(values, target_sparsity, scope="layer"):
 def pattern_mask(value, m, n, input_axis):
     """The keep-mask of `value` that keeps the `m` largest |w| of every `n`
     consecutive weights along `input_axis` (ties to the earlier weight)."""
-    if value.shape[input_axis] % n:
-        raise ValueError(
-            f"pattern '{m}:{n}' needs the input axis of every pruned weight to be a "
-            f"multiple of {n}; a weight of shape {value.shape} has "
-            f"{value.shape[input_axis]} inputs (axis {input_axis})"
-        )
     moved = np.moveaxis(np.abs(value), input_axis, -1)
     groups = moved.reshape(-1, n)
     position = np.broadcast_to(np.arange(n), groups.shape)
@@ -230,7 +256,9 @@ def magnitude(model, sparsity=None, *, scope="layer", targets=None, pattern=None
             head).
         pattern: `"m:n"` (e.g. `"2:4"`): keep the `m` largest of every `n`
             consecutive input weights instead; it sets the sparsity to
-            `1 - m/n` (`sparsity` may then be left out).
+            `1 - m/n` (`sparsity` may then be left out). A weight whose
+            number of inputs is not a multiple of `n` stays dense (with an
+            `HlkerasWarning`).
 
     Returns:
         The pruned copy.
@@ -238,7 +266,7 @@ def magnitude(model, sparsity=None, *, scope="layer", targets=None, pattern=None
     sparsity, pattern = check_target(sparsity, pattern)
     check_scope(scope)
     pruned = lora.copy_model(model)
-    weights = prunable_weights(pruned, targets)
+    weights = prunable_weights(pruned, targets, pattern=pattern)
     values = [ops.convert_to_numpy(w.variable) for w in weights]
     for weight, value, keep in zip(
         weights, values, keep_masks(weights, values, sparsity, scope, pattern)

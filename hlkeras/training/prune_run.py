@@ -109,6 +109,8 @@ def prune_run(
     keras.utils.set_random_seed(settings["seed"])
     dense = keras.saving.load_model(source.file(RunDir.MODEL))
     smaller = None if structured is None else _narrowed(dense, structured)
+    if pattern is not None:
+        _check_pattern_fits(dense, pattern)
     (train_ds, val_ds, test_ds), info = runs.load_data(settings, source)
     with open(source.file(RunDir.SPEC)) as file:
         spec = json.load(file)
@@ -184,6 +186,16 @@ def _narrowed(dense, ratio):
         return prune.structured(dense, ratio)
     except ValueError as error:
         raise RunError(str(error)) from None
+
+
+def _check_pattern_fits(dense, pattern):
+    """A pattern no weight of the model fits is a run error, before any work."""
+    from hlkeras import prune
+
+    try:
+        prune.prunable_weights(dense, pattern=pattern)
+    except ValueError as error:
+        raise RunError(str(error).replace("Argument `pattern`", "--pattern")) from None
 
 
 def _fine_tune(model, train_ds, val_ds, run_dir, settings, epochs, callbacks):
