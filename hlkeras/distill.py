@@ -101,6 +101,33 @@ def _is_softmax(activation):
     return getattr(activation, "__name__", "") == PROBABILITIES
 
 
+AUTO_FEATURES = "auto"
+
+
+def head_input_layer(model):
+    """The name of the top-level layer whose output `model`'s classification
+    head reads (its pooled features), past any `Dropout` before the head:
+    the pair `features="auto"` distils."""
+    head = logits_layer_output(model)._keras_history.operation
+    (feature,) = head._inbound_nodes[0].input_tensors
+    layer = feature._keras_history.operation
+    while isinstance(layer, keras.layers.Dropout):
+        (feature,) = layer._inbound_nodes[0].input_tensors
+        layer = feature._keras_history.operation
+    return layer.name
+
+
+def _feature_pairs(teacher, student, features):
+    if features == AUTO_FEATURES:
+        return [(head_input_layer(teacher), head_input_layer(student))]
+    if isinstance(features, str):
+        raise ValueError(
+            f"Argument `features` must be None, {AUTO_FEATURES!r} or a list of "
+            f"(teacher_layer, student_layer) pairs. Received: features={features!r}"
+        )
+    return [tuple(pair) for pair in features or ()]
+
+
 def _feature_output(model, path, argument):
     """The symbolic output of the top-level layer `path` of `model`."""
     names = [layer.name for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
@@ -146,7 +173,8 @@ class Distiller(keras.Model):
         temperature: `T > 0`, the softening of both distributions.
         alpha: Weight in [0, 1] of the supervised cross-entropy.
         features: Pairs `(teacher_layer, student_layer)` of top-level layer
-            names whose outputs are distilled too. When the two differ in
+            names whose outputs are distilled too, or `"auto"`: the pair of
+            layers the two heads read (`head_input_layer`). When the two differ in
             rank or token/spatial counts both are mean-pooled to
             `(batch, width)`; a `Dense` projector (part of the distiller, not
             the student) maps the student's width to the teacher's.
@@ -195,7 +223,7 @@ class Distiller(keras.Model):
         self.teacher = teacher
         self.student = student
         teacher.trainable = False
-        self.features = [tuple(pair) for pair in features or ()]
+        self.features = _feature_pairs(teacher, student, features)
         teacher_features = [_feature_output(teacher, t, "teacher") for t, _ in self.features]
         student_features = [_feature_output(student, s, "student") for _, s in self.features]
         self._teacher_outputs = keras.Model(
@@ -216,6 +244,9 @@ class Distiller(keras.Model):
         for projector, feature in zip(self.projectors, student_features):
             projector.build((None, feature.shape[-1]))
         self._teacher_logits_cache = None
+        # Every part is built (the two functional models, the projectors), so
+        # the distiller is too: `BackupAndRestore` refuses an unbuilt model.
+        self.built = True
 
     def _check_classes(self):
         teacher_classes = self._teacher_outputs.outputs[0].shape[-1]

@@ -136,8 +136,46 @@ def test_features_of_other_token_counts_are_pooled_to_the_width():
     np.testing.assert_allclose(loss, expected, rtol=1e-4)
 
 
+def test_auto_features_pair_what_the_heads_read_past_dropout():
+    teacher = models.vit((8, 8, 1), 10, depth=1, width=16, dropout=0.1)
+    student = models.resnet((8, 8, 1), 10, depth=1, width=8)
+    # The layers each head's Dense reads, found from the graph by hand.
+    assert teacher.get_layer("head").input is teacher.get_layer("head_dropout").output
+    assert teacher.get_layer("head_dropout").input is teacher.get_layer("pool").output
+    assert student.get_layer("head").input is student.get_layer("pool").output
+    distiller = distill.Distiller(teacher, student, features="auto")
+    assert distiller.features == [("pool", "pool")]
+    widths = (
+        student.get_layer("pool").output.shape[-1],
+        teacher.get_layer("pool").output.shape[-1],
+    )
+    assert tuple(distiller.projectors[0].kernel.shape) == widths
+    with pytest.raises(ValueError, match=r"`features` must be None, 'auto' or a list"):
+        distill.Distiller(teacher, student, features="pool")
+
+
 def _tiled(x):
     return ops.tile(x, (1, 2, 2, 1))
+
+
+def test_the_run_checkpoint_of_a_distiller_is_its_trained_student(tmp_path):
+    """`best.keras` holds the student as trained, on every backend (on JAX
+    the trained state lives in the distiller until its callbacks sync it)."""
+    teacher, student = _pair()
+    initial = _numpy_weights(student)
+    distiller = distill.Distiller(teacher, student)
+    distiller.compile(optimizer=keras.optimizers.SGD(0.5))
+    path = str(tmp_path / "best.keras")
+    checkpoint = hlkeras.training.AtomicModelCheckpoint(
+        path, checkpoint_of=lambda trained: trained.student, monitor="loss"
+    )
+    x, y = _digits_like()
+    distiller.fit(x, y, epochs=1, batch_size=8, callbacks=[checkpoint], verbose=0)
+    saved = keras.saving.load_model(path)
+    assert [w.path for w in saved.weights] == [w.path for w in student.weights]
+    for value, trained, before in zip(_numpy_weights(saved), _numpy_weights(student), initial):
+        np.testing.assert_array_equal(value, trained)
+    assert any(not np.array_equal(a, b) for a, b in zip(_numpy_weights(saved), initial))
 
 
 def test_teacher_input_is_the_teachers_view_only():

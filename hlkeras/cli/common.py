@@ -3,6 +3,7 @@ reports its own errors in one line, the common flags, the flags of a
 user's own data and those of the data a model is measured on."""
 
 import argparse
+import sys
 
 from hlkeras._validation import check_flag_choice
 
@@ -31,6 +32,21 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def report_run(command, outcome, table, roles):
+    """Prints a finished run's `table` lines and where its files are, or the
+    one-line error of a NaN stop or a refused `.tflite`; the exit status."""
+    if outcome.nan_message:
+        print(f"hlkeras {command}: error: {outcome.nan_message}", file=sys.stderr)
+        return 1
+    print("\n".join(table(outcome.metrics)))
+    print("\n".join(outcome.run_dir.summary(roles)))
+    if outcome.refused:
+        message = f"model.tflite was not written: {outcome.refused}"
+        print(f"hlkeras {command}: error: {message}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def add_data_flags(flag):

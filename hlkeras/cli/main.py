@@ -5,6 +5,7 @@ import warnings
 
 from hlkeras._validation import HlkerasWarning
 from hlkeras.cli import benchmark
+from hlkeras.cli import distill
 from hlkeras.cli import export
 from hlkeras.cli import info
 from hlkeras.cli import predict
@@ -22,7 +23,7 @@ def build_parser():
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-    for command in (info, train, tune, export, predict, prune, benchmark):
+    for command in (info, train, tune, export, predict, prune, distill, benchmark):
         command.add_parser(commands)
     return parser
 

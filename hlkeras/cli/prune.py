@@ -3,10 +3,10 @@ directory (`hlkeras.training.prune_run`)."""
 
 import os
 import re
-import sys
 
 from hlkeras.cli.common import COMMON_FLAGS
 from hlkeras.cli.common import UsageError
+from hlkeras.cli.common import report_run
 
 
 def add_parser(commands):
@@ -75,7 +75,7 @@ def run(args):
 
     _check_flags(args)
     try:
-        source = prune_run.finished_run(args.run)
+        source = runs.finished_run(args.run)
         run_dir, _ = runs.RunDir.open(args.out, resume=False, overwrite=args.overwrite)
         outcome = prune_run.prune_run(
             source.path,
@@ -89,16 +89,5 @@ def run(args):
         )
     except runs.RunError as error:
         raise UsageError(str(error)) from None
-    if outcome.nan_message:
-        print(f"hlkeras prune: error: {outcome.nan_message}", file=sys.stderr)
-        return 1
-    print("\n".join(prune_run.before_after_table(outcome.metrics)))
     roles = prune_run.FILE_ROLES if args.structured is None else prune_run.STRUCTURED_FILE_ROLES
-    print("\n".join(run_dir.summary(roles)))
-    if outcome.refused:
-        print(
-            f"hlkeras prune: error: model.tflite was not written: {outcome.refused}",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+    return report_run("prune", outcome, prune_run.before_after_table, roles)

@@ -26,45 +26,12 @@ def add_parser(commands):
         ),
     )
     flag = train.add_argument
-    flag(
-        "--arch",
-        help=(
-            "model architecture: mlp, resnet, vit, text "
-            "(default resnet for images, mlp for a table, text for texts)"
-        ),
-    )
+    add_model_flags(flag)
     flag("--dataset", help="'digits' (embedded, default) or a TFDS dataset in --data-dir")
     flag("--data-dir", help="TFDS data directory (default: TFDS' own)")
     add_data_flags(flag)
-    flag(
-        "--augment",
-        action=argparse.BooleanOptionalAction,
-        help="random one-pixel shifts of training images (default on; never in the model)",
-    )
-    flag("--epochs", type=int, help=f"epochs (default {TRAIN_DEFAULTS['epochs']})")
-    flag("--batch-size", type=int, help=f"batch size (default {TRAIN_DEFAULTS['batch_size']})")
-    flag("--lr", type=float, help=f"peak learning rate (default {TRAIN_DEFAULTS['lr']})")
-    flag("--weight-decay", type=float, help="AdamW weight decay (default 1e-4)")
-    flag("--clipnorm", type=float, help="clip each gradient to this norm (default off)")
-    flag("--depth", type=int, help="number of blocks (default: the arch's)")
-    flag("--width", type=int, help="block width (default: the arch's)")
-    flag("--dropout", type=float, help="dropout rate (default: the arch's)")
-    flag("--encoder", help="--arch text's encoder: transformer (default), gru or lstm")
-    flag(
-        "--experts",
-        type=int,
-        help=(
-            f"MoE experts per FFN, 0 for dense (vit: default {MOE_EXPERTS_DEFAULT}; "
-            "text transformer: default 0)"
-        ),
-    )
-    flag(
-        "--capacity-factor",
-        type=float,
-        help="MoE expert capacity per example (default: dropless, no token dropped)",
-    )
+    add_recipe_flags(flag)
     flag("--seed", type=int, help="random seed (default 0)")
-    flag("--patience", type=int, help="early-stopping patience in epochs (default 15)")
     flag("--out", help="run directory (default runs/<timestamp>/)")
     flag("--resume", action="store_true", help="continue the killed run in --out")
     flag("--overwrite", action="store_true", help="replace the run files in an existing --out")
@@ -82,6 +49,49 @@ def add_parser(commands):
     )
     flag("--mesh", help="--distribute model's device mesh BATCHxMODEL (default: model axis 2)")
     train.set_defaults(func=run)
+
+
+def add_model_flags(flag):
+    """The flags of the model a run builds (`hlkeras train`, `hlkeras distill`'s student)."""
+    flag(
+        "--arch",
+        help=(
+            "model architecture: mlp, resnet, vit, text "
+            "(default resnet for images, mlp for a table, text for texts)"
+        ),
+    )
+    flag("--depth", type=int, help="number of blocks (default: the arch's)")
+    flag("--width", type=int, help="block width (default: the arch's)")
+    flag("--dropout", type=float, help="dropout rate (default: the arch's)")
+    flag("--encoder", help="--arch text's encoder: transformer (default), gru or lstm")
+    flag(
+        "--experts",
+        type=int,
+        help=(
+            f"MoE experts per FFN, 0 for dense (vit: default {MOE_EXPERTS_DEFAULT}; "
+            "text transformer: default 0)"
+        ),
+    )
+    flag(
+        "--capacity-factor",
+        type=float,
+        help="MoE expert capacity per example (default: dropless, no token dropped)",
+    )
+
+
+def add_recipe_flags(flag):
+    """The flags of the training recipe (`hlkeras train`, `hlkeras distill`)."""
+    flag(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        help="random one-pixel shifts of training images (default on; never in the model)",
+    )
+    flag("--epochs", type=int, help=f"epochs (default {TRAIN_DEFAULTS['epochs']})")
+    flag("--batch-size", type=int, help=f"batch size (default {TRAIN_DEFAULTS['batch_size']})")
+    flag("--lr", type=float, help=f"peak learning rate (default {TRAIN_DEFAULTS['lr']})")
+    flag("--weight-decay", type=float, help="AdamW weight decay (default 1e-4)")
+    flag("--clipnorm", type=float, help="clip each gradient to this norm (default off)")
+    flag("--patience", type=int, help="early-stopping patience in epochs (default 15)")
 
 
 def _join_hosts(args):

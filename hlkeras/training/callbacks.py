@@ -152,11 +152,21 @@ class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
 
     An epoch whose loss or monitored value is NaN or infinite is never saved
     (Keras' own callback saves the first epoch whatever its value).
+    `checkpoint_of`, a function of the trained model, picks the part that is
+    saved instead (a `hlkeras.distill.Distiller`'s student).
     """
 
-    def __init__(self, filepath, **kwargs):
+    def __init__(self, filepath, checkpoint_of=None, **kwargs):
         self.final_path = filepath
+        self.checkpoint_of = checkpoint_of
         super().__init__(partial_path(filepath, ".keras"), save_best_only=True, **kwargs)
+
+    @property
+    def model(self):
+        # Read through Keras' property first: on JAX it syncs the trained
+        # state into the variables, the checkpointed part's too.
+        trained = super().model
+        return trained if self.checkpoint_of is None else self.checkpoint_of(trained)
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
@@ -193,6 +203,7 @@ def make_callbacks(
     patience=10,
     tensorboard=False,
     best_so_far=None,
+    checkpoint_of=None,
 ):
     """The callbacks of a resumable run in `run_dir`.
 
@@ -210,6 +221,7 @@ def make_callbacks(
         tensorboard: Whether to add a `TensorBoard` callback.
         best_so_far: The best `monitor` value of the run before a resume, so
             the checkpoint is only replaced by a better epoch.
+        checkpoint_of: See `AtomicModelCheckpoint`.
     """
     routing = RoutingStatistics()
     return [
@@ -221,6 +233,7 @@ def make_callbacks(
             os.path.join(run_dir, BEST_CHECKPOINT),
             monitor=monitor,
             initial_value_threshold=best_so_far,
+            checkpoint_of=checkpoint_of,
             verbose=0,
         ),
         keras.callbacks.EarlyStopping(monitor=monitor, patience=patience),

@@ -20,8 +20,10 @@ numbers measured in the same run beside the pruned one's:
 import json
 import os
 import time
+import warnings
 
 from hlkeras import _files
+from hlkeras._validation import HlkerasWarning
 from hlkeras.training import runs
 from hlkeras.training.runs import RunDir
 from hlkeras.training.runs import RunError
@@ -37,25 +39,6 @@ STRUCTURED_FILE_ROLES = {
 }
 # Files of the source run the pruned run keeps as they are.
 COPIED = (RunDir.SPEC, RunDir.CLASS_NAMES, RunDir.VOCABULARY)
-
-
-def finished_run(path):
-    """The `RunDir` of the finished `hlkeras train` run at `path`."""
-    if not os.path.isdir(path):
-        raise RunError(
-            f"{path} is not a run directory: hlkeras prune fine-tunes on a run's recorded "
-            "data, so give the --out directory of a finished hlkeras train"
-        )
-    source = RunDir(path)
-    missing = [
-        n for n in (RunDir.CONFIG, RunDir.SPEC, RunDir.MODEL) if not os.path.exists(source.file(n))
-    ]
-    if missing or not os.path.exists(source.file(RunDir.METRICS)):
-        raise RunError(
-            f"{path} holds no finished hlkeras train run (missing: "
-            f"{', '.join(missing or [RunDir.METRICS])})"
-        )
-    return source
 
 
 def schedule(epochs, steps_per_epoch):
@@ -98,7 +81,7 @@ def prune_run(
     from hlkeras import training
 
     started = time.perf_counter()
-    source = finished_run(source_path)
+    source = runs.finished_run(source_path)
     if structured is None:
         prune.Pruning(sparsity, pattern=pattern, scope=scope)  # checks them before any work
     if not isinstance(epochs, int) or epochs < 0:
@@ -193,7 +176,9 @@ def _check_pattern_fits(dense, pattern):
     from hlkeras import prune
 
     try:
-        prune.prunable_weights(dense, pattern=pattern)
+        with warnings.catch_warnings():  # the pruning itself warns of what it skips
+            warnings.simplefilter("ignore", HlkerasWarning)
+            prune.prunable_weights(dense, pattern=pattern)
     except ValueError as error:
         raise RunError(str(error).replace("Argument `pattern`", "--pattern")) from None
 

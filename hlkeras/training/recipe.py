@@ -192,6 +192,7 @@ def compile_and_fit(
     jit_compile="auto",
     verbose="auto",
     extra_callbacks=(),
+    checkpoint_of=None,
 ):
     """Compiles `model` (AdamW, warmup + cosine over the whole run) and fits
     it with the run-directory callbacks; resumes from `run_dir/backup` if a
@@ -210,6 +211,8 @@ def compile_and_fit(
         jit_compile: See `compile_model`.
         verbose: Passed to `model.fit` (Keras' own progress bar).
         extra_callbacks: More callbacks, run after the built-in ones.
+        checkpoint_of: A function of `model` giving the model `best.keras`
+            holds (default: `model`; a `hlkeras.distill.Distiller`'s student).
 
     Returns:
         A `FitResult`, written to disk as `history.csv` and `curves.png` too.
@@ -238,6 +241,7 @@ def compile_and_fit(
         patience=patience,
         tensorboard=tensorboard,
         best_so_far=best_value(read_history_rows(history_path), monitor),
+        checkpoint_of=checkpoint_of,
     ) + list(extra_callbacks)
     start = time.perf_counter()
     # The datasets come shuffled (`hlkeras.data`); `shuffle=False` only

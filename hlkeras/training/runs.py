@@ -157,6 +157,15 @@ class RunDir:
             self.clear()
         os.makedirs(self.path, exist_ok=True)
 
+    def record(self, spec, settings, info):
+        """Writes what a run is before it trains: its spec, settings, class
+        names and (texts) tokenizer, from the dataset's `info`."""
+        _files.atomic_write_json(self.file(self.SPEC), spec)
+        _files.atomic_write_json(self.file(self.CONFIG), settings)
+        _files.atomic_write_json(self.file(self.CLASS_NAMES), list(info.class_names))
+        if info.kind == "text":
+            info.tokenizer().save(self.file(self.VOCABULARY))
+
     def check_resumable(self):
         if not os.path.exists(self.file(self.CONFIG)):
             raise RunError(f"--resume: {self.path} holds no hlkeras run (no {self.CONFIG})")
@@ -191,6 +200,25 @@ class RunDir:
                 f"  {'logs/':<{width}}  TensorBoard logs: tensorboard --logdir {self.file('logs')}"
             )
         return lines
+
+
+def finished_run(path):
+    """The `RunDir` of the finished `hlkeras train` run at `path`."""
+    if not os.path.isdir(path):
+        raise RunError(
+            f"{path} is not a run directory: give the --out directory of a finished "
+            "hlkeras train (its recorded data is the one used)"
+        )
+    source = RunDir(path)
+    missing = [
+        n for n in (RunDir.CONFIG, RunDir.SPEC, RunDir.MODEL) if not os.path.exists(source.file(n))
+    ]
+    if missing or not os.path.exists(source.file(RunDir.METRICS)):
+        raise RunError(
+            f"{path} holds no finished hlkeras train run (missing: "
+            f"{', '.join(missing or [RunDir.METRICS])})"
+        )
+    return source
 
 
 def settings_for(run_dir, resuming, given):
@@ -338,11 +366,7 @@ def train_run(settings, run_dir, *, resuming=False, tensorboard=False, log=print
     distribution, val_ds, initial_weights = distribution_for(settings, spec, val_ds, info, log)
     if not resuming:
         run_dir.prepare()
-        _files.atomic_write_json(run_dir.file(RunDir.SPEC), spec)
-        _files.atomic_write_json(run_dir.file(RunDir.CONFIG), settings)
-        _files.atomic_write_json(run_dir.file(RunDir.CLASS_NAMES), list(info.class_names))
-        if info.kind == "text":
-            info.tokenizer().save(run_dir.file(RunDir.VOCABULARY))
+        run_dir.record(spec, settings, info)
     backend = keras.backend.backend()
     log(f"hlkeras train: {spec['arch']} on {info.name} ({backend} backend) -> {run_dir.path}")
 
