@@ -131,6 +131,27 @@ def test_text_classifier(monkeypatch, tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.backends("tensorflow")
+def test_distill_for_phone(monkeypatch, tmp_path, data_dir, capsys):
+    from hlkeras import export
+    from hlkeras import models
+
+    _run_app("distill_for_phone.py", monkeypatch, tmp_path, data_dir, "--student-epochs", "1")
+    out = capsys.readouterr().out
+    report = export.ExportReport.from_dict(
+        json.loads((tmp_path / "distilled_phone" / "student" / "export.json").read_text())
+    )
+    tflite = report.artifact("tflite")
+    assert tflite.quantization == "int8" and report.refused is None
+    assert tflite.size_bytes == os.path.getsize(tflite.path)
+    assert f"int8 student: {tflite.size_bytes / 1024:.1f} KB" in out
+    student_params = models.resnet((8, 8, 1), 10, width=8, depth=1).count_params()
+    teacher_params = models.resnet((8, 8, 1), 10).count_params()
+    assert "teacher: test accuracy" in out and f"{teacher_params:,} params" in out
+    assert f"distilled: test accuracy {report.keras_accuracy:.4f}, {student_params:,}" in out
+
+
+@pytest.mark.slow
+@pytest.mark.backends("tensorflow")
 def test_prune_for_phone(monkeypatch, tmp_path, data_dir, capsys):
     from hlkeras import export
 
