@@ -313,6 +313,16 @@ class Distiller(keras.Model):
         targets = {"labels": np.asarray(y), "teacher_logits": self.teacher_logits(x)}
         return super().fit(x, targets, *args, **kwargs)
 
+    def save_weights(self, filepath, overwrite=True, **kwargs):
+        """Saves the student's weights: the teacher is fixed and the
+        projectors are training devices, so a checkpoint of the distiller
+        (KerasTuner's, `BackupAndRestore`) loads into `student` alone."""
+        return self.student.save_weights(filepath, overwrite=overwrite, **kwargs)
+
+    def load_weights(self, filepath, **kwargs):
+        """Loads the student's weights (see `save_weights`)."""
+        return self.student.load_weights(filepath, **kwargs)
+
     def get_config(self):
         # The distiller is a training device: save `distiller.student`.
         raise NotImplementedError(

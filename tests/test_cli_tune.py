@@ -3,6 +3,7 @@ SIGKILL in the middle of a trial, and a chief + 2 workers search over
 KerasTuner's gRPC mode. The subprocess tests exercise backend-independent
 process behaviour and run on the tensorflow backend only."""
 
+import csv
 import json
 import os
 import signal
@@ -79,6 +80,9 @@ def _one_line_error(argv, capsys):
             ["--max-latency-ms", "1", "--objective", "loss"],
             "a device budget needs an accuracy objective, got --objective loss",
         ),
+        (["--teacher", "t.keras", "--alpha", "2"], "--alpha must be a float in [0, 1]"),
+        (["--teacher", "t.keras", "--temperature", "0"], "--temperature must be a number > 0"),
+        (["--teacher", "missing.keras"], "--teacher: Model file missing.keras does not exist"),
     ],
 )
 def test_bad_arguments_are_one_line_errors(argv, message, capsys):
@@ -112,6 +116,50 @@ def test_a_dir_holding_a_different_search_refuses_to_resume(tmp_path, tiny_space
     err = _one_line_error(_tune_argv(tmp_path, tiny_space, directory, "--max-trials", "1"), capsys)
     assert "holds a different search, so it cannot resume" in err
     assert "the space differs in ['batch_size', 'depth', 'dropout', 'lr', 'width']" in err
+
+
+def _always_three(path):
+    """A `.keras` teacher whose output is class 3 for every input (p=0.997)."""
+    import keras
+
+    inputs = keras.Input((8, 8, 1))
+    bias = keras.initializers.Constant([8.0 if c == 3 else 0.0 for c in range(10)])
+    head = keras.layers.Dense(10, kernel_initializer="zeros", bias_initializer=bias, name="head")
+    probabilities = keras.layers.Activation("softmax", name="probabilities")
+    keras.Model(inputs, probabilities(head(keras.layers.Flatten()(inputs)))).save(path)
+
+
+@pytest.mark.slow
+@pytest.mark.backends("tensorflow")
+def test_a_search_with_a_teacher_trains_students_that_follow_it(tmp_path, capsys):
+    """With alpha=0 the labels do not count: every trial's student, and the
+    retrained best, learn the teacher's answer (always 3), not the digits."""
+    import keras
+    import numpy as np
+
+    from hlkeras import data
+
+    _always_three(tmp_path / "teacher.keras")
+    space = tmp_path / "space.toml"
+    small_batches = TINY_SPACE.replace("batch_size = 256", "batch_size = 32")
+    space.write_text(small_batches.replace("lr = [1e-3, 1e-2]", "lr = 1e-2"))
+    directory = tmp_path / "search"
+    argv = _tune_argv(tmp_path, str(space), directory, "--max-trials", "2", "--max-epochs", "3",
+                      "--teacher", tmp_path / "teacher.keras", "--alpha", "0")  # fmt: skip
+    assert cli.main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    _, val_ds, test_ds, _ = data.load("digits", data_dir=str(tmp_path / "tfds"))
+    val_labels, test_labels = data.to_numpy(val_ds)[1], data.to_numpy(test_ds)
+    rows = list(csv.DictReader(open(directory / "trials.csv")))
+    assert len(rows) == 2
+    for row in rows:  # the share of 3s in the validation split, as the teacher scores
+        assert float(row["score"]) == pytest.approx(np.mean(val_labels == 3), abs=1e-6)
+    best = keras.saving.load_model(directory / "best.keras")  # the plain student
+    predicted = np.argmax(best.predict(test_labels[0], verbose=0), axis=-1)
+    assert np.all(predicted == 3)
+    recorded = json.loads((directory / "search_config.json").read_text())
+    assert recorded["distillation"] == {
+        "teacher": str(tmp_path / "teacher.keras"), "temperature": 4.0, "alpha": 0.0
+    }  # fmt: skip
 
 
 # --- Subprocesses ---------------------------------------------------------------------

@@ -178,6 +178,26 @@ def test_the_run_checkpoint_of_a_distiller_is_its_trained_student(tmp_path):
     assert any(not np.array_equal(a, b) for a, b in zip(_numpy_weights(saved), initial))
 
 
+def test_a_distillers_weights_file_is_its_students(tmp_path):
+    """What KerasTuner's checkpoint writes during fit (`save_weights` of the
+    model being fit) loads into a fresh copy of the student, on every backend."""
+    teacher, student = _pair()
+    distiller = distill.Distiller(teacher, student)
+    distiller.compile(optimizer=keras.optimizers.SGD(0.5))
+    path = str(tmp_path / "trial.weights.h5")
+    checkpoint = keras.callbacks.ModelCheckpoint(path, save_weights_only=True)
+    x, y = _digits_like()
+    distiller.fit(x, y, epochs=1, batch_size=8, callbacks=[checkpoint], verbose=0)
+    fresh = models.mlp((8, 8, 1), 10, depth=1, width=8, dropout=0.0)
+    fresh.load_weights(path)
+    for value, trained in zip(_numpy_weights(fresh), _numpy_weights(student)):
+        np.testing.assert_array_equal(value, trained)
+    before = _numpy_weights(teacher)
+    distiller.load_weights(path)  # into the student; the teacher is left as it is
+    for value, kept in zip(_numpy_weights(teacher), before):
+        np.testing.assert_array_equal(value, kept)
+
+
 def test_teacher_input_is_the_teachers_view_only():
     teacher, student = _pair(teacher_shape=(16, 16, 1))
     distiller = distill.Distiller(teacher, student, teacher_input=_tiled, alpha=0.2)

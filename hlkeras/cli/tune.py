@@ -60,6 +60,13 @@ def add_parser(commands):
         default=DEFAULTS["max_epochs"],
         help="epochs of a full trial and of the retraining (default 20)",
     )
+    flag(
+        "--teacher",
+        metavar="RUN|MODEL",
+        help="distil every trial's model from this finished hlkeras train run or .keras file",
+    )
+    flag("--temperature", type=float, help="--teacher's softening T > 0 (default 4)")
+    flag("--alpha", type=float, help="--teacher: weight in [0, 1] of the labels' loss (0.5)")
     flag("--space", help="TOML or JSON file that narrows or fixes the default space")
     flag("--dir", dest="directory", help="search directory (default runs/tune-<arch>-<dataset>)")
     flag(

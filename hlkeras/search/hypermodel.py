@@ -34,6 +34,10 @@ class SpecHyperModel(kt.HyperModel):
         epochs: Epochs of a full trial (for the schedule length).
         fixed_spec: Spec entries every trial gets and the search never
             varies, e.g. a table's `feature_mean` / `feature_variance`.
+        teacher: Optional trained `keras.Model`: every trial's model is then a
+            student it distils (`hlkeras.distill.Distiller`), and what the
+            tuner checkpoints and reloads is the student.
+        temperature, alpha: The distillation's, with a `teacher`.
 
     Example:
 
@@ -53,6 +57,9 @@ class SpecHyperModel(kt.HyperModel):
         num_train=None,
         epochs=None,
         fixed_spec=None,
+        teacher=None,
+        temperature=4.0,
+        alpha=0.5,
     ):
         super().__init__(name=f"hlkeras_{arch.replace(',', '_')}")
         space_arch({"arch": arch})
@@ -63,6 +70,7 @@ class SpecHyperModel(kt.HyperModel):
         self.num_train = num_train
         self.epochs = epochs
         self.fixed_spec = dict(fixed_spec or {})
+        self.teacher, self.temperature, self.alpha = teacher, temperature, alpha
 
     def declare_hyperparameters(self, hp):
         self.values(hp)
@@ -122,7 +130,22 @@ class SpecHyperModel(kt.HyperModel):
         steps_per_epoch = math.ceil((self.num_train or len(args[0])) / batch_size)
         callbacks = list(kwargs.pop("callbacks", None) or [])
         callbacks += trial_pruning(hp.values, steps_per_epoch)
-        return model.fit(*args, batch_size=batch_size, callbacks=callbacks, **kwargs)
+        trained = self.trained_model(model)
+        if trained is not model:
+            # The student's optimizer, with the trial's learning-rate schedule.
+            trained.compile(optimizer=model.optimizer, metrics=["accuracy"])
+        return trained.fit(*args, batch_size=batch_size, callbacks=callbacks, **kwargs)
+
+    def trained_model(self, model):
+        """What `fit` trains for `model`: the model, or with a `teacher` the
+        `Distiller` of which it is the student."""
+        if self.teacher is None:
+            return model
+        from hlkeras import distill
+
+        return distill.Distiller(
+            self.teacher, model, temperature=self.temperature, alpha=self.alpha
+        )
 
 
 def trial_pruning(values, steps_per_epoch):

@@ -63,6 +63,11 @@ SEARCH_DEFAULTS = {
     "patience": 3,
     "directory": None,
     "workers": 0,
+    # Distillation: every trial's model a student of this trained run or
+    # .keras file (hlkeras.distill), at this temperature and alpha.
+    "teacher": None,
+    "temperature": 4.0,
+    "alpha": 0.5,
     **BUDGET_DEFAULTS,  # a device budget: see hlkeras.search.budget
 }
 
@@ -78,6 +83,9 @@ def check_search_settings(settings):
     if settings["workers"] < 0:
         raise SearchError(f"--workers must be >= 0, got {settings['workers']}")
     _validation.check_flag_choice("--objective", settings["objective"], OBJECTIVES, SearchError)
+    from hlkeras.training import distill_run
+
+    distill_run.check_distillation(settings["temperature"], settings["alpha"], SearchError)
     device_budget = budget.DeviceBudget.from_settings(settings, SearchError)
     if device_budget is not None and "accuracy" not in settings["objective"]:
         raise SearchError(
@@ -170,6 +178,7 @@ def _search_here(settings, overrides, log):
     directory = settings["directory"]
     keras.utils.set_random_seed(settings["seed"])
     (x_train, y_train), validation, info = _load_arrays(settings)
+    teacher = _teacher(settings, info)
     hypermodel = SpecHyperModel(
         settings["arch"],
         info.input_shape,
@@ -178,7 +187,15 @@ def _search_here(settings, overrides, log):
         num_train=len(x_train),
         epochs=settings["max_epochs"],
         fixed_spec=_data_spec(settings, info),
+        teacher=teacher,
+        temperature=settings["temperature"],
+        alpha=settings["alpha"],
     )
+    if teacher is not None and any(
+        key.rpartition(".")[2] == "sparsity" for key in hypermodel.space
+    ):
+        # Pruning acts on the model being fit, the distiller, teacher and all.
+        raise SearchError("--teacher cannot be combined with a 'sparsity' key in the space (yet)")
     device_budget = budget.DeviceBudget.from_settings(settings, SearchError)
     is_worker = _compat.kerastuner_role() == "worker"
     if not is_worker:
@@ -299,6 +316,22 @@ def export_best(outcome, device_budget, x_train, validation, log):
     return None
 
 
+def _teacher(settings, info):
+    """The loaded `teacher` of a distilling search (checked against the
+    data), or None."""
+    if settings["teacher"] is None:
+        return None
+    from hlkeras.training import distill_run
+    from hlkeras.training import runs
+
+    try:
+        teacher, teacher_run = distill_run.load_teacher(settings["teacher"])
+        distill_run.check_pair(teacher, teacher_run, info)
+    except runs.RunError as error:
+        raise SearchError(str(error)) from None
+    return teacher
+
+
 def _data_spec(settings, info):
     """The spec entries the data decides (a table's normalization, a text's
     vocabulary size), once the arch is checked to take that data."""
@@ -322,6 +355,14 @@ def _load_arrays(settings):
     return data.to_numpy(train_ds), data.to_numpy(val_ds), info
 
 
+def _distillation(settings):
+    """The distillation part of a search's fingerprint, or None."""
+    if settings["teacher"] is None:
+        return None
+    teacher = os.path.abspath(settings["teacher"])
+    return {"teacher": teacher, "temperature": settings["temperature"], "alpha": settings["alpha"]}
+
+
 def _check_directory(settings, hypermodel, device_budget):
     """Records the search's fingerprint, or checks it against the recorded
     one; returns whether this is a resume."""
@@ -333,11 +374,16 @@ def _check_directory(settings, hypermodel, device_budget):
         max_epochs=settings["max_epochs"],
         space=hypermodel.space,
         device_budget=device_budget,
+        distillation=_distillation(settings),
     )
     try:
         return tuners.check_search_dir(settings["directory"], config)
     except ValueError as error:
         raise SearchError(str(error)) from None
+
+
+def _student_of(distiller):
+    return distiller.student
 
 
 def retrain_best(
@@ -371,8 +417,10 @@ def retrain_best(
                 rows = training.read_history_rows(os.path.join(run_dir, training.HISTORY_CSV))
                 return training.FitResult(rows=rows, nan_epoch=None, best_path=target, seconds=0.0)
     _files.atomic_write_json(record_path, record)
+    model = models.build(spec)
+    trained = hypermodel.trained_model(model)
     result = training.compile_and_fit(
-        models.build(spec),
+        trained,
         train_ds,
         val_ds,
         run_dir=run_dir,
@@ -382,6 +430,7 @@ def retrain_best(
         patience=patience,
         verbose=verbose,
         extra_callbacks=trial_pruning(values, int(train_ds.cardinality())),
+        checkpoint_of=None if trained is model else _student_of,
     )
     if result.best_path and result.nan_epoch is None:
         partial = _files.partial_path(target, ".keras")

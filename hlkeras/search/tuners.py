@@ -190,9 +190,13 @@ def make_tuner(
     return tuner
 
 
-def search_config(*, arch, dataset, tuner, objective, max_epochs, space, device_budget=None):
-    """The fingerprint of a search: what must match for a rerun to resume."""
+def search_config(
+    *, arch, dataset, tuner, objective, max_epochs, space, device_budget=None, distillation=None
+):
+    """The fingerprint of a search: what must match for a rerun to resume
+    (a search recorded before `distillation` existed had none)."""
     return {
+        "distillation": distillation,
         "device_budget": device_budget.to_config() if device_budget else None,
         "arch": arch,
         "dataset": dataset,

@@ -42,6 +42,18 @@ FILE_ROLES = {
 }
 
 
+def check_distillation(temperature, alpha, error=RunError):
+    """Raises `error` in the flags' words for a `temperature` or `alpha` out
+    of range."""
+    from hlkeras import distill
+
+    try:
+        distill.check_temperature(temperature)
+        distill.check_alpha(alpha)
+    except ValueError as bad:
+        raise error(str(bad).replace("Argument `", "--").replace("`", "")) from None
+
+
 def load_teacher(path):
     """`(teacher, run)`: the model of the finished run directory or `.keras`
     file at `path`, and its `RunDir` (None for a file). Raises `RunError`."""
@@ -147,11 +159,7 @@ def distill_run(
     from hlkeras import training
 
     started = time.perf_counter()
-    try:
-        distill.check_temperature(temperature)
-        distill.check_alpha(alpha)
-    except ValueError as error:
-        raise RunError(str(error).replace("Argument `", "--").replace("`", "")) from None
+    check_distillation(temperature, alpha)
     if features not in FEATURES:
         raise RunError(f"--features must be one of {', '.join(FEATURES)}; got {features!r}")
     teacher, teacher_run = load_teacher(teacher_path)
