@@ -280,7 +280,7 @@ class Distiller(keras.Model):
         loss = distillation_loss(
             labels,
             student_logits,
-            ops.stop_gradient(teacher_logits),
+            ops.stop_gradient(ops.convert_to_tensor(teacher_logits)),
             temperature=self.temperature,
             alpha=self.alpha,
         )

@@ -230,6 +230,17 @@ def test_cached_teacher_logits_train_as_fresh_ones():
     np.testing.assert_allclose(cached, _logits(teacher, x), rtol=1e-5, atol=1e-6)
 
 
+def test_train_on_batch_takes_cached_teacher_logits_as_arrays():
+    teacher, student = _pair()
+    x, y = _digits_like(16)
+    distiller = distill.Distiller(teacher, student)
+    distiller.compile(optimizer=keras.optimizers.SGD(0.0))  # the loss before any update
+    cached = {"labels": y, "teacher_logits": distiller.teacher_logits(x)}
+    loss = distiller.train_on_batch(x, cached)
+    expected = oracle_loss(y, _logits(student, x), _logits(teacher, x), 4.0, 0.5)
+    np.testing.assert_allclose(loss, expected, rtol=1e-4)
+
+
 def test_a_moe_teachers_auxiliary_losses_stay_out_and_the_students_stay_in():
     inputs = keras.Input((6,))
     moe = hlkeras.layers.MixtureOfExperts(4, 8, load_balance_weight=1.0, name="moe")
