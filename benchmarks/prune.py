@@ -107,6 +107,7 @@ def measure_accuracy(dense_dir, dense, epochs, work_dir):
     for name, target in (
         ("sparsity_50", {"sparsity": 0.5}),
         ("sparsity_80", {"sparsity": 0.8}),
+        ("sparsity_80_global", {"sparsity": 0.8, "scope": "global"}),
         ("sparsity_90", {"sparsity": 0.9}),
         ("pattern_2of4", {"pattern": "2:4"}),
     ):
