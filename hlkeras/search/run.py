@@ -16,6 +16,7 @@ print(outcome.best_spec, outcome.best_path)
 """
 
 import json
+import operator
 import os
 import shutil
 
@@ -382,10 +383,6 @@ def _check_directory(settings, hypermodel, device_budget):
         raise SearchError(str(error)) from None
 
 
-def _student_of(distiller):
-    return distiller.student
-
-
 def retrain_best(
     hypermodel, values, train_ds, val_ds, directory, *, epochs, patience=10, verbose=0
 ):
@@ -430,7 +427,7 @@ def retrain_best(
         patience=patience,
         verbose=verbose,
         extra_callbacks=trial_pruning(values, int(train_ds.cardinality())),
-        checkpoint_of=None if trained is model else _student_of,
+        checkpoint_of=None if trained is model else operator.attrgetter("student"),
     )
     if result.best_path and result.nan_epoch is None:
         partial = _files.partial_path(target, ".keras")

@@ -17,6 +17,7 @@ recorded beside the distilled one's.
 """
 
 import json
+import operator
 import os
 import tempfile
 import time
@@ -121,10 +122,6 @@ def _fit(model, train_ds, val_ds, run_dir, settings, **kwargs):
     )
 
 
-def _student_of(distiller):
-    return distiller.student
-
-
 def distill_run(
     teacher_path,
     run_dir,
@@ -191,7 +188,14 @@ def distill_run(
         f"{teacher_path} ({teacher.count_params():,} params) on {info.name} -> {run_dir.path}"
     )
 
-    result = _fit(distiller, train_ds, val_ds, run_dir.path, settings, checkpoint_of=_student_of)
+    result = _fit(
+        distiller,
+        train_ds,
+        val_ds,
+        run_dir.path,
+        settings,
+        checkpoint_of=operator.attrgetter("student"),
+    )
     if result.nan_epoch is not None:
         return runs.RunOutcome(run_dir, nan_message=training.nan_message(result))
     if result.best_path:
