@@ -34,7 +34,6 @@ import numpy as np  # noqa: E402
 
 from hlkeras import _timing  # noqa: E402
 from hlkeras import distill  # noqa: E402
-from hlkeras import export  # noqa: E402
 from hlkeras import models  # noqa: E402
 from hlkeras import training  # noqa: E402
 from hlkeras.training import distill_run  # noqa: E402
@@ -88,19 +87,9 @@ def distil(teacher_dir, work_dir, name, given, **options):
 
 def int8_kib(run_dir):
     """The size of a verified int8 export of the run's model, in KiB."""
-    from hlkeras import data
+    from benchmarks.prune import int8_bytes
 
-    train_ds, _, test_ds, _ = data.load("digits")
-    result = export.export_model(
-        run_dir.file(runs.RunDir.MODEL),
-        os.path.join(run_dir.path, "int8"),
-        formats=("tflite",),
-        quantization="int8",
-        representative_data=data.to_numpy(train_ds)[0][:200],
-        verify_data=data.to_numpy(test_ds),
-        latency_runs=0,
-    )
-    return result.artifact("tflite").size_bytes / 1024
+    return int8_bytes(run_dir) / 1024
 
 
 def measure_accuracy(teacher_epochs, epochs, seeds, work_dir):

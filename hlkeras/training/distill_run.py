@@ -151,6 +151,7 @@ def distill_run(
     """
     import keras
 
+    from hlkeras import data
     from hlkeras import distill
     from hlkeras import models
     from hlkeras import training
@@ -201,14 +202,14 @@ def distill_run(
     if result.best_path:
         student.load_weights(result.best_path)
     metrics = runs.evaluate_and_export(training.compile_model(student), settings, run_dir, test_ds)
-    images, labels = _test_arrays(test_ds)
+    images, labels = data.to_numpy(test_ds)
     best_row = min(result.rows, key=lambda row: row.get("val_loss", row["loss"]))
     metrics.update(
         {
             "teacher_test_accuracy": _accuracy(teacher, images, labels),
             "teacher_params": int(teacher.count_params()),
             "params": int(student.count_params()),
-            "tflite_bytes": _size(run_dir.file(RunDir.TFLITE)),
+            "tflite_bytes": runs.file_size(run_dir.file(RunDir.TFLITE)),
             "temperature": float(temperature),
             "alpha": float(alpha),
             "features": [list(pair) for pair in distiller.features],
@@ -239,12 +240,6 @@ def distill_run(
     return runs.RunOutcome(run_dir, metrics=metrics, refused=metrics["tflite_refused"])
 
 
-def _test_arrays(test_ds):
-    from hlkeras import data
-
-    return data.to_numpy(test_ds)
-
-
 def _accuracy(model, images, labels):
     import keras
     import numpy as np
@@ -255,15 +250,8 @@ def _accuracy(model, images, labels):
     return float(np.mean(np.argmax(probabilities, axis=-1) == labels))
 
 
-def _size(path):
-    return os.path.getsize(path) if os.path.exists(path) else None
-
-
 def comparison_table(metrics):
     """The printed teacher / distilled / from-scratch lines of a run's metrics."""
-
-    def kb(size):
-        return f"{size / 1024:.1f} KB" if size is not None else "-"
 
     rows = [
         ("", "test accuracy", "params", "model.tflite"),
@@ -277,7 +265,7 @@ def comparison_table(metrics):
             "student, distilled",
             f"{metrics['test_accuracy']:.2%}",
             f"{metrics['params']:,}",
-            kb(metrics["tflite_bytes"]),
+            runs.kilobytes(metrics["tflite_bytes"]),
         ),
     ]
     if "scratch_test_accuracy" in metrics:
@@ -289,7 +277,4 @@ def comparison_table(metrics):
                 "-",
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    return [
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows
-    ]
+    return runs.aligned_rows(rows)

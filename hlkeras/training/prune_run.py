@@ -146,8 +146,8 @@ def prune_run(
             "params": int(model.count_params()),
             "nonzero_params": int(model.count_params()) - _pruned_count(model),
             "dense_params": int(dense.count_params()),
-            "tflite_bytes": _size(run_dir.file(RunDir.TFLITE)),
-            "dense_tflite_bytes": _size(source.file(RunDir.TFLITE)),
+            "tflite_bytes": runs.file_size(run_dir.file(RunDir.TFLITE)),
+            "dense_tflite_bytes": runs.file_size(source.file(RunDir.TFLITE)),
             "epochs": len(rows),
             "seconds": round(seconds, 2),
             "total_seconds": round(time.perf_counter() - started, 2),
@@ -217,15 +217,8 @@ def _pruned_count(model):
     )
 
 
-def _size(path):
-    return os.path.getsize(path) if os.path.exists(path) else None
-
-
 def before_after_table(metrics):
     """The printed dense-against-pruned lines of a `prune_run`'s metrics."""
-
-    def kb(size):
-        return f"{size / 1024:.1f} KB" if size is not None else "-"
 
     structured = metrics.get("structured")
     rows = [
@@ -239,9 +232,10 @@ def before_after_table(metrics):
         if structured is not None
         else ("sparsity", "-", f"{metrics['sparsity']:.1%}"),
         ("params (nonzero)", f"{metrics['dense_params']:,}", f"{metrics['nonzero_params']:,}"),
-        ("model.tflite", kb(metrics["dense_tflite_bytes"]), kb(metrics["tflite_bytes"])),
+        (
+            "model.tflite",
+            runs.kilobytes(metrics["dense_tflite_bytes"]),
+            runs.kilobytes(metrics["tflite_bytes"]),
+        ),
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    return [
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows
-    ]
+    return runs.aligned_rows(rows)

@@ -561,6 +561,24 @@ def export_verified_tflite(model, test_images, test_labels, path):
     return report
 
 
+def file_size(path):
+    """The size in bytes of the file at `path`, or None when there is none."""
+    return os.path.getsize(path) if os.path.exists(path) else None
+
+
+def kilobytes(size):
+    """A table cell for a file size in bytes (None: no file)."""
+    return f"{size / 1024:.1f} KB" if size is not None else "-"
+
+
+def aligned_rows(rows):
+    """Rows of cells as printed lines, each column padded to its widest cell."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows
+    ]
+
+
 def rebuilt_copy(model, spec, policy=None):
     """`models.build(spec)` with `model`'s weights, under dtype `policy`
     (default: the current one) and outside any distribution scope.
