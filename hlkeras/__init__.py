@@ -17,6 +17,7 @@ from hlkeras._validation import HlkerasWarning  # noqa: E402,F401
 _LAZY_SUBMODULES = (
     "cli",
     "data",
+    "diagnostics",
     "distill",
     "export",
     "lora",

@@ -11,15 +11,16 @@ import os
 import time
 
 
-def sublayers(layer, include_self=False):
-    """Every layer nested in `layer`, depth-first, in tracking order.
+def sublayers(layer, include_self=False, recursive=True):
+    """Every layer nested in `layer`, depth-first, in tracking order (only
+    its direct sublayers when not `recursive`).
 
     Keras 3 has no public recursive sublayer walk: `Model.layers` lists only
     the top level, and a `TransformerBlock`'s FFN or a nested model's layers
     are below it. Keras itself (`Model.metrics`, `Model.layers`) and
     KerasHub use `Layer._flatten_layers` for this.
     """
-    return list(layer._flatten_layers(include_self=include_self, recursive=True))
+    return list(layer._flatten_layers(include_self=include_self, recursive=recursive))
 
 
 def get_keras_mask(tensor):

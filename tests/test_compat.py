@@ -26,6 +26,8 @@ def test_sublayers_reaches_layers_nested_in_layers_and_models():
     assert outer in _compat.sublayers(outer, include_self=True)
     moe_layers = [layer for layer in found if isinstance(layer, MixtureOfExperts)]
     assert [layer.name for layer in moe_layers] == ["block_moe"]
+    direct = [layer.name for layer in _compat.sublayers(outer, recursive=False)]
+    assert "inner" in direct and "head" in direct and "block" not in direct
 
 
 def test_keras_mask_helpers_attach_read_and_clear_a_mask():
