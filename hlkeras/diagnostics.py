@@ -28,6 +28,7 @@ from keras import ops
 
 from hlkeras import _compat
 from hlkeras._validation import HlkerasWarning
+from hlkeras.layers import DropPath
 from hlkeras.layers import MixtureOfExperts
 
 HISTOGRAM_BINS = 32
@@ -57,6 +58,8 @@ def _hidden_classes():
 
 
 def _is_hidden(layer):
+    if isinstance(layer, DropPath):  # the identity outside training
+        return False
     return isinstance(layer, _hidden_classes()) or type(layer).__module__.startswith("hlkeras.")
 
 
@@ -239,6 +242,7 @@ def layer_statistics(model, x):
         value per head.
     """
     layers = hidden_layers(model)
+    batch_size = int(keras.tree.flatten(x)[0].shape[0])
     with _recording(layers) as records:
         model(x, training=False)
     statistics = {}
@@ -248,7 +252,14 @@ def layer_statistics(model, x):
             continue
         activation = _activation_name(layer)
         stats = output_statistics(_concatenated([o for o, _ in calls]), activation)
-        stats.update({"class": type(layer).__name__, "activation": activation})
+        stats.update(
+            {
+                "class": type(layer).__name__,
+                "activation": activation,
+                "shape": list(calls[0][0].shape[1:]),
+                "flops": _own_flops(layer, calls, records, batch_size),
+            }
+        )
         if isinstance(layer, MixtureOfExperts):
             logits = _concatenated([o for o, _ in records.get(id(layer.router), [])])
             stats.update(routing_statistics(logits, layer.num_experts, layer.top_k))
@@ -257,6 +268,102 @@ def layer_statistics(model, x):
             stats["attention_entropy"] = entropies.tolist()
         statistics[path] = stats
     return statistics
+
+
+def _contraction(layer):
+    """How many inputs each output of a kernel layer sums over, or None."""
+    kernel = getattr(layer, "kernel", None)
+    if kernel is None or not hasattr(kernel, "shape"):
+        return None
+    shape = tuple(kernel.shape)
+    if isinstance(layer, keras.layers.EinsumDense):
+        inputs, output = layer.equation.split("->")
+        kernel_axes = inputs.split(",")[1]
+        return math.prod(d for axis, d in zip(kernel_axes, shape) if axis not in output)
+    if type(layer).__name__.startswith("Depthwise"):
+        return math.prod(shape[:-2])
+    if isinstance(
+        layer, (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
+    ):
+        return math.prod(shape[:-1])
+    return None
+
+
+def _attention_flops(layer, scores, records):
+    """An attention core's scores and weighted values, and the query, key
+    and value projections it computed itself (a fused self-attention
+    matmul, not their own `call`s): each is its tokens times its kernel."""
+    config = layer.get_config()
+    value_dim = config.get("value_dim") or config["key_dim"]
+    _, _, queries, keys = scores.shape
+    flops = 2 * math.prod(scores.shape[1:]) * (config["key_dim"] + value_dim)
+    tokens = {"query": queries, "key": keys, "value": keys}
+    for sublayer in _compat.sublayers(layer, recursive=False):
+        if sublayer.name in tokens and not records.get(id(sublayer)):
+            flops += 2 * tokens[sublayer.name] * math.prod(sublayer.kernel.shape)
+    return flops
+
+
+def _own_flops(layer, calls, records, batch_size):
+    """Multiply-adds x 2 per sample of the layer's own matmuls and
+    convolutions (its sublayers' are theirs; norms and activations are not
+    counted): a kernel layer's outputs times their contraction, an
+    attention core's scores and weighted sums, an MoE's chosen experts."""
+    output, scores = calls[0]
+    # Per example of the batch, not per row: an MoE router sees the tokens.
+    per_sample = output.size // batch_size
+    contraction = _contraction(layer)
+    if contraction:
+        return 2 * contraction * per_sample
+    if scores is not None:  # (batch, heads, queries, keys)
+        return _attention_flops(layer, scores, records)
+    if isinstance(layer, MixtureOfExperts):
+        hidden, out = (
+            tuple(layer.expert_hidden_kernel.shape),
+            tuple(layer.expert_output_kernel.shape),
+        )
+        tokens = per_sample // out[-1]
+        return 2 * tokens * layer.top_k * (hidden[1] * hidden[2] + out[1] * out[2])
+    return 0
+
+
+def own_parameters(model):
+    """`{path: count}` of the weights each layer holds itself (its
+    sublayers' are theirs), for the layers that hold any."""
+    counts = {}
+    owners = _owners(model)
+    for variable in model.weights:
+        path = owners.get(id(variable), variable.path)
+        counts[path] = counts.get(path, 0) + math.prod(variable.shape)
+    return counts
+
+
+def layer_table(model, statistics, gradients):
+    """One row per hidden layer of `statistics` (`layer_statistics`):
+    `path`, `class`, `shape` (per sample), `params` and `flops` (per sample,
+    with its sublayers'), `mean`, `std`, `dead_fraction`,
+    `saturated_fraction`, and `gradient_norm` (of its own and its
+    sublayers' weights, from `gradient_statistics`): what `hlkeras inspect`
+    prints."""
+    params = own_parameters(model)
+
+    def below(path, values):  # the layer and its sublayers
+        return [v for p, v in values.items() if p == path or p.startswith(path + "/")]
+
+    rows = []
+    for path, stats in statistics.items():
+        grad_squares = [g["gradient_norm"] ** 2 for g in below(path, gradients)]
+        rows.append(
+            dict(
+                path=path,
+                **{k: stats[k] for k in ("class", "shape", "mean", "std", "dead_fraction")},
+                saturated_fraction=stats["saturated_fraction"],
+                params=sum(below(path, params)),
+                flops=sum(s["flops"] for s in below(path, statistics)),
+                gradient_norm=math.sqrt(sum(grad_squares)) if grad_squares else None,
+            )
+        )
+    return rows
 
 
 def _loss_function(model, loss):
@@ -376,6 +483,14 @@ def _percent(fraction):
     return f"{100 * fraction:.0f}%"
 
 
+def _since(epoch):
+    return "on the probe" if epoch is None else f"since epoch {epoch}"
+
+
+def _at(epoch):
+    return "on the probe" if epoch is None else f"at epoch {epoch}"
+
+
 def _unit_warnings(layers, epoch):
     for path, stats in layers.items():
         activation = stats.get("activation") or stats["class"]
@@ -384,7 +499,7 @@ def _unit_warnings(layers, epoch):
                 (path, "dead"),
                 (
                     f"{path}: {_percent(stats['dead_fraction'])} dead units ({activation}) "
-                    f"since epoch {epoch}: try gelu/leaky_relu or a lower --lr"
+                    f"{_since(epoch)}: try gelu/leaky_relu or a lower --lr"
                 ),
             )
         if (stats["saturated_fraction"] or 0.0) >= SATURATED_WARNING:
@@ -392,7 +507,7 @@ def _unit_warnings(layers, epoch):
                 (path, "saturated"),
                 (
                     f"{path}: {_percent(stats['saturated_fraction'])} saturated outputs "
-                    f"({activation}) since epoch {epoch}: "
+                    f"({activation}) {_since(epoch)}: "
                     "try relu/gelu, normalization or a lower --lr"
                 ),
             )
@@ -402,7 +517,7 @@ def _unit_warnings(layers, epoch):
                 (path, "router"),
                 (
                     f"{path}: expert {expert} takes {_percent(stats['max_expert_load'])} of the "
-                    f"tokens since epoch {epoch}: the router collapsed: try a higher "
+                    f"tokens {_since(epoch)}: the router collapsed: try a higher "
                     "load_balance_weight or router_jitter"
                 ),
             )
@@ -420,7 +535,7 @@ def _growth_warning(layers, epoch):
             ("depth", "growth"),
             (
                 f"activations grow with depth: std {first_stats['std']:.3g} at {first} to "
-                f"{last_stats['std']:.3g} at {last} at epoch {epoch}: try normalization "
+                f"{last_stats['std']:.3g} at {last} {_at(epoch)}: try normalization "
                 "(LayerNormalization/BatchNormalization) or a smaller initializer"
             ),
         )
@@ -433,7 +548,7 @@ def _gradient_warnings(gradients, epoch):
                 (path, "exploding"),
                 (
                     f"gradient norm of {path} is {stats['gradient_norm']:.3g}, "
-                    f"{stats['ratio']:.3g}x its weights' at epoch {epoch}: exploding gradients: "
+                    f"{stats['ratio']:.3g}x its weights' {_at(epoch)}: exploding gradients: "
                     "try --clipnorm, a lower --lr or normalization"
                 ),
             )
@@ -447,7 +562,7 @@ def _gradient_warnings(gradients, epoch):
         yield (
             (first, "vanishing"),
             (
-                f"gradient norm of {first} is {ratio:.0e} of {last}'s at epoch {epoch}: "
+                f"gradient norm of {first} is {ratio:.0e} of {last}'s {_at(epoch)}: "
                 "vanishing gradients: try residual connections or normalization"
             ),
         )
@@ -456,7 +571,8 @@ def _gradient_warnings(gradients, epoch):
 def findings(layers, gradients, epoch):
     """`[(key, line)]`: one warning line per layer and condition for the
     statistics of one probe (`layer_statistics`, `gradient_statistics`);
-    `epoch` is the 1-based number the progress bar shows."""
+    `epoch` is the 1-based number the progress bar shows, or None for a
+    probe outside training ("on the probe")."""
     found = list(_unit_warnings(layers, epoch))
     found += _growth_warning(layers, epoch)
     dead = {path for (path, condition), _ in found if condition == "dead"}
@@ -570,6 +686,80 @@ class HiddenLayerMonitor(keras.callbacks.Callback):
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+    def report(self):
+        """The history by layer, as `diagnostics.json` holds it: `epochs`
+        (0-based), `warnings`, and `layers`: `{path: {"class", "epochs":
+        [one dict per probe: the output statistics, gradient_norm,
+        gradient_ratio, update_ratio]}}`."""
+        return diagnostics_report(self.history, self.warnings)
+
+
+def diagnostics_report(history, warning_lines=()):
+    """`HiddenLayerMonitor.report` of probes `history` (a list of
+    `{"epoch", "layers", "gradients", "updates"}`)."""
+    layers = {}
+    for entry in history:
+        for path, stats in entry["layers"].items():
+            gradient = entry["gradients"].get(path, {})
+            layer = layers.setdefault(path, {"class": stats["class"], "epochs": []})
+            layer["epochs"].append(
+                {
+                    "epoch": entry["epoch"],
+                    **{k: v for k, v in stats.items() if k != "class"},
+                    "gradient_norm": gradient.get("gradient_norm"),
+                    "gradient_ratio": gradient.get("ratio"),
+                    "update_ratio": entry["updates"].get(path),
+                }
+            )
+    return {
+        "epochs": [entry["epoch"] for entry in history],
+        "warnings": list(warning_lines),
+        "layers": layers,
+    }
+
+
+def plot_hidden_layers(report, path):
+    """Writes `report`'s (`diagnostics_report`) picture as a PNG: per layer
+    (rows, model order) and per probe (colour, first to last), the output's
+    1st-99th percentile range and median, the gradient norm (log scale) and
+    the dead-unit fraction."""
+    # The object-oriented Agg API leaves pyplot's global backend alone.
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from hlkeras import _files
+
+    paths = list(report["layers"])
+    figure = Figure(figsize=(15, 1.5 + 0.32 * len(paths)), layout="constrained")
+    FigureCanvasAgg(figure)
+    spread, gradients, dead = figure.subplots(1, 3, sharey=True)
+    colours = colormaps["viridis"]
+    num_probes = max(len(report["epochs"]), 1)
+    for row, layer_path in enumerate(paths):
+        for probe in report["layers"][layer_path]["epochs"]:
+            colour = colours(report["epochs"].index(probe["epoch"]) / max(num_probes - 1, 1))
+            y = row + 0.25 * (report["epochs"].index(probe["epoch"]) / num_probes - 0.5)
+            if probe["p01"] is not None:
+                spread.plot([probe["p01"], probe["p99"]], [y, y], color=colour, linewidth=2)
+                spread.plot([probe["p50"]], [y], "o", color=colour, markersize=3)
+            if probe["gradient_norm"]:
+                gradients.plot([probe["gradient_norm"]], [y], "o", color=colour, markersize=4)
+            dead.plot([probe["dead_fraction"]], [y], "o", color=colour, markersize=4)
+    spread.set_yticks(range(len(paths)), [f"{p} ({report['layers'][p]['class']})" for p in paths])
+    spread.invert_yaxis()
+    spread.set_xscale("symlog", linthresh=1e-2)
+    spread.set_title("outputs: 1st-99th percentile, median")
+    gradients.set_xscale("log")
+    gradients.set_title("gradient norm of the layer's weights")
+    dead.set_xlim(-0.05, 1.05)
+    dead.set_title("dead-unit fraction")
+    epochs = ", ".join(str(e + 1) for e in report["epochs"])
+    figure.suptitle(f"hidden layers after epochs {epochs} (dark: first, yellow: last)")
+    for axes in (spread, gradients, dead):
+        axes.grid(alpha=0.3)
+    _files.save_figure_atomic(figure, path)
 
 
 def _histogram_sample(histogram):

@@ -331,3 +331,32 @@ def test_a_bad_loss_is_named():
     model = _small_classifier()
     with pytest.raises(ValueError, match="Argument `loss` must be a Keras loss name"):
         diagnostics.gradient_statistics(model, np.zeros((2, 6)), np.zeros(2), loss=[1, 2])
+
+
+def test_layer_table_counts_each_layers_parameters_and_flops_by_formula():
+    inputs = keras.Input((6, 8))
+    x = keras.layers.Dense(16, name="proj")(inputs)
+    x = keras.layers.EinsumDense("abc,cd->abd", output_shape=(6, 4), name="einsum")(x)
+    x = MultiHeadAttention(num_heads=2, key_dim=4, name="attention")(x, x)
+    x = MixtureOfExperts(num_experts=4, top_k=2, hidden_units=16, name="moe")(x)
+    x = keras.layers.Flatten()(x)
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax", name="head")(x))
+    x = RNG.normal(size=(4, 6, 8)).astype("float32")
+    statistics = diagnostics.layer_statistics(model, x)
+    rows = {row["path"]: row for row in diagnostics.layer_table(model, statistics, {})}
+
+    tokens, projection = 6, 2 * 4 * (6 * 2 * 4)  # q/k/v: 4 inputs into 2 heads x 4
+    expected_flops = {
+        "proj": 2 * 8 * 16 * tokens,
+        "einsum": 2 * 16 * 4 * tokens,
+        # scores and weighted values per head, the q/k/v and output projections
+        "attention": 2 * 2 * tokens * tokens * (4 + 4) + 3 * projection + 2 * 8 * 4 * tokens,
+        # two of four experts per token (4 -> 16 -> 4) and the router (4 -> 4)
+        "moe": 2 * tokens * 2 * (4 * 16 + 16 * 4) + 2 * 4 * 4 * tokens,
+        "head": 2 * 24 * 3,
+    }
+    for path, flops in expected_flops.items():
+        assert rows[path]["flops"] == flops, path
+        assert rows[path]["params"] == model.get_layer(path).count_params(), path
+        assert rows[path]["shape"] == list(statistics[path]["shape"])
+    assert rows["attention"]["shape"] == [6, 4] and rows["head"]["shape"] == [3]

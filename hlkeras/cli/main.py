@@ -8,6 +8,7 @@ from hlkeras.cli import benchmark
 from hlkeras.cli import distill
 from hlkeras.cli import export
 from hlkeras.cli import info
+from hlkeras.cli import inspect
 from hlkeras.cli import predict
 from hlkeras.cli import prune
 from hlkeras.cli import train
@@ -23,7 +24,7 @@ def build_parser():
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-    for command in (info, train, tune, export, predict, prune, distill, benchmark):
+    for command in (info, train, tune, export, predict, prune, distill, inspect, benchmark):
         command.add_parser(commands)
     return parser
 

@@ -37,6 +37,17 @@ def add_parser(commands):
     flag("--overwrite", action="store_true", help="replace the run files in an existing --out")
     flag("--tensorboard", action="store_true", help="also log to <out>/logs for TensorBoard")
     flag(
+        "--diagnose",
+        nargs="?",
+        const=True,
+        default=False,
+        type=int,
+        metavar="EVERY",
+        help="look inside the hidden layers every EVERY epochs (default: about 10 "
+        "times a run): diagnostics.json, hidden_layers.png and warnings (dead or "
+        "saturated units, vanishing or exploding gradients, a collapsed MoE router)",
+    )
+    flag(
         "--mixed-precision",
         action="store_true",
         default=None,
@@ -106,12 +117,27 @@ def _join_hosts(args):
 
 
 def run(args):
+    if not isinstance(args.diagnose, bool) and args.diagnose < 1:
+        raise UsageError(
+            f"--diagnose EVERY must be a positive number of epochs. Received: {args.diagnose}"
+        )
+    if args.diagnose and args.distribute:
+        raise UsageError(
+            "--diagnose does not run with --distribute in this version (its probe is "
+            "an eager pass on one device); train without --distribute to diagnose"
+        )
     try:
         run_dir, resuming = runs.open_run_dir(
             args.out, resume=args.resume, overwrite=args.overwrite, process=_join_hosts(args)
         )
         settings = runs.settings_for(run_dir, resuming, given_settings(args, TRAIN_DEFAULTS))
-        outcome = runs.train_run(settings, run_dir, resuming=resuming, tensorboard=args.tensorboard)
+        outcome = runs.train_run(
+            settings,
+            run_dir,
+            resuming=resuming,
+            tensorboard=args.tensorboard,
+            diagnose=args.diagnose,
+        )
     except runs.RunError as error:
         raise UsageError(str(error)) from None
     if outcome.process:

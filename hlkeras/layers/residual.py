@@ -340,7 +340,9 @@ class ConvResidualBlock(keras.layers.Layer):
             ]
         self.branch_convs = convs
         self.branch_norms = [self._batch_norm(f"bn_{i + 1}") for i in range(len(convs))]
-        self.activation_fn = keras.layers.Activation(self.activation, dtype=self.dtype_policy)
+        self.activation_fn = keras.layers.Activation(
+            self.activation, dtype=self.dtype_policy, name="activation"
+        )
         self.branch_drop_path = DropPath(self.drop_path, dtype=self.dtype_policy)
         self.shortcut_conv = self.shortcut_norm = None
         if self.strides != 1 or in_channels != self.filters:
