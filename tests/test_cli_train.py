@@ -160,6 +160,28 @@ def test_nan_loss_gives_a_clear_message(capsys, data_dir, tmp_path):
     assert not os.path.exists(os.path.join(out, "model.keras"))
 
 
+@pytest.mark.slow
+@pytest.mark.backends("tensorflow")
+def test_a_seed_trains_the_same_on_a_fresh_and_on_a_prepared_data_dir(tmp_path):
+    """TFDS' first preparation of the digits draws from the global random
+    states; the run must not train otherwise because of it. Two processes,
+    as two users' runs (20 s)."""
+    fresh = str(tmp_path / "tfds")
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "PYTHONPATH": ROOT}
+    for name in ("first", "second"):  # the first one prepares the data directory
+        argv = ["train", "--data-dir", fresh, "--out", str(tmp_path / name), "--epochs", "1"]
+        run = subprocess.run(
+            [sys.executable, "-m", "hlkeras.cli", *argv, "--arch", "mlp", *SMALL],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr[-2000:]
+    first, second = (
+        keras.saving.load_model(tmp_path / name / "model.keras") for name in ("first", "second")
+    )
+    for a, b in zip(first.get_weights(), second.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
 def _backup_epoch(out):
     path = os.path.join(out, "backup", "training_metadata.json")
     try:

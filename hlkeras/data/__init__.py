@@ -27,7 +27,7 @@ _NAMES = {
         "evenly_divisible_batches",
         "to_numpy",
     ),
-    "tfds": ("EMBEDDED_DATASETS", "Digits", "load", "representative_samples"),
+    "tfds": ("EMBEDDED_DATASETS", "Digits", "load", "prepare", "representative_samples"),
     "images": ("COLOR_MODES", "IMAGE_EXTENSIONS", "SPLIT_FOLDERS", "read_image", "read_images"),
     "files": ("load_path", "read_path"),
     "sources": ("load_for", "load_source"),

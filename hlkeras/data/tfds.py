@@ -101,6 +101,17 @@ def _not_found_error(name, data_dir):
     )
 
 
+def prepare(name="digits", data_dir=None):
+    """Makes TFDS dataset `name` ready in `data_dir` (the embedded digits are
+    written as TFDS records the first time), or raises `DatasetError`.
+
+    Call it before seeding a run (`keras.utils.set_random_seed`): a first
+    preparation draws from the global random states, so a run seeded before
+    it would train otherwise on a fresh data directory than on a prepared one.
+    """
+    _builder(name, data_dir)
+
+
 def _builder(name, data_dir):
     """Returns a TFDS builder whose data is ready, or raises `DatasetError`."""
     if not isinstance(name, str) or not name:

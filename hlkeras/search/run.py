@@ -177,8 +177,7 @@ def _search_here(settings, overrides, log):
     from hlkeras.data import texts
 
     directory = settings["directory"]
-    keras.utils.set_random_seed(settings["seed"])
-    (x_train, y_train), validation, info = _load_arrays(settings)
+    (x_train, y_train), validation, info = _load_arrays(settings)  # seeds the search
     teacher = _teacher(settings, info)
     hypermodel = SpecHyperModel(
         settings["arch"],
@@ -344,10 +343,17 @@ def _data_spec(settings, info):
 
 
 def _load_arrays(settings):
-    """`((x_train, y_train), (x_val, y_val), info)` of the search's dataset."""
+    """`((x_train, y_train), (x_val, y_val), info)` of the search's dataset;
+    sets the search's seed once a TFDS dataset is prepared."""
+    import keras
+
     from hlkeras import data
 
     try:
+        if settings["data"] is None:
+            data.prepare(settings["dataset"] or "digits", settings["data_dir"])
+        # After the preparation, which draws from the random states.
+        keras.utils.set_random_seed(settings["seed"])
         train_ds, val_ds, _, info = data.load_for(settings)
     except data.DatasetError as error:
         raise SearchError(str(error)) from None

@@ -531,11 +531,19 @@ def private_run_path(out, process):
 
 def load_data(settings, resumed_run_dir=None):
     """`((train_ds, val_ds, test_ds), info)` of the run's dataset; a resumed
-    text run tokenizes with the vocabulary it recorded."""
+    text run tokenizes with the vocabulary it recorded. Sets the run's seed
+    (`keras.utils.set_random_seed`), once a TFDS dataset is prepared."""
+    import keras
+
     from hlkeras import data
     from hlkeras.data import texts
 
     try:
+        if settings["data"] is None:
+            data.prepare(settings["dataset"] or "digits", settings["data_dir"])
+        # Seeded here, after the preparation, which draws from the random
+        # states: a fresh data directory then trains as a prepared one.
+        keras.utils.set_random_seed(settings["seed"])
         tokenizer = resumed_run_dir and texts.saved_tokenizer(resumed_run_dir.path)
         train_ds, val_ds, test_ds, info = data.load_for(
             settings,
