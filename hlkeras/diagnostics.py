@@ -576,11 +576,15 @@ def findings(layers, gradients, epoch):
     found = list(_unit_warnings(layers, epoch))
     found += _growth_warning(layers, epoch)
     dead = {path for (path, condition), _ in found if condition == "dead"}
-    # A dead layer's gradient is 0 because its units are dead: one line.
+    # Dead units pass no gradient: a zero gradient at or below a dead layer
+    # is its consequence, said once, by the dead layer's line.
     found += [
         ((path, condition), line)
         for (path, condition), line in _gradient_warnings(gradients, epoch)
-        if not (condition == "vanishing" and path in dead)
+        if not (
+            condition == "vanishing"
+            and (path in dead or (dead and gradients[path]["gradient_norm"] == 0))
+        )
     ]
     return found
 

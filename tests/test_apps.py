@@ -169,3 +169,27 @@ def test_prune_for_phone(monkeypatch, tmp_path, data_dir, capsys):
     assert pruned.sparse_tensors > 0 == dense.sparse_tensors
     assert pruned.size_bytes < 0.6 * dense.size_bytes
     assert f"pruned: {pruned.size_bytes / 1024:.1f} KB" in out
+
+
+@pytest.mark.slow
+@pytest.mark.backends("tensorflow")
+def test_diagnose_broken_model(monkeypatch, tmp_path, data_dir, capsys):
+    """Both broken models are flagged after one epoch: the sigmoid MLP's
+    first layer for vanishing gradients, the biased ReLU layer as dead (6 s)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the monitor's lines, printed by the app too
+        _run_app("diagnose_broken_model.py", monkeypatch, tmp_path, data_dir, "--out", "d")
+    lines = capsys.readouterr().out.splitlines()
+    assert any(
+        line.startswith("  gradient norm of dense_0 is ") and "vanishing gradients" in line
+        for line in lines
+    )
+    assert (
+        "  dense_1: 100% dead units (relu) since epoch 1: try gelu/leaky_relu or a lower --lr"
+        in lines
+    )
+    # The layer before the dead one gets no gradient because of it: one line, the dead one's.
+    assert "dead_relu: 1 warnings" in lines
+    assert (tmp_path / "d" / "sigmoid.png").exists() and (tmp_path / "d" / "dead_relu.png").exists()
