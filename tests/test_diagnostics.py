@@ -360,3 +360,13 @@ def test_layer_table_counts_each_layers_parameters_and_flops_by_formula():
         assert rows[path]["params"] == model.get_layer(path).count_params(), path
         assert rows[path]["shape"] == list(statistics[path]["shape"])
     assert rows["attention"]["shape"] == [6, 4] and rows["head"]["shape"] == [3]
+
+
+def test_a_mixed_bfloat16_model_is_measured_like_any_other():
+    keras.config.set_dtype_policy("mixed_bfloat16")  # conftest restores float32
+    model = _dead_relu_model()
+    x = RNG.normal(size=(16, 5)).astype("float32")
+    stats = diagnostics.layer_statistics(model, x)
+    assert set(stats) == {"dead", "head"} and stats["dead"]["dead_fraction"] == 1.0
+    head = keras.Model(model.input, model.get_layer("head").output)(x)
+    _assert_statistics(stats["head"], _expected_statistics(head), "head")

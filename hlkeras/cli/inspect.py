@@ -10,9 +10,8 @@ from hlkeras.cli.common import COMMON_FLAGS
 from hlkeras.cli.common import UsageError
 from hlkeras.cli.common import add_data_flags
 from hlkeras.cli.common import given_settings
+from hlkeras.training.runs import PROBE_EXAMPLES
 from hlkeras.training.runs import TRAIN_DEFAULTS
-
-PROBE_EXAMPLES = 128
 
 
 def add_parser(commands):
@@ -58,9 +57,8 @@ def _load(path):
 
 
 def _data_probe(run_dir, given):
-    """The first `PROBE_EXAMPLES` validation (else test) examples of the
-    run's data, or of the --data/--dataset given."""
-    from hlkeras import data
+    """The first `runs.PROBE_EXAMPLES` validation (else test) examples of
+    the run's data, or of the --data/--dataset given."""
     from hlkeras.training import distill_run
     from hlkeras.training import runs
 
@@ -70,8 +68,7 @@ def _data_probe(run_dir, given):
         (_, val_ds, test_ds), _ = runs.load_data(settings, run_dir)
     except runs.RunError as error:
         raise UsageError(str(error)) from None
-    dataset = val_ds if val_ds is not None else test_ds
-    return data.to_numpy(dataset.unbatch().take(PROBE_EXAMPLES).batch(PROBE_EXAMPLES))
+    return runs.probe_batch(val_ds if val_ds is not None else test_ds)
 
 
 def _random_probe(model):

@@ -453,12 +453,20 @@ def hidden_layer_monitor(dataset, run_dir, every_n_epochs, tensorboard):
     """A `HiddenLayerMonitor` probing the first `PROBE_EXAMPLES` examples of
     `dataset` every `every_n_epochs` epochs (TensorBoard summaries in
     logs/hidden_layers with --tensorboard)."""
-    from hlkeras import data
     from hlkeras import diagnostics
 
-    probe = data.to_numpy(dataset.unbatch().take(PROBE_EXAMPLES).batch(PROBE_EXAMPLES))
     log_dir = os.path.join(run_dir.file("logs"), "hidden_layers") if tensorboard else None
-    return diagnostics.HiddenLayerMonitor(probe, every_n_epochs=every_n_epochs, log_dir=log_dir)
+    return diagnostics.HiddenLayerMonitor(
+        probe_batch(dataset), every_n_epochs=every_n_epochs, log_dir=log_dir
+    )
+
+
+def probe_batch(dataset):
+    """`(x, y)`: the first `PROBE_EXAMPLES` examples of a batched dataset,
+    the probe of `--diagnose` and `hlkeras inspect`."""
+    from hlkeras import data
+
+    return data.to_numpy(dataset.unbatch().take(PROBE_EXAMPLES).batch(PROBE_EXAMPLES))
 
 
 def write_diagnostics(monitor, run_dir):
