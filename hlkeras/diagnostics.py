@@ -47,6 +47,7 @@ COLLAPSED_ROUTER_WARNING = 0.9  # one expert's share of the assignments
 GROWTH_WARNING = 100.0  # last hidden layer's output std / the first one's
 
 
+@functools.cache
 def _hidden_classes():
     names = (
         "Dense EinsumDense Conv1D Conv2D Conv3D Conv1DTranspose Conv2DTranspose "
@@ -332,12 +333,8 @@ def _own_flops(layer, calls, records, batch_size):
 def own_parameters(model):
     """`{path: count}` of the weights each layer holds itself (its
     sublayers' are theirs), for the layers that hold any."""
-    counts = {}
-    owners = _owners(model)
-    for variable in model.weights:
-        path = owners.get(id(variable), variable.path)
-        counts[path] = counts.get(path, 0) + math.prod(variable.shape)
-    return counts
+    sizes = [math.prod(variable.shape) for variable in model.weights]
+    return {path: sum(counts) for path, counts in _by_layer(model, model.weights, sizes).items()}
 
 
 def layer_table(model, statistics, gradients):
@@ -416,13 +413,17 @@ def _gradients(model, x, y, loss_fn):
     ]
 
 
-def _owners(model):
-    """`{id(variable): path}` of the deepest layer holding each variable."""
+def _by_layer(model, variables, values):
+    """`{path: [value, ...]}`: `values` (one per variable of `variables`)
+    grouped by the deepest layer holding each variable, in model order."""
     owners = {}
     for path, layer in _all_layers(model):
         for variable in layer.weights:
             owners[id(variable)] = path
-    return owners
+    grouped = {}
+    for variable, value in zip(variables, values):
+        grouped.setdefault(owners.get(id(variable), variable.path), []).append(value)
+    return grouped
 
 
 def _norm(arrays):
@@ -443,29 +444,21 @@ def gradient_statistics(model, x, y, *, loss=None):
         norm over the weight norm (inf for all-zero weights).
     """
     variables = model.trainable_variables
-    grads = _gradients(model, x, y, _loss_function(model, loss))
-    owners = _owners(model)
-    by_path = {}
-    for variable, grad in zip(variables, grads):
-        path = owners.get(id(variable), variable.path)
-        grad_list, weight_list = by_path.setdefault(path, ([], []))
-        grad_list.append(grad)
-        weight_list.append(ops.convert_to_numpy(variable))
+    grads = _by_layer(model, variables, _gradients(model, x, y, _loss_function(model, loss)))
+    weights = _weights_by_path(model)
     statistics = {}
-    for path, (grad_list, weight_list) in by_path.items():
-        grad_norm, weight_norm = _norm(grad_list), _norm(weight_list)
+    for path, grad_list in grads.items():
+        grad_norm, weight_norm = _norm(grad_list), _norm(weights[path])
         ratio = grad_norm / weight_norm if weight_norm else math.inf
         statistics[path] = dict(gradient_norm=grad_norm, weight_norm=weight_norm, ratio=ratio)
     return statistics
 
 
 def _weights_by_path(model):
-    values = {}
-    owners = _owners(model)
-    for variable in model.trainable_variables:
-        path = owners.get(id(variable), variable.path)
-        values.setdefault(path, []).append(np.array(ops.convert_to_numpy(variable), "float64"))
-    return values
+    """`{path: [array, ...]}` of each layer's own trainable weights (float64)."""
+    variables = model.trainable_variables
+    values = [np.array(ops.convert_to_numpy(v), "float64") for v in variables]
+    return _by_layer(model, variables, values)
 
 
 def update_ratios(before, after):

@@ -129,18 +129,19 @@ def run(args):
     from hlkeras import diagnostics
 
     given = given_settings(args, TRAIN_DEFAULTS)
+    data_given = given.get("data") or given.get("dataset")
     model, run_dir = _load(args.model)
-    if args.random_probe and (given.get("data") or given.get("dataset")):
+    if args.random_probe and data_given:
         raise UsageError("--random-probe excludes --data and --dataset: probe with one of them")
     if args.random_probe:
         (x, y), source = _random_probe(model), "--random-probe"
-    elif run_dir is None and not (given.get("data") or given.get("dataset")):
+    elif run_dir is None and not data_given:
         raise UsageError(
             f"{args.model} is a model file without its data: give --data or --dataset, "
             "or --random-probe to probe with random inputs"
         )
     else:
-        (x, y), source = _data_probe(run_dir, given), given.get("data") or "the run's data"
+        (x, y), source = _data_probe(run_dir, given), data_given or "the run's data"
     _check_shape(model, x, source)
     started = time.perf_counter()
     statistics = diagnostics.layer_statistics(model, x)

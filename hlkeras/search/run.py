@@ -345,15 +345,11 @@ def _data_spec(settings, info):
 def _load_arrays(settings):
     """`((x_train, y_train), (x_val, y_val), info)` of the search's dataset;
     sets the search's seed once a TFDS dataset is prepared."""
-    import keras
-
     from hlkeras import data
+    from hlkeras.training import runs
 
     try:
-        if settings["data"] is None:
-            data.prepare(settings["dataset"] or "digits", settings["data_dir"])
-        # After the preparation, which draws from the random states.
-        keras.utils.set_random_seed(settings["seed"])
+        runs.seed_after_preparing(settings)
         train_ds, val_ds, _, info = data.load_for(settings)
     except data.DatasetError as error:
         raise SearchError(str(error)) from None

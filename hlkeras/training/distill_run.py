@@ -162,7 +162,6 @@ def distill_run(
         raise RunError(f"--features must be one of {', '.join(FEATURES)}; got {features!r}")
     teacher, teacher_run = load_teacher(teacher_path)
     settings = student_settings(teacher_run, given)
-    keras.utils.set_random_seed(settings["seed"])
     (train_ds, val_ds, test_ds), info = runs.load_data(settings, teacher_run)
     check_pair(teacher, teacher_run, info)
     spec = runs.model_spec(settings, info)

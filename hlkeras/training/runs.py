@@ -369,7 +369,6 @@ def train_run(settings, run_dir, *, resuming=False, tensorboard=False, diagnose=
     from hlkeras.training import distribute
 
     started = time.perf_counter()
-    keras.utils.set_random_seed(settings["seed"])
     (train_ds, val_ds, test_ds), info = load_data(settings, run_dir if resuming else None)
     spec = model_spec(settings, info)
     distribution, val_ds, initial_weights = distribution_for(settings, spec, val_ds, info, log)
@@ -537,21 +536,29 @@ def private_run_path(out, process):
     return os.path.join(tempfile.gettempdir(), f"hlkeras-process-{process}-{key}")
 
 
+def seed_after_preparing(settings):
+    """Prepares the settings' TFDS dataset (`hlkeras.data.prepare`), then
+    sets their seed (`keras.utils.set_random_seed`). A first preparation
+    draws from the random states: seeded after it, a run on a fresh data
+    directory trains as one on a prepared directory. Raises `DatasetError`."""
+    import keras
+
+    from hlkeras import data
+
+    if settings["data"] is None:
+        data.prepare(settings["dataset"] or "digits", settings["data_dir"])
+    keras.utils.set_random_seed(settings["seed"])
+
+
 def load_data(settings, resumed_run_dir=None):
     """`((train_ds, val_ds, test_ds), info)` of the run's dataset; a resumed
     text run tokenizes with the vocabulary it recorded. Sets the run's seed
     (`keras.utils.set_random_seed`), once a TFDS dataset is prepared."""
-    import keras
-
     from hlkeras import data
     from hlkeras.data import texts
 
     try:
-        if settings["data"] is None:
-            data.prepare(settings["dataset"] or "digits", settings["data_dir"])
-        # Seeded here, after the preparation, which draws from the random
-        # states: a fresh data directory then trains as a prepared one.
-        keras.utils.set_random_seed(settings["seed"])
+        seed_after_preparing(settings)
         tokenizer = resumed_run_dir and texts.saved_tokenizer(resumed_run_dir.path)
         train_ds, val_ds, test_ds, info = data.load_for(
             settings,
