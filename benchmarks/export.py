@@ -10,9 +10,15 @@ mode is measured and reported rather than refused). Every number is a ratio
 to its anchor measured in this same run (the Keras model, the float32
 file), so a busy machine shifts both sides alike.
 
+`--profile` instead times every operator of the float32, dynamic and int8
+`.tflite` of each architecture, and of the text transformer, at batch 1
+(`hlkeras.export.profile`): where the time goes by op type, and how many
+QUANTIZE/DEQUANTIZE ops each file has. The models are untrained (timing
+does not depend on the weights; int8 is calibrated on digits or token ids).
+
 Usage (TensorFlow backend, a few minutes):
 
-    KERAS_BACKEND=tensorflow PYTHONPATH=. python benchmarks/export.py [--arch vit_moe]
+    KERAS_BACKEND=tensorflow PYTHONPATH=. python benchmarks/export.py [--arch vit_moe] [--profile]
 """
 
 import argparse
@@ -28,6 +34,8 @@ import numpy as np  # noqa: E402
 import hlkeras  # noqa: E402
 from hlkeras import export  # noqa: E402
 from hlkeras import models  # noqa: E402
+from hlkeras.export import convert  # noqa: E402
+from hlkeras.export import profile  # noqa: E402
 
 TARGETS = {
     "int8_size_ratio": 0.30,
@@ -157,14 +165,60 @@ def benchmark(name, data, epochs, latency_runs):
     line("one_export_ratio", export_seconds / separate_seconds)
 
 
+# The text transformer of `hlkeras train --arch text`, on 32-token inputs.
+TEXT_SPEC = {"arch": "text", "input_shape": (32,), "num_classes": 4, "vocabulary_size": 2000}
+PROFILE_MODES = ("none", "dynamic", "int8")
+TOP_OPS = 8
+
+
+def profile_inputs(name, data):
+    """Calibration examples and the profiled sample of an architecture."""
+    if name == "text":
+        tokens = np.random.default_rng(0).integers(1, 2000, size=(200, 32)).astype("int32")
+        return tokens, tokens[:1]
+    x_train, _, x_test, _ = data
+    return x_train[:200], x_test[:1]
+
+
+def profile_arch(name, data):
+    """Where each quantization's batch-1 time goes, by op type."""
+    keras.utils.set_random_seed(0)
+    if name == "text":
+        model = models.build(TEXT_SPEC)
+    else:
+        model = models.build({**SPECS[name], "input_shape": (8, 8, 1), "num_classes": 10})
+    calibration, sample = profile_inputs(name, data)
+    print(f"\n== {name}  ({model.count_params()} params; per-op time at batch 1, 1 thread)")
+    for mode in PROFILE_MODES:
+        tflite = convert.model_to_tflite(model, mode, representative_data=calibration)
+        whole_us, times = profile.op_profile(tflite, sample)
+        totals = profile.summary(times)
+        conversions = sum(totals.get(op, (0, 0))[0] for op in ("QUANTIZE", "DEQUANTIZE"))
+        parts_us = sum(op.microseconds for op in times)
+        print(
+            f"{mode:<8} whole {whole_us:8.1f} us  sum of ops {parts_us:8.1f} us  "
+            f"{len(times)} ops, {conversions} QUANTIZE/DEQUANTIZE, {len(tflite)} B"
+        )
+        for op_name, (count, total_us) in list(totals.items())[:TOP_OPS]:
+            share = total_us / parts_us if parts_us else 0.0
+            print(f"    {op_name:<22} {count:4d} ops {total_us:8.1f} us {share:6.1%}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", choices=sorted(SPECS), help="default: all four")
+    parser.add_argument("--arch", choices=sorted(SPECS) + ["text"], help="default: all")
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--latency-runs", type=int, default=50)
+    parser.add_argument("--profile", action="store_true", help="per-op time of each file")
     args = parser.parse_args()
     print(f"benchmarks/export.py  backend={keras.backend.backend()}")
     data = load_digits()
+    if args.profile:
+        for name in [args.arch] if args.arch else [*SPECS, "text"]:
+            profile_arch(name, data)
+        return
+    if args.arch == "text":
+        parser.error("--arch text is profiled only (--profile): digits are images")
     for name in [args.arch] if args.arch else list(SPECS):
         benchmark(name, data, args.epochs, args.latency_runs)
 
