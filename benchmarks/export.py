@@ -190,7 +190,9 @@ def profile_arch(name, data):
     calibration, sample = profile_inputs(name, data)
     print(f"\n== {name}  ({model.count_params()} params; per-op time at batch 1, 1 thread)")
     for mode in PROFILE_MODES:
-        tflite = convert.model_to_tflite(model, mode, representative_data=calibration)
+        tflite = convert.model_to_tflite(
+            model, mode, representative_data=calibration, input_dtype=str(calibration.dtype)
+        )
         whole_us, times = profile.op_profile(tflite, sample)
         totals = profile.summary(times)
         conversions = sum(totals.get(op, (0, 0))[0] for op in ("QUANTIZE", "DEQUANTIZE"))

@@ -106,16 +106,16 @@ def _one_sample_at_a_time(representative_data, input_dtype="float32"):
     return samples
 
 
-def model_to_tflite(model, quantization="none", representative_data=None):
+def model_to_tflite(model, quantization="none", representative_data=None, **options):
     """Converts an in-memory Keras model (TensorFlow backend) to TFLite bytes.
 
     `TFLiteConverter.from_keras_model` is broken for Keras 3, so the model goes
-    through a temporary SavedModel.
+    through a temporary SavedModel. `options` are `convert_saved_model`'s.
     """
     with tempfile.TemporaryDirectory() as tmp:
         saved_model_dir = os.path.join(tmp, "saved_model")
         export_saved_model(model, saved_model_dir)
-        return convert_saved_model(saved_model_dir, quantization, representative_data)
+        return convert_saved_model(saved_model_dir, quantization, representative_data, **options)
 
 
 def write_artifacts(model, staging_dir, request):
