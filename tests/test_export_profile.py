@@ -85,3 +85,42 @@ def test_the_profile_lists_the_models_operators_in_order(tflite_files):
     }
     seconds = [total for _, total in totals.values()]
     assert seconds == sorted(seconds, reverse=True)
+
+
+def tensor_types(tflite):
+    """`[(op name, input dtypes, output dtypes)]` of the main subgraph, read
+    with TensorFlow's own flatbuffer reader (the oracle for hlkeras')."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(tflite))
+    graph = model.subgraphs[0]
+
+    def dtypes(indices):
+        return [flatbuffer_utils.type_to_name(graph.tensors[i].type) for i in indices if i >= 0]
+
+    return [
+        (
+            flatbuffer_utils.opcode_to_name(model, op.opcodeIndex),
+            dtypes(op.inputs),
+            dtypes(op.outputs),
+        )
+        for op in graph.operators
+    ]
+
+
+def test_int8_keeps_the_slow_weightless_ops_float_but_not_with_int8_io():
+    keras.utils.set_random_seed(0)
+    vit = models.build(
+        {"input_shape": DIGIT, "num_classes": 10, "arch": "vit", "depth": 1, "width": 16}
+    )
+    mixed = tensor_types(convert.model_to_tflite(vit, "int8", representative_data=images(32)))
+    float_ops = [(name, ins) for name, ins, _ in mixed if name in convert.FLOAT_IN_INT8_OPS]
+    assert float_ops and all(set(ins) == {"FLOAT32"} for _, ins in float_ops)
+    matmuls = [ins for name, ins, _ in mixed if name == "BATCH_MATMUL"]
+    assert len(matmuls) == 2 and all(ins == ["FLOAT32", "FLOAT32"] for ins in matmuls)
+    dense = [ins for name, ins, _ in mixed if name == "FULLY_CONNECTED"]
+    assert dense and all(ins[:2] == ["INT8", "INT8"] for ins in dense)
+    full = convert.model_to_tflite(vit, "int8", representative_data=images(32), int8_io=True)
+    kept_float = {*convert.FLOAT_IN_INT8_OPS, "BATCH_MATMUL"}
+    for name, ins, _ in tensor_types(full):  # the converter's int8-only op set
+        assert name not in kept_float or "FLOAT32" not in ins, name

@@ -50,7 +50,9 @@ def add_parser(commands):
         metavar="FILE.npz",
         help="verification data: array `x` and optional labels `y`; overrides --dataset",
     )
-    export.add_argument("--int8-io", action="store_true", help="int8 input/output tensors for int8")
+    export.add_argument(
+        "--int8-io", action="store_true", help="int8 input/output, int8-only op set (int8)"
+    )
     export.add_argument("--overwrite", action="store_true", help="replace existing artifacts")
     export.add_argument(
         "--latency-runs",

@@ -4,7 +4,7 @@ batch 1.
 
 `export_model` (`exporter`) is the entry point: it takes a model from any
 backend (or a `.keras` path), writes a SavedModel, one `.tflite` file per
-quantization (float32, float16, dynamic-range or full-integer int8) and/or
+quantization (float32, float16, dynamic-range or int8) and/or
 a float32 `.onnx` file, checks that each `.tflite` uses builtin ops only,
 runs every artifact (TensorFlow, LiteRT, ONNX Runtime) and returns an
 `ExportReport` of sizes, op sets, output parity, accuracy and batch-1

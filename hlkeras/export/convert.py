@@ -19,6 +19,7 @@ import tempfile
 import numpy as np
 
 from hlkeras.export import onnx_export
+from hlkeras.export import profile
 from hlkeras.export.arguments import MISSING_REPRESENTATIVE
 from hlkeras.export.arguments import check_choice
 from hlkeras.export.loading import all_layers
@@ -55,7 +56,7 @@ def convert_saved_model(
 ):
     """Converts a SavedModel to a `.tflite` flatbuffer (bytes), builtins only.
 
-    Only `TFLITE_BUILTINS` (plus `TFLITE_BUILTINS_INT8` for int8) are allowed:
+    Only `TFLITE_BUILTINS` and `TFLITE_BUILTINS_INT8` are allowed:
     Flex (SELECT_TF_OPS) kernels are not in the `ai_edge_litert` runtime nor in
     a default phone build, so a graph that needs them fails here instead of on
     the device.
@@ -63,8 +64,9 @@ def convert_saved_model(
     Args:
         saved_model_dir: Path of the SavedModel.
         quantization: `"none"` (float32), `"float16"` (half-precision weights),
-            `"dynamic"` (int8 weights, float activations) or `"int8"` (full
-            integer, calibrated on `representative_data`).
+            `"dynamic"` (int8 weights, float activations) or `"int8"` (int8
+            weights and activations, calibrated on `representative_data`;
+            the converter's int8-only op set with `int8_io`).
         representative_data: float32 array `(N, ...)` of model inputs, needed
             for `"int8"`.
         int8_io: For `"int8"`, make the model's input and output int8 too.
@@ -94,8 +96,56 @@ def convert_saved_model(
         if int8_io:
             converter.inference_input_type = tf.int8
             converter.inference_output_type = tf.int8
+        else:
+            converter.target_spec.supported_ops = [*supported_ops, tf.lite.OpsSet.TFLITE_BUILTINS]
+            return _int8_with_float_where_faster(converter, saved_model_dir, input_dtype)
     converter.target_spec.supported_ops = supported_ops
     return converter.convert()
+
+
+# LiteRT's int8 kernels of these weightless ops are slower than their float32
+# ones at batch 1 (benchmarks/export.py --profile, vit int8: LayerNorm's
+# SQUARED_DIFFERENCE 8 us against 0.1 us per op; SOFTMAX and RSQRT 1.7 and
+# 1 us against 1 and 0.1): an int8 file with float I/O keeps them float.
+FLOAT_IN_INT8_OPS = ("SQUARED_DIFFERENCE", "RSQRT", "SOFTMAX")
+
+
+def _int8_with_float_where_faster(converter, saved_model_dir, input_dtype):
+    """int8 weights and activations, but float32 for `FLOAT_IN_INT8_OPS` and
+    for the BATCH_MATMULs of two activations (attention's q.k and
+    weights.v: 25.7 us int8 against 4.8 us float32 over a vit's four).
+    Every weight stays int8, so the file's size does not change; only a
+    file with float I/O gets this (int8 I/O means an integer-only device).
+
+    TF's QuantizationDebugger is TF's selective-quantization API: it
+    calibrates once and leaves the denylisted ops and nodes float."""
+    import tensorflow as tf
+
+    options = tf.lite.experimental.QuantizationDebugOptions(
+        denylisted_ops=list(FLOAT_IN_INT8_OPS),
+        denylisted_nodes=_activation_matmuls(
+            convert_saved_model(saved_model_dir, "none", input_dtype=input_dtype)
+        ),
+    )
+    debugger = tf.lite.experimental.QuantizationDebugger(
+        converter=converter, debug_dataset=converter.representative_dataset, debug_options=options
+    )
+    return debugger.get_nondebug_quantized_model()
+
+
+def _activation_matmuls(float_tflite):
+    """Output names of a float `.tflite`'s BATCH_MATMULs without a constant
+    operand (the converter names the int8 file's nodes alike)."""
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(float_tflite))
+    graph = model.subgraphs[0]
+    return [
+        graph.tensors[operator.outputs[0]].name.decode()
+        for operator in graph.operators
+        if profile.op_name(model, operator) == "BATCH_MATMUL"
+        and not any(profile.is_constant(model, t) for t in operator.inputs if t >= 0)
+    ]
 
 
 def _one_sample_at_a_time(representative_data, input_dtype="float32"):

@@ -111,14 +111,19 @@ def export_model(
         quantization: The `.tflite` quantization, or a sequence of them
             (one `.tflite` each): `"none"` (or `"float32"`), `"float16"`
             (half-precision weights), `"dynamic"` (int8 weights only) or
-            `"int8"` (full integer, calibrated on `representative_data`).
+            `"int8"` (int8 weights and activations, calibrated on
+            `representative_data`; with float I/O, the few weightless ops
+            whose LiteRT int8 kernels are slower stay float:
+            `convert.FLOAT_IN_INT8_OPS` and attention's activation
+            matmuls. With `int8_io=True` they are int8 too).
         representative_data: float32 array `(N, ...)` of about 100-500
             training inputs. Required for `"int8"`.
         verify_data: Inputs `x`, or `(x, labels)`, to measure output parity
             (and accuracy, with labels) against the Keras model. Its first
             sample also times batch-1 latency.
         int8_io: For `"int8"`, make the `.tflite` input and output int8
-            instead of float32.
+            instead of float32, with the converter's int8-only op set (for
+            integer-only accelerators).
         overwrite: Replace existing artifacts in `out_dir`.
         latency_runs: Timed runs for each median latency; 0 skips timing.
         max_accuracy_drop: Accuracy points (>= 0) an artifact may lose

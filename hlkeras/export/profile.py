@@ -46,7 +46,7 @@ def op_profile(tflite_model, sample, repeats=15, calls=20):
     from ai_edge_litert.tools import flatbuffer_utils
 
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(tflite_model))
-    names = [_op_name(model, op) for op in model.subgraphs[0].operators]
+    names = [op_name(model, op) for op in model.subgraphs[0].operators]
     tensors = all_tensors(tflite_model, sample)
     whole = _interpreter(tflite_model)
     _feed(whole, sample)
@@ -105,13 +105,15 @@ def summary(times):
     return dict(sorted(((k, tuple(v)) for k, v in totals.items()), key=lambda kv: -kv[1][1]))
 
 
-def _op_name(model, operator):
+def op_name(model, operator):
+    """The builtin name of an operator of a `ModelT`."""
     from ai_edge_litert.tools import flatbuffer_utils
 
     return flatbuffer_utils.opcode_to_name(model, operator.opcodeIndex)
 
 
-def _is_constant(model, tensor_index):
+def is_constant(model, tensor_index):
+    """Whether a main-subgraph tensor of a `ModelT` holds data in the file."""
     buffer = model.subgraphs[0].tensors[tensor_index].buffer
     data = model.buffers[buffer].data if buffer else None
     return data is not None and len(data) > 0
@@ -121,7 +123,7 @@ def free_inputs(model, index):
     """The operator's inputs that the model computes (not constants, not
     the absent optional inputs, -1)."""
     operator = model.subgraphs[0].operators[index]
-    return [t for t in operator.inputs if t >= 0 and not _is_constant(model, t)]
+    return [t for t in operator.inputs if t >= 0 and not is_constant(model, t)]
 
 
 def _buffers_of(model, operator):
