@@ -198,3 +198,17 @@ def test_a_tfds_dataset_with_nan_features_is_refused_naming_the_example(tmp_path
         "dataset 'float_features': train example 3 has a NaN or infinity in its "
         "inputs; fill or drop missing values first"
     )
+
+
+def test_a_first_preparation_leaves_the_random_states_as_it_found_them(tmp_path):
+    """TFDS' first preparation of the digits draws from Python's `random`; a
+    script seeded before `data.load` must start the same on a fresh data
+    directory as on a prepared one. (Oracle: the states themselves.)"""
+    import random
+
+    keras.utils.set_random_seed(0)
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    data.prepare("digits", str(tmp_path / "fresh"))
+    assert random.getstate() == python_state
+    after = np.random.get_state()
+    assert all(np.array_equal(a, b) for a, b in zip(after, numpy_state))

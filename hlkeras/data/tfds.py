@@ -6,6 +6,7 @@ the same code path as `mnist`, `fashion_mnist` or `cifar10` in a user's TFDS
 `data_dir`."""
 
 import os
+import random
 
 import numpy as np
 import tensorflow as tf
@@ -105,9 +106,8 @@ def prepare(name="digits", data_dir=None):
     """Makes TFDS dataset `name` ready in `data_dir` (the embedded digits are
     written as TFDS records the first time), or raises `DatasetError`.
 
-    Call it before seeding a run (`keras.utils.set_random_seed`): a first
-    preparation draws from the global random states, so a run seeded before
-    it would train otherwise on a fresh data directory than on a prepared one.
+    A first preparation leaves the global random states as it found them,
+    so a run seeded before it starts as one on a prepared directory.
     """
     _builder(name, data_dir)
 
@@ -132,13 +132,25 @@ def _builder(name, data_dir):
         # once per data_dir; its progress bars would only be noise.
         if not builder.is_prepared():
             tfds.disable_progress_bar()
-            builder.download_and_prepare()
+            _preserving_python_random_state(builder.download_and_prepare)
     if builder.info.supervised_keys is None:
         raise DatasetError(
             f"dataset {name!r} has no (image, label) supervised keys; hlkeras "
             "trains image classifiers only."
         )
     return builder
+
+
+def _preserving_python_random_state(prepare):
+    """Runs `prepare()` and puts Python's `random` state back: TFDS' first
+    preparation draws from it (measured; NumPy's and TensorFlow's states are
+    left alone), so a script seeded before `data.load` would otherwise start
+    from other weights on a fresh data directory than on a prepared one."""
+    state = random.getstate()
+    try:
+        prepare()
+    finally:
+        random.setstate(state)
 
 
 def _read_split(builder, split, name, data_dir):

@@ -538,9 +538,9 @@ def private_run_path(out, process):
 
 def seed_after_preparing(settings):
     """Prepares the settings' TFDS dataset (`hlkeras.data.prepare`), then
-    sets their seed (`keras.utils.set_random_seed`). A first preparation
-    draws from the random states: seeded after it, a run on a fresh data
-    directory trains as one on a prepared directory. Raises `DatasetError`."""
+    sets their seed (`keras.utils.set_random_seed`), so a missing dataset is
+    reported before anything is drawn. (The preparation leaves the random
+    states as it found them: `data.prepare`.) Raises `DatasetError`."""
     import keras
 
     from hlkeras import data
