@@ -224,6 +224,20 @@ def test_int8_io_takes_and_returns_int8(matrix, digits, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.backends("tensorflow")
+def test_int8_in_one_export_with_float32_is_the_int8_converted_alone(matrix, digits):
+    """The export hands its float32 conversion to the int8 route, which reads
+    which matmuls have no weight operand from it; converting int8 alone
+    (which converts its own float32) gives the same bytes. vit_moe: its
+    attention has such matmuls. About 8 s."""
+    from hlkeras.export import convert
+
+    model, report = matrix["vit_moe"]
+    alone = convert.model_to_tflite(model, "int8", representative_data=digits[0][:200])
+    assert read_bytes(report.artifact("tflite", "int8").path) == alone
+
+
+@pytest.mark.slow
+@pytest.mark.backends("tensorflow")
 def test_saved_model_loads_with_plain_tensorflow_without_hlkeras(matrix, digits, tmp_path):
     model, _ = matrix["resnet"]
     x_test = digits[2][:32]
