@@ -1,5 +1,6 @@
 """Shared pytest setup: backend markers, seeding and a clean Keras state."""
 
+import functools
 import os
 import time
 
@@ -34,18 +35,35 @@ if "TFDS_DATA_DIR" not in os.environ:
     os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="hlkeras-tests-tfds-")
     atexit.register(shutil.rmtree, os.environ["TFDS_DATA_DIR"], ignore_errors=True)
 
-import keras  # noqa: E402
 import pytest  # noqa: E402
 
-BACKEND = keras.backend.backend()
-if ONE_THREAD_PER_WORKER and BACKEND == "torch":
-    import torch
 
-    torch.set_num_threads(1)
+@functools.cache
+def backend():
+    """This process' Keras backend (imports Keras and the backend)."""
+    import keras
+
+    return keras.backend.backend()
+
+
+def _is_xdist_controller(config):
+    """The process that hands tests to xdist workers and runs none itself."""
+    distributed = getattr(config.option, "numprocesses", None)
+    return bool(distributed) and not ONE_THREAD_PER_WORKER and not config.option.collectonly
 
 
 def pytest_configure(config):
-    print(f"\nhlkeras tests on KERAS_BACKEND={BACKEND}")
+    if _is_xdist_controller(config):
+        # It collects and runs no test: importing Keras and its backend here
+        # took 8.5 s per pytest run (torch), before any worker started.
+        name = os.environ.get("KERAS_BACKEND", "unset (Keras' config decides)")
+        print(f"\nhlkeras tests on KERAS_BACKEND={name}")
+        return
+    if ONE_THREAD_PER_WORKER and backend() == "torch":
+        import torch
+
+        torch.set_num_threads(1)
+    print(f"\nhlkeras tests on KERAS_BACKEND={backend()}")
 
 
 # End-to-end tests (marked `slow`: subprocesses, training runs, exports,
@@ -54,16 +72,42 @@ def pytest_configure(config):
 END_TO_END_BACKEND = "tensorflow"
 
 
+def _allowed_backends(item):
+    """The backends every `backends` marker of `item` names, or None without
+    one. All of them, not the closest: a parameter's marks come after its
+    function's (`heavy`'s every backend), so the closest would ignore them."""
+    markers = list(item.iter_markers("backends"))
+    if not markers:
+        return None
+    return [name for name in markers[0].args if all(name in m.args for m in markers)]
+
+
+# tests/run_all_backends.sh runs the serial tests in the TensorFlow pass
+# only (a session of its own costs 10-15 s to start); their subprocesses
+# pick their own backends.
+SERIAL_BACKEND = END_TO_END_BACKEND
+
+
+def _check_serial(item):
+    allowed = _allowed_backends(item)
+    if item.get_closest_marker("serial") and allowed is not None and SERIAL_BACKEND not in allowed:
+        raise pytest.UsageError(
+            f"{item.nodeid} is `serial` but does not run on {SERIAL_BACKEND}, the only "
+            "pass with a serial session: mark it backends('tensorflow') and set its "
+            "subprocesses' KERAS_BACKEND"
+        )
+
+
 def _skip_reason(item):
-    marker = item.get_closest_marker("backends")
-    if marker and BACKEND not in marker.args:
-        return f"needs the {' or '.join(marker.args)} backend; running on {BACKEND}"
-    if not marker and item.get_closest_marker("slow") and BACKEND != END_TO_END_BACKEND:
+    marker = _allowed_backends(item)
+    if marker is not None and backend() not in marker:
+        return f"needs the {' or '.join(marker)} backend; running on {backend()}"
+    if marker is None and item.get_closest_marker("slow") and backend() != END_TO_END_BACKEND:
         return (
             f"end-to-end test: runs on the {END_TO_END_BACKEND} backend only "
             "(its behaviour does not differ by backend)"
         )
-    if not marker and item.get_closest_marker("neutral") and BACKEND != END_TO_END_BACKEND:
+    if marker is None and item.get_closest_marker("neutral") and backend() != END_TO_END_BACKEND:
         return (
             f"backend-neutral test (argument checks, files, pure Python): runs once, "
             f"on the {END_TO_END_BACKEND} backend"
@@ -73,6 +117,8 @@ def _skip_reason(item):
 
 @pytest.fixture(autouse=True)
 def clean_keras_state():
+    import keras
+
     keras.utils.set_random_seed(1234)
     keras.config.set_dtype_policy("float32")
     yield
@@ -128,11 +174,12 @@ def _file_seconds():
     if not os.path.exists(DURATIONS_FILE):
         return {}
     with open(DURATIONS_FILE) as file:
-        return json.load(file).get(BACKEND, {})
+        return json.load(file).get(backend(), {})
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
+        _check_serial(item)
         reason = _skip_reason(item)
         if reason:
             item.add_marker(pytest.mark.skip(reason=reason))

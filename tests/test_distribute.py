@@ -29,11 +29,15 @@ CHECKOUT = pathlib.Path(__file__).resolve().parents[1]
 BACKEND = keras.backend.backend()
 
 
+HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+
+
 def _env(devices, **extra):
     env = dict(os.environ)
     env.update(
         KERAS_BACKEND="jax",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        # The suite's compile flags (conftest.py), and the devices.
+        XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {HOST_DEVICES_FLAG}={devices}",
         PYTHONPATH=str(CHECKOUT),
         TF_CPP_MIN_LOG_LEVEL="2",
         **extra,
@@ -221,16 +225,18 @@ def _free_port():
 
 @pytest.mark.slow
 @pytest.mark.serial
-@pytest.mark.backends("jax")
+# Run from the TensorFlow pass, as every serial test (tests/README.md); its
+# processes are JAX's.
+@pytest.mark.backends("tensorflow")
 def test_two_processes_train_one_model_into_one_run_directory(tmp_path):
     data_dir = str(tmp_path / "tfds")
     data.load("digits", data_dir=data_dir)  # prepared once, before both read it
     out = tmp_path / "run"
     command = [sys.executable, "-m", "hlkeras.cli", "train", "--data-dir", data_dir]
     command += ["--out", str(out), "--arch", "mlp", "--depth", "1", "--width", "16"]
-    # --no-augment: the random shifts run in a parallel tf.data map, whose
-    # draws differ from run to run, distributed or not; --dropout 0: JAX
-    # draws dropout masks per sharding.
+    # --no-augment and --dropout 0: the oracle below runs on one device, and
+    # random draws (shifts, dropout masks) need not fall on the same samples
+    # when the batch is split over processes and devices.
     command += ["--epochs", "1", "--no-augment", "--dropout", "0", "--distribute", "data"]
     address = f"127.0.0.1:{_free_port()}"
     processes = [

@@ -84,7 +84,7 @@ def test_expert_parallel_layout_shards_experts_and_trains_like_unsharded(tmp_pat
     env = dict(os.environ)
     env.update(
         KERAS_BACKEND="jax",
-        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4",
         PYTHONPATH=str(CHECKOUT),
         TF_CPP_MIN_LOG_LEVEL="2",
     )
