@@ -108,19 +108,26 @@ def tensor_types(tflite):
     ]
 
 
-def test_int8_keeps_the_slow_weightless_ops_float_but_not_with_int8_io():
+@pytest.fixture(scope="module")
+def small_vit():
     keras.utils.set_random_seed(0)
-    vit = models.build(
+    return models.build(
         {"input_shape": DIGIT, "num_classes": 10, "arch": "vit", "depth": 1, "width": 16}
     )
-    mixed = tensor_types(convert.model_to_tflite(vit, "int8", representative_data=images(32)))
+
+
+def test_int8_keeps_the_slow_weightless_ops_float(small_vit):
+    mixed = tensor_types(convert.model_to_tflite(small_vit, "int8", representative_data=images(32)))
     float_ops = [(name, ins) for name, ins, _ in mixed if name in convert.FLOAT_IN_INT8_OPS]
     assert float_ops and all(set(ins) == {"FLOAT32"} for _, ins in float_ops)
     matmuls = [ins for name, ins, _ in mixed if name == "BATCH_MATMUL"]
     assert len(matmuls) == 2 and all(ins == ["FLOAT32", "FLOAT32"] for ins in matmuls)
     dense = [ins for name, ins, _ in mixed if name == "FULLY_CONNECTED"]
     assert dense and all(ins[:2] == ["INT8", "INT8"] for ins in dense)
-    full = convert.model_to_tflite(vit, "int8", representative_data=images(32), int8_io=True)
+
+
+def test_int8_with_int8_io_keeps_no_op_float(small_vit):
+    full = convert.model_to_tflite(small_vit, "int8", representative_data=images(32), int8_io=True)
     kept_float = {*convert.FLOAT_IN_INT8_OPS, "BATCH_MATMUL"}
     for name, ins, _ in tensor_types(full):  # the converter's int8-only op set
         assert name not in kept_float or "FLOAT32" not in ins, name
