@@ -166,6 +166,46 @@ def test_dataset_supplies_calibration_and_verification_data_and_int8_io_holds(
 
 @pytest.mark.slow
 @pytest.mark.backends("tensorflow")
+def test_quantize_auto_publishes_the_artifact_its_report_names(
+    trained_keras_file, data_files, tmp_path, capsys
+):
+    """About 8 s: four conversions and their verification."""
+    keras_path, _ = trained_keras_file
+    representative, verify = data_files
+    out = tmp_path / "out"
+    status, stdout, stderr = run_cli(
+        capsys, keras_path, "--out", out, "--quantize", "auto",
+        "--representative", representative, "--verify", verify, "--latency-runs", "5",
+    )  # fmt: skip
+    assert status == 0, stderr
+    with open(out / "export.json") as file:
+        report = export.ExportReport.from_dict(json.load(file))
+    chosen = report.auto["chosen"]
+    row = next(r for r in report.auto["candidates"] if r["quantization"] == chosen)
+    assert row["refused"] is None
+    assert sorted(p.name for p in out.glob("*.tflite")) == [export.tflite_filename(chosen)]
+    assert f"--quantize auto chose {chosen}: {report.auto['reason']}" in stdout.splitlines()
+    assert stdout.splitlines()[1].startswith("saved_model ")
+    assert stdout.splitlines()[2].startswith(f"{export.tflite_filename(chosen)} ")
+
+
+@pytest.mark.neutral
+def test_quantize_auto_takes_no_other_mode(tmp_path, capsys):
+    path = small_keras_file(tmp_path)
+    status, _, err = run_cli(capsys, path, "--out", tmp_path / "o", "--quantize", "auto,int8")
+    assert_one_line_error(status, err, "--quantize auto", "no other", "'auto,int8'")
+
+
+@pytest.mark.neutral
+def test_quantize_auto_without_data_to_choose_by(tmp_path, capsys):
+    path = small_keras_file(tmp_path)
+    status, _, err = run_cli(capsys, path, "--out", tmp_path / "o", "--quantize", "auto")
+    assert_one_line_error(status, err, "--quantize auto", "--dataset", "--verify")
+    assert not os.path.exists(tmp_path / "o")
+
+
+@pytest.mark.slow
+@pytest.mark.backends("tensorflow")
 def test_overwrite_flag_replaces_an_existing_export(trained_keras_file, tmp_path, capsys):
     keras_path, _ = trained_keras_file
     out = tmp_path / "out"

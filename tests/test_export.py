@@ -12,6 +12,7 @@ the same TF-backend code, which `test_*_export_equals_tensorflow` proves).
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -28,6 +29,7 @@ from export_testing import train_architecture
 from keras import ops
 
 from hlkeras import export
+from hlkeras.export import auto
 
 BACKEND = keras.backend.backend()
 QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
@@ -217,6 +219,79 @@ def test_int8_io_takes_and_returns_int8(matrix, digits, tmp_path):
     # input and output itself, measures.
     outputs = litert_per_sample(read_bytes(artifact.path), x_test)
     assert artifact.accuracy == pytest.approx(accuracy(outputs, y_test))
+
+
+# ---------------------------------------------------------------- quantization="auto"
+
+
+def _fastest_passing(candidates, passes):
+    return min((row for row in candidates if passes(row)), key=lambda row: row["latency_ms"])
+
+
+@pytest.mark.slow
+@pytest.mark.backends("tensorflow")
+def test_auto_publishes_only_the_fastest_tflite_that_passes_the_gate(matrix, digits, tmp_path):
+    """Every mode is converted and measured; the one file published is the
+    fastest that passed, and a plain LiteRT interpreter measures on it what
+    the report says. About 8 s."""
+    model, _ = matrix["mlp"]
+    x_train, _, x_test, y_test = digits
+    report = export.export_model(
+        model, tmp_path, formats=("tflite",), quantization="auto",
+        representative_data=x_train[:200], verify_data=(x_test, y_test), latency_runs=5,
+    )  # fmt: skip
+    candidates = report.auto["candidates"]
+    assert [row["quantization"] for row in candidates] == list(export.QUANTIZATIONS)
+    assert report.auto["skipped"] == {}
+    # The gate, recomputed: at most 1.0 point below Keras (max_accuracy_drop).
+    passes = lambda row: 100 * (report.keras_accuracy - row["accuracy"]) <= 1.0  # noqa: E731
+    assert [row["refused"] is None for row in candidates] == [passes(r) for r in candidates]
+    chosen = _fastest_passing(candidates, passes)["quantization"]
+    assert report.auto["chosen"] == chosen == report.quantization
+    assert report.auto["reason"].startswith(f"{export.tflite_filename(chosen)} is the fastest")
+
+    published = sorted(name for name in os.listdir(tmp_path) if name.endswith(".tflite"))
+    assert published == [export.tflite_filename(chosen)]
+    artifact = report.artifact("tflite")
+    assert artifact.quantization == chosen
+    outputs = litert_per_sample(read_bytes(artifact.path), x_test)
+    assert accuracy(outputs, y_test) == pytest.approx(artifact.accuracy)
+    with open(tmp_path / export.REPORT_FILENAME) as file:
+        assert json.load(file)["auto"] == report.auto
+
+
+@pytest.mark.backends("tensorflow")
+def test_auto_without_calibration_tries_the_other_modes_under_the_gate(tmp_path):
+    """No representative data: int8 is not tried, and says why. With a gate
+    of 0 points (labels-free: 100% top-1 agreement), a file that disagrees
+    on one sample is refused; float32 agrees on all."""
+    x = np.random.default_rng(0).normal(size=(64, 6)).astype("float32")
+    report = export.export_model(
+        tiny_model(2), tmp_path, formats=("tflite",), quantization="auto", verify_data=x,
+        latency_runs=3, max_accuracy_drop=0.0,
+    )  # fmt: skip
+    assert report.auto["skipped"] == {"int8": auto.NO_CALIBRATION}
+    candidates = report.auto["candidates"]
+    assert [row["quantization"] for row in candidates] == ["none", "float16", "dynamic"]
+    passes = lambda row: row["top1_agreement"] == 1.0  # noqa: E731
+    assert [row["refused"] is None for row in candidates] == [passes(r) for r in candidates]
+    assert report.auto["chosen"] == _fastest_passing(candidates, passes)["quantization"]
+    assert "not tried: int8: int8 needs calibration inputs" in report.auto["reason"]
+
+
+@pytest.mark.neutral
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (dict(formats=("saved_model",)), "`formats` must include 'tflite'"),
+        (dict(), "needs verify_data"),
+        (dict(verify_data=np.ones((2, 6), "float32"), latency_runs=0), "latency_runs > 0"),
+    ],
+)
+def test_auto_needs_a_tflite_verification_data_and_timing(tmp_path, arguments, message):
+    with pytest.raises(export.ExportError, match=re.escape(message)):
+        export.export_model(tiny_model(0), tmp_path, quantization="auto", **arguments)
+    assert os.listdir(tmp_path) == []
 
 
 # ---------------------------------------------------------------- SavedModel

@@ -27,7 +27,9 @@ def add_parser(commands):
         "--quantize",
         default="none",
         help="the .tflite quantization: none (float32), float16, dynamic or int8, "
-        "or several comma-separated (one .tflite each, from one SavedModel)",
+        "or several comma-separated (one .tflite each, from one SavedModel); or "
+        "auto: tries them all and publishes only the fastest that passes the "
+        "accuracy gate (int8 only with calibration data)",
     )
     export.add_argument(
         "--format",
@@ -130,7 +132,8 @@ def print_export_table(report):
 def run(args):
     from hlkeras import export
 
-    quantizations = quantize_flag(args.quantize, export.QUANTIZATIONS)
+    quantizations = quantize_flag(args.quantize, export.QUANTIZATIONS + (AUTO,))
+    choose = quantizations == AUTO
     formats = comma_list("--format", args.format, export.FORMATS)
     if "onnx" in formats:
         check_onnx_installed("--format")
@@ -138,8 +141,8 @@ def run(args):
         raise UsageError(f"--latency-runs must be >= 0; got {args.latency_runs}")
     max_accuracy_drop = _max_accuracy_drop(args.max_accuracy_drop)
 
-    needs_calibration = "int8" in quantizations and "tflite" in formats
-    representative, verify = export_arrays(args, needs_calibration)
+    needs_calibration = not choose and "int8" in quantizations and "tflite" in formats
+    representative, verify = export_arrays(args, needs_calibration, wants_calibration=choose)
 
     try:
         report = export.export_model(
@@ -160,17 +163,28 @@ def run(args):
     except export.ExportError as error:
         raise UsageError(str(error))
     print_export_table(report)
+    if report.auto:
+        print(f"--quantize auto chose {report.auto['chosen']}: {report.auto['reason']}")
     print(f"wrote {os.path.join(report.out_dir, export.REPORT_FILENAME)}")
     return 0
 
 
+AUTO = "auto"
+
+
 def quantize_flag(text, allowed):
-    """`--quantize`'s comma-separated modes; `float32` is another name of `none`."""
-    named = ",".join("none" if v.strip() == "float32" else v for v in text.split(","))
+    """`--quantize`'s comma-separated modes (`float32` is another name of
+    `none`), or `"auto"` alone where `allowed` has it."""
+    given = [value.strip() for value in text.split(",")]
+    if AUTO in given and AUTO in allowed:
+        if len(given) > 1:
+            raise UsageError(f"--quantize auto tries every mode and takes no other; got {text!r}")
+        return AUTO
+    named = ",".join("none" if value == "float32" else value for value in given)
     return comma_list("--quantize", named, allowed)
 
 
-def export_arrays(args, needs_calibration):
+def export_arrays(args, needs_calibration, wants_calibration=False):
     """`(calibration samples, verification data)` of an export command's
     flags (`hlkeras.data.arrays.export_arrays`)."""
     from hlkeras import data
@@ -179,6 +193,7 @@ def export_arrays(args, needs_calibration):
         return data.arrays.export_arrays(
             args.model,
             needs_calibration=needs_calibration,
+            wants_calibration=wants_calibration,
             dataset=args.dataset,
             data=args.data,
             label=args.label,

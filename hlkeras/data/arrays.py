@@ -23,6 +23,7 @@ def export_arrays(
     model_path,
     *,
     needs_calibration,
+    wants_calibration=False,
     dataset=None,
     data=None,
     label="label",
@@ -32,7 +33,9 @@ def export_arrays(
 ):
     """`(calibration samples, verification data)` for exporting `model_path`:
     the `representative` `.npy` and `verify` `.npz` files when given, else
-    `data`'s (a user's files) or `dataset`'s (TFDS) own.
+    `data`'s (a user's files) or `dataset`'s (TFDS) own. Calibration samples
+    are read when `needs_calibration` (which raises without them) or
+    `wants_calibration` (`--quantize auto`: int8 only when there are some).
 
     Raises:
         DatasetError: naming the flag and file that cannot be used.
@@ -47,7 +50,7 @@ def export_arrays(
         fetch = functools.partial(dataset_token_arrays, tokenizer=tokenizer)
         calibration, verification = _from_dataset(fetch, dataset, "texts")
     elif dataset:
-        if needs_calibration and not representative:
+        if (needs_calibration or wants_calibration) and not representative:
             calibration = _from_dataset(
                 dataset_calibration_samples, dataset, "representative samples"
             )

@@ -8,6 +8,7 @@ import shutil
 import tempfile
 import time
 
+from hlkeras.export import auto
 from hlkeras.export import onnx_export
 from hlkeras.export.arguments import MISSING_REPRESENTATIVE
 from hlkeras.export.arguments import as_float_array
@@ -27,6 +28,7 @@ from hlkeras.export.loading import kernel_sparsity
 from hlkeras.export.loading import load_keras_model
 from hlkeras.export.loading import prepare_for_export
 from hlkeras.export.report import DEFAULT_FORMATS
+from hlkeras.export.report import QUANTIZATIONS
 from hlkeras.export.report import REFUSED_REPORT_FILENAME
 from hlkeras.export.report import REPORT_FILENAME
 from hlkeras.export.report import SAVED_MODEL_DIRNAME
@@ -35,6 +37,7 @@ from hlkeras.export.report import ExportError
 from hlkeras.export.report import ExportRefused
 from hlkeras.export.report import ExportReport
 from hlkeras.export.report import tflite_filename
+from hlkeras.export.verify import accuracy_loss
 from hlkeras.export.verify import measure_keras
 from hlkeras.export.verify import verify_artifacts
 
@@ -115,7 +118,12 @@ def export_model(
             `representative_data`; with float I/O, the few weightless ops
             whose LiteRT int8 kernels are slower stay float:
             `convert.FLOAT_IN_INT8_OPS` and attention's activation
-            matmuls. With `int8_io=True` they are int8 too).
+            matmuls. With `int8_io=True` they are int8 too). Or `"auto"`:
+            every mode is converted and verified, and only the fastest
+            `.tflite` that passes the accuracy gate (median batch-1 LiteRT
+            latency on this machine) is published, `report.auto` says why;
+            int8 is tried only with `representative_data`. It needs
+            `verify_data` and `latency_runs > 0`.
         representative_data: float32 array `(N, ...)` of about 100-500
             training inputs. Required for `"int8"`.
         verify_data: Inputs `x`, or `(x, labels)`, to measure output parity
@@ -149,19 +157,25 @@ def export_model(
 
     start = time.perf_counter()
     formats = check_formats(formats)
-    quantizations = check_quantizations(quantization)
+    choose = auto.is_auto(quantization)
+    if choose:
+        auto.check_auto(formats, verify_data, latency_runs)
+    quantizations = QUANTIZATIONS if choose else check_quantizations(quantization)
     max_accuracy_drop = check_max_accuracy_drop(max_accuracy_drop)
-    int8_tflite = "int8" in quantizations and "tflite" in formats
-    if int8_tflite and representative_data is None:
-        raise ExportError(MISSING_REPRESENTATIVE)
+    if not choose and "int8" in quantizations and "tflite" in formats:
+        if representative_data is None:
+            raise ExportError(MISSING_REPRESENTATIVE)
     out_dir = check_out_dir(out_dir)
-    planned = planned_artifacts(formats, quantizations)
-    targets = [os.path.join(out_dir, a.filename) for a in planned]
+    targets = [os.path.join(out_dir, a.filename) for a in planned_artifacts(formats, quantizations)]
     check_no_overwrite(targets + [os.path.join(out_dir, REPORT_FILENAME)], overwrite)
 
     source, model = _load(model_or_path)
     input_shape = single_input_shape(model)
     model = prepare_for_export(model)
+    if choose:
+        quantizations, skipped = auto.candidates(representative_data, has_recurrent_layer(model))
+    planned = planned_artifacts(formats, quantizations)
+    int8_tflite = "int8" in quantizations and "tflite" in formats
     if int8_tflite and has_recurrent_layer(model):
         raise ExportError(
             "--quantize int8 is not available for a model with recurrent layers "
@@ -205,9 +219,15 @@ def export_model(
         if report.refused is None:
             _convert(model, staging_dir, request)
             staged = [(a, os.path.join(staging_dir, a.filename)) for a in planned]
-            verify_artifacts(
+            failed = verify_artifacts(
                 report, staged, out_dir, (inputs, labels), reference, latency_sample, latency_runs
             )
+            if choose:
+                staged = auto.choose_fastest(report, staged, failed, skipped)
+            elif failed:
+                report.refused = next(iter(failed.values()))
+            if report.refused is None and inputs is not None:
+                report.refused = accuracy_loss(report)
         report.export_seconds = time.perf_counter() - start
         if report.refused:
             _refuse(report, out_dir)

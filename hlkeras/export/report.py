@@ -119,6 +119,12 @@ class ExportReport:
         max_accuracy_drop: The gate, in accuracy points (see `export_model`).
         refused: Why nothing was published, or `None` when it was.
         export_seconds: Wall time of the whole export, verification included.
+        auto: For `quantization="auto"`: `chosen` (the quantization
+            published), `reason` (one sentence), `candidates` (each tried
+            `.tflite`: its `quantization`, `file`, `latency_ms`,
+            `size_bytes`, `accuracy`, `top1_agreement`, `max_abs_diff` and
+            why it was `refused`, or `None`) and `skipped` (`{quantization:
+            why it was not tried}`); `None` otherwise.
         weight_sparsity: The fraction of zeros over the model's kernels. From
             `SPARSE_ENCODING_MIN_SPARSITY` (0.3) on, the float32 and float16
             `.tflite` store them in the converter's sparse encoding; dynamic
@@ -140,6 +146,7 @@ class ExportReport:
     refused: str = None
     export_seconds: float = None
     weight_sparsity: float = None
+    auto: dict = None
 
     def artifact(self, format, quantization=None):
         """Returns the `ArtifactReport` of `format` (`"saved_model"`,

@@ -126,30 +126,39 @@ def batch_dependence(report, reference):
 
 
 def accuracy_loss(report):
-    """Why the verified artifacts must not be published, or `None`.
+    """Why the verified artifacts must not be published, or `None`: the
+    first artifact's `artifact_loss`."""
+    for artifact in report.artifacts:
+        why = artifact_loss(report, artifact)
+        if why:
+            return why
+    return None
 
-    An artifact fails when its accuracy is more than
-    `report.max_accuracy_drop` points below Keras' (with labels), or when
-    it agrees with Keras' top-1 class on fewer than
-    `100 - max_accuracy_drop` percent of the samples (without labels).
+
+def artifact_loss(report, artifact):
+    """Why `artifact` must not be published, or `None`.
+
+    It fails when its accuracy is more than `report.max_accuracy_drop`
+    points below Keras' (with labels), or when it agrees with Keras' top-1
+    class on fewer than `100 - max_accuracy_drop` percent of the samples
+    (without labels).
     """
     allowed = report.max_accuracy_drop
-    for artifact in report.artifacts:
-        name = os.path.basename(artifact.path)
-        if artifact.accuracy is not None:
-            drop = 100 * (report.keras_accuracy - artifact.accuracy)
-            if drop > allowed:
-                return (
-                    f"{name} scored {artifact.accuracy:.2%} against Keras' "
-                    f"{report.keras_accuracy:.2%} at batch 1, a drop of {drop:.2f} "
-                    f"points > the allowed {allowed:g}{_remedy(artifact)}"
-                )
-        elif 100 * artifact.top1_agreement < 100 - allowed:
+    name = os.path.basename(artifact.path)
+    if artifact.accuracy is not None:
+        drop = 100 * (report.keras_accuracy - artifact.accuracy)
+        if drop > allowed:
             return (
-                f"{name} agrees with Keras' top-1 class on only "
-                f"{artifact.top1_agreement:.2%} of the samples at batch 1 "
-                f"(needs >= {100 - allowed:g}%){_remedy(artifact)}"
+                f"{name} scored {artifact.accuracy:.2%} against Keras' "
+                f"{report.keras_accuracy:.2%} at batch 1, a drop of {drop:.2f} "
+                f"points > the allowed {allowed:g}{_remedy(artifact)}"
             )
+    elif 100 * artifact.top1_agreement < 100 - allowed:
+        return (
+            f"{name} agrees with Keras' top-1 class on only "
+            f"{artifact.top1_agreement:.2%} of the samples at batch 1 "
+            f"(needs >= {100 - allowed:g}%){_remedy(artifact)}"
+        )
     return None
 
 
@@ -180,7 +189,8 @@ def measure_keras(report, model, inputs, labels, sample, latency_runs):
 
 
 def verify_artifacts(report, staged, out_dir, verify_data, reference, sample, latency_runs):
-    """Measures each staged artifact into `report`, then applies the gate.
+    """Measures each staged artifact into `report` (the gate is
+    `accuracy_loss`, applied by the caller).
 
     Args:
         staged: `(PlannedArtifact, path in the staging directory)` pairs.
@@ -188,8 +198,13 @@ def verify_artifacts(report, staged, out_dir, verify_data, reference, sample, la
         verify_data: `(inputs, labels)`; either may be `None`.
         reference: Keras' per-sample outputs on `inputs`.
         sample: A batch of one input for latency, or `None`.
+
+    Returns:
+        `{PlannedArtifact: why}` of the `.tflite` files LiteRT failed to run;
+        they are not in `report.artifacts`.
     """
     inputs, labels = verify_data
+    failed = {}
     for planned, path in staged:
         if planned.format == "saved_model":
             artifact = _verify_saved_model(path, inputs, labels, reference)
@@ -202,11 +217,10 @@ def verify_artifacts(report, staged, out_dir, verify_data, reference, sample, la
                 # LiteRT refuses some converted graphs only when they run
                 # (e.g. an int8 DIV whose divisor quantizes to zero).
                 why = str(error).strip().rstrip(".")
-                report.refused = f"{planned.filename} failed to run in LiteRT: {why}"
-                return
+                failed[planned] = f"{planned.filename} failed to run in LiteRT: {why}"
+                continue
         artifact.quantization = planned.quantization
         artifact.path = os.path.join(out_dir, planned.filename)
         artifact.size_bytes = path_size(path)
         report.artifacts.append(artifact)
-    if inputs is not None:
-        report.refused = accuracy_loss(report)
+    return failed
