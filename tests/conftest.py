@@ -21,7 +21,9 @@ os.environ["XLA_FLAGS"] = " ".join(
 ONE_THREAD_PER_WORKER = "PYTEST_XDIST_WORKER" in os.environ
 if ONE_THREAD_PER_WORKER:
     os.environ.update(OMP_NUM_THREADS="1", TF_NUM_INTRAOP_THREADS="1", MKL_NUM_THREADS="1")
-    os.environ["XLA_FLAGS"] += " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    # (Only `--` flags: XLA's parser stops at a bare token, and the flags a
+    # subprocess appends after one, e.g. the host device count, are lost.)
+    os.environ["XLA_FLAGS"] += " --xla_cpu_multi_thread_eigen=false"
 
 # Hermetic TFDS: each test process (xdist worker) prepares the embedded
 # digits in a directory of its own, never in the user's
