@@ -131,3 +131,30 @@ def test_int8_with_int8_io_keeps_no_op_float(small_vit):
     kept_float = {*convert.FLOAT_IN_INT8_OPS, "BATCH_MATMUL"}
     for name, ins, _ in tensor_types(full):  # the converter's int8-only op set
         assert name not in kept_float or "FLOAT32" not in ins, name
+
+
+def test_int8_moe_experts_run_as_int8_fully_connected_ops():
+    """The export trace gives each expert its own matmul
+    (`moe_ops.per_expert_matmuls`): the int8 file runs the 4 experts' two
+    kernels as 8 FULLY_CONNECTED ops with int8 weights of the kernels'
+    shapes (16 -> 32 -> 16), and the only BATCH_MATMULs left are attention's
+    two activation products, in float. (Capacity mode: 10 of 16 tokens per
+    expert, top-2; a capacity that drops nothing is the dropless layout.)"""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    keras.utils.set_random_seed(0)
+    spec = {"input_shape": DIGIT, "num_classes": 10, "arch": "vit", "depth": 1, "width": 16}
+    vit_moe = models.build({**spec, "num_experts": 4})
+    tflite = convert.model_to_tflite(vit_moe, "int8", representative_data=images(32))
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(tflite))
+    graph = model.subgraphs[0]
+    weight_shapes = [
+        tuple(graph.tensors[op.inputs[1]].shape)
+        for op in graph.operators
+        if flatbuffer_utils.opcode_to_name(model, op.opcodeIndex) == "FULLY_CONNECTED"
+        and flatbuffer_utils.type_to_name(graph.tensors[op.inputs[1]].type) == "INT8"
+    ]
+    # FULLY_CONNECTED weights are stored (out, in).
+    assert weight_shapes.count((32, 16)) == 4 and weight_shapes.count((16, 32)) == 4
+    matmuls = [ins for name, ins, _ in tensor_types(tflite) if name == "BATCH_MATMUL"]
+    assert matmuls == [["FLOAT32", "FLOAT32"]] * 2

@@ -32,6 +32,8 @@ shards the expert weights over a device-mesh axis (expert parallelism on JAX).
 """
 
 import collections
+import contextlib
+import contextvars
 import fractions
 import math
 
@@ -443,6 +445,24 @@ def expert_ffn(
     return project(hidden, output_kernel, output_bias, output_adapter)
 
 
+# Set while a graph is traced for export (`per_expert_matmuls`).
+_PER_EXPERT_MATMULS = contextvars.ContextVar("per_expert_matmuls", default=False)
+
+
+@contextlib.contextmanager
+def per_expert_matmuls():
+    """While active, capacity-mode expert FFNs are traced as one 2-D matmul
+    per expert instead of one batched matmul over every expert: the same
+    products, which the TFLite converter turns into FULLY_CONNECTED ops with
+    constant weights. LiteRT's int8 BATCH_MATMUL is 5-7x slower than float,
+    its int8 FULLY_CONNECTED 3-4x faster (ARCHITECTURE.md, export)."""
+    token = _PER_EXPERT_MATMULS.set(True)
+    try:
+        yield
+    finally:
+        _PER_EXPERT_MATMULS.reset(token)
+
+
 def _batched_ops(block_expert):
     """`(matmul, add_bias)` of the `(blocks, rows, d)` buffer: block e is
     expert e (capacity), or each block gathers its expert's weights."""
@@ -451,12 +471,22 @@ def _batched_ops(block_expert):
         return weight if block_expert is None else ops.take(weight, block_expert, axis=0)
 
     def matmul(x, kernel):
+        if block_expert is None and _PER_EXPERT_MATMULS.get():
+            return _per_expert_matmul(x, kernel)
         return ops.matmul(x, per_block(kernel))
 
     def add_bias(x, bias):
         return x + per_block(bias)[:, None, :]
 
     return matmul, add_bias
+
+
+def _per_expert_matmul(x, kernel):
+    """`ops.matmul(x, kernel)` of `(E, rows, d)` by `(E, d, o)`, as E 2-D
+    matmuls."""
+    kernels = ops.unstack(ops.convert_to_tensor(kernel), axis=0)
+    per_expert = zip(ops.unstack(x, axis=0), kernels)
+    return ops.stack([ops.matmul(rows, weight) for rows, weight in per_expert])
 
 
 def _grouped_mm_ops(row_loads, rows):

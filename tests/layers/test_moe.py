@@ -82,6 +82,31 @@ def test_equals_naive_all_experts_reference_when_nothing_drops(
     np.testing.assert_allclose(output.reshape(len(tokens), -1), reference, rtol=1e-5, atol=1e-5)
 
 
+def test_per_expert_matmuls_equal_the_batched_matmul(monkeypatch):
+    """The export trace's layout (`moe_ops.per_expert_matmuls`: one 2-D
+    matmul per expert, which TFLite runs as FULLY_CONNECTED) computes what
+    the batched matmul computes (tested against NumPy above and below), in
+    capacity mode with drops (capacity 2 of 5 tokens, top-1)."""
+    monkeypatch.setattr(MixtureOfExperts, "_runs_grouped_eager", lambda *_: False)
+    per_expert_calls = []
+    per_expert_matmul = moe_ops._per_expert_matmul
+    monkeypatch.setattr(
+        moe_ops,
+        "_per_expert_matmul",
+        lambda *args: per_expert_calls.append(1) or per_expert_matmul(*args),
+    )
+    layer = MixtureOfExperts(4, 8, top_k=1, capacity_factor=1.0, output_units=3)
+    layer.build(SEQUENCES.shape)
+    randomize_biases(layer)
+    batched = to_numpy(layer(SEQUENCES))
+    assert per_expert_calls == [], "outside the context, the batched matmul"
+    with moe_ops.per_expert_matmuls():
+        per_expert = to_numpy(layer(SEQUENCES))
+    assert len(per_expert_calls) == 2  # the hidden and the output kernel
+    assert np.mean(np.all(batched == 0.0, axis=-1)) > 0, "premise: some tokens dropped"
+    np.testing.assert_allclose(per_expert, batched, rtol=1e-6, atol=1e-6)
+
+
 def np_kept_per_example(expert_index, num_experts, capacity, group_size):
     """The slot rule applied to each example's tokens on its own."""
     return np.concatenate(
