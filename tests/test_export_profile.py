@@ -116,7 +116,7 @@ def small_vit():
     )
 
 
-def test_int8_keeps_the_slow_weightless_ops_float(small_vit):
+def test_int8_keeps_the_ops_with_slow_int8_kernels_float(small_vit):
     mixed = tensor_types(convert.model_to_tflite(small_vit, "int8", representative_data=images(32)))
     float_ops = [(name, ins) for name, ins, _ in mixed if name in convert.FLOAT_IN_INT8_OPS]
     assert float_ops and all(set(ins) == {"FLOAT32"} for _, ins in float_ops)

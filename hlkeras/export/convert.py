@@ -113,19 +113,24 @@ def convert_saved_model(
     return converter.convert()
 
 
-# LiteRT's int8 kernels of these weightless ops are slower than their float32
-# ones at batch 1 (benchmarks/export.py --profile, vit int8: LayerNorm's
-# SQUARED_DIFFERENCE 8 us against 0.1 us per op; SOFTMAX and RSQRT 1.7 and
-# 1 us against 1 and 0.1): an int8 file with float I/O keeps them float.
-FLOAT_IN_INT8_OPS = ("SQUARED_DIFFERENCE", "RSQRT", "SOFTMAX")
+# LiteRT's int8 kernels of these elementwise ops are slower than their
+# float32 ones at batch 1 (benchmarks/export.py --profile, vit int8:
+# LayerNorm's SQUARED_DIFFERENCE 8 us against 0.1 us per op; SOFTMAX and
+# RSQRT 1.7 and 1 us against 1 and 0.1; the text Transformer's 41 MULs 29 us
+# against 11.5, its 3 DIVs 9.8 us): an int8 file with float I/O keeps them
+# float. Measured with and without DIV, MUL, ADD and SUB, int8 / float32
+# latency, interleaved: text 1.12 -> 0.85, vit 0.83 -> 0.76, vit_moe 0.80
+# -> 0.77, mlp 0.52 -> 0.50, resnet 0.34 -> 0.34 (0-3% larger files).
+FLOAT_IN_INT8_OPS = ("SQUARED_DIFFERENCE", "RSQRT", "SOFTMAX", "DIV", "MUL", "ADD", "SUB")
 
 
 def _int8_with_float_where_faster(converter, float_tflite):
     """int8 weights and activations, but float32 for `FLOAT_IN_INT8_OPS` and
     for the BATCH_MATMULs of two activations (attention's q.k and
     weights.v: 25.7 us int8 against 4.8 us float32 over a vit's four).
-    Every weight stays int8, so the file's size does not change; only a
-    file with float I/O gets this (int8 I/O means an integer-only device).
+    Every kernel stays int8 (the vectors of the elementwise ops, such as
+    LayerNorm's scale, stay float); only a file with float I/O gets this
+    (int8 I/O means an integer-only device).
 
     TF's QuantizationDebugger is TF's selective-quantization API: it
     calibrates once and leaves the denylisted ops and nodes float."""

@@ -115,7 +115,7 @@ def export_model(
             (one `.tflite` each): `"none"` (or `"float32"`), `"float16"`
             (half-precision weights), `"dynamic"` (int8 weights only) or
             `"int8"` (int8 weights and activations, calibrated on
-            `representative_data`; with float I/O, the few weightless ops
+            `representative_data`; with float I/O, the elementwise ops
             whose LiteRT int8 kernels are slower stay float:
             `convert.FLOAT_IN_INT8_OPS` and attention's activation
             matmuls. With `int8_io=True` they are int8 too). Or `"auto"`:
