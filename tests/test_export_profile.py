@@ -158,3 +158,36 @@ def test_int8_moe_experts_run_as_int8_fully_connected_ops():
     assert weight_shapes.count((32, 16)) == 4 and weight_shapes.count((16, 32)) == 4
     matmuls = [ins for name, ins, _ in tensor_types(tflite) if name == "BATCH_MATMUL"]
     assert matmuls == [["FLOAT32", "FLOAT32"]] * 2
+
+
+TOKENS = np.random.default_rng(0).integers(1, 50, size=(32, 8)).astype("int32")
+SMALL = {"depth": 1, "width": 16, "input_shape": DIGIT, "num_classes": 10}
+
+
+@pytest.mark.parametrize(
+    "spec, calibration, conversions",
+    [
+        ({**SMALL, "arch": "mlp"}, images(32), 13),
+        ({**SMALL, "arch": "resnet", "width": 8}, images(32), 8),
+        ({**SMALL, "arch": "vit"}, images(32), 30),
+        ({**SMALL, "arch": "vit", "num_experts": 4}, images(32), 37),
+        ({**SMALL, "arch": "text", "input_shape": (8,), "vocabulary_size": 50}, TOKENS, 60),
+    ],
+    ids=["mlp", "resnet", "vit", "vit_moe", "text"],
+)
+def test_int8_quantize_and_dequantize_counts_stay_where_the_fixes_left_them(
+    spec, calibration, conversions
+):
+    """A pin, not an oracle (issue 38 asks for it): the QUANTIZE +
+    DEQUANTIZE ops of each builder's int8 file, counted with TensorFlow's
+    flatbuffer reader, as the per-expert matmuls and the float elementwise
+    ops left them. A change that reinserts conversions (an int8 op between
+    float ones, a float op between int8 ones) fails here, and must say in
+    its commit what it measured instead."""
+    keras.utils.set_random_seed(0)
+    model = models.build(spec)
+    tflite = convert.model_to_tflite(
+        model, "int8", representative_data=calibration, input_dtype=str(calibration.dtype)
+    )
+    names = [name for name, _, _ in tensor_types(tflite)]
+    assert names.count("QUANTIZE") + names.count("DEQUANTIZE") == conversions
