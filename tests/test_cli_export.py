@@ -189,6 +189,27 @@ def test_quantize_auto_publishes_the_artifact_its_report_names(
     assert stdout.splitlines()[2].startswith(f"{export.tflite_filename(chosen)} ")
 
 
+@pytest.mark.slow
+@pytest.mark.backends("tensorflow")
+def test_quantize_auto_without_calibration_says_int8_was_not_tried(
+    trained_keras_file, data_files, tmp_path, capsys
+):
+    """About 4 s: three conversions and their verification."""
+    keras_path, _ = trained_keras_file
+    _, verify = data_files
+    out = tmp_path / "out"
+    status, stdout, stderr = run_cli(
+        capsys, keras_path, "--out", out, "--quantize", "auto", "--verify", verify,
+        "--latency-runs", "3",
+    )  # fmt: skip
+    assert status == 0, stderr
+    with open(out / "export.json") as file:
+        report = json.load(file)["auto"]
+    assert [row["quantization"] for row in report["candidates"]] == ["none", "float16", "dynamic"]
+    (chosen_line,) = [line for line in stdout.splitlines() if line.startswith("--quantize auto")]
+    assert "not tried: int8: int8 needs calibration inputs" in chosen_line
+
+
 @pytest.mark.neutral
 def test_quantize_auto_takes_no_other_mode(tmp_path, capsys):
     path = small_keras_file(tmp_path)
