@@ -119,16 +119,6 @@ def export_all_modes(model, x_train, x_test, y_test, latency_runs, tmp):
     return report, one_export_seconds, time.perf_counter() - start
 
 
-def interleaved_latency_ms(flatbuffers, sample, rounds=7, repeats=100):
-    """`{name: median batch-1 LiteRT latency}`, the files timed in turns (each
-    round times every file once), so a busy neighbour weighs on all alike."""
-    times = {name: [] for name in flatbuffers}
-    for _ in range(rounds):
-        for name, flatbuffer in flatbuffers.items():
-            times[name].append(runtimes.tflite_latency_ms(flatbuffer, sample, repeats))
-    return {name: float(np.median(values)) for name, values in times.items()}
-
-
 def benchmark(name, data, epochs, latency_runs):
     x_train, y_train, x_test, y_test = data
     keras.utils.set_random_seed(0)
@@ -141,7 +131,7 @@ def benchmark(name, data, epochs, latency_runs):
             mode: pathlib.Path(float32.artifact("tflite", mode).path).read_bytes()
             for mode in ("none", "int8")
         }
-    interleaved = interleaved_latency_ms(flatbuffers, x_test[:1])
+    interleaved = runtimes.interleaved_latency_ms(flatbuffers, x_test[:1], repeats=100, rounds=7)
     files = {mode: float32.artifact("tflite", mode) for mode in MODES}
     f32, dyn, i8 = files["none"], files["dynamic"], files["int8"]
     print(

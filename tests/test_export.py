@@ -280,6 +280,26 @@ def test_auto_without_calibration_tries_the_other_modes_under_the_gate(tmp_path)
 
 
 @pytest.mark.neutral
+def test_candidates_are_timed_in_turns_and_ranked_by_their_median(monkeypatch):
+    """`runtimes.interleaved_latency_ms`, the timing `auto` ranks by: each
+    round times every file once, and a file's latency is the median of its
+    rounds (a fake timer's table here, the formula's oracle)."""
+    from hlkeras.export import runtimes
+
+    table = {b"a": iter([5.0, 1.0, 2.0]), b"b": iter([3.0, 9.0, 4.0])}
+    calls = []
+
+    def fake_latency(flatbuffer, sample, repeats):
+        calls.append(flatbuffer)
+        return next(table[flatbuffer])
+
+    monkeypatch.setattr(runtimes, "tflite_latency_ms", fake_latency)
+    medians = runtimes.interleaved_latency_ms({"a": b"a", "b": b"b"}, None, 10, rounds=3)
+    assert calls == [b"a", b"b"] * 3
+    assert medians == {"a": 2.0, "b": 4.0}
+
+
+@pytest.mark.neutral
 @pytest.mark.parametrize(
     "arguments, message",
     [

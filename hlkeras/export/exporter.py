@@ -121,7 +121,8 @@ def export_model(
             matmuls. With `int8_io=True` they are int8 too). Or `"auto"`:
             every mode is converted and verified, and only the fastest
             `.tflite` that passes the accuracy gate (median batch-1 LiteRT
-            latency on this machine) is published, `report.auto` says why;
+            latency on this machine, the candidates timed in turns) is
+            published, `report.auto` says why;
             int8 is tried only with `representative_data`. It needs
             `verify_data` and `latency_runs > 0`.
         representative_data: float32 array `(N, ...)` of about 100-500
@@ -223,6 +224,7 @@ def export_model(
                 report, staged, out_dir, (inputs, labels), reference, latency_sample, latency_runs
             )
             if choose:
+                auto.time_in_turns(report, staged, latency_sample, latency_runs)
                 staged = auto.choose_fastest(report, staged, failed, skipped)
             elif failed:
                 report.refused = next(iter(failed.values()))

@@ -133,6 +133,18 @@ def tflite_latency_ms(tflite_model, sample, repeats):
     return median_latency_ms(lambda: predict(sample), repeats)
 
 
+def interleaved_latency_ms(flatbuffers, sample, repeats, rounds=5):
+    """`{name: median batch-1 LiteRT latency}` of `{name: .tflite bytes}`,
+    the files timed in turns (each round times every file once) so that a
+    busy neighbour weighs on all of them alike: the latencies to compare
+    files by."""
+    times = {name: [] for name in flatbuffers}
+    for _ in range(rounds):
+        for name, flatbuffer in flatbuffers.items():
+            times[name].append(tflite_latency_ms(flatbuffer, sample, repeats))
+    return {name: float(np.median(values)) for name, values in times.items()}
+
+
 def keras_latency_ms(model, sample, repeats):
     from keras import ops
 
