@@ -164,6 +164,14 @@ def test_dataset_supplies_calibration_and_verification_data_and_int8_io_holds(
     assert interpreter.get_output_details()[0]["dtype"] == np.int8
 
 
+def run_auto(capsys, keras_path, out, *flags):
+    """`hlkeras export --quantize auto` that succeeds: `(stdout, report)`."""
+    status, stdout, stderr = run_cli(capsys, keras_path, "--out", out, "--quantize", "auto", *flags)
+    assert status == 0, stderr
+    with open(out / "export.json") as file:
+        return stdout, export.ExportReport.from_dict(json.load(file))
+
+
 @pytest.mark.slow
 @pytest.mark.backends("tensorflow")
 def test_quantize_auto_publishes_the_artifact_its_report_names(
@@ -173,13 +181,10 @@ def test_quantize_auto_publishes_the_artifact_its_report_names(
     keras_path, _ = trained_keras_file
     representative, verify = data_files
     out = tmp_path / "out"
-    status, stdout, stderr = run_cli(
-        capsys, keras_path, "--out", out, "--quantize", "auto",
+    stdout, report = run_auto(
+        capsys, keras_path, out,
         "--representative", representative, "--verify", verify, "--latency-runs", "5",
     )  # fmt: skip
-    assert status == 0, stderr
-    with open(out / "export.json") as file:
-        report = export.ExportReport.from_dict(json.load(file))
     chosen = report.auto["chosen"]
     row = next(r for r in report.auto["candidates"] if r["quantization"] == chosen)
     assert row["refused"] is None
@@ -198,14 +203,9 @@ def test_quantize_auto_without_calibration_says_int8_was_not_tried(
     keras_path, _ = trained_keras_file
     _, verify = data_files
     out = tmp_path / "out"
-    status, stdout, stderr = run_cli(
-        capsys, keras_path, "--out", out, "--quantize", "auto", "--verify", verify,
-        "--latency-runs", "3",
-    )  # fmt: skip
-    assert status == 0, stderr
-    with open(out / "export.json") as file:
-        report = json.load(file)["auto"]
-    assert [row["quantization"] for row in report["candidates"]] == ["none", "float16", "dynamic"]
+    stdout, report = run_auto(capsys, keras_path, out, "--verify", verify, "--latency-runs", "3")
+    candidates = [row["quantization"] for row in report.auto["candidates"]]
+    assert candidates == ["none", "float16", "dynamic"]
     (chosen_line,) = [line for line in stdout.splitlines() if line.startswith("--quantize auto")]
     assert "not tried: int8: int8 needs calibration inputs" in chosen_line
 

@@ -169,6 +169,7 @@ def run(args):
     return 0
 
 
+# hlkeras.export.auto.AUTO, spelled again: the parser imports no Keras.
 AUTO = "auto"
 
 

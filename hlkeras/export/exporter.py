@@ -163,9 +163,9 @@ def export_model(
         auto.check_auto(formats, verify_data, latency_runs)
     quantizations = QUANTIZATIONS if choose else check_quantizations(quantization)
     max_accuracy_drop = check_max_accuracy_drop(max_accuracy_drop)
-    if not choose and "int8" in quantizations and "tflite" in formats:
-        if representative_data is None:
-            raise ExportError(MISSING_REPRESENTATIVE)
+    int8_asked = not choose and "int8" in quantizations and "tflite" in formats
+    if int8_asked and representative_data is None:
+        raise ExportError(MISSING_REPRESENTATIVE)
     out_dir = check_out_dir(out_dir)
     targets = [os.path.join(out_dir, a.filename) for a in planned_artifacts(formats, quantizations)]
     check_no_overwrite(targets + [os.path.join(out_dir, REPORT_FILENAME)], overwrite)
@@ -173,11 +173,11 @@ def export_model(
     source, model = _load(model_or_path)
     input_shape = single_input_shape(model)
     model = prepare_for_export(model)
+    recurrent = has_recurrent_layer(model)
     if choose:
-        quantizations, skipped = auto.candidates(representative_data, has_recurrent_layer(model))
+        quantizations, skipped = auto.candidates(representative_data, recurrent)
     planned = planned_artifacts(formats, quantizations)
-    int8_tflite = "int8" in quantizations and "tflite" in formats
-    if int8_tflite and has_recurrent_layer(model):
+    if recurrent and "int8" in quantizations and "tflite" in formats:
         raise ExportError(
             "--quantize int8 is not available for a model with recurrent layers "
             f"({recurrent_layer_names(model)}): TensorFlow 2.21's TFLite calibrator "
