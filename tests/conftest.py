@@ -188,19 +188,3 @@ def pytest_collection_modifyitems(config, items):
     seconds = _file_seconds()
     order = {item: index for index, item in enumerate(items)}
     items.sort(key=lambda item: (-seconds.get(item.location[0], 0.0), order[item]))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def collect_garbage_after_each_file():
-    """A full `gc.collect()` once per test file, not per test.
-
-    The TFLite converter runs `gc.collect()` itself (`lite.py`, after loading
-    the SavedModel). In a worker that had run other files without one, that
-    collection waited about 55 s at ~12% of a core, so the mixed-precision
-    CLI test took 64-72 s in CI and 11 s alone. Collected once per file it
-    takes 0.4-1.7 s, and that test is back under 15 s.
-    """
-    import gc
-
-    yield
-    gc.collect()
