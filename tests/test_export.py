@@ -726,6 +726,55 @@ def test_int8_without_representative_data_is_refused(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+class _Cycle:
+    """A reference cycle: only a full collection frees it."""
+
+    def __init__(self):
+        self.me = self
+
+
+@pytest.mark.neutral
+def test_a_conversion_collects_its_own_garbage_and_leaves_older_garbage_to_later():
+    """The converter's own `gc.collect()` does not walk objects older than
+    the conversion (frozen for it), frees what the conversion made, and
+    leaves the process unfrozen, also when the conversion fails."""
+    import gc
+    import weakref
+
+    from hlkeras.export import convert
+
+    gc.disable()  # no automatic collection between the steps
+    try:
+        older = weakref.ref(_Cycle())
+        with pytest.raises(RuntimeError, match="conversion failed"):
+            with convert._converter_collects_only_its_own_garbage():
+                newer = weakref.ref(_Cycle())
+                gc.collect()
+                assert newer() is None and older() is not None
+                raise RuntimeError("conversion failed")
+        assert gc.get_freeze_count() == 0
+        gc.collect()
+        assert older() is None
+    finally:
+        gc.enable()
+
+
+@pytest.mark.neutral
+def test_a_conversion_leaves_a_process_that_froze_objects_itself_frozen():
+    import gc
+
+    from hlkeras.export import convert
+
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with convert._converter_collects_only_its_own_garbage():
+            gc.collect()
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
+
+
 @pytest.mark.neutral
 def test_quantizations_are_one_name_or_a_sequence_float32_naming_none():
     assert export.check_quantizations("int8") == ("int8",)
