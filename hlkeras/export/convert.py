@@ -8,8 +8,6 @@ own `export(format="litert")` refuses JAX and turns on Flex ops, and
 jax2tf SavedModels of some graphs (`top_k`) do not serve in TF 2.21.
 """
 
-import contextlib
-import gc
 import json
 import os
 import re
@@ -20,6 +18,7 @@ import tempfile
 
 import numpy as np
 
+from hlkeras import _gc
 from hlkeras.export import onnx_export
 from hlkeras.export import profile
 from hlkeras.export.arguments import MISSING_REPRESENTATIVE
@@ -52,30 +51,7 @@ SPARSE_QUANTIZATIONS = ("none", "float16")
 SPARSE_ENCODING_MIN_SPARSITY = 0.3
 
 
-@contextlib.contextmanager
-def _converter_collects_only_its_own_garbage():
-    """Freezes the objects that exist before a conversion (`gc.freeze`) until
-    it ends, unless the process froze some itself.
-
-    The TFLite converter runs a full `gc.collect()` in every conversion (TF
-    2.21's `lite.py`, to free the SavedModel it loaded), and a full
-    collection walks every object of the process. In a long-lived one (a
-    notebook, a search, a test worker holding ~2 GB of Keras and TF objects)
-    that took seconds per conversion: 55 of a 66-s CLI test in a test worker.
-    Frozen objects are not walked; the ones the conversion made are, and
-    what it frees, it frees as before. The frozen ones go back to the
-    oldest generation afterwards and are collected as usual."""
-    if gc.get_freeze_count():
-        yield
-        return
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
-@_converter_collects_only_its_own_garbage()
+@_gc.collections_skip_older_objects()
 def convert_saved_model(
     saved_model_dir,
     quantization="none",
