@@ -9,17 +9,16 @@ def collections_skip_older_objects():
     """Freezes the objects that exist when the block starts (`gc.freeze`)
     until it ends, unless the process froze some itself.
 
-    Some of what hlkeras calls runs a full `gc.collect()` of its own: the
-    TFLite converter in every conversion (TF 2.21's `lite.py`, to free the
-    SavedModel it loaded) and KerasTuner before every trial
-    (`clear_session()`). A full collection walks every object of the
-    process; in a long-lived one (a notebook, a test worker holding ~2 GB of
-    Keras and TF objects) that took seconds per call: 55 s of a 66-s CLI
-    test in a test worker. Frozen objects are not walked; the ones the
-    block makes are, and what they free, they free as before. The frozen
-    ones go back to the oldest generation when the block ends and are
-    collected as usual. (A process that froze objects itself, e.g. a server
-    before forking, is left alone: `gc.unfreeze` would undo its freeze.)
+    The TFLite converter runs a full `gc.collect()` in every conversion (TF
+    2.21's `lite.py`, to free the SavedModel it loaded), and a full
+    collection walks every object of the process. In a long-lived one (a
+    notebook, a search, a test worker holding ~2 GB of Keras and TF
+    objects) that took seconds per conversion: 55 s of a 66-s CLI test in a
+    test worker. Frozen objects are not walked; the ones the block makes
+    are, and what they free, they free as before. The frozen ones go back
+    to the oldest generation when the block ends and are collected as
+    usual. (A process that froze objects itself, e.g. a server before
+    forking, is left alone: `gc.unfreeze` would undo its freeze.)
     """
     if gc.get_freeze_count():
         yield

@@ -735,7 +735,7 @@ class _Cycle:
 
 @pytest.mark.neutral
 def test_a_conversion_collects_its_own_garbage_and_leaves_older_garbage_to_later():
-    """`convert_saved_model` (and a search) runs in
+    """`convert_saved_model` runs in
     `_gc.collections_skip_older_objects`: the converter's own `gc.collect()`
     does not walk objects older than the conversion (frozen for it), frees
     what the conversion made, and leaves the process unfrozen, also when the

@@ -19,7 +19,6 @@ import keras_tuner as kt
 
 from hlkeras import _compat
 from hlkeras import _files
-from hlkeras import _gc
 from hlkeras import training
 from hlkeras.search import budget
 
@@ -116,10 +115,7 @@ class _RecordingTuner(_compat.TunerOverrides):
             self.save()
             _compat.serve_oracle(self.oracle)
             return
-        # KerasTuner's clear_session() before each trial collects in full;
-        # it walks the search's objects, not the whole process's.
-        with _gc.collections_skip_older_objects():
-            super().search(*args, **kwargs)
+        super().search(*args, **kwargs)
 
 
 class RandomSearchTuner(_RecordingTuner, kt.RandomSearch):
