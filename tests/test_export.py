@@ -736,20 +736,20 @@ class _Cycle:
 @pytest.mark.neutral
 def test_a_conversion_collects_its_own_garbage_and_leaves_older_garbage_to_later():
     """`convert_saved_model` runs in
-    `_gc.collections_skip_older_objects`: the converter's own `gc.collect()`
+    `_collections_skip_older_objects`: the converter's own `gc.collect()`
     does not walk objects older than the conversion (frozen for it), frees
     what the conversion made, and leaves the process unfrozen, also when the
     conversion fails."""
     import gc
     import weakref
 
-    from hlkeras import _gc
+    from hlkeras.export import convert
 
     gc.disable()  # no automatic collection between the steps
     try:
         older = weakref.ref(_Cycle())
         with pytest.raises(RuntimeError, match="conversion failed"):
-            with _gc.collections_skip_older_objects():
+            with convert._collections_skip_older_objects():
                 newer = weakref.ref(_Cycle())
                 gc.collect()
                 assert newer() is None and older() is not None
@@ -765,12 +765,12 @@ def test_a_conversion_collects_its_own_garbage_and_leaves_older_garbage_to_later
 def test_a_conversion_leaves_a_process_that_froze_objects_itself_frozen():
     import gc
 
-    from hlkeras import _gc
+    from hlkeras.export import convert
 
     gc.freeze()
     try:
         frozen = gc.get_freeze_count()
-        with _gc.collections_skip_older_objects():
+        with convert._collections_skip_older_objects():
             gc.collect()
         assert gc.get_freeze_count() == frozen
     finally:
