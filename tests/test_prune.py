@@ -191,6 +191,80 @@ def test_fit_with_pruning_reaches_the_final_sparsity_and_keeps_zeros_exactly(tmp
         assert np.all(value[zeros[path]] == 0), path
 
 
+class ZerosOfEveryStep(keras.callbacks.Callback):
+    """Each step's zero set of every pruned kernel, after the step."""
+
+    def __init__(self):
+        super().__init__()
+        self.zeros = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.zeros.append({path: value == 0 for path, value in kernels(self.model).items()})
+
+
+@heavy
+def test_masks_updated_inside_the_step_are_the_numpy_top_k_of_the_weights():
+    # With a learning rate of 0 the weights never move, so pruning the
+    # smallest kept |w| step by step must give, at every step, the zeros of
+    # the NumPy oracle for the step's count, and that count is the
+    # schedule's (float32 in the step: at most one weight off between the
+    # ends, exact at the end).
+    model = mlp()
+    initial = kernels(model)
+    model.compile(keras.optimizers.SGD(0.0), "sparse_categorical_crossentropy")
+    x = RNG.normal(size=(40, 6)).astype("float32")
+    y = RNG.integers(0, 3, size=40)
+    pruning = prune.Pruning(0.8, frequency=1, end_step=10)
+    probe = ZerosOfEveryStep()
+    model.fit(x, y, batch_size=4, epochs=1, callbacks=[pruning, probe], verbose=0)
+    # Layer scope: updated in the step, or on torch in NumPy after it.
+    assert pruning.updates_in_step == (keras.backend.backend() != "torch")
+    assert len(probe.zeros) == 10
+    for step, zeros in enumerate(probe.zeros, start=1):
+        for path, value in initial.items():
+            count = int(zeros[path].sum())
+            scheduled = math.floor(pruning.sparsity_at(step) * value.size)
+            assert abs(count - scheduled) <= (0 if step == 10 else 1), (step, path)
+            np.testing.assert_array_equal(
+                ~zeros[path], oracle_layer_keep(value, count / value.size)
+            )
+
+
+class SavesEveryEpoch(keras.callbacks.Callback):
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.model.save(self.path)
+
+
+@heavy
+def test_masks_are_in_the_optimizer_only_during_fit_and_never_saved(tmp_path, recwarn):
+    model = mlp()
+    model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy")
+    x = RNG.normal(size=(32, 6)).astype("float32")
+    y = RNG.integers(0, 3, size=32)
+    path = tmp_path / "during_fit.keras"
+    pruning = prune.Pruning(0.5, frequency=1)
+    model.fit(x, y, batch_size=8, epochs=2, callbacks=[pruning, SavesEveryEpoch(path)], verbose=0)
+    # The oracle: the same model compiled and fit as usual, without pruning.
+    plain = mlp()
+    plain.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy")
+    plain.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert len(model.optimizer.variables) == len(plain.optimizer.variables)
+    assert all(w.variable.constraint is None for w in pruning.weights)
+    loaded = keras.saving.load_model(path)
+    assert not [w for w in recwarn if "Skipping variable loading" in str(w.message)]
+    for saved, trained in zip(loaded.optimizer.variables, model.optimizer.variables):
+        np.testing.assert_array_equal(ops.convert_to_numpy(saved), ops.convert_to_numpy(trained))
+    # A fit without the callback after it no longer masks: the zeros move.
+    pruned = {path: value == 0 for path, value in kernels(model).items()}
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    moved = [np.any(value[pruned[path]] != 0) for path, value in kernels(model).items()]
+    assert all(moved)
+
+
 def test_strip_is_a_plain_copy_with_the_zeros():
     pruned = prune.magnitude(mlp(), 0.5)
     stripped = prune.strip(pruned)

@@ -6,13 +6,14 @@ a smaller model).
 
 A pruned model here is a plain Keras model whose pruned weights are exactly
 zero: no wrapper layers, so it saves, loads (`safe_mode=True`), fine-tunes,
-takes LoRA adapters and exports like the model it came from. The `Pruning`
-callback keeps its masks in non-trainable `keras.Variable`s and multiplies
-them into the kernels after every optimizer step (on JAX, after the
-callback synced the stateless training state), so a pruned weight is zero
-whenever a step ends. The zeros are the masks' saved form: a `.keras` file
-or a resumed run (`BackupAndRestore`) holds them, and `Pruning` rebuilds its
-masks from them when training begins.
+takes LoRA adapters and exports like the model it came from. While `fit`
+runs, the `Pruning` callback's masks are the kernels' constraints: the
+optimizer multiplies them in after every step, inside its compiled step
+(on JAX they are optimizer variables, which its stateless step carries),
+so a pruned weight is zero whenever a step ends, at no Python cost per
+step. The zeros are the masks' saved form: a `.keras` file or a resumed
+run (`BackupAndRestore`) holds them, and `Pruning` rebuilds its masks
+from them when training begins.
 
 What is pruned (the *prunable weights*): the kernels of `Dense`,
 `EinsumDense`, `Conv1D/2D/3D` and `LoRADense` layers, at any depth inside
