@@ -265,6 +265,33 @@ def test_masks_are_in_the_optimizer_only_during_fit_and_never_saved(tmp_path, re
     assert all(moved)
 
 
+@heavy
+def test_a_backup_restores_into_a_fit_whose_masks_are_already_in_the_optimizer(tmp_path, recwarn):
+    # Pruning before BackupAndRestore: on JAX the masks are optimizer
+    # variables when the backup loads. The oracle: the optimizer state goes
+    # on from the backup (its step count is the two epochs'), not from zero.
+    x = RNG.normal(size=(32, 6)).astype("float32")
+    y = RNG.integers(0, 3, size=32)
+
+    def fit(epochs):
+        model = mlp()
+        model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy")
+        backup = keras.callbacks.BackupAndRestore(tmp_path / "backup", delete_checkpoint=False)
+        pruning = prune.Pruning(0.5, frequency=1, end_step=8)
+        model.fit(x, y, batch_size=8, epochs=epochs, callbacks=[pruning, backup], verbose=0)
+        return model
+
+    first = fit(1)
+    backed_up = {path: value == 0 for path, value in kernels(first).items()}
+    resumed = fit(2)
+    assert not [w for w in recwarn if "Skipping variable loading" in str(w.message)]
+    assert int(ops.convert_to_numpy(first.optimizer.iterations)) == 4
+    assert int(ops.convert_to_numpy(resumed.optimizer.iterations)) == 8
+    for path, value in kernels(resumed).items():
+        assert np.sum(value == 0) == math.floor(0.5 * value.size), path
+        assert np.all(value[backed_up[path]] == 0), path  # the masks came from the backup
+
+
 def test_strip_is_a_plain_copy_with_the_zeros():
     pruned = prune.magnitude(mlp(), 0.5)
     stripped = prune.strip(pruned)

@@ -13,7 +13,7 @@ optimizer multiplies them in after every step, inside its compiled step
 so a pruned weight is zero whenever a step ends, at no Python cost per
 step. The zeros are the masks' saved form: a `.keras` file or a resumed
 run (`BackupAndRestore`) holds them, and `Pruning` rebuilds its masks
-from them when training begins.
+from them when the first batch begins.
 
 What is pruned (the *prunable weights*): the kernels of `Dense`,
 `EinsumDense`, `Conv1D/2D/3D` and `LoRADense` layers, at any depth inside

@@ -47,10 +47,11 @@ class Pruning(keras.callbacks.Callback):
     names. When training ends the
     weights' constraints are restored (and the masks leave the optimizer):
     the model and its optimizer save as they would without pruning, during
-    `fit` too. The zeros are the masks' saved form: at `on_train_begin` the
-    masks are rebuilt from the weights' zeros, which is how a pruned model
-    saved to `.keras`, or a run resumed by `BackupAndRestore` (`hlkeras
-    train --resume`), keeps its masks.
+    `fit` too. The zeros are the masks' saved form: when the first batch
+    begins the masks are rebuilt from the weights' zeros, which is how a
+    pruned model saved to `.keras`, or a run resumed by `BackupAndRestore`
+    (`hlkeras train --resume`, either order of the callbacks), keeps its
+    masks.
 
     Args:
         final_sparsity: Float in [0, 1), reached at `end_step`.
@@ -103,6 +104,17 @@ class Pruning(keras.callbacks.Callback):
         self.targets = targets
 
     def on_train_begin(self, logs=None):
+        self.started = False
+
+    def on_train_batch_begin(self, batch, logs=None):
+        # At the first batch, not at train begin: a `BackupAndRestore` after
+        # this callback in the list restores the weights and the optimizer's
+        # step at train begin, and the masks are built from what it restored.
+        if not self.started:
+            self._start()
+            self.started = True
+
+    def _start(self):
         optimizer = self.model.optimizer
         self.step = int(ops.convert_to_numpy(optimizer.iterations))
         self.weights = prunable_weights(self.model, self.targets, pattern=self.pattern)
@@ -139,6 +151,8 @@ class Pruning(keras.callbacks.Callback):
         self.model.make_train_function(force=True)
 
     def on_train_end(self, logs=None):
+        if not self.started:
+            return
         for weight in self.weights:
             weight.variable.constraint = weight.variable.constraint.previous
         for mask in self.masks:
