@@ -25,7 +25,13 @@ def polynomial_sparsity(step, *, initial_sparsity, final_sparsity, begin_step, e
     `step`, `s_f + (s_i - s_f) * (1 - p)^3` with
     `p = clip((step - begin_step) / (end_step - begin_step), 0, 1)`."""
     progress = min(1.0, max(0.0, (step - begin_step) / max(1, end_step - begin_step)))
-    return final_sparsity + (initial_sparsity - final_sparsity) * (1.0 - progress) ** 3
+    return _polynomial(progress, initial_sparsity, final_sparsity)
+
+
+def _polynomial(progress, initial_sparsity, final_sparsity):
+    """The schedule at `progress` in [0, 1]: a float, or a tensor in the
+    training step."""
+    return final_sparsity + (initial_sparsity - final_sparsity) * (1 - progress) ** 3
 
 
 class Pruning(keras.callbacks.Callback):
@@ -44,14 +50,13 @@ class Pruning(keras.callbacks.Callback):
     `scope="layer"` and no `pattern` the scheduled mask updates run there
     too, on TensorFlow and JAX; the global scope, a pattern, a frozen
     weight, or torch update them here, in NumPy, on the steps the schedule
-    names. When training ends the
-    weights' constraints are restored (and the masks leave the optimizer):
-    the model and its optimizer save as they would without pruning, during
-    `fit` too. The zeros are the masks' saved form: when the first batch
-    begins the masks are rebuilt from the weights' zeros, which is how a
-    pruned model saved to `.keras`, or a run resumed by `BackupAndRestore`
-    (`hlkeras train --resume`, either order of the callbacks), keeps its
-    masks.
+    names. When training ends the weights' constraints are restored (and
+    the masks leave the optimizer): the model and its optimizer save as
+    they would without pruning, during `fit` too. The zeros are the masks'
+    saved form: when the first batch begins the masks are rebuilt from the
+    weights' zeros, which is how a pruned model saved to `.keras`, or a run
+    resumed by `BackupAndRestore` (`hlkeras train --resume`, either order
+    of the callbacks), keeps its masks.
 
     Args:
         final_sparsity: Float in [0, 1), reached at `end_step`.
@@ -253,7 +258,7 @@ class _ScheduledMask:
         progress = ops.clip(
             ops.cast(step - p.begin_step, "float32") / max(1, p.end_step - p.begin_step), 0, 1
         )
-        scheduled = p.final_sparsity + (p.initial_sparsity - p.final_sparsity) * (1 - progress) ** 3
+        scheduled = _polynomial(progress, p.initial_sparsity, p.final_sparsity)
         kept = ops.reshape(mask, (-1,))
         zeros = self.size - ops.sum(ops.cast(kept, "int32"))
         count = ops.clip(ops.cast(ops.floor(scheduled * self.size), "int32") - zeros, 0, self.bound)
