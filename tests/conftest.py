@@ -6,13 +6,23 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The suite is bound by XLA compile time (every JAX test, TensorFlow's
-# jit-compiled fits), not by run time: XLA's backend optimization level 0
-# compiles enough faster that tests/layers/test_moe.py and test_attention.py
-# take 67 s instead of 97 s on JAX here, with the same results. Set before
-# Keras imports a backend, so subprocesses inherit it; users' runs keep
-# XLA's default.
+# jit-compiled fits), not by run time. Most of it is JAX's eager ops: each
+# op on a new shape compiles a program of its own, 25-40 ms here (1,110 of
+# them in tests/layers/test_moe.py, against 10 train steps). Flags that
+# compile faster, with the same results:
+# - backend optimization level 0: test_moe.py and test_attention.py took
+#   67 s instead of 97 s on JAX;
+# - XLA:CPU's older loop emitters instead of its fusion emitters, and no
+#   expensive LLVM passes: test_moe.py took 37-43 s instead of 61-65 s.
+# Set before Keras imports a backend, so subprocesses inherit them; users'
+# runs keep XLA's defaults.
+FAST_COMPILE_FLAGS = (
+    "--xla_backend_optimization_level=0",
+    "--xla_cpu_use_fusion_emitters=false",
+    "--xla_llvm_disable_expensive_passes=true",
+)
 os.environ["XLA_FLAGS"] = " ".join(
-    flag for flag in (os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0") if flag
+    flag for flag in (os.environ.get("XLA_FLAGS"), *FAST_COMPILE_FLAGS) if flag
 )
 
 # Each xdist worker computes on one thread: two workers with a pool of two
