@@ -5,8 +5,8 @@ import os
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# The suite is bound by XLA compile time (every JAX test, TensorFlow's
-# jit-compiled fits), not by run time. Most of it is JAX's eager ops: each
+# The JAX pass is bound by XLA compile time, not by run time (TensorFlow
+# fits run without XLA on a CPU-only machine). Most of it is eager ops: each
 # op on a new shape compiles a program of its own, 25-40 ms here (1,110 of
 # them in tests/layers/test_moe.py, against 10 train steps). Flags that
 # compile faster, with the same results:
