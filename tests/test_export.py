@@ -225,7 +225,11 @@ def test_int8_io_takes_and_returns_int8(matrix, digits, tmp_path):
 
 
 def _fastest_passing(candidates, passes):
-    return min((row for row in candidates if passes(row)), key=lambda row: row["latency_ms"])
+    """The rule `auto` documents: the lowest median latency; of equal
+    latencies, the smaller file (a tiny model's float16 and dynamic files
+    can time the same to the nanosecond)."""
+    passed = (row for row in candidates if passes(row))
+    return min(passed, key=lambda row: (row["latency_ms"], row["size_bytes"]))
 
 
 @pytest.mark.slow

@@ -69,8 +69,9 @@ def time_in_turns(report, staged, sample, repeats):
 
 def choose_fastest(report, staged, failed, skipped):
     """Keeps in `report` and `staged` only the fastest `.tflite` that passes
-    `artifact_loss`, and records every candidate in `report.auto`; refuses
-    the export (`report.refused`) when none passes.
+    `artifact_loss` (of equal latencies, the smaller file), and records every
+    candidate in `report.auto`; refuses the export (`report.refused`) when
+    none passes.
 
     Args:
         staged: `(PlannedArtifact, staged path)` pairs of the export.
